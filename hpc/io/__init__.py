@@ -1,0 +1,1 @@
+"""File formats (Interfile/raw sinograms, shard format v1) and atomic file helpers."""
