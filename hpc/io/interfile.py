@@ -1,0 +1,163 @@
+"""Interfile headers: STIR projection data (`.hs`) and Siemens sinograms (`.s.hdr`, `.mhdr`).
+
+An Interfile header is text, one ``key := value`` per line; ``;`` starts a comment line. Keys are
+matched case- and whitespace-insensitively, with the ``!`` (required) and ``%`` (vendor) prefixes
+dropped, so ``!matrix size[1]``, ``%Matrix Size [1]`` and ``matrix size [1]`` are the same key.
+Lists are written ``{ 12,13,14 }``. This module knows the syntax and the number formats; the
+meaning of the keys (layout, segments, TOF) is in :mod:`hpc.io.sinogram`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from hpc.errors import InputError
+from hpc.io.atomic import atomic_write_text
+
+_INDEX_RE = re.compile(r"\s*\[\s*(\d+)\s*\]")
+
+# (number format, bytes per pixel) -> numpy kind+size. Siemens writes "short float" for float32.
+_FORMATS: dict[tuple[str, int], str] = {
+    **{("signed integer", n): f"i{n}" for n in (1, 2, 4, 8)},
+    **{("unsigned integer", n): f"u{n}" for n in (1, 2, 4, 8)},
+    ("float", 4): "f4", ("float", 8): "f8",
+    ("short float", 4): "f4", ("long float", 8): "f8",
+}
+_DEFAULT_BYTES = {"float": 4, "short float": 4, "long float": 8}
+
+
+def normalize_key(key: str) -> str:
+    """``' !Matrix  Size[1] '`` -> ``'matrix size [1]'``."""
+    key = key.strip().lstrip("!%").strip().lower()
+    key = _INDEX_RE.sub(r" [\1]", key)
+    return " ".join(key.split())
+
+
+def parse_list(value: str) -> list[str]:
+    """``'{ 12,13, 14 }'`` -> ``['12', '13', '14']``; a bare value is a list of one."""
+    value = value.strip()
+    if value.startswith("{") and value.endswith("}"):
+        value = value[1:-1]
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass
+class Header:
+    """A parsed header: normalized keys -> raw string values (first occurrence wins)."""
+
+    path: Path
+    fields: dict[str, str]
+    lines: list[str]  # the original text lines, kept for rewriting (SinogramWriter)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.fields.get(normalize_key(key), default)
+
+    def require(self, key: str) -> str:
+        value = self.get(key)
+        if value is None or value == "":
+            raise InputError(f"{self.path}: missing required key {key!r}")
+        return value
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.get(key) if default is not None else self.require(key)
+        if value is None or value == "":
+            return int(default)  # type: ignore[arg-type]
+        try:
+            return int(float(value))
+        except ValueError:
+            raise InputError(f"{self.path}: key {key!r} should be an integer, got {value!r}") from None
+
+    def integers(self, key: str) -> list[int]:
+        items = parse_list(self.require(key))
+        try:
+            return [int(v) for v in items]
+        except ValueError:
+            raise InputError(f"{self.path}: key {key!r} should be a list of integers, got "
+                             f"{self.get(key)!r}") from None
+
+    def resolve(self, name: str) -> Path:
+        """A file named in the header; relative names are relative to the header's directory."""
+        p = Path(name.strip().strip('"'))
+        return p if p.is_absolute() else self.path.parent / p
+
+
+def parse_header(path: str | os.PathLike) -> Header:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: header file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read header: {exc.strerror}") from None
+    if b"\0" in raw[:4096]:
+        raise InputError(f"{path}: binary file, not an Interfile header (raw data needs --shape/--dtype)")
+    lines = raw.decode("latin-1").splitlines()
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line.lstrip().startswith(";") or ":=" not in line:
+            continue
+        key, value = line.split(":=", 1)
+        fields.setdefault(normalize_key(key), value.strip())
+    if "interfile" not in fields:
+        raise InputError(f"{path}: not an Interfile header (no 'INTERFILE :=' line)")
+    return Header(path, fields, lines)
+
+
+def numpy_dtype(header: Header, default_byte_order: str) -> np.dtype:
+    """The data type from ``number format``, ``number of bytes per pixel`` and the byte order."""
+    fmt = " ".join(header.require("number format").lower().split())
+    size = header.integer("number of bytes per pixel", _DEFAULT_BYTES.get(fmt, 0) or None)
+    code = _FORMATS.get((fmt, size))
+    if code is None:
+        known = sorted({f for f, _ in _FORMATS})
+        raise InputError(f"{header.path}: unsupported number format {fmt!r} with {size} bytes per "
+                         f"pixel (known: {', '.join(known)})")
+    order = (header.get("imagedata byte order") or default_byte_order).strip().lower()
+    if order not in ("littleendian", "bigendian"):
+        raise InputError(f"{header.path}: imagedata byte order must be LITTLEENDIAN or BIGENDIAN, "
+                         f"got {order!r}")
+    return np.dtype(("<" if order == "littleendian" else ">") + code)
+
+
+def number_format(dtype: np.dtype) -> tuple[str, int, str]:
+    """numpy dtype -> (``number format``, bytes per pixel, ``imagedata byte order``)."""
+    dtype = np.dtype(dtype)
+    kinds = {"i": "signed integer", "u": "unsigned integer", "f": "float"}
+    if dtype.kind not in kinds or (dtype.kind, dtype.itemsize) == ("f", 2):
+        raise ValueError(f"dtype {dtype} cannot be written as Interfile (integers, float32, float64)")
+    little = dtype.byteorder == "<" or (dtype.byteorder in "=|" and np.little_endian)
+    return kinds[dtype.kind], dtype.itemsize, "LITTLEENDIAN" if little else "BIGENDIAN"
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "{" + ",".join(str(v) for v in value) + "}"
+    return str(value)
+
+
+def format_header(items: Iterable[tuple[str, object]]) -> str:
+    return "".join(f"{key} := {format_value(value)}".rstrip() + "\n" for key, value in items)
+
+
+def write_header(path: str | os.PathLike, items: Iterable[tuple[str, object]]) -> Path:
+    return atomic_write_text(path, format_header(items))
+
+
+def rewrite_header(header: Header, replace: dict[str, str], comment: str) -> str:
+    """The header's text with some values replaced (by normalized key) and a comment line added
+    after the first line, everything else byte-for-byte as in the source."""
+    wanted = {normalize_key(k): v for k, v in replace.items()}
+    out = []
+    for line in header.lines:
+        if ":=" in line and not line.lstrip().startswith(";"):
+            key = line.split(":=", 1)[0]
+            if normalize_key(key) in wanted:
+                line = f"{key.rstrip()} := {wanted[normalize_key(key)]}"
+        out.append(line)
+    out.insert(1, f"; {comment}")
+    return "\n".join(out) + "\n"
