@@ -1,0 +1,248 @@
+"""Shard format v1: HDF5 shards of sinogram slices plus ``manifest.json`` (spec in docs/FORMAT.md).
+
+Writing: :class:`ShardWriter` fills a hidden temporary file slab by slab, records a SHA-256 of every
+dataset's values, re-reads and verifies it, then renames it into place. Reading:
+:meth:`Dataset.open` parses the manifest; :func:`verify_shard` re-checks the checksums.
+
+    ds = Dataset.open("data/demo")
+    ds.studies[0].shards[0].path, ds.slice_shape, ds.scale
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the blosc filter for reading and writing)
+import numpy as np
+
+from hpc.errors import InputError, OutputError
+from hpc.io.atomic import fsync_dir
+
+FORMAT = "hpc-sinogram"
+FORMAT_VERSION = 1
+COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
+DATASETS = ("target", "input", "mask", "tof", "segment", "axial")
+
+
+def compression_kwargs(name: str) -> dict:
+    """h5py ``create_dataset`` keywords for a compression name."""
+    if name == "none":
+        return {}
+    if name == "lzf":
+        return {"compression": "lzf"}
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    if name == "blosc":
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
+
+
+def _le(a: np.ndarray) -> np.ndarray:
+    """C-contiguous little-endian copy-or-view: the bytes the checksums are defined on."""
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def _is_enospc(exc: OSError) -> bool:
+    # HDF5 reports write failures with its own message; the errno text survives in it.
+    return exc.errno == errno.ENOSPC or "No space left" in str(exc)
+
+
+class ShardWriter:
+    """Write one shard: ``n`` slices of one study, in slabs, to a temporary file, then
+    verify and rename. ``arrays`` maps dataset name -> (shape, dtype); ``attrs`` are root
+    attributes. Leaving the ``with`` block without ``commit()`` removes the temporary file."""
+
+    def __init__(self, path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 compression: str, attrs: dict):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tmp.unlink(missing_ok=True)  # left over from a killed run
+        self._hash = {name: hashlib.sha256() for name in arrays}
+        self._max: dict[str, float] = {}
+        try:
+            self._file = h5py.File(self.tmp, "w")
+            for key, value in attrs.items():
+                self._file.attrs[key] = value
+            for name, (shape, dtype) in arrays.items():
+                per_slice = len(shape) == 3  # (N, V, X) slices get one chunk per slice
+                self._file.create_dataset(
+                    name, shape, np.dtype(dtype).newbyteorder("<"), track_times=False,
+                    chunks=(1, *shape[1:]) if per_slice else None,
+                    **(compression_kwargs(compression) if per_slice else {}))
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, start: int, **slabs: np.ndarray) -> None:
+        """``write(k, target=(n, V, X), tof=(n,), ...)``: slices ``[k, k+n)`` of the named datasets.
+        Slabs must arrive in order (the checksums are computed as they stream). A dataset without
+        a slice axis (a ``(V, X)`` mask) is written whole with ``start=0``."""
+        try:
+            for name, slab in slabs.items():
+                dset = self._file[name]
+                slab = np.ascontiguousarray(slab, dtype=dset.dtype)  # hash what is stored
+                if dset.ndim == 2:  # a (V, X) mask shared by all slices
+                    dset[...] = slab
+                else:
+                    dset[start:start + len(slab)] = slab
+                self._hash[name].update(slab.tobytes())
+                if name in ("target", "input") and slab.size:
+                    self._max[name] = max(self._max.get(name, -np.inf), float(slab.max()))
+        except OSError as exc:
+            self._fail(exc)
+
+    def commit(self) -> dict:
+        """Close, verify, rename. Returns {"sha256": {name: hex}, "max": {name: value}, "bytes": n}."""
+        sums = {name: h.hexdigest() for name, h in self._hash.items()}
+        try:
+            for name, value in sums.items():
+                self._file[name].attrs["sha256"] = value
+                if name in self._max:
+                    self._file[name].attrs["max"] = self._max[name]
+            self._file.close()
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self._fail(exc)
+        ok, why = verify_shard(self.tmp)
+        if not ok:
+            self.tmp.unlink(missing_ok=True)
+            raise OutputError(f"{self.path}: verification after writing failed: {why}")
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return {"sha256": sums, "max": dict(self._max), "bytes": self.path.stat().st_size}
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        if _is_enospc(exc):
+            raise OutputError(f"{self.path}: no space left on device (shard not written)") from None
+        raise OutputError(f"{self.path}: cannot write shard: {exc}") from None
+
+    def abort(self) -> None:
+        if getattr(self, "_file", None) is not None and self._file.id.valid:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp.exists():
+            self.abort()
+
+
+def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
+    """Re-read every dataset and compare with its stored ``sha256``. Returns (ok, problem)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                return False, f"not an {FORMAT} shard"
+            for name, dset in f.items():
+                want = dset.attrs.get("sha256")
+                if want is None:
+                    return False, f"dataset {name!r} has no sha256"
+                h = hashlib.sha256()
+                if dset.ndim == 3 and len(dset) > slab:  # bounded memory for big shards
+                    for k in range(0, len(dset), slab):
+                        h.update(_le(dset[k:k + slab]).tobytes())
+                else:
+                    h.update(_le(dset[()]).tobytes())
+                if h.hexdigest() != want:
+                    return False, f"dataset {name!r}: checksum mismatch"
+    except (OSError, KeyError) as exc:
+        return False, f"unreadable: {exc}"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path  # absolute
+    first_slice: int  # index of the shard's first slice within its study
+    num_slices: int
+    sha256: dict  # dataset name -> hex digest of its little-endian values
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    id: str
+    source: str
+    sha256: str  # of the source data file
+    num_slices: int
+    slice_shape: tuple[int, int]
+    dtype: str
+    shards: tuple[ShardInfo, ...]
+    has_input: bool
+    has_mask: bool
+    scanner: str  # the header's `originating system`, "" if unknown
+    max: float  # largest target value of the study
+    tof_bins: int
+    segments: tuple[int, ...]
+    axial_counts: tuple[int, ...]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [s.path for s in self.shards]
+
+    @property
+    def slice_counts(self) -> list[int]:
+        return [s.num_slices for s in self.shards]
+
+    def locate(self, index: int) -> tuple[ShardInfo, int]:
+        """Shard holding the study's slice ``index`` and the position within it."""
+        for shard in self.shards:
+            if shard.first_slice <= index < shard.first_slice + shard.num_slices:
+                return shard, index - shard.first_slice
+        raise IndexError(f"study {self.id}: slice {index} outside [0, {self.num_slices})")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    studies: tuple[StudyInfo, ...]
+    slice_shape: tuple[int, int]
+    dtype: str
+    scanner: str  # common `originating system` of the studies ("" if unknown or mixed)
+    scale: float  # dataset-wide max target value (for normalization)
+    manifest: dict
+
+    @property
+    def num_slices(self) -> int:
+        return sum(s.num_slices for s in self.studies)
+
+    def study(self, study_id: str) -> StudyInfo:
+        for s in self.studies:
+            if s.id == study_id:
+                return s
+        raise KeyError(f"{self.root}: no study {study_id!r} (have {', '.join(s.id for s in self.studies)})")
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Dataset":
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise InputError(f"{root}: not a converted dataset (no manifest.json; run `hpc convert`)")
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: invalid JSON: {exc}") from None
+        if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{path}: expected format {FORMAT} v{FORMAT_VERSION}, got "
+                             f"{m.get('format')} v{m.get('format_version')}")
+        try:
+            studies = tuple(_study(root, s) for s in m["studies"])
+            return cls(root, studies, tuple(m["slice_shape"]), m["dtype"], m.get("scanner", ""),
+                       float(m["scale"]), m)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: malformed manifest ({exc!r})") from None
+
+
+def _study(root: Path, s: dict) -> StudyInfo:
+    shards = tuple(ShardInfo(root / sh["path"], sh["first_slice"], sh["num_slices"], sh["sha256"])
+                   for sh in s["shards"])
+    return StudyInfo(s["id"], s["source"], s["sha256"], s["num_slices"], tuple(s["slice_shape"]),
+                     s["dtype"], shards, s["has_input"], s["has_mask"], s.get("scanner", ""),
+                     float(s["max"]), s["tof_bins"], tuple(s["segments"]), tuple(s["axial_counts"]))
