@@ -1,0 +1,116 @@
+"""Training losses: weighted sums of L1, MSE, MS-SSIM and Poisson NLL, optionally gaps only.
+
+    loss_fn = build_loss(cfg.loss)                    # e.g. loss: {l1: 1.0, msssim: 0.2}
+    total, terms = loss_fn(pred, target, mask)        # terms: {"l1": ..., "msssim": ...} (detached)
+
+pred, target: (B, 1, V, X); mask (B, 1, V, X) or broadcastable, 1 = measured, 0 = missing (gap).
+Every term is computed in float32 (also under bf16 autocast).
+
+- ``l1`` / ``mse``: mean absolute / squared error over the pixels (with ``gaps_only``: over the
+  gap pixels of the batch; a batch without gaps contributes 0).
+- ``msssim``: 1 - MS-SSIM (Gaussian window 11, sigma 1.5, the standard 5 scale weights; data range =
+  each sample's target maximum). MS-SSIM needs the smaller side > 10 * 2**(scales-1), i.e. > 160 px
+  for 5 scales; smaller sinograms use the largest number of scales that fits, with the first weights
+  renormalised to sum to 1 (``msssim_scales``); sides < 11 px are a ValueError. With ``gaps_only``
+  the prediction's measured pixels are replaced by the target's first, so the images differ only
+  in the gaps (a windowed index cannot be restricted pixel by pixel).
+- ``poisson``: Poisson negative log-likelihood of the target counts given the predicted rate,
+  ``rate - target*log(rate)`` with rate = max(pred, 0) + 1e-8 (the constant log(target!) dropped;
+  same as torch's poisson_nll_loss(log_input=False) for pred >= 0). Meant for non-negative outputs
+  (badblock's Softplus): a negative prediction gets no gradient from this term.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hpc.config import LossConfig
+from hpc.errors import ConfigError
+from hpc.metrics import SSIM_WIN, ssim_maps
+
+TERMS = ("l1", "mse", "msssim", "poisson")
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+POISSON_EPS = 1e-8
+MSSSIM_FLOOR = 1e-6  # clamp before the fractional powers: x**w has an infinite gradient at 0
+
+
+def msssim_scales(height: int, width: int, win_size: int = SSIM_WIN) -> int:
+    """Number of MS-SSIM scales (<= 5) for an image: the coarsest must still hold the window."""
+    side = min(height, width)
+    if side < win_size:
+        raise ValueError(f"MS-SSIM: image {height}x{width} is smaller than the {win_size}x{win_size} window")
+    scales = 1
+    while scales < len(MSSSIM_WEIGHTS) and side > (win_size - 1) * 2**scales:
+        scales += 1
+    return scales
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor) -> torch.Tensor:
+    """Per-sample MS-SSIM of x against y, (B, C, H, W) -> (B,); data_range (B,)."""
+    n = msssim_scales(x.shape[-2], x.shape[-1])
+    weights = x.new_tensor(MSSSIM_WEIGHTS[:n])
+    weights = weights / weights.sum()
+    levels = []
+    for s in range(n):
+        ssim, cs = ssim_maps(x, y, data_range)
+        if s == n - 1:
+            levels.append(ssim.flatten(2).mean(-1))  # (B, C): luminance only at the coarsest scale
+        else:
+            levels.append(cs.flatten(2).mean(-1))
+            pad = [x.shape[-2] % 2, x.shape[-1] % 2]
+            x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
+    stacked = torch.stack(levels).clamp_min(MSSSIM_FLOOR)  # (n, B, C)
+    return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(-1)
+
+
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class Loss:
+    """Callable ``(pred, target, mask) -> (total, {term: detached value})``."""
+
+    def __init__(self, weights: dict[str, float], gaps_only: bool):
+        self.weights = weights
+        self.gaps_only = gaps_only
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if pred.shape != target.shape:
+            raise ValueError(f"loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        p, t = pred.float(), target.float()
+        gap = (mask < 0.5).expand_as(t).float() if self.gaps_only else None  # 1 = missing
+        terms: dict[str, torch.Tensor] = {}
+        for name in self.weights:
+            terms[name] = self._term(name, p, t, mask, gap)
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def _term(self, name: str, p: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+              gap: torch.Tensor | None) -> torch.Tensor:
+        if name == "l1":
+            return _weighted_mean((p - t).abs(), gap)
+        if name == "mse":
+            return _weighted_mean((p - t) ** 2, gap)
+        if name == "poisson":
+            rate = p.clamp_min(0) + POISSON_EPS
+            return _weighted_mean(rate - t * torch.log(rate), gap)
+        # msssim
+        if gap is not None:
+            p = torch.where(mask > 0.5, t, p)
+        peak = t.flatten(1).amax(1).clamp_min(torch.finfo(t.dtype).tiny)
+        return 1.0 - ms_ssim(p, t, peak).mean()
+
+
+def build_loss(cfg: LossConfig) -> Loss:
+    """The weighted sum of the terms with a non-zero weight in ``cfg`` (see module doc)."""
+    weights = {name: float(getattr(cfg, name)) for name in TERMS}
+    for name, w in weights.items():
+        if w < 0:
+            raise ConfigError(f"loss.{name}: weight must be >= 0, got {w}")
+    active = {name: w for name, w in weights.items() if w > 0}
+    if not active:
+        raise ConfigError(f"loss: every weight is 0; set at least one of {', '.join(TERMS)} > 0")
+    return Loss(active, cfg.gaps_only)
