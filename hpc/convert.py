@@ -1,0 +1,439 @@
+"""Convert raw / Interfile sinograms into chunked HDF5 shards (shard format v1, docs/FORMAT.md).
+
+Inputs are Interfile headers (STIR `.hs`, Siemens `.s.hdr`/`.mhdr`) or, with --shape/--dtype, raw
+files. Each input file is one study; --input/--mask add a paired acquisition and a gap mask to the
+study at the same position. Shards appear atomically (temporary name, verified, renamed);
+manifest.json is written last, so a dataset is complete once it exists. --resume keeps the shards
+whose checksums verify and redoes the rest. Under `mpirun -np N` the ranks split the files.
+
+examples:
+  hpc convert scans/*.s.hdr -o data/scans --compression lzf
+  hpc convert full1.hs full2.hs --input low1.hs low2.hs --mask gap1.s.hdr gap2.s.hdr -o data/paired
+  hpc convert study.raw --shape 1,837,252,344 --dtype uint16 --endian big -o data/raw
+  mpirun -np 4 hpc convert scans/*.s.hdr -o data/scans --resume
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hpc import __version__
+from hpc.errors import HpcError, InputError, OutputError
+from hpc.io.atomic import atomic_write_text
+from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, ShardWriter, verify_shard
+from hpc.io.sinogram import SinogramReader, SinogramSpec, raw_spec, read_header
+from hpc.progress import Progress
+
+SLAB_BYTES = 8 << 20  # read/write a few slices at a time: memory stays flat whatever the file size
+HEADER_ATTRS = ("originating system", "pet data type", "tof mashing factor", "isotope name",
+                "image duration (sec)", "scanner type", "applied corrections")
+Report = Callable[[int], None]  # called with the number of slices just converted
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="INPUT", help="Interfile headers or raw files (one study each)")
+    p.add_argument("-o", "--output", required=True, help="dataset directory to create")
+    p.add_argument("--input", nargs="+", default=[], metavar="FILE",
+                   help="paired acquisitions (e.g. low-count), one per INPUT, same shape")
+    p.add_argument("--mask", nargs="+", default=[], metavar="FILE",
+                   help="gap masks (1 = measured), one per INPUT: same shape, or a single slice")
+    raw = p.add_argument_group("raw files (no header)")
+    raw.add_argument("--shape", help="T,S,V,X (TOF bins, sinograms, views, bins) or S,V,X")
+    raw.add_argument("--dtype", default="", help="numpy dtype, e.g. uint16, int16, float32")
+    raw.add_argument("--endian", choices=("little", "big"), default="little")
+    raw.add_argument("--offset", type=int, default=0, help="bytes to skip at the start of each file")
+    p.add_argument("--shard-slices", type=int, default=0, help="slices per shard (overrides --shard-mb)")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="approximate uncompressed shard size")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="lzf")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="keep verified shards, redo the rest")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--workers", type=int, default=1, help="processes when not under mpirun")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@dataclass(frozen=True)
+class Study:
+    id: str
+    target: SinogramSpec
+    input: SinogramSpec | None = None
+    mask: SinogramSpec | None = None
+
+    @property
+    def specs(self) -> dict[str, SinogramSpec]:
+        return {k: s for k, s in (("target", self.target), ("input", self.input), ("mask", self.mask)) if s}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs.values())
+
+
+@dataclass(frozen=True)
+class Options:
+    compression: str
+    shard_slices: int
+    shard_mb: float
+    resume: bool
+
+    def per_shard(self, study: Study) -> int:
+        if self.shard_slices > 0:
+            return self.shard_slices
+        per_slice = study.nbytes // study.target.num_slices
+        return max(1, int(self.shard_mb * 1e6) // per_slice)
+
+
+def _open_source(path: str, args: argparse.Namespace) -> SinogramSpec:
+    if not args.shape:
+        return read_header(path)
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        raise InputError(f"--shape: expected comma-separated integers like 1,837,252,344, got {args.shape!r}") from None
+    if not args.dtype:
+        raise InputError(f"{path}: a raw file needs --dtype (e.g. uint16)")
+    return raw_spec(path, shape, args.dtype, args.endian, args.offset)
+
+
+def _study_id(path: Path, taken: set[str]) -> str:
+    name = path.name
+    for suffix in (".s.hdr", ".mhdr", ".hs", ".hdr", ".s", ".raw", ".bin", ".v"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    sid, k = base, 2
+    while sid in taken:
+        sid, k = f"{base}-{k}", k + 1
+    taken.add(sid)
+    return sid
+
+
+def _check_pair(target: SinogramSpec, other: SinogramSpec, role: str) -> None:
+    counts = (target.num_slices, 1) if role == "mask" else (target.num_slices,)
+    if other.slice_shape != target.slice_shape or other.num_slices not in counts:
+        raise InputError(f"{other.source}: {role} shape {other.num_slices}x{other.views}x{other.bins} "
+                         f"does not match {target.source} ({target.num_slices}x{target.views}x{target.bins})")
+
+
+def plan(args: argparse.Namespace) -> list[Study]:
+    """Parse and check every file before anything is written."""
+    for role, files in (("--input", args.input), ("--mask", args.mask)):
+        if files and len(files) != len(args.sources):
+            raise InputError(f"{role}: {len(files)} files for {len(args.sources)} inputs (lists pair by position)")
+    studies, taken = [], set()
+    for k, src in enumerate(args.sources):
+        target = _open_source(src, args)
+        inp = _open_source(args.input[k], args) if args.input else None
+        mask = _open_source(args.mask[k], args) if args.mask else None
+        for role, spec in (("input", inp), ("mask", mask)):
+            if spec is not None:
+                _check_pair(target, spec, role)
+        studies.append(Study(_study_id(Path(src), taken), target, inp, mask))
+    first = studies[0].target
+    for s in studies[1:]:
+        if s.target.slice_shape != first.slice_shape or s.target.dtype.newbyteorder("=") != first.dtype.newbyteorder("="):
+            raise InputError(f"{s.target.source}: slices {s.target.slice_shape} {s.target.dtype.name} differ from "
+                             f"{first.source} ({first.slice_shape} {first.dtype.name}); convert them into separate datasets")
+    return studies
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty directory unless resuming/overwriting; hide any old manifest first, so
+    the directory is never a valid dataset while shards change."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise OutputError(f"{out}: output directory is not empty (use --resume to continue or --overwrite to replace)")
+    (out / "manifest.json").unlink(missing_ok=True)
+    shards = out / "shards"
+    if overwrite and shards.is_dir():
+        for f in shards.iterdir():
+            if f.suffix == ".h5" or f.name.endswith(".h5.tmp"):
+                f.unlink()
+    shards.mkdir(parents=True, exist_ok=True)
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    h, buf = hashlib.sha256(), bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _shard_attrs(study: Study, sums: dict[str, str], first: int, count: int, opts: Options) -> dict:
+    t = study.target
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "axes": "slice,view,bin",
+             "source": t.source.name, "source_sha256": sums["target"], "study": study.id,
+             "first_slice": first, "study_num_slices": t.num_slices, "source_kind": t.kind,
+             "source_dtype": t.dtype.str, "scanner": t.fields.get("originating system", ""),
+             "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
+             "compression": opts.compression}
+    for role in ("input", "mask"):
+        if role in sums:
+            attrs[f"{role}_source"], attrs[f"{role}_sha256"] = study.specs[role].source.name, sums[role]
+    attrs.update({f"header:{k}": t.fields[k] for k in HEADER_ATTRS if k in t.fields})
+    # what makes a finished shard reusable by --resume: same sources, range and encoding
+    key = {k: attrs.get(k) for k in ("source_sha256", "input_sha256", "mask_sha256", "first_slice",
+                                     "compression", "source_dtype")}
+    attrs["convert_key"] = json.dumps({**key, "num_slices": count}, sort_keys=True)
+    return attrs
+
+
+def _reusable(path: Path, attrs: dict) -> dict | None:
+    """Shard info of a finished shard from an earlier run, if it verifies and matches ``attrs``."""
+    import h5py
+
+    if not path.is_file() or not verify_shard(path)[0]:
+        return None
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("convert_key") != attrs["convert_key"]:
+            return None
+        return {"sha256": {n: d.attrs["sha256"] for n, d in f.items()},
+                "max": {n: float(f[n].attrs["max"]) for n in ("target", "input") if n in f},
+                "bytes": path.stat().st_size}
+
+
+def _finite(slab: np.ndarray, spec: SinogramSpec, start: int) -> None:
+    if slab.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(slab).all(axis=(1, 2)))
+        if bad.size:
+            raise InputError(f"{spec.source}: slice {start + int(bad[0])} contains NaN or inf")
+
+
+def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, first: int, count: int,
+                 attrs: dict, opts: Options, report: Report) -> dict:
+    t = study.target
+    v, x = t.slice_shape
+    mask_2d = study.mask is not None and study.mask.num_slices == 1
+    arrays = {"target": ((count, v, x), t.dtype)}
+    if study.input:
+        arrays["input"] = ((count, v, x), study.input.dtype)
+    if study.mask:
+        arrays["mask"] = ((v, x) if mask_2d else (count, v, x), np.uint8)
+    arrays.update({k: ((count,), np.int32) for k in ("tof", "segment", "axial")})
+    meta = dict(zip(("tof", "segment", "axial"), t.meta()))
+    slab = max(1, SLAB_BYTES // (study.nbytes // t.num_slices))
+    with ShardWriter(path, arrays, opts.compression, attrs) as w:
+        if mask_2d:
+            w.write(0, mask=readers["mask"].read(0, 1)[0] != 0)
+        for k in range(first, first + count, slab):
+            stop = min(k + slab, first + count)
+            slabs = {role: r.read(k, stop) for role, r in readers.items() if not (role == "mask" and mask_2d)}
+            for role in ("target", "input"):
+                if role in slabs:
+                    _finite(slabs[role], study.specs[role], k)
+            if "mask" in slabs:
+                slabs["mask"] = slabs["mask"] != 0
+            w.write(k - first, **slabs, **{m: a[k:stop] for m, a in meta.items()})
+            report(stop - k)
+        return w.commit()
+
+
+def convert_study(study: Study, out: Path, opts: Options, report: Report) -> dict:
+    """Write (or, with resume, reuse) the study's shards. Returns its manifest entry."""
+    sums = {role: sha256_file(spec.data_path) for role, spec in study.specs.items()}
+    n, per = study.target.num_slices, opts.per_shard(study)
+    readers = {role: SinogramReader(spec) for role, spec in study.specs.items()}
+    shards, maxima = [], []
+    try:
+        for k, first in enumerate(range(0, n, per)):
+            count = min(per, n - first)
+            rel = f"shards/{study.id}-{k:04d}.h5"
+            attrs = _shard_attrs(study, sums, first, count, opts)
+            info = _reusable(out / rel, attrs) if opts.resume else None
+            if info is not None:
+                report(count)
+            else:
+                info = _write_shard(study, readers, out / rel, first, count, attrs, opts, report)
+            maxima.append(info["max"].get("target", 0.0))
+            shards.append({"path": rel, "first_slice": first, "num_slices": count,
+                           "sha256": info["sha256"], "bytes": info["bytes"]})
+    finally:
+        for r in readers.values():
+            r.close()
+    return _study_entry(study, sums, shards, max(maxima))
+
+
+def _study_entry(study: Study, sums: dict[str, str], shards: list[dict], vmax: float) -> dict:
+    t = study.target
+    entry = {"id": study.id, "source": str(t.source.resolve()), "kind": t.kind, "sha256": sums["target"],
+             "num_slices": t.num_slices, "slice_shape": list(t.slice_shape), "dtype": t.dtype.newbyteorder("=").name,
+             "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
+             "has_input": study.input is not None, "has_mask": study.mask is not None,
+             "scanner": t.fields.get("originating system", ""), "max": vmax, "shards": shards}
+    for role in ("input", "mask"):
+        if role in sums:
+            entry[f"{role}_source"] = str(study.specs[role].source.resolve())
+            entry[f"{role}_sha256"] = sums[role]
+    return entry
+
+
+def write_manifest(out: Path, studies: list[Study], entries: list[dict], options: dict) -> Path:
+    scanners = {e["scanner"] for e in entries}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"hpc {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "options": options,
+        "slice_shape": entries[0]["slice_shape"], "dtype": entries[0]["dtype"],
+        "scanner": scanners.pop() if len(scanners) == 1 else "",
+        "scale": max(e["max"] for e in entries),
+        "num_slices": sum(e["num_slices"] for e in entries),
+        "studies": entries, "shards": [s["path"] for e in entries for s in e["shards"]],
+    }
+    listed = set(manifest["shards"])
+    for f in (out / "shards").glob("*.h5"):  # shards of an earlier run that this one does not use
+        if f"shards/{f.name}" not in listed:
+            f.unlink()
+    return atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+def balance(sizes: list[int], parts: int) -> list[list[int]]:
+    """Split items into ``parts`` lists of similar total size (largest first, to the lightest)."""
+    load, groups = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = load.index(min(load))
+        groups[j].append(i)
+        load[j] += sizes[i]
+    return [sorted(g) for g in groups]
+
+
+def _mpi_env() -> tuple[int, int]:
+    """(rank, size) from the launcher's environment: a plain run never imports MPI."""
+    for size_var, rank_var in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")):
+        if os.environ.get(size_var):
+            return int(os.environ.get(rank_var, "0")), int(os.environ[size_var])
+    return 0, 1
+
+
+_QUEUE = None  # per worker process: where progress counts go
+
+
+def _init_worker(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _worker(study: Study, out: Path, opts: Options) -> dict:
+    return convert_study(study, out, opts, _QUEUE.put)
+
+
+def _drain(queue, bar: Progress) -> None:
+    while not queue.empty():
+        bar.update(queue.get())
+
+
+def _run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar: Progress) -> list[dict]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")  # fresh interpreters: no inherited HDF5 state
+    queue = ctx.Queue()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        largest_first = sorted(range(len(studies)), key=lambda i: -studies[i].nbytes)
+        futures = {i: pool.submit(_worker, studies[i], out, opts) for i in largest_first}
+        pending = set(futures.values())
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            _drain(queue, bar)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise failed[0].exception()
+        _drain(queue, bar)
+        return [futures[i].result() for i in range(len(studies))]
+
+
+def _options(args: argparse.Namespace) -> dict:
+    raw = {"shape": args.shape, "dtype": args.dtype, "endian": args.endian, "offset": args.offset}
+    return {"compression": args.compression, "shard_slices": args.shard_slices, "shard_mb": args.shard_mb,
+            "raw": raw if args.shape else None}
+
+
+def _progress(studies: list[Study], quiet: bool, desc: str) -> Progress:
+    n = sum(s.target.num_slices for s in studies)
+    per_slice = sum(s.nbytes for s in studies) // max(n, 1)
+    return Progress(total=n, unit="slices", desc=desc, bytes_per_unit=per_slice, enabled=not quiet)
+
+
+def _summary(out: Path, entries: list[dict], seconds: float) -> str:
+    slices = sum(e["num_slices"] for e in entries)
+    shards = sum(len(e["shards"]) for e in entries)
+    mb = sum(s["bytes"] for e in entries for s in e["shards"]) / 1e6
+    return (f"{out}: {len(entries)} studies, {slices} slices, {shards} shards, {mb:.1f} MB "
+            f"in {seconds:.1f} s")
+
+
+def _attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
+    try:
+        return fn(), None
+    except HpcError as exc:
+        return None, str(exc)
+
+
+def _run_mpi(studies: list[Study], out: Path, opts: Options, args: argparse.Namespace) -> int:
+    """Ranks split the studies (balanced by size); rank 0 checks the output first and writes the
+    manifest after everyone is done. Every rank reaches every collective, even after an error."""
+    from mpi4py import MPI
+
+    comm, t0 = MPI.COMM_WORLD, time.perf_counter()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    error = _attempt(lambda: prepare_output(out, args.resume, args.overwrite))[1] if rank == 0 else None
+    error = comm.bcast(error, root=0)
+    result: tuple[object, str | None] = ({}, error)
+    if error is None:
+        mine = balance([s.nbytes for s in studies], size)[rank]
+        with _progress([studies[i] for i in mine], args.quiet or rank != 0, f"convert rank {rank}/{size}") as bar:
+            result = _attempt(lambda: {i: convert_study(studies[i], out, opts, bar.update) for i in mine})
+    comm.Barrier()
+    results = comm.gather(result, root=0)
+    if rank == 0:
+        errors = [e for _, e in results if e]
+        if not errors:
+            merged = {i: entry for done, _ in results for i, entry in done.items()}
+            entries = [merged[i] for i in range(len(studies))]
+            errors = [_attempt(lambda: write_manifest(out, studies, entries, _options(args)))[1]]
+            errors = [e for e in errors if e]
+            if not errors:
+                print(_summary(out, entries, time.perf_counter() - t0), flush=True)
+        error = errors[0] if errors else None
+    error = comm.bcast(error if rank == 0 else None, root=0)
+    if error is not None and rank == 0:
+        raise HpcError(error)
+    return 0 if error is None else HpcError.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shard_slices < 0 or args.shard_mb <= 0 or args.workers < 1:
+        raise InputError("--shard-slices must be >= 0, --shard-mb > 0 and --workers >= 1")
+    out = Path(args.output)
+    opts = Options(args.compression, args.shard_slices, args.shard_mb, args.resume)
+    rank, size = _mpi_env()
+    try:
+        studies = plan(args)  # every rank parses the headers: cheap, and the same everywhere
+    except HpcError:
+        if rank != 0:
+            return HpcError.exit_code  # rank 0 prints the one error line
+        raise
+    if size > 1:
+        return _run_mpi(studies, out, opts, args)
+    t0 = time.perf_counter()
+    prepare_output(out, args.resume, args.overwrite)
+    with _progress(studies, args.quiet, "convert") as bar:
+        if args.workers > 1 and len(studies) > 1:
+            entries = _run_pool(studies, out, opts, min(args.workers, len(studies)), bar)
+        else:
+            entries = [convert_study(s, out, opts, bar.update) for s in studies]
+    write_manifest(out, studies, entries, _options(args))
+    print(_summary(out, entries, time.perf_counter() - t0), flush=True)
+    return 0
