@@ -1,0 +1,194 @@
+"""Summarize a converted dataset, one shard, a checkpoint or a run directory.
+
+A dataset or shard shows studies, slices, shape, dtype, compression, size and checksum status
+(--verify re-reads every shard and compares the SHA-256 of each dataset). --png draws a few slices
+of one study (target, and input/mask when present) so a person can look at the data.
+
+examples:
+  hpc inspect data/demo                          # dataset summary, one line per study
+  hpc inspect data/demo --verify                 # + re-check every shard's checksums
+  hpc inspect data/demo --png demo.png --study p01 --slices 6
+  hpc inspect data/demo/shards/p01-0000.h5       # one shard: attributes and datasets
+  hpc inspect runs/demo                          # run dir (config.yaml) or checkpoint (*.pt)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from hpc.errors import InputError
+from hpc.io.atomic import atomic_path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="dataset dir, shard (.h5), checkpoint (.pt) or run dir")
+    p.add_argument("--verify", action="store_true", help="re-read shards and check their checksums")
+    p.add_argument("--png", metavar="FILE", help="render slices of one study to this PNG")
+    p.add_argument("--study", default="", help="study for --png (default: the first)")
+    p.add_argument("--slices", type=int, default=4, help="number of slices for --png (evenly spaced)")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _verify_status(path: Path, expected: dict | None, verify: bool) -> str:
+    from hpc.io.shards import verify_shard
+
+    if not path.is_file():
+        return "MISSING"
+    if not verify:
+        return "not checked"
+    ok, why = verify_shard(path)
+    if not ok:
+        return f"BAD ({why})"
+    if expected is not None:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            stored = {name: d.attrs["sha256"] for name, d in f.items()}
+        if stored != expected:
+            return "BAD (checksums differ from manifest.json)"
+    return "ok"
+
+
+def inspect_dataset(root: Path, verify: bool) -> tuple[str, int]:
+    """(report text, number of bad shards)."""
+    from hpc.io.shards import Dataset
+
+    ds = Dataset.open(root)
+    m = ds.manifest
+    itemsize = np.dtype(ds.dtype).itemsize * ds.slice_shape[0] * ds.slice_shape[1]
+    on_disk = sum(p.stat().st_size for s in ds.studies for p in s.shard_paths if p.is_file())
+    lines = [
+        f"dataset {root}  ({m['format']} v{m['format_version']}, {m.get('created_by', '?')}, {m.get('created', '?')})",
+        f"  {len(ds.studies)} studies, {ds.num_slices} slices of {ds.slice_shape} {ds.dtype}, "
+        f"scanner {ds.scanner or '?'}, scale {ds.scale:g}",
+        f"  compression {m['options']['compression']}, {len(m['shards'])} shards, {_mb(on_disk)} on disk "
+        f"({_mb(ds.num_slices * itemsize)} of target slices)",
+        f"  {'study':<20} {'slices':>7} {'shards':>6} {'tof':>4} {'segs':>4}  {'input':<5} {'mask':<5} "
+        f"{'max':>10}  checksums",
+    ]
+    bad = 0
+    for s in ds.studies:
+        status = [_verify_status(sh.path, sh.sha256, verify) for sh in s.shards]
+        worst = next((st for st in status if st != "ok" and st != "not checked"), status[0])
+        bad += sum(st.startswith(("BAD", "MISSING")) for st in status)
+        lines.append(f"  {s.id:<20} {s.num_slices:>7} {len(s.shards):>6} {s.tof_bins:>4} {len(s.segments):>4}  "
+                     f"{'yes' if s.has_input else 'no':<5} {'yes' if s.has_mask else 'no':<5} {s.max:>10g}  {worst}")
+    return "\n".join(lines), bad
+
+
+def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open as HDF5: {exc}") from None
+    with f:
+        lines = [f"shard {path}  ({_mb(path.stat().st_size)} on disk)"]
+        lines += [f"  {k} = {v}" for k, v in f.attrs.items() if k != "convert_key"]
+        for name, d in f.items():
+            comp = d.compression or "none"
+            lines.append(f"  /{name}: {d.shape} {d.dtype} chunks={d.chunks} compression={comp}")
+    status = _verify_status(path, None, verify)
+    lines.append(f"  checksums: {status}")
+    return "\n".join(lines), int(status.startswith("BAD"))
+
+
+def _read(f, k: int, data: dict[str, list], label: str) -> None:
+    """Append slice ``k`` of an open shard's target/input/mask and its title to ``data``."""
+    for role in ("target", "input", "mask"):
+        if role in f:
+            d = f[role]
+            data.setdefault(role, []).append(d[k] if d.ndim == 3 else d[()])
+    data["label"].append(f"{label}\n(tof {f['tof'][k]}, seg {f['segment'][k]}, ax {f['axial'][k]})")
+
+
+def _spaced(n_total: int, n: int) -> list[int]:
+    return [int(i) for i in np.unique(np.linspace(0, n_total - 1, max(1, n)).round())]
+
+
+def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], str]:
+    """``n`` evenly spaced slices of a dataset's study (or of one shard): role -> list of (V, X)
+    arrays, "label" -> panel titles; and a figure title."""
+    import h5py
+
+    from hpc.io.shards import Dataset
+
+    data: dict[str, list] = {"label": []}
+    if path.is_dir():
+        ds = Dataset.open(path)
+        study = ds.study(study_id) if study_id else ds.studies[0]
+        for i in _spaced(study.num_slices, n):
+            shard, k = study.locate(i)
+            with h5py.File(shard.path, "r") as f:
+                _read(f, k, data, f"{study.id} slice {i}")
+        return data, f"{path.name}: study {study.id}, {study.num_slices} slices of {study.slice_shape}"
+    with h5py.File(path, "r") as f:
+        sid, first = f.attrs.get("study", "?"), int(f.attrs.get("first_slice", 0))
+        for k in _spaced(len(f["target"]), n):
+            _read(f, k, data, f"{sid} slice {first + k}")
+        return data, f"{path.name}: study {sid}, slices {first}..{first + len(f['target']) - 1}"
+
+
+def render_png(path: Path, png: Path, study_id: str, n: int) -> Path:
+    """Rows: target / input / mask; columns: evenly spaced slices; a colorbar on every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data, title = slices_for_png(path, study_id, n)
+    roles = [r for r in ("target", "input", "mask") if r in data]
+    cols = len(data["label"])
+    fig, axes = plt.subplots(len(roles), cols, squeeze=False, figsize=(3.4 * cols, 3.0 * len(roles)),
+                             layout="constrained")
+    for row, role in enumerate(roles):
+        for col, img in enumerate(data[role]):
+            ax = axes[row][col]
+            kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if role == "mask" else {"cmap": "inferno"}
+            im = ax.imshow(img, aspect="auto", interpolation="nearest", **kw)
+            ax.set_title(f"{role}: {data['label'][col]}", fontsize=8)
+            ax.set_xlabel("bin", fontsize=7)
+            ax.set_ylabel("view", fontsize=7)
+            ax.tick_params(labelsize=6)
+            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    fig.suptitle(title)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _describe_checkpoint(path: Path) -> str:
+    try:
+        from hpc.checkpoint import describe
+    except ImportError as exc:
+        raise InputError(f"{path}: checkpoints and run dirs need hpc.checkpoint.describe, which is not "
+                         f"available in this install ({exc})") from None
+    return describe(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.suffix == ".pt" or (path.is_dir() and (path / "config.yaml").is_file()):
+        print(_describe_checkpoint(path))
+        return 0
+    if path.is_dir():
+        text, bad = inspect_dataset(path, args.verify)
+    elif path.suffix in (".h5", ".hdf5"):
+        text, bad = inspect_shard(path, args.verify)
+    else:
+        raise InputError(f"{path}: not a dataset dir, shard (.h5), checkpoint (.pt) or run dir")
+    print(text)
+    if args.png:
+        print(f"wrote {render_png(path, Path(args.png), args.study, args.slices)}")
+    if bad:
+        raise InputError(f"{path}: {bad} shard(s) missing or failing checksum verification")
+    return 0
