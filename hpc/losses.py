@@ -100,8 +100,7 @@ class Loss:
         # msssim
         if gap is not None:
             p = torch.where(mask > 0.5, t, p)
-        peak = t.flatten(1).amax(1).clamp_min(torch.finfo(t.dtype).tiny)
-        return 1.0 - ms_ssim(p, t, peak).mean()
+        return 1.0 - ms_ssim(p, t, t.flatten(1).amax(1)).mean()
 
 
 def build_loss(cfg: LossConfig) -> Loss:

@@ -36,6 +36,7 @@ PSNR_CAP = 100.0  # dB
 SSIM_WIN = 11
 SSIM_SIGMA = 1.5
 SSIM_K = (0.01, 0.03)
+MIN_DATA_RANGE = 1e-12  # an all-zero target still gives finite C1, C2 (1e-28 > float32's tiny)
 
 FIELDS = ("sse", "energy", "sse_gap", "energy_gap", "psnr", "psnr_n", "psnr_gap", "psnr_gap_n",
           "ssim", "ssim_n", "ssim_gap", "ssim_gap_n", "samples")
@@ -61,7 +62,8 @@ def ssim_maps(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor, win_si
               sigma: float = SSIM_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM and contrast-structure maps of x against y, each (B, C, H-win+1, W-win+1).
 
-    x, y: (B, C, H, W); data_range: (B,) per-sample dynamic range L (C1 = (K1 L)^2, C2 = (K2 L)^2).
+    x, y: (B, C, H, W); data_range: (B,) per-sample dynamic range L (C1 = (K1 L)^2, C2 = (K2 L)^2),
+    at least MIN_DATA_RANGE.
     """
     if min(x.shape[-2:]) < win_size:
         raise ValueError(f"SSIM: image {tuple(x.shape[-2:])} is smaller than the {win_size}x{win_size} window")
@@ -70,7 +72,7 @@ def ssim_maps(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor, win_si
     stats = gaussian_filter_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), win)  # (B, 5C, h, w)
     mx, my, exx, eyy, exy = stats.split(c, dim=1)
     vx, vy, cxy = exx - mx * mx, eyy - my * my, exy - mx * my
-    L = data_range.to(x.dtype).view(-1, 1, 1, 1)
+    L = data_range.to(x.dtype).clamp_min(MIN_DATA_RANGE).view(-1, 1, 1, 1)
     c1, c2 = (SSIM_K[0] * L) ** 2, (SSIM_K[1] * L) ** 2
     cs = (2 * cxy + c2) / (vx + vy + c2)
     ssim = (2 * mx * my + c1) / (mx * mx + my * my + c1) * cs
@@ -107,7 +109,7 @@ class MetricAccumulator:
         has_gap = has_peak & (n_gap > 0)
         psnr = torch.where(has_peak, _psnr(peak, sse / n_pix), 0.0)
         psnr_gap = torch.where(has_gap, _psnr(peak, sse_gap / n_gap.clamp_min(1)), 0.0)
-        ssim, _ = ssim_maps(p, t, peak.clamp_min(torch.finfo(torch.float64).tiny))
+        ssim, _ = ssim_maps(p, t, peak)
         r = (SSIM_WIN - 1) // 2
         gap_c = gap[..., r : gap.shape[-2] - r, r : gap.shape[-1] - r]  # window centres in gaps
         sums = [

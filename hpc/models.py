@@ -58,6 +58,10 @@ def _lrelu() -> nn.Module:
     return nn.LeakyReLU(0.2, inplace=True)
 
 
+def _relu() -> nn.Module:
+    return nn.ReLU(inplace=True)
+
+
 class BadBlockNet(nn.Module):
     """The seed tutorial's dead-block repair network, widths (base, 2*base, 4*base).
 
@@ -91,7 +95,7 @@ class BadBlockNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(w2, w1, 4, stride=2, padding=1)
         self.dec1 = up_convs(2 * w1, w1)
         self.head = nn.Sequential(
-            nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w1, w1, 3, padding=1), _relu(),
             nn.Conv2d(w1, out_channels, 3, padding=1),
             nn.Softplus(beta=5),  # counts are non-negative
         )
@@ -107,8 +111,8 @@ class BadBlockNet(nn.Module):
 
 def double_conv(c_in: int, c_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        conv_norm_act(c_in, c_out, norm, nn.ReLU(inplace=True)),
-        conv_norm_act(c_out, c_out, norm, nn.ReLU(inplace=True)),
+        conv_norm_act(c_in, c_out, norm, _relu()),
+        conv_norm_act(c_out, c_out, norm, _relu()),
     )
 
 
@@ -166,14 +170,13 @@ class LightNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int = 1, base: int = 32, norm: str = "batch"):
         super().__init__()
-        relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
         self.body = nn.Sequential(
-            conv_norm_act(in_channels, base, norm, relu()),  # (B, base, V, X)
+            conv_norm_act(in_channels, base, norm, _relu()),  # (B, base, V, X)
             nn.MaxPool2d(2),
-            conv_norm_act(base, 2 * base, norm, relu()),  # (B, 2*base, V/2, X/2)
-            conv_norm_act(2 * base, 2 * base, norm, relu()),
+            conv_norm_act(base, 2 * base, norm, _relu()),  # (B, 2*base, V/2, X/2)
+            conv_norm_act(2 * base, 2 * base, norm, _relu()),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            conv_norm_act(2 * base, base, norm, relu()),  # (B, base, V, X)
+            conv_norm_act(2 * base, base, norm, _relu()),  # (B, base, V, X)
             nn.Conv2d(base, out_channels, 1),
         )
 
@@ -194,21 +197,21 @@ class SinogramModel(nn.Module):
     """What ``build_model`` returns: checks sizes, runs ``net``, optionally inpaints.
 
     ``forward(x (B, C, V, X), mask (B, 1, V, X)) -> (B, 1, V, X)``; the mask (1 = measured) is used
-    only when ``inpaint`` is on, so training, predict and export call every model the same way.
+    only when ``inpainting`` is on, so training, predict and export call every model the same way.
     """
 
-    def __init__(self, net: nn.Module, in_channels: int, multiple: int, inpaint: bool):
+    def __init__(self, net: nn.Module, in_channels: int, multiple: int, inpainting: bool):
         super().__init__()
         self.net = net
         self.in_channels = in_channels
         self.centre = in_channels // 2
         self.multiple = multiple
-        self.inpaint = inpaint
+        self.inpainting = inpainting
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, self.multiple)
         pred = self.net(x)
-        if self.inpaint:
+        if self.inpainting:
             pred = inpaint(pred, x[:, self.centre : self.centre + 1], mask)
         return pred
 

@@ -123,3 +123,13 @@ def test_invalid_weights_are_config_errors():
         build_loss(LossConfig(l1=1.0, mse=-0.1))
     with pytest.raises(ConfigError, match="every weight is 0"):
         build_loss(LossConfig(l1=0.0))
+
+
+def test_all_zero_target_slices_give_finite_losses():
+    # empty sinogram planes exist (e.g. at the ends of a segment): no 0/0 in the SSIM constants
+    target = torch.zeros(2, 1, 16, 16)
+    pred = torch.zeros(2, 1, 16, 16).requires_grad_(True)
+    total, terms = build_loss(LossConfig(l1=1.0, msssim=1.0, poisson=1.0))(pred, target, torch.ones_like(target))
+    total.backward()
+    assert terms["msssim"].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(total) and torch.isfinite(pred.grad).all()

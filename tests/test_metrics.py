@@ -115,3 +115,12 @@ def test_baseline_batch_keeps_dtype_device_and_shape():
     torch.testing.assert_close(out, xs)
     with pytest.raises(ValueError, match="valid: linear, biharmonic"):
         baseline_batch("median", xs, ms)
+
+
+def test_all_zero_target_is_not_counted_in_psnr_and_has_ssim_one():
+    target = torch.zeros(1, 1, 12, 12)
+    acc = MetricAccumulator()
+    acc.update(torch.zeros_like(target), target, torch.ones_like(target))
+    got = MetricAccumulator.compute(acc.state())
+    assert math.isnan(got["psnr"]) and math.isnan(got["nmse"])  # no peak, no energy: undefined
+    assert got["ssim"] == pytest.approx(1.0)
