@@ -9,6 +9,7 @@ dataset's values, re-reads and verifies it, then renames it into place. Reading:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -65,7 +66,9 @@ class ShardWriter:
         self._hash = {name: hashlib.sha256() for name in arrays}
         self._max: dict[str, float] = {}
         try:
-            self._file = h5py.File(self.tmp, "w")
+            # No chunk cache: each slice is one whole chunk, written once, so caching gains nothing,
+            # and a write error (disk full) surfaces in write() instead of at some later close.
+            self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
             for key, value in attrs.items():
                 self._file.attrs[key] = value
             for name, (shape, dtype) in arrays.items():
@@ -124,7 +127,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         if getattr(self, "_file", None) is not None and self._file.id.valid:
-            self._file.close()
+            # Empty the file first: on a full disk HDF5's closing flush would fail again and
+            # print tracebacks; with the space freed it closes cleanly, then the file goes.
+            with contextlib.suppress(OSError):
+                os.truncate(self.tmp, 0)
+            with contextlib.suppress(Exception):
+                self._file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
