@@ -1,0 +1,392 @@
+"""A real single-node Slurm cluster (munge + MariaDB + slurmdbd + slurmctld + slurmd) for the tests,
+for .ci/run and for anyone who wants to try `hpc submit` / `hpc sweep` without a cluster.
+
+    python tests/cluster/harness.py start    # as root; prints `export SLURM_CONF=...`
+    python tests/cluster/harness.py status
+    python tests/cluster/harness.py stop
+
+Everything lives under one directory (``$HPC_SLURM_DIR``, default /tmp/hpc-slurm): configs, munge
+key and socket, MariaDB data, Slurm state, logs, PID files, fake GPU devices. Daemons run in their
+own session with only fds 0-2 open (an inherited pipe would make `script | cat` hang) and are
+stopped by their recorded PIDs, never by name. A cluster started by the CLI stays up until `stop`;
+one started by a test session is stopped by the last session that uses it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT_DIR = Path(os.environ.get("HPC_SLURM_DIR", "/tmp/hpc-slurm"))
+LOCK = Path(str(ROOT_DIR) + ".lock")  # outside ROOT_DIR, which a fresh start wipes
+DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # start order
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+            "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+class StartError(RuntimeError):
+    """A daemon did not come up; the message ends with the tail of its log."""
+
+
+@dataclass
+class Cluster:
+    root: Path
+    node: str
+    cpus: int
+    gpus: int
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+    started_by: str = "session"  # "cli" clusters are never stopped by test sessions
+    owned: bool = False  # this process registered as a user (see stop_if_owned)
+
+    # --- what jobs and clients need ---------------------------------------------------------
+    @property
+    def conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """os.environ plus SLURM_CONF: pass to any subprocess that calls Slurm commands."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def run(self, args: list[str], timeout: float = 60, check: bool = True,
+            **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                           env=kw.pop("env", self.env), **kw)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def sbatch(self, script: str | Path, *args: str, cwd: str | os.PathLike | None = None,
+               env: dict[str, str] | None = None) -> str:
+        """Submit a batch script (a Path, or the script's text as a str); returns the job id."""
+        cmd = ["sbatch", "--parsable", *args]
+        text = None if isinstance(script, Path) else script
+        if text is None:
+            cmd.append(str(script))
+        r = self.run(cmd, input=text, cwd=cwd, env={**self.env, **(env or {})})
+        return r.stdout.strip().split(";")[0]
+
+    def srun(self, args: list[str], timeout: float = 120, check: bool = False,
+             **kw) -> subprocess.CompletedProcess:
+        return self.run(["srun", *args], timeout=timeout, check=check, **kw)
+
+    def states(self, job_id: str) -> dict[str, str]:
+        """{job or array-task id: state} from squeue (all states), falling back to sacct."""
+        r = self.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%i %T"], check=False)
+        rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip()]
+        if r.returncode == 0 and rows:
+            return {i: s for i, s in rows}
+        r = self.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"], check=False)
+        rows = [ln.split("|") for ln in r.stdout.splitlines() if ln.strip()]
+        return {i: s.split()[0] for i, s in rows}  # "CANCELLED by 0" -> "CANCELLED"
+
+    def wait(self, job_id: str, timeout: float = 120) -> str:
+        """Block until every task of the job has ended; returns its state (several joined by ',')."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states(job_id)
+            if states and all(s in TERMINAL for s in states.values()):
+                return ",".join(sorted(set(states.values())))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}")
+            time.sleep(0.5)
+
+    def log(self, daemon: str, lines: int = 20) -> str:
+        return _tail(self.root / "log" / f"{daemon}.log", lines)
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        if set(self.pids) != set(DAEMONS) or not all(_running(p, d) for d, p in self.pids.items()):
+            return False
+        return self.run(["scontrol", "ping"], check=False, timeout=20).returncode == 0
+
+    def stop_if_owned(self) -> None:
+        """Called by the test session: stop the cluster if a session started it and no other live
+        session still uses it. A cluster started with the CLI (e.g. by .ci/run) stays up."""
+        if not self.owned:
+            return
+        with _locked():
+            (self.root / "users" / str(os.getpid())).unlink(missing_ok=True)
+            self.owned = False
+            if self.started_by == "session" and not _live_users(self.root):
+                self.stop()
+
+    def stop(self) -> None:
+        """Cancel jobs, then stop the daemons by PID in reverse start order (TERM, then KILL)."""
+        if "slurmctld" in self.pids and _running(self.pids["slurmctld"], "slurmctld"):
+            jobs = self.run(["squeue", "-h", "-o", "%A"], check=False).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], check=False)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and self.run(
+                        ["squeue", "-h", "-t", "R,CG", "-o", "%A"], check=False).stdout.strip():
+                    time.sleep(0.5)
+        for daemon in reversed(DAEMONS):
+            if daemon in self.pids:
+                _terminate(self.pids[daemon], daemon)
+        self.pids.clear()
+        (self.root / "state.json").unlink(missing_ok=True)
+
+    def save(self) -> None:
+        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        data.pop("owned")
+        tmp = self.root / "state.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.rename(self.root / "state.json")
+
+
+# --- processes ---------------------------------------------------------------------------------
+def _running(pid: int, name: str) -> bool:
+    """pid is a live (not zombie) process whose command line mentions `name` (guards PID reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and name in cmdline
+
+
+def _terminate(pid: int, name: str, grace: float = 15) -> None:
+    if not _running(pid, name):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _running(pid, name):
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+def _spawn(root: Path, name: str, cmd: list[str], pidfile: Path, timeout: float = 30) -> int:
+    """Start a daemon in the foreground under `setsid --fork` (so it is re-parented to init and
+    never a zombie child of pytest), fds > 2 closed, output to log/<name>.out; returns its PID
+    from the daemon's own pid file."""
+    out = root / "log" / f"{name}.out"
+    with open(out, "ab") as log:
+        subprocess.run(["setsid", "--fork", *cmd], stdin=subprocess.DEVNULL, stdout=log,
+                       stderr=subprocess.STDOUT, close_fds=True, check=True,
+                       env={**os.environ, "PATH": SBIN_PATH, "SLURM_CONF": str(root / "etc" / "slurm.conf")})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            if _running(pid, name):
+                return pid
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.2)
+    raise StartError(f"{name} did not start within {timeout:.0f} s:\n{_tail(out, 15)}"
+                     f"\n{_tail(root / 'log' / f'{name}.log', 15)}")
+
+
+def _wait_for(what: str, ok, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.3)
+    raise StartError(f"{what} not ready within {timeout:.0f} s:\n{_tail(log, 20)}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- starting ------------------------------------------------------------------------------------
+def _render(template: str, dest: Path, values: dict, mode: int = 0o644) -> None:
+    dest.write_text(string.Template((HERE / template).read_text()).substitute(values))
+    dest.chmod(mode)
+
+
+def _mariadb(root: Path, port: int, password: str) -> int:
+    data, sock = root / "mysql" / "data", root / "mysql" / "mysql.sock"
+    subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
+                    "--auth-root-authentication-method=socket", "--skip-test-db"],
+                   capture_output=True, check=True, env={**os.environ, "PATH": SBIN_PATH})
+    pid = _spawn(root, "mariadbd", [
+        "mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={sock}", f"--port={port}",
+        "--bind-address=127.0.0.1", "--skip-name-resolve", "--user=root",
+        f"--pid-file={root / 'run' / 'mariadbd.pid'}", f"--log-error={root / 'log' / 'mariadbd.log'}",
+        "--innodb-buffer-pool-size=64M"], root / "run" / "mariadbd.pid")
+    client = ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot"]
+    _wait_for("MariaDB", lambda: subprocess.run([*client, "-e", "SELECT 1"], capture_output=True)
+              .returncode == 0, 60, root / "log" / "mariadbd.log")
+    sql = (f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}';"
+           "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+    subprocess.run([*client, "-e", sql], capture_output=True, check=True)
+    return pid
+
+
+def _start(root: Path, cpus: int, gpus: int) -> Cluster:
+    shutil.rmtree(root, ignore_errors=True)
+    for sub in ("etc", "munge", "mysql", "state", "spool/slurmd", "run", "log", "dev", "users"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "munge").chmod(0o700)  # munged refuses a socket/key dir that others can write
+    mysql_port, dbd_port, ctld_port, slurmd_port = _free_ports(4)
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    c = Cluster(root=root, node=socket.gethostname().split(".")[0], cpus=cpus, gpus=gpus,
+                ports={"mysql": mysql_port, "slurmdbd": dbd_port, "slurmctld": ctld_port,
+                       "slurmd": slurmd_port})
+    values = dict(root=root, node=c.node, cpus=cpus, gpus=gpus, last_gpu=gpus - 1,
+                  mem_mb=int(mem_kb * 0.9 / 1024), mysql_port=mysql_port, dbd_port=dbd_port,
+                  ctld_port=ctld_port, slurmd_port=slurmd_port, db_password=secrets.token_hex(12))
+    _render("slurm.conf.in", root / "etc" / "slurm.conf", values)
+    _render("slurmdbd.conf.in", root / "etc" / "slurmdbd.conf", values, mode=0o600)
+    _render("gres.conf.in", root / "etc" / "gres.conf", values)
+    for i in range(gpus):
+        os.mknod(root / "dev" / f"nvidia{i}", 0o666 | 0o020000, os.makedev(1, 3))  # char dev = /dev/null
+    try:
+        key = root / "munge" / "munge.key"
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True,
+                       env={**os.environ, "PATH": SBIN_PATH})
+        c.pids["munged"] = _spawn(root, "munged", [
+            "munged", "--foreground", "--force", f"--socket={root / 'munge' / 'munge.sock'}",
+            f"--key-file={key}", f"--log-file={root / 'log' / 'munged.log'}",
+            f"--pid-file={root / 'run' / 'munged.pid'}", f"--seed-file={root / 'munge' / 'seed'}"],
+            root / "run" / "munged.pid")
+        c.pids["mariadbd"] = _mariadb(root, mysql_port, values["db_password"])
+        c.pids["slurmdbd"] = _spawn(root, "slurmdbd", ["slurmdbd", "-D"], root / "run" / "slurmdbd.pid")
+        _wait_for("slurmdbd", lambda: _port_open(dbd_port), 60, root / "log" / "slurmdbd.log")
+        c.pids["slurmctld"] = _spawn(root, "slurmctld", ["slurmctld", "-D"], root / "run" / "slurmctld.pid")
+        _wait_for("slurmctld", lambda: c.run(["scontrol", "ping"], check=False).returncode == 0, 60,
+                  root / "log" / "slurmctld.log")
+        c.pids["slurmd"] = _spawn(root, "slurmd", ["slurmd", "-D", "-N", c.node], root / "run" / "slurmd.pid")
+        _wait_for("slurmd (node idle)", lambda: c.run(["sinfo", "-h", "-n", c.node, "-o", "%T"],
+                  check=False).stdout.strip() == "idle", 60, root / "log" / "slurmd.log")
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+# --- reuse / registry ------------------------------------------------------------------------------
+@contextmanager
+def _locked():
+    with open(LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _live_users(root: Path) -> list[int]:
+    users = []
+    for f in (root / "users").glob("*"):
+        if Path(f"/proc/{f.name}").exists():
+            users.append(int(f.name))
+        else:
+            f.unlink(missing_ok=True)  # a session that died without cleaning up
+    return users
+
+
+def load(root: Path = ROOT_DIR) -> Cluster | None:
+    try:
+        data = json.loads((root / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Cluster(**{**data, "root": Path(data["root"])})
+
+
+def missing_tools() -> list[str]:
+    tools = ("munged", "mungekey", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld",
+             "slurmd", "sbatch", "srun", "sacct", "setsid")
+    return [t for t in tools if shutil.which(t, path=SBIN_PATH) is None]
+
+
+def start(started_by: str, cpus: int | None = None, gpus: int = 2) -> Cluster:
+    """Reuse the running cluster or start a fresh one. Raises StartError/RuntimeError."""
+    if missing := missing_tools():
+        raise StartError(f"missing {', '.join(missing)}: run `bash tests/cluster/install-system.sh`")
+    if os.geteuid() != 0:
+        raise StartError("starting slurmd/slurmctld needs root (or start it once as root with "
+                         "`python tests/cluster/harness.py start`)")
+    with _locked():
+        c = load()
+        if c is None or not c.alive():
+            if c is not None:
+                c.stop()  # leftovers of a dead cluster, by PID
+            c = _start(ROOT_DIR, cpus or max(4, os.cpu_count() or 1), gpus)
+            c.started_by = started_by
+            c.save()
+    return c
+
+
+def ensure_cluster() -> tuple[Cluster | None, str]:
+    """For the `slurm` test fixture: (cluster, "") or (None, why). Sets SLURM_CONF in os.environ so
+    submitit and subprocesses of this session talk to the test cluster."""
+    c = load()
+    try:
+        if c is None or not c.alive():
+            c = start("session")
+    except (StartError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return None, str(exc)
+    with _locked():
+        (c.root / "users" / str(os.getpid())).touch()
+    c.owned = True
+    os.environ["SLURM_CONF"] = str(c.conf)
+    return c, ""
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "status"
+    if cmd == "start":
+        try:
+            c = start("cli")
+        except (StartError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"harness: cannot start the test cluster: {exc}", file=sys.stderr)
+            return 1
+        print(f"export SLURM_CONF={c.conf}")
+        return 0
+    c = load()
+    if cmd == "stop":
+        if c is not None:
+            with _locked():
+                c.stop()
+        return 0
+    if cmd == "status":
+        if c is None or not c.alive():
+            print("no test cluster running")
+            return 1
+        print(f"SLURM_CONF={c.conf} node={c.node} cpus={c.cpus} gpus={c.gpus} "
+              f"started_by={c.started_by} pids={c.pids}")
+        print(c.run(["sinfo"], check=False).stdout, end="")
+        return 0
+    print("usage: harness.py start|stop|status", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
