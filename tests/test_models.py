@@ -140,3 +140,22 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, mask), model(x, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_inpainting_under_bf16_autocast_keeps_measured_pixels_in_float32():
+    model = build_model(ModelConfig(name="badblock", base=4), in_channels=3).eval()
+    x = torch.rand(1, 3, 8, 8) * 1000 + 0.123456789  # values that bf16 cannot represent
+    mask = (torch.rand(1, 1, 8, 8) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mask)
+    assert out.dtype == torch.float32
+    assert torch.equal(out[mask.bool()], x[:, 1:2][mask.bool()])
+
+
+def test_unet_residual_adds_the_centre_slice():
+    model = build_model(ModelConfig(name="unet", base=4, depth=1, residual=True, inpaint=False), in_channels=3)
+    head = model.net.head
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    x = torch.rand(2, 3, 4, 6)
+    assert torch.equal(model(x, torch.ones(2, 1, 4, 6)), x[:, 1:2])
