@@ -81,8 +81,8 @@ class ModelConfig:
 class LossConfig:
     l1: float = 1.0
     mse: float = 0.0
-    msssim: float = 0.0
-    poisson: float = 0.0
+    msssim: float = 0.0  # 1 - MS-SSIM; sinograms under 161 px use fewer scales (hpc.losses)
+    poisson: float = 0.0  # Poisson NLL of the counts; for non-negative outputs (badblock)
     gaps_only: bool = False  # restrict every term to the missing pixels
 
 
