@@ -82,9 +82,9 @@ class Loss:
             raise ValueError(f"loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         p, t = pred.float(), target.float()
         gap = (mask < 0.5).expand_as(t).float() if self.gaps_only else None  # 1 = missing
-        terms: dict[str, torch.Tensor] = {}
-        for name in self.weights:
-            terms[name] = self._term(name, p, t, mask, gap)
+        # float32 even inside a bf16 autocast region: SSIM's E[x^2] - E[x]^2 cancels badly in bf16
+        with torch.autocast(p.device.type, enabled=False):
+            terms = {name: self._term(name, p, t, mask, gap) for name in self.weights}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
 

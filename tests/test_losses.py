@@ -133,3 +133,12 @@ def test_all_zero_target_slices_give_finite_losses():
     total.backward()
     assert terms["msssim"].item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(total) and torch.isfinite(pred.grad).all()
+
+
+def test_terms_inside_bf16_autocast_equal_float32():
+    pred, target, mask = _pair(7, shape=(2, 1, 24, 32))
+    fn = build_loss(LossConfig(l1=1.0, msssim=1.0, poisson=1.0))
+    _, ref = fn(pred, target, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got = fn(pred, target, mask)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
