@@ -124,3 +124,12 @@ def test_all_zero_target_is_not_counted_in_psnr_and_has_ssim_one():
     got = MetricAccumulator.compute(acc.state())
     assert math.isnan(got["psnr"]) and math.isnan(got["nmse"])  # no peak, no energy: undefined
     assert got["ssim"] == pytest.approx(1.0)
+
+
+def test_update_inside_bf16_autocast_is_unchanged():
+    pred, target, mask = _sample(3)
+    ref, got = MetricAccumulator(), MetricAccumulator()
+    ref.update(pred.float(), target.float(), mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # validation may run inside the train autocast
+        got.update(pred.float(), target.float(), mask)
+    assert torch.equal(got.state(), ref.state())
