@@ -241,33 +241,47 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
         return w.commit()
 
 
-def convert_study(study: Study, out: Path, opts: Options, report: Report) -> dict:
-    """Write (or, with resume, reuse) the study's shards. Returns its manifest entry."""
-    sums = {role: sha256_file(spec.data_path) for role, spec in study.specs.items()}
+def hash_sources(study: Study) -> dict[str, str]:
+    """role -> SHA-256 of its data file (recorded in every shard; --resume compares it)."""
+    return {role: sha256_file(spec.data_path) for role, spec in study.specs.items()}
+
+
+def shard_ranges(study: Study, opts: Options) -> list[tuple[int, int]]:
+    """(first slice, count) of each shard of the study."""
     n, per = study.target.num_slices, opts.per_shard(study)
-    readers = {role: SinogramReader(spec) for role, spec in study.specs.items()}
-    shards, maxima = [], []
-    try:
-        for k, first in enumerate(range(0, n, per)):
-            count = min(per, n - first)
-            rel = f"shards/{study.id}-{k:04d}.h5"
-            attrs = _shard_attrs(study, sums, first, count, opts)
-            info = _reusable(out / rel, attrs) if opts.resume else None
-            if info is not None:
-                report(count)
-            else:
-                info = _write_shard(study, readers, out / rel, first, count, attrs, opts, report)
-            maxima.append(info["max"].get("target", 0.0))
-            shards.append({"path": rel, "first_slice": first, "num_slices": count,
-                           "sha256": info["sha256"], "bytes": info["bytes"]})
-    finally:
-        for r in readers.values():
-            r.close()
-    return _study_entry(study, sums, shards, max(maxima))
+    return [(first, min(per, n - first)) for first in range(0, n, per)]
 
 
-def _study_entry(study: Study, sums: dict[str, str], shards: list[dict], vmax: float) -> dict:
+def convert_shard(study: Study, sums: dict[str, str], k: int, first: int, count: int, out: Path,
+                  opts: Options, report: Report) -> dict:
+    """Write (or, with --resume, reuse) shard ``k`` of a study. Returns its manifest entry."""
+    rel = f"shards/{study.id}-{k:04d}.h5"
+    attrs = _shard_attrs(study, sums, first, count, opts)
+    info = _reusable(out / rel, attrs) if opts.resume else None
+    if info is not None:
+        report(count)
+    else:
+        readers = {role: SinogramReader(spec) for role, spec in study.specs.items()}
+        try:
+            info = _write_shard(study, readers, out / rel, first, count, attrs, opts, report)
+        finally:
+            for r in readers.values():
+                r.close()
+    return {"path": rel, "first_slice": first, "num_slices": count, "sha256": info["sha256"],
+            "bytes": info["bytes"], "max": info["max"].get("target", 0.0)}
+
+
+def convert_study(study: Study, out: Path, opts: Options, report: Report) -> dict:
+    """All shards of a study, one after the other. Returns the study's manifest entry."""
+    sums = hash_sources(study)
+    shards = [convert_shard(study, sums, k, first, count, out, opts, report)
+              for k, (first, count) in enumerate(shard_ranges(study, opts))]
+    return _study_entry(study, sums, shards)
+
+
+def _study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict:
     t = study.target
+    vmax = max(sh.pop("max") for sh in shards)
     entry = {"id": study.id, "source": str(t.source.resolve()), "kind": t.kind, "sha256": sums["target"],
              "num_slices": t.num_slices, "slice_shape": list(t.slice_shape), "dtype": t.dtype.newbyteorder("=").name,
              "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
@@ -324,8 +338,8 @@ def _init_worker(queue) -> None:
     _QUEUE = queue
 
 
-def _worker(study: Study, out: Path, opts: Options) -> dict:
-    return convert_study(study, out, opts, _QUEUE.put)
+def _shard_task(*args) -> dict:
+    return convert_shard(*args, _QUEUE.put)
 
 
 def _drain(queue, bar: Progress) -> None:
@@ -333,25 +347,40 @@ def _drain(queue, bar: Progress) -> None:
         bar.update(queue.get())
 
 
+def _gather(pool, queue, bar: Progress, futures: list) -> list:
+    """Results of ``futures`` in order, feeding the progress bar; the first error cancels the rest."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+        _drain(queue, bar)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise failed[0].exception()
+    _drain(queue, bar)
+    return [f.result() for f in futures]
+
+
 def _run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar: Progress) -> list[dict]:
+    """Worker processes share the shards of all studies (one big file is converted in parallel
+    too): first the source checksums, then every shard, largest study first."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")  # fresh interpreters: no inherited HDF5 state
     queue = ctx.Queue()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        largest_first = sorted(range(len(studies)), key=lambda i: -studies[i].nbytes)
-        futures = {i: pool.submit(_worker, studies[i], out, opts) for i in largest_first}
-        pending = set(futures.values())
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            _drain(queue, bar)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise failed[0].exception()
-        _drain(queue, bar)
-        return [futures[i].result() for i in range(len(studies))]
+        sums = _gather(pool, queue, bar, [pool.submit(hash_sources, s) for s in studies])
+        tasks = [(i, k, first, count) for i in sorted(range(len(studies)), key=lambda i: -studies[i].nbytes)
+                 for k, (first, count) in enumerate(shard_ranges(studies[i], opts))]
+        futures = [pool.submit(_shard_task, studies[i], sums[i], k, first, count, out, opts)
+                   for i, k, first, count in tasks]
+        shards: dict[int, list] = {i: [] for i in range(len(studies))}
+        for (i, _, _, _), entry in zip(tasks, _gather(pool, queue, bar, futures)):
+            shards[i].append(entry)  # tasks of one study are in shard order
+    return [_study_entry(s, sums[i], shards[i]) for i, s in enumerate(studies)]
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -430,8 +459,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     prepare_output(out, args.resume, args.overwrite)
     with _progress(studies, args.quiet, "convert") as bar:
-        if args.workers > 1 and len(studies) > 1:
-            entries = _run_pool(studies, out, opts, min(args.workers, len(studies)), bar)
+        if args.workers > 1:
+            entries = _run_pool(studies, out, opts, args.workers, bar)
         else:
             entries = [convert_study(s, out, opts, bar.update) for s in studies]
     write_manifest(out, studies, entries, _options(args))

@@ -92,7 +92,7 @@ class ShardWriter:
                     dset[...] = slab
                 else:
                     dset[start:start + len(slab)] = slab
-                self._hash[name].update(slab.tobytes())
+                self._hash[name].update(slab)
                 if name in ("target", "input") and slab.size:
                     self._max[name] = max(self._max.get(name, -np.inf), float(slab.max()))
         except OSError as exc:
@@ -156,9 +156,9 @@ def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
                 h = hashlib.sha256()
                 if dset.ndim == 3 and len(dset) > slab:  # bounded memory for big shards
                     for k in range(0, len(dset), slab):
-                        h.update(_le(dset[k:k + slab]).tobytes())
+                        h.update(_le(dset[k:k + slab]))
                 else:
-                    h.update(_le(dset[()]).tobytes())
+                    h.update(_le(dset[()]))
                 if h.hexdigest() != want:
                     return False, f"dataset {name!r}: checksum mismatch"
     except (OSError, KeyError) as exc:
