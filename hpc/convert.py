@@ -106,7 +106,7 @@ def _open_source(path: str, args: argparse.Namespace) -> SinogramSpec:
 
 def _study_id(path: Path, taken: set[str]) -> str:
     name = path.name
-    for suffix in (".s.hdr", ".mhdr", ".hs", ".hdr", ".s", ".raw", ".bin", ".v"):
+    for suffix in (".s.hdr", ".mhdr", ".hs", ".hdr", ".s", ".raw", ".bin"):
         if name.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
@@ -294,7 +294,7 @@ def _study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict
     return entry
 
 
-def write_manifest(out: Path, studies: list[Study], entries: list[dict], options: dict) -> Path:
+def write_manifest(out: Path, entries: list[dict], options: dict) -> Path:
     scanners = {e["scanner"] for e in entries}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"hpc {__version__}",
@@ -424,19 +424,17 @@ def _run_mpi(studies: list[Study], out: Path, opts: Options, args: argparse.Name
         mine = balance([s.nbytes for s in studies], size)[rank]
         with _progress([studies[i] for i in mine], args.quiet or rank != 0, f"convert rank {rank}/{size}") as bar:
             result = _attempt(lambda: {i: convert_study(studies[i], out, opts, bar.update) for i in mine})
-    comm.Barrier()
-    results = comm.gather(result, root=0)
+    results = comm.gather(result, root=0)  # the barrier: rank 0 goes on once every rank is done
+    error = None
     if rank == 0:
-        errors = [e for _, e in results if e]
-        if not errors:
+        error = next((e for _, e in results if e), None)
+        if error is None:
             merged = {i: entry for done, _ in results for i, entry in done.items()}
             entries = [merged[i] for i in range(len(studies))]
-            errors = [_attempt(lambda: write_manifest(out, studies, entries, _options(args)))[1]]
-            errors = [e for e in errors if e]
-            if not errors:
-                print(_summary(out, entries, time.perf_counter() - t0), flush=True)
-        error = errors[0] if errors else None
-    error = comm.bcast(error if rank == 0 else None, root=0)
+            error = _attempt(lambda: write_manifest(out, entries, _options(args)))[1]
+        if error is None:
+            print(_summary(out, entries, time.perf_counter() - t0), flush=True)
+    error = comm.bcast(error, root=0)
     if error is not None and rank == 0:
         raise HpcError(error)
     return 0 if error is None else HpcError.exit_code
@@ -463,6 +461,6 @@ def run(args: argparse.Namespace) -> int:
             entries = _run_pool(studies, out, opts, args.workers, bar)
         else:
             entries = [convert_study(s, out, opts, bar.update) for s in studies]
-    write_manifest(out, studies, entries, _options(args))
+    write_manifest(out, entries, _options(args))
     print(_summary(out, entries, time.perf_counter() - t0), flush=True)
     return 0
