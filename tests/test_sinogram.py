@@ -144,6 +144,18 @@ def test_sinogram_writer_keeps_layout_header_and_adds_comment(tmp_path):
         [t for t in src.read_text().splitlines() if "data file" not in t]
 
 
+def test_sinogram_writer_rounds_and_clips_floats_into_integer_files(tmp_path):
+    spec = read_header(write_sinogram(tmp_path / "a", np.zeros((1, 2, V, X), "<u2")))
+    pred = np.full((2, V, X), 2.6, np.float32)
+    pred[1] = -3.0  # a model can predict negative counts; uint16 must not wrap to 65533
+    pred[1, 0, 0] = 1e6
+    with SinogramWriter(spec, tmp_path / "b.s.hdr", "x") as w:
+        w.write(0, pred)
+        header = w.commit()
+    got = _read_all(read_header(header))
+    assert (got[0] == 3).all() and (got[1].ravel()[1:] == 0).all() and got[1, 0, 0] == 65535
+
+
 def test_sinogram_writer_refuses_incomplete_and_leaves_nothing(tmp_path):
     data = np.ones((4, V, X), "<u2")
     spec = read_header(write_sinogram(tmp_path / "a", data))

@@ -354,7 +354,8 @@ class SinogramWriter:
     """Stream slices into a new file with the layout, dtype, byte order and header of ``spec``.
 
         with SinogramWriter(spec, "out/repaired.s.hdr", "repaired by hpc predict (ckpt ...)") as w:
-            w.write(0, slices)          # (n, V, X) in canonical order, any order of calls
+            w.write(0, slices)          # (n, V, X) canonical order, any order of calls; floats
+                                        # into an integer file are rounded and clipped
             w.commit()                  # data renamed into place, then the header
 
     The header is the source's text with the data file name replaced and a ``;`` comment line
@@ -393,6 +394,9 @@ class SinogramWriter:
                              f"got {slices.shape}")
         stop = start + len(slices)
         _check_range(self.spec, start, stop)
+        if self.spec.dtype.kind in "iu" and slices.dtype.kind == "f":
+            info = np.iinfo(self.spec.dtype)  # float predictions -> counts: round, never wrap around
+            slices = np.clip(np.rint(slices), info.min, info.max)
         for first, block in self._blocks:
             lo, hi = max(start, first), min(stop, first + len(block))
             if lo < hi:
