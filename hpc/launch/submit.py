@@ -1,0 +1,157 @@
+"""Submit one training job to Slurm with submitit; preempted jobs requeue and resume by themselves.
+
+One task per GPU (tasks_per_node = gpus_per_node; `--tasks-per-node` for CPU jobs). On USR2 (time
+limit or preemption) the trainer writes a checkpoint and stops, submitit requeues the job, and the
+next attempt resumes from the newest checkpoint in train.run_dir: a run longer than --time finishes
+in several attempts without anyone watching. Launch flags override the config's `launch` section;
+trailing `section.key=value` arguments override any other key.
+
+example:
+  hpc submit --config configs/dgx.yaml --nodes 2 --gpus-per-node 8 --partition batch \\
+      --account proj --time 240 train.run_dir=runs/unet-a optim.lr=3e-4
+  hpc submit --config configs/tiny.yaml --cluster local --tasks-per-node 2 --wait
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from hpc.config import Config, from_dict, load_config, to_dict
+from hpc.errors import EXIT_REQUEUE, ConfigError
+
+# CLI flag -> (launch.<key>, type, help). Shared by `hpc submit`, `hpc sweep` and `hpc sbatch`.
+LAUNCH_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--cluster": ("cluster", str, "slurm | local (submitit's local executor) | debug (in-process)"),
+    "--nodes": ("nodes", int, "number of nodes"),
+    "--gpus-per-node": ("gpus_per_node", int, "GPUs per node; one task per GPU (0 = CPU job)"),
+    "--tasks-per-node": ("tasks_per_node", int, "tasks per node (default: gpus per node, or 1)"),
+    "--cpus-per-task": ("cpus_per_task", int, "CPU cores per task (data loader workers + 1)"),
+    "--mem-gb": ("mem_gb", int, "memory per node in GB (0 = the partition's default)"),
+    "--partition": ("partition", str, "Slurm partition"),
+    "--account": ("account", str, "Slurm account"),
+    "--qos": ("qos", str, "Slurm QOS"),
+    "--constraint": ("constraint", str, "Slurm node constraint (e.g. dgxa100)"),
+    "--time": ("time_min", int, "time limit per attempt, minutes"),
+    "--signal-delay": ("signal_delay_s", int, "seconds before the limit at which USR2 is sent"),
+    "--container": ("container", str, "pyxis/enroot image (.sqsh or registry) the tasks run in"),
+    "--log-dir": ("log_dir", str, "directory for submitit's pickles and the job logs"),
+    "--max-requeues": ("max_requeues", int, "give up after this many time-limit requeues"),
+}
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, (key, tp, help_) in LAUNCH_FLAGS.items():
+        parser.add_argument(flag, dest=f"launch_{key}", type=tp, default=None, metavar=key.upper(),
+                            help=f"{help_} [launch.{key}]")
+
+
+def launch_overrides(args: argparse.Namespace) -> list[str]:
+    """The launch flags that were given, as `launch.key=value` overrides (recorded in the config)."""
+    out = []
+    for key, _, _ in LAUNCH_FLAGS.values():
+        value = getattr(args, f"launch_{key}")
+        if value is not None:
+            out.append(f"launch.{key}={value}")
+    return out
+
+
+def tasks_per_node(cfg: Config) -> int:
+    return cfg.launch.tasks_per_node or max(1, cfg.launch.gpus_per_node)
+
+
+class TrainJob:
+    """What submitit runs in every task: launch env -> `hpc.train.train(cfg)`.
+
+    Checkpointable: submitit's USR2 handler calls `checkpoint()`, which resubmits this same object
+    (the config as a plain dict, no model state): the trainer itself resumes from train.run_dir.
+    """
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def __call__(self) -> dict:
+        from hpc.launch.env import setup_torch_env
+        from hpc.train import train
+
+        # submitit's checkpoint-and-requeue handler; train() replaces it with its own USR2 handler
+        requeue = signal.getsignal(signal.SIGUSR2)
+        setup_torch_env()
+        try:
+            return train(from_dict(self.config))
+        except SystemExit as exc:
+            if exc.code != EXIT_REQUEUE or not callable(requeue):
+                raise
+            # The trainer checkpointed on USR2 and stopped. Hand over to submitit: on rank 0 it
+            # calls checkpoint(), runs `scontrol requeue` and exits; other ranks just leave.
+            requeue(signal.SIGUSR2, None)
+            raise
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def make_executor(cfg: Config, name: str):
+    """A submitit executor with the config's launch settings (slurm, local or debug)."""
+    import submitit
+
+    launch = cfg.launch
+    if launch.cluster not in ("slurm", "local", "debug"):
+        raise ConfigError(f"launch.cluster={launch.cluster!r}: expected slurm, local or debug")
+    if launch.cluster != "slurm" and launch.nodes != 1:
+        raise ConfigError(f"launch.nodes={launch.nodes}: --cluster {launch.cluster} runs on one node")
+    kwargs = {"slurm_max_num_timeout": launch.max_requeues}
+    if launch.container:
+        kwargs["slurm_python"] = "python3"  # the container's interpreter, not this venv's
+    executor = submitit.AutoExecutor(folder=launch.log_dir, cluster=launch.cluster, **kwargs)
+    params = dict(name=name, nodes=launch.nodes, tasks_per_node=tasks_per_node(cfg),
+                  cpus_per_task=launch.cpus_per_task, timeout_min=launch.time_min,
+                  slurm_signal_delay_s=launch.signal_delay_s)
+    if launch.gpus_per_node:
+        params["gpus_per_node"] = launch.gpus_per_node
+    if launch.mem_gb:
+        params["mem_gb"] = launch.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(launch, key):
+            params[f"slurm_{key}"] = getattr(launch, key)
+    if launch.container:
+        cwd = os.getcwd()  # run dirs, logs and data are given relative to it: mount it in place
+        params["slurm_srun_args"] = [f"--container-image={launch.container}",
+                                     f"--container-mounts={cwd}:{cwd}", f"--container-workdir={cwd}"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/tiny.yaml)")
+    add_launch_arguments(parser)
+    parser.add_argument("--name", default="", help="job name (default: the run dir's name)")
+    parser.add_argument("--wait", action="store_true",
+                        help="block until the job ends; exit non-zero if it failed")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])
+    name = args.name or Path(cfg.train.run_dir).name or "hpc"
+    Path(cfg.launch.log_dir).mkdir(parents=True, exist_ok=True)
+    job = make_executor(cfg, name).submit(TrainJob(to_dict(cfg)))
+    tasks = cfg.launch.nodes * tasks_per_node(cfg)
+    print(f"submitted job {job.job_id} ({cfg.launch.cluster}: {cfg.launch.nodes} node(s) x "
+          f"{tasks_per_node(cfg)} task(s) = {tasks})")
+    print(f"  run dir: {cfg.train.run_dir}")
+    print(f"  stdout:  {job.paths.stdout}".replace("%t", "0"))
+    print(f"  stderr:  {job.paths.stderr}".replace("%t", "0"))
+    if cfg.launch.cluster == "slurm":
+        print(f"  follow:  tail -f {job.paths.stdout}".replace("%t", "0")
+              + f"   |   squeue -j {job.job_id}   |   sacct -j {job.job_id}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    results = job.results()  # one per task; raises submitit's FailedJobError with the traceback
+    print(f"job {job.job_id} finished: {results[0]}")
+    return 0
