@@ -101,7 +101,7 @@ def render(template: str, cfg: Config, job: Job) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", "-t", required=True, choices=TEMPLATES,
                         help="which launch/*.sbatch to render")
-    parser.add_argument("--config", required=True, help="training config YAML, relative to --workdir")
+    parser.add_argument("--config", required=True, help="training config YAML (as the job sees it from --workdir)")
     parser.add_argument("--print", action="store_true", help="print the script, do not submit")
     parser.add_argument("--name", default="", help="job name (default: the run dir's name)")
     parser.add_argument("--workdir", default="", help="directory the job runs in (default: here)")
@@ -115,9 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     workdir = os.path.abspath(args.workdir or os.getcwd())
-    config = Path(args.config)
-    cfg = load_config(config if config.is_absolute() else Path(workdir) / config,
-                      [*args.overrides, *launch_overrides(args)])
+    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
     job = Job(config=args.config, overrides=args.overrides, name=name, workdir=workdir,
               image=args.image, venv=args.venv, mounts=args.mounts, stage_to=args.stage_to)
