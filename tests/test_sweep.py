@@ -1,0 +1,69 @@
+"""`hpc sweep`: members from grid x random search, the sweep file's errors, and (on the real Slurm
+cluster, with the real trainer) a 3-member job array whose `hpc sweep status` shows every member
+done."""
+from __future__ import annotations
+
+import pytest
+from conftest import run_hpc
+
+from hpc.errors import ConfigError
+from hpc.launch.sweep import expand, load_sweep
+
+
+def test_grid_is_the_cartesian_product():
+    members = expand({"grid": {"optim.lr": [1e-3, 1e-4], "loss.msssim": [0.0, 0.5, 1.0]}}, "s.yaml")
+    assert len(members) == 6
+    assert {(m["optim.lr"], m["loss.msssim"]) for m in members} == {
+        (lr, w) for lr in (1e-3, 1e-4) for w in (0.0, 0.5, 1.0)}
+
+
+def test_random_draws_are_seeded_and_within_their_ranges():
+    spec = {"grid": {"model.name": ["unet", "light"]},
+            "random": {"trials": 5, "seed": 3, "space": {
+                "optim.lr": {"loguniform": [1e-4, 1e-2]}, "loss.l1": {"uniform": [0.5, 1.0]},
+                "model.base": {"choice": [16, 32]}, "data.context": {"randint": [1, 3]}}}}
+    members = expand(spec, "s.yaml")
+    assert len(members) == 10 and members == expand(spec, "s.yaml")
+    assert members != expand({**spec, "random": {**spec["random"], "seed": 4}}, "s.yaml")
+    for m in members:
+        assert 1e-4 <= m["optim.lr"] <= 1e-2 and 0.5 <= m["loss.l1"] <= 1.0
+        assert m["model.base"] in (16, 32) and m["data.context"] in (1, 2, 3)
+    assert [m["model.name"] for m in members] == ["unet"] * 5 + ["light"] * 5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"grid": {"launch.nodes": [1, 2]}}, "cannot sweep over 'launch.nodes'"),
+    ({"grid": {"lr": [1, 2]}}, "cannot sweep over 'lr'"),
+    ({"random": {"space": {"optim.lr": {"normal": [0, 1]}}}}, "random.space.optim.lr: expected one of"),
+])
+def test_bad_sweep_keys_are_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        expand(spec, "s.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: a\nconfig: c.yaml\n", "nothing to sweep"),
+    ("config: c.yaml\ngrid: {optim.lr: [1]}\n", "`name` is required"),
+    ("name: a\nconfig: c.yaml\ngird: {optim.lr: [1]}\n", "unknown keys \\['gird'\\]"),
+])
+def test_bad_sweep_files_are_refused(tmp_path, text, message):
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(tmp_path / "s.yaml")
+
+
+def test_dry_run_lists_members_and_submits_nothing(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  samples: 64\n")
+    (tmp_path / "s.yaml").write_text("name: lr\nconfig: c.yaml\ngrid: {optim.lr: [0.1, 0.01]}\n")
+    r = run_hpc("sweep", "s.yaml", "--dry-run", "--cluster", "local", cwd=tmp_path, check=True)
+    assert "would submit sweep lr: 2 members (local)" in r.stdout
+    assert "000" in r.stdout and "optim.lr=0.01" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_of_a_directory_without_a_sweep_is_one_line_error(tmp_path):
+    r = run_hpc("sweep", "status", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().endswith("no sweep.json (not a sweep directory)")
+    (tmp_path / "sweep.json").write_text("{")
+    r = run_hpc("sweep", "status", str(tmp_path))
+    assert r.returncode == 2 and "sweep.json: unreadable" in r.stderr
