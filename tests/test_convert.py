@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -36,8 +35,7 @@ def study_arrays(out: Path, study: int = 0) -> dict[str, np.ndarray]:
         with h5py.File(out / shard["path"], "r") as f:
             for name, d in f.items():
                 parts.setdefault(name, []).append(d[()])
-    return {k: (np.concatenate(v) if v[0].ndim and k != "mask" or v[0].ndim == 3 else v[0])
-            for k, v in parts.items()}
+    return {k: v[0] if v[0].ndim == 2 else np.concatenate(v) for k, v in parts.items()}  # (V, X) mask: shared
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
