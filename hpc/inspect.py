@@ -145,8 +145,12 @@ def render_png(path: Path, png: Path, study_id: str, n: int) -> Path:
     data, title = slices_for_png(path, study_id, n)
     roles = [r for r in ("target", "input", "mask") if r in data]
     cols = len(data["label"])
-    fig, axes = plt.subplots(len(roles), cols, squeeze=False, figsize=(3.4 * cols, 3.0 * len(roles)),
-                             layout="constrained")
+    # fixed margins in inches: a layout engine (constrained/tight) triples the rendering time
+    width, height = 3.6 * cols + 0.3, 3.2 * len(roles) + 0.6
+    fig, axes = plt.subplots(len(roles), cols, squeeze=False, figsize=(width, height),
+                             gridspec_kw={"hspace": 0.5, "wspace": 0.3, "left": 0.55 / width,
+                                          "right": 1 - 0.1 / width, "bottom": 0.45 / height,
+                                          "top": 1 - 0.85 / height})
     for row, role in enumerate(roles):
         for col, img in enumerate(data[role]):
             ax = axes[row][col]
