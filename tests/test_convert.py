@@ -280,3 +280,21 @@ def test_disk_full_is_a_clear_error_with_nothing_partial(tmp_path, capsys, tiny_
     assert len(err.strip().splitlines()) == 1
     assert not (tiny_disk / "ds" / "manifest.json").exists()
     assert not [p for p in (tiny_disk / "ds" / "shards").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_with_other_options_rewrites_the_shards(tmp_path, capsys):
+    write_sinogram(tmp_path / "a", np.random.default_rng(7).integers(0, 99, (6, V, X)).astype("<u2"))
+    args = [tmp_path / "a.s.hdr", "-o", tmp_path / "ds", "--shard-slices", "3"]
+    assert convert(capsys, *args, "--compression", "lzf")[0] == 0
+    assert convert(capsys, *args, "--compression", "none", "--resume")[0] == 0
+    for shard in Dataset.open(tmp_path / "ds").studies[0].shards:
+        with h5py.File(shard.path, "r") as f:
+            assert f["target"].compression is None and f.attrs["compression"] == "none"
+
+
+def test_progress_reports_slices_and_throughput_in_logs(tmp_path):
+    write_sinogram(tmp_path / "a", np.zeros((7, V, X), "<u2"))
+    r = run_hpc("convert", tmp_path / "a.s.hdr", "-o", tmp_path / "ds", check=True)
+    last = r.stderr.strip().splitlines()[-1]  # not a terminal: plain lines, no bar
+    assert "7/7 slices (100%)" in last and "MB/s" in last and "\r" not in r.stderr
+    assert "1 studies, 7 slices, 1 shards" in r.stdout
