@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from hpc.config import Config, from_dict, load_config, to_dict
 from hpc.errors import EXIT_REQUEUE, ConfigError
@@ -40,6 +41,7 @@ LAUNCH_FLAGS: dict[str, tuple[str, type, str]] = {
     "--log-dir": ("log_dir", str, "directory for submitit's pickles and the job logs"),
     "--max-requeues": ("max_requeues", int, "give up after this many time-limit requeues"),
 }
+T = TypeVar("T")
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +64,28 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.launch.tasks_per_node or max(1, cfg.launch.gpus_per_node)
 
 
+def requeue_on_exit75(fn: Callable[[], T]) -> T:
+    """Run `fn` in a submitit task; when it stops with EXIT_REQUEUE (the trainer caught USR2 or
+    SIGTERM and wrote a checkpoint), hand over to submitit's own USR2 handler, which on rank 0
+    calls the callable's checkpoint(), runs `scontrol requeue` and exits; other ranks just leave."""
+    requeue = signal.getsignal(signal.SIGUSR2)  # submitit's, before fn installs its own
+    try:
+        return fn()
+    except SystemExit as exc:
+        if exc.code != EXIT_REQUEUE or not callable(requeue):
+            raise
+        for sig in (signal.SIGUSR2, signal.SIGTERM):  # a second signal must not requeue twice
+            signal.signal(sig, signal.SIG_IGN)
+        requeue(signal.SIGUSR2, None)
+        raise
+
+
 class TrainJob:
     """What submitit runs in every task: launch env -> `hpc.train.train(cfg)`.
 
-    Checkpointable: submitit's USR2 handler calls `checkpoint()`, which resubmits this same object
-    (the config as a plain dict, no model state): the trainer itself resumes from train.run_dir.
+    Checkpointable: submitit calls `checkpoint()` on preemption or time limit, which resubmits this
+    same object (the config as a plain dict, no model state): the trainer itself resumes from the
+    newest checkpoint in train.run_dir.
     """
 
     def __init__(self, config: dict):
@@ -76,18 +95,8 @@ class TrainJob:
         from hpc.launch.env import setup_torch_env
         from hpc.train import train
 
-        # submitit's checkpoint-and-requeue handler; train() replaces it with its own USR2 handler
-        requeue = signal.getsignal(signal.SIGUSR2)
         setup_torch_env()
-        try:
-            return train(from_dict(self.config))
-        except SystemExit as exc:
-            if exc.code != EXIT_REQUEUE or not callable(requeue):
-                raise
-            # The trainer checkpointed on USR2 and stopped. Hand over to submitit: on rank 0 it
-            # calls checkpoint(), runs `scontrol requeue` and exits; other ranks just leave.
-            requeue(signal.SIGUSR2, None)
-            raise
+        return requeue_on_exit75(lambda: train(from_dict(self.config)))
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -138,20 +147,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
-    Path(cfg.launch.log_dir).mkdir(parents=True, exist_ok=True)
     job = make_executor(cfg, name).submit(TrainJob(to_dict(cfg)))
-    tasks = cfg.launch.nodes * tasks_per_node(cfg)
-    print(f"submitted job {job.job_id} ({cfg.launch.cluster}: {cfg.launch.nodes} node(s) x "
-          f"{tasks_per_node(cfg)} task(s) = {tasks})")
+    launch = cfg.launch
+    print(f"submitted job {job.job_id} ({launch.cluster}: {launch.nodes} node(s) x "
+          f"{tasks_per_node(cfg)} task(s))")
     print(f"  run dir: {cfg.train.run_dir}")
-    print(f"  stdout:  {job.paths.stdout}".replace("%t", "0"))
-    print(f"  stderr:  {job.paths.stderr}".replace("%t", "0"))
-    if cfg.launch.cluster == "slurm":
-        print(f"  follow:  tail -f {job.paths.stdout}".replace("%t", "0")
-              + f"   |   squeue -j {job.job_id}   |   sacct -j {job.job_id}")
+    print(f"  stdout:  {job.paths.stdout}")
+    print(f"  stderr:  {job.paths.stderr}")
+    if launch.cluster == "slurm":
+        print(f"  follow:  tail -f {job.paths.stdout}   |   squeue -j {job.job_id}   |   sacct -j {job.job_id}")
     sys.stdout.flush()
     if not args.wait:
         return 0
-    results = job.results()  # one per task; raises submitit's FailedJobError with the traceback
+    import submitit
+
+    try:
+        results = job.results()  # one per task (rank 0's first)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+        last = str(exc).strip().splitlines()[-1:] or ["(no message)"]
+        print(f"hpc submit: job {job.job_id} failed: {last[0]} (see {job.paths.stderr})", file=sys.stderr)
+        return 1
     print(f"job {job.job_id} finished: {results[0]}")
     return 0

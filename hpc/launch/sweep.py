@@ -125,7 +125,6 @@ def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
         return record
     if (sweep_dir / "sweep.json").exists():
         raise ConfigError(f"{sweep_dir}: a sweep is already recorded there; pick another `name` or `dir`")
-    Path(first.launch.log_dir).mkdir(parents=True, exist_ok=True)
     executor = make_executor(first, spec["name"])
     executor.update_parameters(slurm_array_parallelism=first.launch.max_parallel)
     with executor.batch():  # one Slurm job array

@@ -1,0 +1,90 @@
+"""`hpc submit` on the real Slurm test cluster: the submitit requeue hand-over, the CLI's errors,
+and (with the real trainer) a 2-task DDP job and a preempted job that resumes to the exact step
+count."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+from conftest import run_hpc
+
+from hpc.config import Config
+from hpc.errors import EXIT_REQUEUE
+from hpc.launch.submit import make_executor, requeue_on_exit75
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # jobs cannot import tests/
+
+
+class Counter(submitit.helpers.Checkpointable):
+    """A stand-in for the trainer with the same signal contract (USR2 -> save -> exit 75), so this
+    test is about the launch layer's hand-over to submitit alone."""
+
+    def __init__(self, state_dir: str, steps: int):
+        self.state_dir, self.steps = Path(state_dir), steps
+
+    def __call__(self) -> int:
+        return requeue_on_exit75(self.count)
+
+    def count(self) -> int:
+        rank = os.environ["SLURM_PROCID"]
+        state = self.state_dir / f"step.{rank}"
+        step = int(state.read_text()) if state.exists() else 0
+        with open(self.state_dir / f"attempts.{rank}", "a") as f:
+            f.write(f"{os.environ.get('SLURM_RESTART_COUNT', '0')} {step}\n")
+        stop = []
+        signal.signal(signal.SIGUSR2, lambda *_: stop.append(1))
+        while step < self.steps:
+            time.sleep(0.1)
+            step += 1
+            if stop:
+                state.write_text(str(step))
+                sys.exit(EXIT_REQUEUE)
+        state.write_text(str(step))
+        return step
+
+
+def _wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+@pytest.mark.slurm
+def test_exit75_hands_over_to_submitit_which_requeues_and_resumes(slurm, tmp_path):
+    cfg = Config()
+    cfg.launch.log_dir, cfg.launch.tasks_per_node, cfg.launch.cpus_per_task = str(tmp_path / "logs"), 2, 1
+    cfg.launch.time_min, cfg.launch.signal_delay_s = 5, 30
+    job = make_executor(cfg, "counter").submit(Counter(str(tmp_path), steps=60))
+    _wait_for(tmp_path / "attempts.1")
+    time.sleep(1)
+    job._interrupt(timeout=True)  # USR2 to the tasks, as Slurm sends it before the time limit
+    assert job.results() == [60, 60]
+    for rank in (0, 1):
+        attempts = [ln.split() for ln in (tmp_path / f"attempts.{rank}").read_text().splitlines()]
+        assert [a[0] for a in attempts] == ["0", "1"]  # requeued once by submitit
+        assert 0 < int(attempts[1][1]) < 60  # the second attempt resumed mid-way
+    assert slurm.wait(job.job_id, timeout=30) == "COMPLETED"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cluster", "nowhere"], "launch.cluster='nowhere': expected slurm, local or debug"),
+    (["--cluster", "local", "--nodes", "2"], "--cluster local runs on one node"),
+])
+def test_bad_launch_settings_are_one_line_errors(tmp_path, flags, message):
+    (tmp_path / "c.yaml").write_text("train:\n  samples: 8\n")
+    r = run_hpc("submit", "--config", "c.yaml", *flags, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_override_is_refused_before_submitting(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  samples: 8\n")
+    r = run_hpc("submit", "--config", "c.yaml", "--cluster", "local", "optim.lrr=1", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown key optim.lrr" in r.stderr
+    assert not (tmp_path / "runs").exists()
