@@ -26,7 +26,11 @@ from hpc.io.atomic import atomic_path, atomic_write_text, fsync_dir
 from hpc.io.interfile import (Header, format_header, number_format, numpy_dtype, parse_header,
                               parse_list, rewrite_header)
 
-ORDERS = ("sinogram", "view")
+
+
+def stir_segment_sequence(n: int) -> tuple[int, ...]:
+    """STIR's default storage order of ``n`` segments: 0, -1, +1, -2, +2, ..."""
+    return tuple((k + 1) // 2 * (-1 if k % 2 else 1) for k in range(n))
 
 
 @dataclass(frozen=True)
@@ -73,20 +77,20 @@ class SinogramSpec:
         return tof, np.tile(seg, self.tof_bins), np.tile(axial, self.tof_bins)
 
 
-def _check_data_file(spec: SinogramSpec, exact: bool = True) -> SinogramSpec:
-    where = spec.header_path or spec.data_path
+def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
+    """The data file must exist and hold exactly what the header describes."""
+    dims = f"{spec.tof_bins}x{spec.planes}x{spec.views}x{spec.bins}"
+    if spec.num_slices <= 0 or spec.views <= 0 or spec.bins <= 0 or spec.offset < 0:
+        raise InputError(f"{spec.source}: empty or invalid layout ({dims}, offset {spec.offset})")
     if not spec.data_path.is_file():
-        raise InputError(f"{where}: data file not found: {spec.data_path}")
+        raise InputError(f"{spec.source}: data file not found: {spec.data_path}")
     size = spec.data_path.stat().st_size
     need = spec.offset + spec.nbytes
-    what = (f"{spec.tof_bins}x{spec.planes}x{spec.views}x{spec.bins} {spec.dtype.name} from offset "
-            f"{spec.offset} = {need} bytes")
+    what = f"{dims} {spec.dtype.name} from offset {spec.offset} = {need} bytes"
     if size < need:
         raise InputError(f"{spec.data_path}: data file is truncated: expected {what}, file has {size}")
-    if exact and size != need:
+    if size != need:
         raise InputError(f"{spec.data_path}: header/data size mismatch: expected {what}, file has {size}")
-    if spec.num_slices == 0 or spec.views <= 0 or spec.bins <= 0:
-        raise InputError(f"{where}: empty sinogram ({spec.tof_bins}x{spec.planes}x{spec.views}x{spec.bins})")
     return spec
 
 
@@ -123,7 +127,7 @@ def _stir_segment_numbers(h: Header, n: int) -> tuple[int, ...]:
     holding ring difference 0 is segment 0 and the others are numbered by their ring differences;
     without them, STIR's default storage sequence 0, -1, +1, -2, +2, ..."""
     if h.get("minimum ring difference per segment") is None:
-        return tuple((k + 1) // 2 * (-1 if k % 2 else 1) for k in range(n))
+        return stir_segment_sequence(n)
     lo = h.integers("minimum ring difference per segment")
     hi = h.integers("maximum ring difference per segment")
     if len(lo) != n or len(hi) != n:
@@ -324,9 +328,8 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     axial = tuple(axial_counts or (s,))
     if sum(axial) != s:
         raise ValueError(f"write_sinogram: axial_counts {axial} sum to {sum(axial)}, data has {s} sinograms")
-    default_segments = tuple((k + 1) // 2 * (-1 if k % 2 else 1) for k in range(len(axial)))
     segs = tuple(segments) if segments is not None else (
-        default_segments if fmt == "stir" else tuple(range(len(axial))))
+        stir_segment_sequence(len(axial)) if fmt == "stir" else tuple(range(len(axial))))
     if len(segs) != len(axial):
         raise ValueError(f"write_sinogram: {len(segs)} segments but {len(axial)} axial counts")
     stem = _stem(Path(path))
