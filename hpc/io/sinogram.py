@@ -23,8 +23,8 @@ import numpy as np
 
 from hpc.errors import InputError, OutputError
 from hpc.io.atomic import atomic_path, atomic_write_text, fsync_dir
-from hpc.io.interfile import (Header, format_header, number_format, numpy_dtype, parse_header,
-                              parse_list, rewrite_header)
+from hpc.io.interfile import (Header, format_header, normalize_key, number_format, numpy_dtype,
+                              parse_header, parse_list, rewrite_header)
 
 
 
@@ -336,6 +336,11 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     header = stem.with_name(stem.name + (".s.hdr" if fmt == "siemens" else ".hs"))
     order = "sinogram" if fmt == "siemens" else "view"
     spec = SinogramSpec(data_name(header), data.dtype, 0, t, segs, axial, v, x, order, fmt, header)
+    items = _siemens_items(spec) if fmt == "siemens" else _stir_items(spec)
+    layout_keys = {normalize_key(k) for k, _ in items}
+    clash = [k for k in (fields or {}) if normalize_key(k) in layout_keys]
+    if clash:
+        raise ValueError(f"write_sinogram: fields {clash} would override layout keys")
     with atomic_path(spec.data_path) as tmp, open(tmp, "wb") as fh:
         first = 0
         for _ in range(t):  # one (TOF bin, segment) block at a time, in storage layout
@@ -343,11 +348,6 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
                 block = data[first // s, first % s:first % s + a]  # (a, V, X)
                 fh.write(np.ascontiguousarray(block if order == "sinogram" else block.transpose(1, 0, 2)))
                 first += a
-    items = _siemens_items(spec) if fmt == "siemens" else _stir_items(spec)
-    layout_keys = {k.lstrip("!%").lower() for k, _ in items}
-    clash = [k for k in (fields or {}) if k.lstrip("!%").lower() in layout_keys]
-    if clash:
-        raise ValueError(f"write_sinogram: fields {clash} would override layout keys")
     items += [(k, val) for k, val in (fields or {}).items()] + [("!END OF INTERFILE", "")]
     atomic_write_text(header, format_header(items))
     return header
