@@ -379,6 +379,8 @@ def _run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar:
         shards: dict[int, list] = {i: [] for i in range(len(studies))}
         for (i, _, _, _), entry in zip(tasks, _gather(pool, queue, bar, futures)):
             shards[i].append(entry)  # tasks of one study are in shard order
+        while bar.n < sum(s.target.num_slices for s in studies):  # counts may trail the results
+            bar.update(queue.get(timeout=10))
     return [_study_entry(s, sums[i], shards[i]) for i, s in enumerate(studies)]
 
 

@@ -298,3 +298,9 @@ def test_progress_reports_slices_and_throughput_in_logs(tmp_path):
     last = r.stderr.strip().splitlines()[-1]  # not a terminal: plain lines, no bar
     assert "7/7 slices (100%)" in last and "MB/s" in last and "\r" not in r.stderr
     assert "1 studies, 7 slices, 1 shards" in r.stdout
+
+
+def test_workers_progress_counts_every_slice(tmp_path):
+    sources = [write_sinogram(tmp_path / f"s{k}", np.zeros((9, V, X), "<u2")) for k in range(2)]
+    r = run_hpc("convert", *sources, "-o", tmp_path / "ds", "--workers", "2", "--shard-slices", "2", check=True)
+    assert "18/18 slices (100%)" in r.stderr.strip().splitlines()[-1]

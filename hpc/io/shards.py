@@ -54,7 +54,7 @@ def _is_enospc(exc: OSError) -> bool:
 
 
 class ShardWriter:
-    """Write one shard: ``n`` slices of one study, in slabs, to a temporary file, then
+    """Write one shard (slices of one study) in slabs to a temporary file, then
     verify and rename. ``arrays`` maps dataset name -> (shape, dtype); ``attrs`` are root
     attributes. Leaving the ``with`` block without ``commit()`` removes the temporary file."""
 
