@@ -81,8 +81,17 @@ def inspect_dataset(root: Path, verify: bool) -> tuple[str, int]:
     return "\n".join(lines), bad
 
 
+def _filters(dset) -> str:
+    """HDF5 filter names of a dataset (h5py's ``.compression`` does not know plugin filters)."""
+    plist = dset.id.get_create_plist()
+    names = [plist.get_filter(i)[3].decode() for i in range(plist.get_nfilters())]
+    return "+".join(names) or "none"
+
+
 def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
     import h5py
+
+    import hpc.io.shards  # noqa: F401  (registers the blosc filter)
 
     try:
         f = h5py.File(path, "r")
@@ -92,8 +101,7 @@ def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
         lines = [f"shard {path}  ({_mb(path.stat().st_size)} on disk)"]
         lines += [f"  {k} = {v}" for k, v in f.attrs.items() if k != "convert_key"]
         for name, d in f.items():
-            comp = d.compression or "none"
-            lines.append(f"  /{name}: {d.shape} {d.dtype} chunks={d.chunks} compression={comp}")
+            lines.append(f"  /{name}: {d.shape} {d.dtype} chunks={d.chunks} filters={_filters(d)}")
     status = _verify_status(path, None, verify)
     lines.append(f"  checksums: {status}")
     return "\n".join(lines), int(status.startswith("BAD"))

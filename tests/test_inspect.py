@@ -55,10 +55,19 @@ def test_verify_reports_corrupt_and_missing_shards(dataset, capsys):
     assert "2 shard(s) missing or failing checksum verification" in captured.err
 
 
+def test_blosc_shard_summary(tmp_path, capsys):
+    write_sinogram(tmp_path / "a", np.arange(3 * V * X, dtype="<u2").reshape(3, V, X))
+    assert main(["convert", "--quiet", str(tmp_path / "a.s.hdr"), "-o", str(tmp_path / "ds"),
+                 "--compression", "blosc"]) == 0
+    assert main(["inspect", str(tmp_path / "ds" / "shards" / "a-0000.h5"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "/target: (3, 24, 32) uint16 chunks=(1, 24, 32) filters=blosc" in out and "checksums: ok" in out
+
+
 def test_shard_summary(dataset, capsys):
     assert main(["inspect", str(dataset / "ds" / "shards" / "p01-0000.h5"), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "/target: (5, 24, 32) uint16 chunks=(1, 24, 32) compression=lzf" in out
+    assert "/target: (5, 24, 32) uint16 chunks=(1, 24, 32) filters=lzf" in out
     assert "study = p01" in out and "checksums: ok" in out
 
 
