@@ -203,7 +203,7 @@ def status_table(sweep_dir: Path) -> str:
     rows = [("member", "overrides", "state", "samples", "best", "checkpoint")]
     done = 0
     for m in record["members"]:
-        s = run_summary(Path(m["run_dir"]))
+        s = run_summary(sweep_dir / m["id"])  # works from any working directory
         done += s.state == "done"
         # the run dir knows "done"; Slurm knows pending/running/failed (when it answers)
         state = s.state if s.state == "done" else slurm.get(m["job_id"], s.state)
