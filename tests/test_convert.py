@@ -304,3 +304,14 @@ def test_workers_progress_counts_every_slice(tmp_path):
     sources = [write_sinogram(tmp_path / f"s{k}", np.zeros((9, V, X), "<u2")) for k in range(2)]
     r = run_hpc("convert", *sources, "-o", tmp_path / "ds", "--workers", "2", "--shard-slices", "2", check=True)
     assert "18/18 slices (100%)" in r.stderr.strip().splitlines()[-1]
+
+
+def test_balance_splits_files_by_size():
+    from hpc.convert import balance
+
+    sizes = [50, 10, 10, 10, 40, 5, 5]
+    groups = balance(sizes, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))  # each file exactly once
+    loads = [sum(sizes[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= 10 and max(loads) == 50  # the biggest file alone on one rank
+    assert balance([3], 2) == [[0], []]  # more ranks than files: the others idle
