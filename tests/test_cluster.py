@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,12 @@ def test_sbatch_job_completes_and_is_accounted(slurm, tmp_path):
     job = slurm.sbatch(f"#!/bin/bash\n#SBATCH -n 2 -o {out}\nsrun hostname\n")
     assert slurm.wait(job, timeout=60) == "COMPLETED"
     assert out.read_text().split() == [slurm.node, slurm.node]
-    # sacct answers from slurmdbd: submitit's job states depend on it
-    acct = slurm.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.split()
-    assert acct == ["COMPLETED"]
+    # sacct answers from slurmdbd (which slurmctld updates asynchronously): submitit's job states
+    # depend on it
+    deadline = time.monotonic() + 30
+    while (acct := slurm.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.split()) != ["COMPLETED"]:
+        assert time.monotonic() < deadline, f"sacct still says {acct}"
+        time.sleep(0.5)
 
 
 def test_failing_job_is_reported_failed(slurm, tmp_path):
