@@ -7,7 +7,7 @@ import pytest
 from conftest import run_hpc
 
 from hpc.errors import ConfigError
-from hpc.launch.sweep import expand, load_sweep
+from hpc.launch.sweep import expand, load_sweep, member_configs
 
 
 def test_grid_is_the_cartesian_product():
@@ -50,6 +50,19 @@ def test_bad_sweep_files_are_refused(tmp_path, text, message):
     (tmp_path / "s.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_sweep(tmp_path / "s.yaml")
+
+
+def test_members_share_the_wandb_group_and_get_their_own_run_dirs(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  samples: 64\nlaunch:\n  max_parallel: 8\n")
+    spec = {"name": "lr", "config": str(tmp_path / "c.yaml"), "fixed": ["optim.name=sgd"],
+            "grid": {"optim.lr": [0.1, 0.01]}, "launch": {"max_parallel": 2, "nodes": 2}}
+    members = member_configs(spec, tmp_path / "lr", ["launch.nodes=3"], "s.yaml")
+    cfgs = [cfg for _, cfg in members]
+    assert [c.optim.lr for c in cfgs] == [0.1, 0.01] and {c.optim.name for c in cfgs} == {"sgd"}
+    assert {c.log.group for c in cfgs} == {"lr"} and [c.log.name for c in cfgs] == ["lr-000", "lr-001"]
+    assert [c.train.run_dir for c in cfgs] == [str(tmp_path / "lr" / "000"), str(tmp_path / "lr" / "001")]
+    assert cfgs[0].launch.max_parallel == 2  # the sweep file's launch section beats the config's
+    assert cfgs[0].launch.nodes == 3  # and command-line flags beat both
 
 
 def test_dry_run_lists_members_and_submits_nothing(tmp_path):
