@@ -1,0 +1,275 @@
+"""Pure batched torch transforms for sinogram batches, on whatever device the batch lives on.
+
+Axes are always ``(B, C, V, X)``: batch, channels (context slices), views (180 degrees), radial
+bins. Physics (docs/ARCHITECTURE.md, DESIGN "Physics"): rotating the object is a cyclic shift along
+views with the radial axis mirrored for the views that wrap past 180 degrees; padding along views
+continues the sinogram the same way; flipping the radial axis mirrors the object.
+
+    pre = Preprocess(cfg, scale=ds.scale)
+    x, state = pre.forward(raw)          # (B, C, V, X) counts -> padded, normalized
+    y = pre.inverse(model(x, m), state)  # cropped back, in counts
+
+Random transforms take a ``torch.Generator`` (or per-sample hash keys) so a batch is reproducible
+from (seed, epoch, position): resuming mid-epoch replays exactly the same corruption/augmentation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hpc.config import AugmentConfig, Config
+
+NORMALIZE = ("max", "scale", "anscombe", "none")
+PAD_BINS = ("zero", "reflect")
+EPS = 1e-8  # the tutorial's x / (max + 1e-8)
+
+
+# ---------------------------------------------------------------- padding
+def _wrapped_views(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (..., V, X) sampled at integer view positions ``src`` (n,) that may lie outside
+    [0, V): an odd number of wraps past 180 degrees mirrors the radial axis."""
+    v = x.shape[-2]
+    wraps = torch.div(src, v, rounding_mode="floor")
+    rows = x.index_select(-2, src.remainder(v))  # (..., n, X)
+    flip = (wraps.remainder(2) == 1).view(-1, 1)  # (n, 1)
+    return torch.where(flip, rows.flip(-1), rows)
+
+
+def pad_views_periodic(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(..., V, X) -> (..., before + V + after, X), continuing the sinogram past 0 and 180 degrees."""
+    if before < 0 or after < 0:
+        raise ValueError(f"pad_views_periodic: negative padding ({before}, {after})")
+    src = torch.arange(-before, x.shape[-2] + after, device=x.device)
+    return _wrapped_views(x, src)
+
+
+def pad_bins(x: torch.Tensor, left: int, right: int, mode: str = "zero", value: float = 0.0) -> torch.Tensor:
+    """(..., V, X) -> (..., V, left + X + right); ``zero`` fills ``value``, ``reflect`` mirrors."""
+    if mode not in PAD_BINS:
+        raise ValueError(f"data.pad_bins must be one of {', '.join(PAD_BINS)}, got {mode!r}")
+    if left == right == 0:
+        return x
+    if mode == "reflect":
+        if max(left, right) >= x.shape[-1]:
+            raise ValueError(f"pad_bins reflect: padding {left},{right} needs more than {x.shape[-1]} bins")
+        flat = x.reshape(-1, *x.shape[-2:]).unsqueeze(1)  # reflect pad wants (N, C, H, W)
+        return F.pad(flat, (left, right, 0, 0), mode="reflect").reshape(*x.shape[:-1], -1)
+    return F.pad(x, (left, right), value=value)
+
+
+def pad_amounts(views: int, bins: int, multiple: int) -> tuple[int, int, int, int]:
+    """(view_before, view_after, bin_left, bin_right) reaching the next multiple, split evenly."""
+    if multiple < 1:
+        raise ValueError(f"pad multiple must be >= 1, got {multiple}")
+    dv, dx = -views % multiple, -bins % multiple
+    return dv // 2, dv - dv // 2, dx // 2, dx - dx // 2
+
+
+def crop(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """Undo padding: (..., V', X') -> (..., V, X)."""
+    v0, v1, x0, x1 = pad
+    return x[..., v0:x.shape[-2] - v1, x0:x.shape[-1] - x1]
+
+
+# ---------------------------------------------------------------- normalization
+def anscombe(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 * torch.sqrt(x.clamp_min(0) + 0.375)
+
+
+def inverse_anscombe(y: torch.Tensor) -> torch.Tensor:
+    """Algebraic inverse (exact for x >= 0)."""
+    return (0.5 * y) ** 2 - 0.375
+
+
+def norm_scale(x: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
+    """Per-sample divisor (B,) for ``normalize``: max over the sample's channels (``max``), the
+    dataset-wide max (``scale``), its Anscombe image (``anscombe``) or 1 (``none``)."""
+    b = x.shape[0]
+    if mode == "max":
+        return x.reshape(b, -1).amax(1).float() + EPS
+    if mode == "scale":
+        return torch.full((b,), float(scale) + EPS, device=x.device)
+    if mode == "anscombe":
+        return torch.full((b,), 2.0 * math.sqrt(max(float(scale), 0.0) + 0.375), device=x.device)
+    if mode == "none":
+        return torch.ones(b, device=x.device)
+    raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {mode!r}")
+
+
+def normalize(x: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
+    """(B, ...) counts -> network scale, with ``norm`` (B,) from ``norm_scale``."""
+    n = norm.view(-1, *([1] * (x.dim() - 1)))
+    return (anscombe(x) if mode == "anscombe" else x) / n
+
+
+def denormalize(y: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
+    n = norm.view(-1, *([1] * (y.dim() - 1)))
+    return inverse_anscombe(y * n) if mode == "anscombe" else y * n
+
+
+# ---------------------------------------------------------------- corruption
+def hash_uniform(seed: int, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Deterministic uniforms (B, n) in [0, 1) from (seed, ids (B,), column): the same slice id
+    always gets the same numbers on any device and in any batch (validation corruption)."""
+    cols = torch.arange(n, device=ids.device, dtype=torch.int64)
+    h = (ids.to(torch.int64).view(-1, 1) * 0x9E3779B1 + cols * 0x85EBCA77 + seed * 0xC2B2AE3D)
+    for mult in (0x7FEB352D, 0x846CA68B):  # integer mixing on 31 bits (stays positive in int64)
+        h = (h ^ (h >> 15)) & 0x7FFFFFFF
+        h = (h * mult) & 0x7FFFFFFF
+    h = h ^ (h >> 16)
+    return (h & 0xFFFFFF).float() / float(1 << 24)
+
+
+def choose_blocks(seed: int, ids: torch.Tensor, n_blocks: int, count: int) -> torch.Tensor:
+    """(B, count) distinct block ids in [0, n_blocks) per sample, a function of (seed, id)."""
+    if not 0 <= count <= n_blocks:
+        raise ValueError(f"corrupt.dead_blocks must be in [0, {n_blocks}], got {count}")
+    return hash_uniform(seed, ids, n_blocks).argsort(dim=1)[:, :count]
+
+
+def dead_block_masks(tmasks: torch.Tensor, blocks_a: torch.Tensor, blocks_b: torch.Tensor,
+                     dead: torch.Tensor, n_trans: int) -> torch.Tensor:
+    """Measured-pixel masks (N, V, X) float (1 = measured) for N sinogram planes.
+
+    tmasks (T, 2, V, X) bool: LORs whose end a / end b lies in transaxial block t.
+    blocks_a, blocks_b (N,): axial block of each plane's ring a / ring b.
+    dead (N, D): dead block ids ``axial_block * n_trans + trans_block`` for each plane's sample.
+    An LOR is lost when the block at either of its ends is dead.
+    """
+    d_ax, d_tr = torch.div(dead, n_trans, rounding_mode="floor"), dead.remainder(n_trans)
+    end_a = tmasks[d_tr, 0] & (d_ax == blocks_a.view(-1, 1)).view(*dead.shape, 1, 1)  # (N, D, V, X)
+    end_b = tmasks[d_tr, 1] & (d_ax == blocks_b.view(-1, 1)).view(*dead.shape, 1, 1)
+    return (~(end_a | end_b).any(dim=1)).float()
+
+
+def thin(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Binomial thinning: each count kept with probability ``p`` (an exact lower-dose acquisition)."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"corrupt.dose must be in (0, 1], got {p}")
+    counts = x.round().clamp_min(0)
+    return torch.binomial(counts, torch.full_like(counts, p), generator=generator)
+
+
+# ---------------------------------------------------------------- augmentation
+def rotate_views(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample's object by ``shift`` (B,) views: out[v] = in[v - s], with the radial
+    axis mirrored where v - s wraps below 0. x (B, C, V, X)."""
+    b, c, v, nx = x.shape
+    src = torch.arange(v, device=x.device).view(1, v) - shift.view(b, 1)  # (B, V), may be < 0
+    wrapped = src < 0
+    rows = torch.gather(x, 2, src.remainder(v).view(b, 1, v, 1).expand(b, c, v, nx))
+    return torch.where(wrapped.view(b, 1, v, 1), rows.flip(-1), rows)
+
+
+def flip_bins(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Mirror the radial axis of the samples where ``flags`` (B,) is true."""
+    return torch.where(flags.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def affine(x: torch.Tensor, deg: torch.Tensor, zoom: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """The tutorial's approximate image rotation (degrees) and zoom (>1 enlarges) per sample
+    (B,), about the centre, zeros outside. Not physical for sinograms: an option only."""
+    rad = deg * math.pi / 180.0
+    cos, sin = torch.cos(rad) / zoom, torch.sin(rad) / zoom
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+@dataclass
+class AugmentParams:
+    """One batch's draws, applied identically to input, target and mask."""
+    shift: torch.Tensor | None  # (B,) views
+    flip: torch.Tensor | None  # (B,) bool
+    deg: torch.Tensor | None  # (B,)
+    zoom: torch.Tensor | None  # (B,)
+
+
+def draw_augment(cfg: AugmentConfig, batch: int, views: int, gen: torch.Generator,
+                 device: torch.device) -> AugmentParams:
+    """Draw each switched-on transform with probability ``cfg.p`` per sample (off = identity)."""
+    def on() -> torch.Tensor:
+        return torch.rand(batch, generator=gen, device=device) < cfg.p
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(batch, generator=gen, device=device)
+
+    shift = flip = deg = zoom = None
+    if cfg.enabled and cfg.rotate_views:
+        shift = torch.randint(0, views, (batch,), generator=gen, device=device) * on()
+    if cfg.enabled and cfg.flip_bins:
+        flip = on()
+    if cfg.enabled and cfg.affine:
+        use = on()
+        deg = torch.where(use, uniform(-cfg.rotate_deg, cfg.rotate_deg), 0.0)
+        zoom = torch.where(use, uniform(*cfg.zoom), 1.0)
+    return AugmentParams(shift, flip, deg, zoom)
+
+
+def apply_augment(x: torch.Tensor, prm: AugmentParams, is_mask: bool = False) -> torch.Tensor:
+    """Apply one batch's draws to x (B, C, V, X); masks are resampled with nearest neighbours
+    and are 1 (measured) outside the field of the affine transform."""
+    if prm.shift is not None:
+        x = rotate_views(x, prm.shift)
+    if prm.flip is not None:
+        x = flip_bins(x, prm.flip)
+    if prm.deg is not None:
+        if is_mask:
+            x = 1.0 - affine(1.0 - x, prm.deg, prm.zoom, mode="nearest")
+        else:
+            x = affine(x, prm.deg, prm.zoom)
+    return x
+
+
+# ---------------------------------------------------------------- preprocessing
+def pad_multiple(cfg: Config) -> int:
+    """data.pad_multiple, or (0) what the configured model needs."""
+    from hpc.models import required_multiple  # late: models imports torch.nn machinery
+    return cfg.data.pad_multiple or required_multiple(cfg.model)
+
+
+@dataclass
+class PreState:
+    """What ``Preprocess.inverse`` needs: per-sample divisors and the padding."""
+    norm: torch.Tensor  # (B,)
+    pad: tuple[int, int, int, int]  # view before/after, bin left/right
+
+
+class Preprocess:
+    """Normalize + pad for training, ``hpc predict`` and ``hpc export`` (one implementation).
+
+    ``forward(raw (B, C, V, X)) -> (x (B, C, V', X'), state)``; ``like(t, state)`` applies the same
+    normalization and padding to the target; ``pad_mask(m, state)`` pads a mask (padded bins are
+    "measured", so padding is never a gap); ``inverse(y, state)`` crops and denormalizes exactly.
+    """
+
+    def __init__(self, cfg: Config, scale: float = 1.0):
+        if cfg.data.normalize not in NORMALIZE:
+            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {cfg.data.normalize!r}")
+        if cfg.data.pad_bins not in PAD_BINS:
+            raise ValueError(f"data.pad_bins must be one of {', '.join(PAD_BINS)}, got {cfg.data.pad_bins!r}")
+        self.mode = cfg.data.normalize
+        self.bins_mode = cfg.data.pad_bins
+        self.scale = float(scale)
+        self.multiple = pad_multiple(cfg)
+
+    def _pad(self, x: torch.Tensor, pad: tuple[int, int, int, int], fill: float = 0.0) -> torch.Tensor:
+        return pad_bins(pad_views_periodic(x, pad[0], pad[1]), pad[2], pad[3], self.bins_mode, fill)
+
+    def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, PreState]:
+        raw = raw.float()
+        state = PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
+        return self.like(raw, state), state
+
+    def like(self, t: torch.Tensor, state: PreState) -> torch.Tensor:
+        return self._pad(normalize(t.float(), self.mode, state.norm), state.pad)
+
+    def pad_mask(self, m: torch.Tensor, state: PreState) -> torch.Tensor:
+        return self._pad(m.float(), state.pad, fill=1.0)
+
+    def inverse(self, y: torch.Tensor, state: PreState) -> torch.Tensor:
+        return denormalize(crop(y, state.pad), self.mode, state.norm)

@@ -1,0 +1,131 @@
+"""``Loader``: one rank's view of a split, iterated as ``Batch``es on the device.
+
+    loader = build_loader(cfg, "train", rank, world, device)
+    loader.load_state_dict(ckpt["loader"])      # resume mid-epoch, exactly
+    for epoch in range(loader.epoch, epochs):
+        loader.set_epoch(epoch)                 # keeps a restored position in that epoch
+        for batch in loader:                    # batch.input (B, C, V', X') ...
+            ...
+            ckpt["loader"] = loader.state_dict()
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hpc.config import Config
+from hpc.data.index import SPLITS, SliceIndex, plan_epoch, split_studies
+from hpc.data.reader import BatchReader, ReadSpec
+from hpc.data.transform import Batch, DeviceTransform
+from hpc.errors import ConfigError
+from hpc.io.shards import Dataset
+
+BACKENDS = ("torch", "dali")
+
+
+class Loader:
+    def __init__(self, cfg: Config, ds: Dataset, split: str, rank: int, world: int, device: torch.device):
+        d = cfg.data
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if d.backend not in BACKENDS:
+            raise ConfigError(f"data.backend must be one of {', '.join(BACKENDS)}, got {d.backend!r}")
+        if d.context < 0 or d.batch_size < 1 or d.workers < 0:
+            raise ConfigError(f"data: context >= 0, batch_size >= 1, workers >= 0 needed "
+                              f"(got {d.context}, {d.batch_size}, {d.workers})")
+        self.cfg, self.split, self.rank, self.world, self.device = cfg, split, rank, world, device
+        self.train = split == "train"
+        ids = [s.id for s in ds.studies]
+        explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
+        self.studies: list[str] = split_studies(ids, d.split, explicit, d.seed)[split]
+        if not self.studies:
+            raise ConfigError(f"{ds.root}: split {split!r} has no studies ({len(ids)} in the dataset, "
+                              f"data.split={d.split})")
+        if d.stage_to:
+            from hpc.data.staging import stage_to
+            ds = Dataset.open(stage_to(ds.root, d.stage_to, self.studies))
+        self.index = SliceIndex(ds)
+        self.runs = self.index.runs([ids.index(s) for s in self.studies], d.run_length, d.context)
+        spec = ReadSpec(d.context, d.edge, cfg.corrupt.paired, cfg.corrupt.use_stored_mask)
+        self.reader = BatchReader(self.index, self.runs, spec)
+        self.transform = DeviceTransform(cfg, self.index, device, self.train)
+        self.lanes = max(1, d.workers)  # fixed by the plan; restored by load_state_dict
+        self.epoch, self.position = 0, 0
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self._bytes = self._windows = 0  # this epoch, for stats()
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(
+                self.runs, epoch=epoch, seed=self.cfg.data.seed, rank=self.rank, world=self.world,
+                batch=self.cfg.data.batch_size, lanes=self.lanes, shuffle=self.train,
+                buffer=self.cfg.data.shuffle_buffer, drop_last=self.train)}
+            if self.train and not self._plans[epoch]:
+                raise ConfigError(f"split {self.split!r}: too few slices for data.batch_size="
+                                  f"{self.cfg.data.batch_size} on {self.world} rank(s)")
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning, unless it is the epoch a restored state is in."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "lanes": self.lanes,
+                "rank": self.rank, "world": self.world, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("world"), state.get("split")) != (self.world, self.split):
+            raise ValueError(f"loader state is for split {state.get('split')!r} on {state.get('world')} "
+                             f"rank(s), not {self.split!r} on {self.world}")
+        self.epoch, self.position, self.lanes = int(state["epoch"]), int(state["position"]), int(state["lanes"])
+        self._plans = {}
+
+    def _raw(self, plan: list[np.ndarray], start: int):
+        if self.cfg.data.backend == "dali":
+            from hpc.data.dali_backend import dali_batches
+            return dali_batches(self.reader, plan, start, self.cfg, self.rank, self.world, self.device,
+                                self.train, self.epoch)
+        from hpc.data.torch_backend import torch_batches
+        return ((raw, None) for raw in torch_batches(self.reader, plan, start, self.cfg.data.workers, self.device))
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan, start = self.plan(self.epoch), self.position
+        if start == 0:
+            self._bytes = self._windows = 0
+        for j, (raw, flipped) in enumerate(self._raw(plan, start), start):
+            self._bytes += int(raw.pop("bytes").sum())
+            self._windows += len(plan[j])
+            batch = self.transform(raw, self.epoch, j, flipped)
+            self.position = j + 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def stats(self) -> dict:
+        """I/O of the current (or just finished) epoch: bytes read from shards per byte of the
+        slices served (centre slices of each stored dataset read)."""
+        ds = self.index.ds
+        per_slice = int(np.prod(ds.slice_shape)) * np.dtype(ds.dtype).itemsize
+        per_slice *= 1 + self.cfg.corrupt.paired
+        served = self._windows * per_slice
+        return {"bytes_read": self._bytes, "bytes_served": served,
+                "amplification": self._bytes / served if served else float("nan")}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> Loader:
+    """The contract in docs/ARCHITECTURE.md (stages the split's shards to ``data.stage_to`` first)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: not set (a dataset directory written by `hpc convert`)")
+    return Loader(cfg, Dataset.open(cfg.data.path), split, rank, world, device or resolve_device(cfg.data.device))

@@ -1,0 +1,121 @@
+"""Reading planned batches from shards: one contiguous h5py read per run, windows cut from it.
+
+A ``BatchReader`` is created in the main process but opens its h5py files lazily, in whichever
+process first reads (each DataLoader / DALI worker after fork gets its own handles). It keeps the
+runs its own future batches still need and drops a run right after its last use, so a worker
+reads every run once per epoch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the blosc filter)
+import numpy as np
+
+from hpc.data.index import Run, SliceIndex, window_ids
+from hpc.errors import InputError
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What to read besides ``target``."""
+    context: int
+    edge: str
+    paired: bool  # stored `input`
+    stored_mask: bool  # stored `mask`
+
+
+class BatchReader:
+    """``read(j) -> dict`` of numpy arrays for batch j of ``plan`` (a list of (b, 2) arrays of
+    (run, centre)): ``target`` (b, C, V, X) float32 (the context stack), ``ids`` (b, C) slice ids,
+    optional ``input`` (b, C, V, X) and ``mask`` (b, C, V, X) uint8, and ``bytes`` read from disk for it."""
+
+    def __init__(self, index: SliceIndex, runs: list[Run], spec: ReadSpec):
+        self.index, self.runs, self.spec = index, runs, spec
+        self.plan: list[np.ndarray] = []
+        self._files: dict[str, h5py.File] = {}
+        self._pid = -1
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._last_use: dict[int, int] = {}
+        self._stride = 1
+        self.bytes_read = 0
+        for name, flag in (("input", spec.paired), ("mask", spec.stored_mask)):
+            missing = [s.id for s in index.ds.studies if flag and not getattr(s, f"has_{name}")]
+            if missing:
+                raise InputError(f"{index.ds.root}: studies {missing} have no stored `{name}` "
+                                 f"(needed by corrupt.{'paired' if name == 'input' else 'use_stored_mask'})")
+
+    def set_plan(self, plan: list[np.ndarray], stride: int) -> None:
+        """A new epoch plan; this process will read batches j, j + stride, ... (one lane)."""
+        self.plan, self._stride = plan, max(1, stride)
+        self._cache.clear()
+        self._last_use.clear()
+
+    def _file(self, path: str) -> h5py.File:
+        if self._pid != os.getpid():  # forked: never reuse the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        if path not in self._files:
+            try:
+                self._files[path] = h5py.File(path, "r")
+            except OSError as exc:
+                raise InputError(f"{path}: cannot open shard: {exc}") from None
+        return self._files[path]
+
+    def _read_run(self, run: Run) -> dict[str, np.ndarray]:
+        """Slices [read_lo, read_hi) of the run's study, across shard boundaries."""
+        study = self.index.ds.studies[run.study]
+        base = int(self.index.offsets[run.study])
+        names = ["target"] + ["input"] * self.spec.paired + ["mask"] * self.spec.stored_mask
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        lo, hi = run.read_lo - base, run.read_hi - base
+        for shard in study.shards:
+            a, b = max(lo, shard.first_slice), min(hi, shard.first_slice + shard.num_slices)
+            if a >= b:
+                continue
+            f = self._file(str(shard.path))
+            sl = slice(a - shard.first_slice, b - shard.first_slice)
+            for name in names:
+                d = f[name]
+                arr = d[sl] if d.ndim == 3 else np.broadcast_to(d[()], (b - a, *d.shape))
+                self.bytes_read += arr.nbytes if d.ndim == 3 else 0
+                parts[name].append(arr)
+        return {n: np.concatenate(p) for n, p in parts.items()}
+
+    def _uses(self, j: int) -> None:
+        """Record, for this process's lane from batch j on, the last batch needing each run."""
+        self._last_use.clear()
+        for jj in range(j, len(self.plan), self._stride):
+            for r in np.unique(self.plan[jj][:, 0]):
+                self._last_use[int(r)] = jj
+
+    def read(self, j: int) -> dict[str, np.ndarray]:
+        pairs = self.plan[j]  # (b, 2): run, centre
+        before = self.bytes_read
+        if int(pairs[0, 0]) not in self._last_use or self._last_use[int(pairs[0, 0])] < j:
+            self._uses(j)  # first batch of this lane in this process (or a resumed position)
+        runs = [self.runs[int(r)] for r in pairs[:, 0]]
+        ids = window_ids(pairs[:, 1], np.array([r.stack_lo for r in runs]),
+                         np.array([r.stack_hi for r in runs]), self.spec.context, self.spec.edge)
+        out: dict[str, list[np.ndarray]] = {}
+        for (r, _), run, row in zip(pairs, runs, ids):
+            if int(r) not in self._cache:
+                self._cache[int(r)] = self._read_run(run)
+            for name, arr in self._cache[int(r)].items():
+                out.setdefault(name, []).append(arr[row - run.read_lo])
+        for r in np.unique(pairs[:, 0]):
+            if self._last_use.get(int(r), j) <= j:
+                self._cache.pop(int(r), None)
+        batch = {n: np.stack(v) for n, v in out.items()}
+        batch["target"] = batch["target"].astype(np.float32)
+        if "input" in batch:
+            batch["input"] = batch["input"].astype(np.float32)
+        batch["ids"] = ids.astype(np.int64)
+        batch["bytes"] = np.int64(self.bytes_read - before)
+        return batch
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

@@ -1,0 +1,251 @@
+"""Loader: index, splits, windows, runs and I/O amplification, epoch plans, resume, staging.
+
+Fixtures are written with plain h5py + json following docs/FORMAT.md (not with hpc.io.shards),
+which keeps the reader honest against the spec. Every target pixel encodes where it came from:
+``value = slice_id * 1000 + view * X + bin`` (float32), so a test can decode any batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpc.config import Config
+from hpc.data import build_loader
+from hpc.data.index import SliceIndex, plan_epoch, split_studies, window_ids
+from hpc.errors import ConfigError, InputError
+from hpc.io.shards import Dataset
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,), axial: tuple[int, ...] = (8,),
+                 tof: int = 1, views: int = 6, bins: int = 8, shard_slices: int = 5, paired: bool = False,
+                 mask: bool = False, scanner: str = "", counts: bool = False, seed: int = 0) -> Path:
+    """A dataset dir per FORMAT.md. ``counts``: uint16 Poisson counts instead of encoded ids."""
+    rng = np.random.default_rng(seed)
+    (root / "shards").mkdir(parents=True)
+    n = tof * sum(axial)
+    entries, shard_list, gid, scale = [], [], 0, 0.0
+    for s in range(studies):
+        if counts:
+            target = rng.poisson(50, size=(n, views, bins)).astype(np.uint16)
+        else:
+            pix = np.arange(views * bins, dtype=np.float32).reshape(views, bins)
+            target = (np.arange(gid, gid + n, dtype=np.float32)[:, None, None] * 1000 + pix)
+        seg = np.repeat(np.tile(np.array(segments, np.int32), tof), np.tile(axial, tof))
+        ax = np.concatenate([np.arange(a, dtype=np.int32) for a in axial] * tof)
+        tf = np.repeat(np.arange(tof, dtype=np.int32), sum(axial))
+        extra = {}
+        if paired:
+            extra["input"] = (target / 2).astype(target.dtype)
+        if mask:
+            extra["mask"] = (rng.random((n, views, bins)) > 0.3).astype(np.uint8)
+        shards = []
+        for k, lo in enumerate(range(0, n, shard_slices)):
+            hi = min(n, lo + shard_slices)
+            rel = f"shards/s{s}-{k:04d}.h5"
+            arrays = {"target": target[lo:hi], "tof": tf[lo:hi], "segment": seg[lo:hi], "axial": ax[lo:hi],
+                      **{name: a[lo:hi] for name, a in extra.items()}}
+            with h5py.File(root / rel, "w") as f:
+                f.attrs.update(format="hpc-sinogram", format_version=1, axes="slice,view,bin", study=f"s{s}")
+                for name, a in arrays.items():
+                    d = f.create_dataset(name, data=a, chunks=(1, views, bins) if a.ndim == 3 else None)
+                    d.attrs["sha256"] = _sha(a)
+            shards.append({"path": rel, "first_slice": lo, "num_slices": hi - lo,
+                           "sha256": {name: _sha(a) for name, a in arrays.items()},
+                           "bytes": (root / rel).stat().st_size})
+            shard_list.append(rel)
+        scale = max(scale, float(target.max()))
+        entries.append({"id": f"s{s}", "source": f"s{s}.s.hdr", "kind": "raw", "sha256": "0" * 64,
+                        "num_slices": n, "slice_shape": [views, bins], "dtype": str(target.dtype),
+                        "tof_bins": tof, "segments": list(segments), "axial_counts": list(axial),
+                        "has_input": paired, "has_mask": mask, "scanner": scanner,
+                        "max": float(target.max()), "shards": shards})
+        gid += n
+    manifest = {"format": "hpc-sinogram", "format_version": 1, "slice_shape": [views, bins],
+                "dtype": entries[0]["dtype"], "scanner": scanner, "scale": scale,
+                "num_slices": gid, "studies": entries, "shards": shard_list}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def loader_cfg(path: Path, **data) -> Config:
+    cfg = Config()
+    cfg.data.path = str(path)
+    cfg.data.device = "cpu"
+    cfg.data.workers = 0
+    cfg.data.batch_size = 4
+    cfg.data.run_length = 4
+    cfg.data.context = 1
+    cfg.data.split = [1.0, 0.0, 0.0]
+    cfg.data.pad_multiple = 1
+    cfg.data.normalize = "none"
+    cfg.corrupt.dead_blocks = 0
+    cfg.augment.enabled = False
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    """Slice ids of encoded pixels (any shape ending in V, X)."""
+    return torch.div(x[..., 0, 0], 1000, rounding_mode="floor").long()
+
+
+def test_index_stacks_follow_manifest_layout(tmp_path):
+    ds = Dataset.open(make_dataset(tmp_path / "d", studies=2, segments=(0, -1, 1), axial=(5, 3, 3), tof=2))
+    idx = SliceIndex(ds)
+    assert idx.num_slices == 2 * 22
+    assert [hi - lo for _, lo, hi in idx.stacks[:6]] == [5, 3, 3, 5, 3, 3]
+    with h5py.File(ds.studies[1].shards[2].path) as f:  # stored metadata == computed from manifest
+        first = 22 + ds.studies[1].shards[2].first_slice
+        n = len(f["axial"])
+        assert np.array_equal(f["axial"][:], idx.axial[first:first + n])
+        assert np.array_equal(f["segment"][:], idx.segment[first:first + n])
+        assert np.array_equal(f["tof"][:], idx.tof[first:first + n])
+
+
+def test_windows_stay_in_their_stack():
+    centres = np.array([10, 11, 14])
+    lo, hi = np.full(3, 10), np.full(3, 15)
+    assert window_ids(centres, lo, hi, 2, "replicate").tolist() == [[10, 10, 10, 11, 12], [10, 10, 11, 12, 13],
+                                                                    [12, 13, 14, 14, 14]]
+    assert window_ids(centres, lo, hi, 2, "reflect").tolist() == [[12, 11, 10, 11, 12], [11, 10, 11, 12, 13],
+                                                                  [12, 13, 14, 13, 12]]
+    with pytest.raises(ConfigError, match="data.edge"):
+        window_ids(centres, lo, hi, 1, "wrap")
+
+
+def test_split_by_study_deterministic_and_explicit():
+    ids = [f"p{i}" for i in range(10)]
+    a = split_studies(ids, [0.8, 0.1, 0.1], {}, seed=3)
+    assert a == split_studies(ids, [0.8, 0.1, 0.1], {}, seed=3)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [8, 1, 1]
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(ids)
+    assert split_studies(ids[:3], [0.8, 0.1, 0.1], {}, 0)["val"]  # never empty when asked for
+    e = split_studies(ids, [1, 0, 0], {"train": ["p1"], "val": ["p2"], "test": []}, 0)
+    assert e["train"] == ["p1"] and e["val"] == ["p2"]
+    with pytest.raises(ConfigError, match="unknown study"):
+        split_studies(ids, [1, 0, 0], {"train": ["nope"]}, 0)
+
+
+def test_batches_decode_to_windows_and_read_once(tmp_path):
+    root = make_dataset(tmp_path / "d", studies=2, segments=(0, 1), axial=(9, 7), shard_slices=5)
+    cfg = loader_cfg(root, run_length=8, context=2, batch_size=4, shuffle_buffer=8)
+    loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    idx = loader.index
+    seen = []
+    for batch in loader:
+        ids = decode(batch.input)  # (B, C)
+        centre = batch.index.numpy()
+        st = np.searchsorted([lo for _, lo, _ in idx.stacks], centre, side="right") - 1
+        lo = np.array([idx.stacks[s][1] for s in st])
+        hi = np.array([idx.stacks[s][2] for s in st])
+        assert np.array_equal(ids.numpy(), window_ids(centre, lo, hi, 2, "replicate"))
+        assert torch.equal(batch.target, batch.input[:, 2:3])  # no corruption: target = centre
+        assert torch.all(batch.mask == 1)
+        seen += centre.tolist()
+    assert sorted(seen) == list(range(32))  # 32 slices, batch 4: every slice once
+    st = loader.stats()
+    # each run reads its 8 centres + up to 2 context slices each side within the stack
+    assert 1.0 < st["amplification"] <= (8 + 4) / 8
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
+
+
+def test_epochs_reshuffle_and_val_is_fixed(tmp_path):
+    root = make_dataset(tmp_path / "d", studies=4, axial=(12,))
+    cfg = loader_cfg(root, split=[0.5, 0.5, 0.0])
+    train = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    order = [torch.cat([b.index for b in train]).tolist() for _ in range(2)]
+    assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])
+    val = build_loader(cfg, "val", 0, 1, torch.device("cpu"))
+    assert set(val.studies).isdisjoint(train.studies)
+    v = [torch.cat([b.index for b in val]).tolist() for _ in range(2)]
+    assert v[0] == v[1] == sorted(v[0]) and len(v[0]) == 24
+
+
+def test_plan_equal_disjoint_per_rank_and_lanes():
+    from hpc.data.index import Run
+
+    runs = [Run(0, a, min(a + 5, 37), a, min(a + 5, 37), 0, 37) for a in range(0, 37, 5)]
+    plans = [plan_epoch(runs, epoch=1, seed=0, rank=r, world=3, batch=4, lanes=2, shuffle=True,
+                        buffer=6, drop_last=True) for r in range(3)]
+    got = [np.concatenate(p)[:, 1] for p in plans]
+    assert [len(g) for g in got] == [12, 12, 12]  # 37 // 3 = 12 windows, full batches of 4
+    assert len(set(np.concatenate(got).tolist())) == 36
+    lane_runs = [set(np.concatenate(plans[0][lane::2])[:, 0].tolist()) for lane in range(2)]
+    assert len(lane_runs[0] & lane_runs[1]) <= 1  # lanes share at most the run cut between them
+    val = [plan_epoch(runs, epoch=0, seed=0, rank=r, world=3, batch=4, lanes=2, shuffle=False,
+                      buffer=6, drop_last=False) for r in range(3)]
+    assert sorted(np.concatenate([np.concatenate(p) for p in val])[:, 1].tolist()) == list(range(37))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_exact(tmp_path, workers):
+    root = make_dataset(tmp_path / "d", studies=2, axial=(12,), counts=True, scanner="")
+    cfg = loader_cfg(root, workers=workers, normalize="max")
+    cfg.augment.enabled = True
+    cfg.corrupt.dose = 0.5
+    full = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    full.set_epoch(1)
+    ref = list(full)
+    part = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    part.set_epoch(1)
+    it = iter(part)
+    for _ in range(2):
+        next(it)
+    state = part.state_dict()
+    resumed = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the trainer's loop calls it again: the position is kept
+    rest = list(resumed)
+    assert len(rest) == len(ref) - 2 == len(full) - 2
+    for a, b in zip(ref[2:], rest):
+        for name in ("input", "target", "mask", "index", "norm"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert resumed.state_dict()["epoch"] == 2
+
+
+def test_paired_and_stored_mask(tmp_path):
+    root = make_dataset(tmp_path / "d", studies=1, axial=(8,), paired=True, mask=True)
+    cfg = loader_cfg(root)
+    cfg.corrupt.paired = True
+    cfg.corrupt.use_stored_mask = True
+    batch = next(iter(build_loader(cfg, "train", 0, 1, torch.device("cpu"))))
+    with h5py.File(root / "shards/s0-0000.h5") as f, h5py.File(root / "shards/s0-0001.h5") as g:
+        inp = np.concatenate([f["input"][:], g["input"][:]])
+        msk = np.concatenate([f["mask"][:], g["mask"][:]])
+    i = batch.index.numpy()
+    assert np.array_equal(batch.mask[:, 0].numpy(), msk[i])
+    assert np.array_equal(batch.input[:, 1].numpy(), inp[i] * msk[i])
+    assert torch.equal(decode(batch.target[:, 0]), batch.index)
+    bad = loader_cfg(make_dataset(tmp_path / "e", studies=1))
+    bad.corrupt.paired = True
+    with pytest.raises(InputError, match="no stored `input`"):
+        build_loader(bad, "train", 0, 1, torch.device("cpu"))
+
+
+def test_staging_copies_verifies_and_loads(tmp_path):
+    from hpc.data.staging import stage_to
+
+    root = make_dataset(tmp_path / "d", studies=2)
+    local = stage_to(root, tmp_path / "local")
+    assert (local / "manifest.json").is_file() and len(list((local / "shards").glob("*.h5"))) == 4
+    again = stage_to(root, tmp_path / "local")  # verified copies are kept
+    assert again == local
+    cfg = loader_cfg(root, stage_to=str(tmp_path / "local"))
+    loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    assert str(loader.index.ds.root) == str(local)
+    with h5py.File(root / "shards/s1-0001.h5", "r+") as f:  # a corrupted source shard
+        f["target"][0, 0, 0] += 1
+    with pytest.raises(InputError, match="s1-0001.h5.*checksum"):
+        stage_to(root, tmp_path / "other")
+    assert not (tmp_path / "other" / "shards" / "s1-0001.h5").exists()
