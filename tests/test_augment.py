@@ -1,0 +1,140 @@
+"""hpc.augment: physics of view rotation/padding, exact inverses, corruption, consistent augmentation."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpc import augment as A
+from hpc.config import Config
+from hpc.data import build_loader
+from test_loader import decode, loader_cfg, make_dataset
+
+
+def point_sinogram(views: int, bins: int, x: float, y: float) -> torch.Tensor:
+    """(V, X) sinogram of a point at (x, y): one hit per view at r = x cos(t) + y sin(t),
+    bins centred symmetrically about r = 0 (so r -> -r is bin b -> X-1-b)."""
+    s = torch.zeros(views, bins)
+    for v in range(views):
+        t = v * math.pi / views
+        r = x * math.cos(t) + y * math.sin(t)
+        s[v, int(math.floor(r + bins / 2))] = 1.0
+    return s
+
+
+@pytest.mark.parametrize("shift", [0, 3, 7, 11])
+def test_rotate_views_is_a_physical_rotation(shift):
+    v, nx = 12, 16
+    x0, y0 = 3.3, -1.7
+    phi = shift * math.pi / v
+    rotated = point_sinogram(v, nx, x0 * math.cos(phi) - y0 * math.sin(phi), x0 * math.sin(phi) + y0 * math.cos(phi))
+    got = A.rotate_views(point_sinogram(v, nx, x0, y0)[None, None], torch.tensor([shift]))[0, 0]
+    assert torch.equal(got, rotated)
+
+
+def test_view_padding_continues_the_rotation():
+    x = torch.rand(2, 3, 8, 5)
+    p = A.pad_views_periodic(x, 3, 2)  # (2, 3, 13, 5)
+    assert torch.equal(p[..., 3:11, :], x)
+    assert torch.equal(p[..., :3, :], A.rotate_views(x, torch.tensor([3, 3]))[..., :3, :])
+    assert torch.equal(p[..., 11:, :], x[..., :2, :].flip(-1))
+    assert torch.equal(A.pad_views_periodic(x, 8, 0)[..., :8, :], x.flip(-1))  # 180 degrees = mirror
+
+
+def test_flip_and_full_turn():
+    x = torch.rand(3, 2, 6, 7)
+    flags = torch.tensor([True, False, True])
+    assert torch.equal(A.flip_bins(A.flip_bins(x, flags), flags), x)
+    assert torch.equal(A.flip_bins(x, flags)[1], x[1])
+    assert torch.equal(A.rotate_views(A.rotate_views(x, torch.tensor([2, 4, 5])), torch.tensor([4, 2, 1])),
+                       x.flip(-1))  # 6 views = 180 degrees
+
+
+@pytest.mark.parametrize("mode", A.NORMALIZE)
+@pytest.mark.parametrize("bins_mode", A.PAD_BINS)
+def test_preprocess_inverse_exact(mode, bins_mode):
+    cfg = Config()
+    cfg.data.normalize, cfg.data.pad_bins, cfg.data.pad_multiple = mode, bins_mode, 8
+    pre = A.Preprocess(cfg, scale=500.0)
+    raw = torch.poisson(torch.full((3, 5, 13, 21), 40.0))  # odd sizes: uneven padding
+    x, st = pre.forward(raw)
+    assert x.shape == (3, 5, 16, 24) and st.pad == (1, 2, 1, 2)
+    back = pre.inverse(pre.like(raw[:, 2:3], st), st)
+    assert back.shape == (3, 1, 13, 21)
+    torch.testing.assert_close(back, raw[:, 2:3], rtol=2e-7, atol=2e-5)
+    m = pre.pad_mask(torch.zeros(3, 1, 13, 21), st)
+    assert m[..., 1:14, 1:22].sum() == 0 and (m[..., :, 0] == (1 if bins_mode == "zero" else 0)).all()
+
+
+def test_pad_multiple_from_model():
+    cfg = Config()
+    cfg.model.name, cfg.model.depth = "unet", 3
+    assert A.pad_multiple(cfg) == 8
+    cfg.data.pad_multiple = 5
+    assert A.pad_multiple(cfg) == 5
+
+
+def test_dead_block_masks_match_brute_force():
+    # 3 transaxial blocks, 2 axial blocks; LOR (v, x) has end a in block (v + x) % 3, end b in v % 3
+    v, nx, n_trans = 4, 5, 3
+    ends = torch.stack(torch.meshgrid(torch.arange(v), torch.arange(nx), indexing="ij"))  # (2, V, X)
+    ta, tb = (ends[0] + ends[1]) % n_trans, ends[0] % n_trans
+    tmasks = torch.stack([torch.stack([ta == t, tb == t]) for t in range(n_trans)])  # (T, 2, V, X)
+    blocks_a, blocks_b = torch.tensor([0, 1, 1]), torch.tensor([1, 1, 0])
+    dead = torch.tensor([[0, 5], [4, 2], [3, 3]])  # ids axial * 3 + trans
+    got = A.dead_block_masks(tmasks, blocks_a, blocks_b, dead, n_trans)
+    for p in range(3):
+        dead_set = {(int(d) // n_trans, int(d) % n_trans) for d in dead[p]}
+        for i in range(v):
+            for j in range(nx):
+                lost = (int(blocks_a[p]), int(ta[i, j])) in dead_set or (int(blocks_b[p]), int(tb[i, j])) in dead_set
+                assert got[p, i, j] == (0.0 if lost else 1.0)
+
+
+def test_hash_blocks_and_thinning():
+    ids = torch.tensor([5, 9, 5])
+    b = A.choose_blocks(7, ids, 10, 3)
+    assert torch.equal(b[0], b[2]) and not torch.equal(b[0], b[1])  # a function of the slice id
+    assert all(len(set(row.tolist())) == 3 for row in b)
+    assert not torch.equal(A.choose_blocks(8, ids, 10, 3), b)
+    x = torch.full((4000,), 20.0)
+    t = A.thin(x, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(t, t.round()) and (t <= x).all() and abs(t.mean().item() - 5.0) < 0.2
+    with pytest.raises(ValueError, match="corrupt.dose"):
+        A.thin(x, 0.0)
+
+
+def test_affine_identity_and_mask_outside_is_measured():
+    x = torch.rand(2, 1, 8, 8)
+    one = torch.ones(2)
+    torch.testing.assert_close(A.affine(x, torch.zeros(2), one), x)
+    prm = A.AugmentParams(None, None, torch.tensor([10.0, -10.0]), torch.tensor([0.8, 0.8]))
+    m = A.apply_augment(torch.ones(2, 1, 8, 8), prm, is_mask=True)
+    assert torch.equal(m, torch.ones_like(m))  # zoomed-out borders are not gaps
+
+
+def test_loader_applies_one_transform_to_input_target_mask(tmp_path):
+    """Every output pixel of the target names its source (slice, view, bin); the stored mask and
+    the input must show the same source pixel there."""
+    root = make_dataset(tmp_path / "d", studies=1, axial=(16,), views=6, bins=8, mask=True)
+    cfg = loader_cfg(root, batch_size=8)
+    cfg.corrupt.use_stored_mask = True
+    cfg.augment.enabled, cfg.augment.p = True, 0.7
+    stored = []
+    for path in sorted(root.glob("shards/s0-*.h5")):
+        with h5py.File(path) as f:
+            stored.append(f["mask"][:])
+    stored = np.concatenate(stored)  # (16, V, X)
+    changed = 0
+    for batch in build_loader(cfg, "train", 0, 1, torch.device("cpu")):
+        tgt = batch.target[:, 0]
+        src = (tgt - decode(tgt)[:, None, None] * 1000).long()  # (B, V, X) source pixel = v * X + b
+        sv, sb = src // 8, src % 8
+        ids = batch.index.view(-1, 1, 1).expand_as(src)
+        assert torch.equal(batch.mask[:, 0], torch.from_numpy(stored)[ids, sv, sb].float())
+        assert torch.equal(batch.input[:, 1], tgt * batch.mask[:, 0])
+        changed += int((src != torch.arange(48).view(6, 8)).any(dim=(1, 2)).sum())
+    assert changed > 0  # the augmentation did move pixels
