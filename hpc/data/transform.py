@@ -29,6 +29,13 @@ class Batch:
         return A.PreState(self.norm, self.pad)
 
 
+def batch_generator(seed: int, epoch: int, j: int, device: torch.device) -> torch.Generator:
+    """The generator of batch j of an epoch: all of a batch's random draws come from it."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, j]).generate_state(1)[0]))
+    return g
+
+
 class BlockGeometry:
     """Dead-block masks for any batch of planes: the scanner's transaxial block masks on the
     device plus, per global slice id, the axial block of each ring of its plane."""
@@ -73,10 +80,9 @@ class DeviceTransform:
             self.geometry = BlockGeometry(name, index, device)
 
     def _generator(self, epoch: int, j: int) -> torch.Generator:
-        seed = self.cfg.augment.seed if self.train else self.cfg.data.seed
-        g = torch.Generator(device=self.device)
-        g.manual_seed(int(np.random.SeedSequence([seed, epoch if self.train else 0, j]).generate_state(1)[0]))
-        return g
+        if self.train:
+            return batch_generator(self.cfg.augment.seed, epoch, j, self.device)
+        return batch_generator(self.cfg.data.seed, 0, j, self.device)  # the same every validation
 
     def corrupt(self, raw: dict[str, torch.Tensor], epoch: int, gen: torch.Generator,
                 flipped: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
