@@ -1,0 +1,172 @@
+"""Loader throughput (slices/s) per backend and worker count, I/O amplification, and, on a GPU,
+the loader's rate next to the training step's consumption rate for the same batch.
+
+Writes a synthetic dataset (uint16 Poisson counts, shard format v1 via hpc.io.shards) unless
+--data names a converted one. Each configuration runs --epochs full epochs of the train split
+(the first is a warm-up: worker start, page cache) with the full pipeline: reads, context windows,
+dead-block corruption when the dataset records a scanner (--scanner), augmentation, normalization,
+padding, copy to --device. The baseline is one sequential h5py pass over the same shards.
+"ratio" = loader slices/s / training-step samples/s (>= 1: the GPU never waits for data).
+
+    python bench/loader.py                                            # CPU, synthetic 64x128
+    python bench/loader.py --device cuda --size 168x400 --workers 0,4,8 --model badblock --batch 32
+    python bench/loader.py --data /raid/me/dataset --backends torch,dali --json loader.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+
+from hpc.config import Config  # noqa: E402
+from hpc.data import build_loader  # noqa: E402
+from hpc.io.atomic import atomic_write_text  # noqa: E402
+from hpc.io.shards import Dataset, ShardWriter  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, help="converted dataset (default: a synthetic one in a temp dir)")
+    ap.add_argument("--size", default="64x128", help="synthetic slice VIEWSxBINS")
+    ap.add_argument("--studies", type=int, default=4, help="synthetic studies")
+    ap.add_argument("--slices", type=int, default=256, help="synthetic slices per study (one stack)")
+    ap.add_argument("--compression", default="lzf", help="synthetic shards: none|lzf|gzip|blosc")
+    ap.add_argument("--scanner", default="", help="corrupt.scanner for dead blocks ('' = none)")
+    ap.add_argument("--backends", default="torch,dali")
+    ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=2)
+    ap.add_argument("--run-length", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per configuration; the first is untimed")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="", help="also time a training step of this preset (badblock|unet|light)")
+    ap.add_argument("--base", type=int, default=64, help="model width for --model")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps for --model")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    return ap.parse_args(argv)
+
+
+def synthetic(root: Path, studies: int, slices: int, views: int, bins: int, compression: str) -> Path:
+    rng = np.random.default_rng(0)
+    entries = []
+    for s in range(studies):
+        target = rng.poisson(30, size=(slices, views, bins)).astype(np.uint16)
+        meta = {"tof": np.zeros(slices, np.int32), "segment": np.zeros(slices, np.int32),
+                "axial": np.arange(slices, dtype=np.int32)}
+        rel = f"shards/b{s}-0000.h5"
+        arrays = {"target": (target.shape, target.dtype), **{k: (v.shape, v.dtype) for k, v in meta.items()}}
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        with ShardWriter(root / rel, arrays, compression, {"format": "hpc-sinogram", "format_version": 1}) as w:
+            w.write(0, target=target, **meta)
+            info = w.commit()
+        entries.append({"id": f"b{s}", "source": "synthetic", "sha256": "", "num_slices": slices,
+                        "slice_shape": [views, bins], "dtype": "uint16", "tof_bins": 1, "segments": [0],
+                        "axial_counts": [slices], "has_input": False, "has_mask": False, "scanner": "",
+                        "max": float(target.max()), "shards": [{"path": rel, "first_slice": 0,
+                        "num_slices": slices, "sha256": info["sha256"], "bytes": info["bytes"]}]})
+    manifest = {"format": "hpc-sinogram", "format_version": 1, "slice_shape": [views, bins], "dtype": "uint16",
+                "scanner": "", "scale": max(e["max"] for e in entries), "num_slices": studies * slices,
+                "studies": entries, "shards": [e["shards"][0]["path"] for e in entries]}
+    atomic_write_text(root / "manifest.json", json.dumps(manifest))
+    return root
+
+
+def baseline(root: Path) -> float:
+    """Slices/s of one sequential h5py pass (whole datasets), the I/O floor of the format."""
+    ds = Dataset.open(root)
+    t0, n = time.perf_counter(), 0
+    for study in ds.studies:
+        for shard in study.shards:
+            with h5py.File(shard.path, "r") as f:
+                n += len(f["target"][()])
+    return n / (time.perf_counter() - t0)
+
+
+def config(args: argparse.Namespace, root: Path, backend: str, workers: int) -> Config:
+    cfg = Config()
+    d = cfg.data
+    d.path, d.backend, d.workers, d.batch_size = str(root), backend, workers, args.batch
+    d.context, d.run_length, d.split, d.device = args.context, args.run_length, [1.0, 0.0, 0.0], args.device
+    cfg.corrupt.scanner, cfg.corrupt.dead_blocks = args.scanner, 2 if args.scanner else 0
+    cfg.model.name = args.model or "badblock"
+    cfg.model.base = args.base
+    return cfg
+
+
+def time_loader(cfg: Config, epochs: int) -> dict:
+    loader = build_loader(cfg, "train", 0, 1, torch.device(cfg.data.device))
+    rate = 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        t0, n = time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch.index)
+        if batch.input.is_cuda:
+            torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+    return {"slices_per_s": rate, "amplification": loader.stats()["amplification"],
+            "shape": list(batch.input.shape)}
+
+
+def time_step(cfg: Config, shape: list[int], steps: int) -> float:
+    """Training-step samples/s (forward, L1, backward, AdamW) on a batch of the loader's shape."""
+    from hpc.models import build_model
+
+    device = torch.device(cfg.data.device)
+    model = build_model(cfg.model, shape[1]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(shape, device=device)
+    m = torch.ones(shape[0], 1, *shape[2:], device=device)
+    for i in range(steps + 3):  # 3 warm-up steps
+        if i == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        loss = (model(x, m) - x[:, shape[1] // 2:shape[1] // 2 + 1]).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * shape[0] / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    views, bins = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or synthetic(Path(tmp) / "synthetic", args.studies, args.slices, views, bins,
+                                      args.compression)
+        base = baseline(root)
+        print(f"dataset {root}: sequential h5py pass {base:,.0f} slices/s; device {args.device}")
+        rows = []
+        for backend in args.backends.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                cfg = config(args, root, backend, workers)
+                row = {"backend": backend, "workers": workers, **time_loader(cfg, args.epochs)}
+                row["vs_sequential"] = row["slices_per_s"] / base
+                if args.model:
+                    row["step_samples_per_s"] = time_step(cfg, row["shape"], args.steps)
+                    row["ratio"] = row["slices_per_s"] / row["step_samples_per_s"]
+                rows.append(row)
+    cols = ["backend", "workers", "slices_per_s", "vs_sequential", "amplification", "shape"] + \
+        (["step_samples_per_s", "ratio"] if args.model else [])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:,.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
