@@ -53,7 +53,7 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
                  world: int, device: torch.device, train: bool,
                  epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """(raw batch on ``device``, per-sample flip flags already applied) for batches start.. of plan."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     workers = max(1, cfg.data.workers)
@@ -72,8 +72,9 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
         outs = dict(zip(names, outs))
         for n in ("target", "input", "mask"):
             if n in outs:
-                node = outs[n].gpu() if gpu else outs[n]
-                outs[n] = fn.flip(node, horizontal=outs["flip"])
+                node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device
+                outs[n] = fn.flip(fn.cast(node, dtype=types.UINT8 if n == "mask" else types.FLOAT),
+                                  horizontal=outs["flip"])
         return tuple(outs[n] for n in names)
 
     pipe = pipeline()

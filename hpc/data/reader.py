@@ -29,7 +29,8 @@ class ReadSpec:
 
 class BatchReader:
     """``read(j) -> dict`` of numpy arrays for batch j of ``plan`` (a list of (b, 2) arrays of
-    (run, centre)): ``target`` (b, C, V, X) float32 (the context stack), ``ids`` (b, C) slice ids,
+    (run, centre)): ``target`` (b, C, V, X) in the stored dtype (the context
+    stack; converted to float on the device: half the bytes to move for uint16 counts), ``ids`` (b, C) slice ids,
     optional ``input`` (b, C, V, X) and ``mask`` (b, C, V, X) uint8, and ``bytes`` read from disk for it."""
 
     def __init__(self, index: SliceIndex, runs: list[Run], spec: ReadSpec):
@@ -108,9 +109,6 @@ class BatchReader:
             if self._last_use.get(int(r), j) <= j:
                 self._cache.pop(int(r), None)
         batch = {n: np.stack(v) for n, v in out.items()}
-        batch["target"] = batch["target"].astype(np.float32)
-        if "input" in batch:
-            batch["input"] = batch["input"].astype(np.float32)
         batch["ids"] = ids.astype(np.int64)
         batch["bytes"] = np.int64(self.bytes_read - before)
         return batch

@@ -88,7 +88,7 @@ class DeviceTransform:
                 flipped: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input (B, C, V, X), per-channel mask (B, C, V, X)) from the clean stack."""
         c, stack = self.cfg.corrupt, raw["target"]
-        inp = raw["input"] if c.paired else stack
+        inp = raw["input"].float() if c.paired else stack
         if c.dose < 1.0:
             inp = A.thin(inp, c.dose, gen) / c.dose  # back to the full-dose scale of the target
         if c.use_stored_mask:
@@ -107,7 +107,7 @@ class DeviceTransform:
 
     def __call__(self, raw: dict[str, torch.Tensor], epoch: int, j: int,
                  flipped: torch.Tensor | None = None) -> Batch:
-        stack = raw["target"]  # (B, C, V, X)
+        stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
         k = stack.shape[1] // 2
         gen = self._generator(epoch, j)
         inp, mask_c = self.corrupt(raw, epoch, gen, flipped)
