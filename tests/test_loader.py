@@ -249,3 +249,17 @@ def test_staging_copies_verifies_and_loads(tmp_path):
     with pytest.raises(InputError, match="s1-0001.h5.*checksum"):
         stage_to(root, tmp_path / "other")
     assert not (tmp_path / "other" / "shards" / "s1-0001.h5").exists()
+
+
+def test_validation_corruption_repeats_training_does_not(tmp_path):
+    root = make_dataset(tmp_path / "d", studies=2, axial=(8,), counts=True)
+    cfg = loader_cfg(root, split=[0.5, 0.5, 0.0])
+    cfg.corrupt.dose = 0.3
+    val = build_loader(cfg, "val", 0, 1, torch.device("cpu"))
+    a, b = list(val), list(val)
+    assert all(torch.equal(x.input, y.input) for x, y in zip(a, b))
+    assert not torch.equal(a[0].input, a[0].target)  # thinned
+    train = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    e0 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
+    e1 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
+    assert any(not torch.equal(e0[i], e1[i]) for i in e0)  # new noise each epoch

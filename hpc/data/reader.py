@@ -17,6 +17,10 @@ import numpy as np
 from hpc.data.index import Run, SliceIndex, window_ids
 from hpc.errors import InputError
 
+# Bound on cached runs per process, only reached if a backend hands this process batches outside
+# its lane (then runs are re-read rather than held until their planned last use).
+MAX_CACHED_RUNS = 64
+
 
 @dataclass(frozen=True)
 class ReadSpec:
@@ -102,6 +106,8 @@ class BatchReader:
         out: dict[str, list[np.ndarray]] = {}
         for (r, _), run, row in zip(pairs, runs, ids):
             if int(r) not in self._cache:
+                while len(self._cache) >= MAX_CACHED_RUNS:
+                    self._cache.pop(next(iter(self._cache)))  # the oldest
                 self._cache[int(r)] = self._read_run(run)
             for name, arr in self._cache[int(r)].items():
                 out.setdefault(name, []).append(arr[row - run.read_lo])
