@@ -1,0 +1,348 @@
+"""Repair sinograms with a trained checkpoint; the output is written in the source's own format.
+
+Slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
+same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed in every channel as
+training corrupted them, then normalized/padded with the checkpoint's preprocessing, repaired in
+batches and mapped back exactly (crop, denormalize). With a gap mask (--mask FILE, or --dead-blocks
+with the scanner geometry) only gap pixels are replaced: every measured value is copied bytewise
+from the input. Predictions written into integer files are rounded and clipped, and the counts are
+reported. Memory is bounded by --batch slices; the GPU is used when present.
+
+examples:
+  hpc predict --checkpoint runs/demo/checkpoints/best.pt s1_gaps.s.hdr --mask s1_mask.s.hdr -o s1_fixed.s.hdr
+  hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
+  hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
+  hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hpc.augment import Preprocess
+from hpc.config import Config, from_dict
+from hpc.data.index import window_ids
+from hpc.errors import ConfigError, InputError, OutputError
+from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
+from hpc.progress import Progress
+
+FORMATS = ("source", "h5")
+
+
+# ---------------------------------------------------------------- checkpoint
+@dataclass
+class Repairer:
+    """A checkpoint's model, config and preprocessing, ready to run on ``device``."""
+    path: Path
+    cfg: Config
+    model: torch.nn.Module  # SinogramModel: (B, C, V', X'), (B, 1, V', X') -> (B, 1, V', X')
+    pre: Preprocess
+    device: torch.device
+    slice_shape: tuple[int, int] | None  # (V, X) the model was trained on, when recorded
+    scanner: str  # geometry preset of the training data ("" when not recorded)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.in_channels() // 2
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """State dicts saved from DDP / torch.compile wrappers carry 'module.' / '_orig_mod.' prefixes."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def load_repairer(path: str | Path, device: torch.device) -> Repairer:
+    """Load a checkpoint written by hpc.train: a dict with ``model`` (state dict), ``config`` (the
+    resolved config tree) and optionally ``data`` ({scale, slice_shape, scanner} of the training set).
+    Only tensors and plain containers are unpickled (weights_only=True)."""
+    from hpc.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, or one holding arbitrary pickled objects
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise InputError(f"{path}: not an hpc checkpoint (expected 'model' and 'config' entries)")
+    cfg = from_dict(ckpt["config"])
+    data = ckpt.get("data") or {}
+    model = build_model(cfg.model, cfg.in_channels())
+    try:
+        model.load_state_dict(_strip_wrappers(ckpt["model"]))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not match its own config ({cfg.model.name}, "
+                         f"{cfg.in_channels()} channels): {first}") from None
+    model.to(device).eval()
+    shape = tuple(int(v) for v in data["slice_shape"]) if data.get("slice_shape") else None
+    scanner = str(data.get("scanner") or cfg.corrupt.scanner or "")
+    return Repairer(path, cfg, model, Preprocess(cfg, scale=float(data.get("scale", 1.0))), device,
+                    shape, scanner)
+
+
+def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
+    """Refuse an input the checkpoint was not trained for (slice size, scanner geometry)."""
+    if rep.slice_shape is not None and tuple(spec.slice_shape) != rep.slice_shape:
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} (views x bins) but "
+                         f"checkpoint {rep.path} was trained on {rep.slice_shape[0]}x{rep.slice_shape[1]}")
+    if rep.scanner:
+        sc = _scanner(rep.scanner, rep.path)
+        if (sc.views, sc.bins) != tuple(spec.slice_shape):
+            raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
+                             f"{rep.path} was trained on scanner {rep.scanner!r} ({sc.views}x{sc.bins})")
+
+
+def _scanner(name: str, where: Path | str):
+    from hpc import geometry as G
+
+    try:
+        return G.get_scanner(name)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{where}: unknown scanner {name!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------- masks
+MaskFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) uint8, 1 = measured
+
+
+def file_mask(spec: SinogramSpec, mask_spec: SinogramSpec) -> MaskFn:
+    """A mask file of the same layout as the input (or a single (V, X) slice for all)."""
+    if mask_spec.slice_shape != spec.slice_shape or mask_spec.num_slices not in (1, spec.num_slices):
+        raise InputError(f"{mask_spec.source}: mask is {mask_spec.num_slices}x{mask_spec.views}x"
+                         f"{mask_spec.bins}, input {spec.source} is {spec.num_slices}x{spec.views}x{spec.bins}")
+    reader = SinogramReader(mask_spec)
+    if mask_spec.num_slices == 1:
+        one = (reader.read(0, 1) > 0).astype(np.uint8)
+        return lambda a, b: np.broadcast_to(one, (b - a, *one.shape[1:]))
+    return lambda a, b: (reader.read(a, b) > 0).astype(np.uint8)
+
+
+def dead_block_mask(spec: SinogramSpec, scanner: str, blocks: list[int]) -> MaskFn:
+    """Gaps of the listed dead blocks, from the scanner geometry, for every slice of ``spec``."""
+    from hpc import geometry as G
+
+    sc = _scanner(scanner, spec.source)
+    if (sc.views, sc.bins) != tuple(spec.slice_shape):
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but scanner {scanner!r} "
+                         f"has {sc.views}x{sc.bins} (views x bins)")
+    try:
+        planes = G.dead_block_mask(sc, blocks, segments=list(spec.segments))  # (planes, V, X)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"--dead-blocks {blocks}: {exc}") from None
+    if len(planes) != spec.planes:
+        raise InputError(f"{spec.source}: {spec.planes} planes per TOF bin, scanner {scanner!r} "
+                         f"gives {len(planes)} for segments {list(spec.segments)}")
+    full = np.tile(planes, (spec.tof_bins, 1, 1))  # canonical order repeats the planes per TOF bin
+    return lambda a, b: full[a:b]
+
+
+# ---------------------------------------------------------------- repair
+@dataclass
+class Counts:
+    """What happened to the predicted (gap) values on their way into the output dtype."""
+    replaced: int = 0  # pixels whose value came from the model
+    rounded: int = 0  # non-integer predictions rounded (integer outputs)
+    clipped_low: int = 0
+    clipped_high: int = 0
+    nonfinite: int = 0  # NaN/inf predictions (written as 0)
+    slices: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.slices} slices, {self.replaced} pixels predicted; {self.rounded} rounded to "
+                f"integers, {self.clipped_low} clipped low, {self.clipped_high} clipped high, "
+                f"{self.nonfinite} non-finite set to 0")
+
+
+def to_dtype(pred: np.ndarray, dtype: np.dtype, counts: Counts) -> np.ndarray:
+    """Float predictions -> ``dtype``: integer types are rounded and clipped, counted, never wrapped."""
+    bad = ~np.isfinite(pred)
+    counts.nonfinite += int(bad.sum())
+    pred = np.where(bad, 0.0, pred)
+    if dtype.kind == "f":
+        return pred.astype(dtype)
+    info = np.iinfo(dtype)
+    r = np.rint(pred)
+    counts.rounded += int((r != pred).sum())
+    counts.clipped_low += int((r < info.min).sum())
+    counts.clipped_high += int((r > info.max).sum())
+    return np.clip(r, info.min, info.max).astype(dtype)
+
+
+def stack_bounds(spec: SinogramSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) (N,) of each slice's (TOF bin, segment) stack: windows never cross them."""
+    sizes = np.tile(np.asarray(spec.axial_counts), spec.tof_bins)
+    hi = np.cumsum(sizes)
+    return np.repeat(hi - sizes, sizes), np.repeat(hi, sizes)
+
+
+@torch.no_grad()
+def repair_batch(rep: Repairer, slab: np.ndarray, mslab: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+    """Model output in counts, float64 (B, V, X), for windows ``ids`` (B, C) into ``slab`` (n, V, X)
+    (ids already offset into the slab); ``mslab`` (n, V, X) 1 = measured, or None (no gaps)."""
+    raw = torch.from_numpy(slab[ids].astype(np.float32)).to(rep.device)  # (B, C, V, X)
+    if mslab is None:
+        m = torch.ones_like(raw)
+    else:
+        m = torch.from_numpy(mslab[ids].astype(np.float32)).to(rep.device)
+    x, state = rep.pre.forward(raw * m)  # gaps zeroed in every channel, as in training
+    k = ids.shape[1] // 2
+    y = rep.model(x, rep.pre.pad_mask(m[:, k:k + 1], state))  # (B, 1, V', X')
+    return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()
+
+
+def repair(rep: Repairer, reader: SinogramReader, mask: MaskFn | None,
+           write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None) -> Counts:
+    """Repair every slice of ``reader`` in canonical order, ``batch`` centre slices at a time;
+    ``write(start, out (n, V, X) in the source dtype)``."""
+    spec = reader.spec
+    lo, hi = stack_bounds(spec)
+    counts, k = Counts(), rep.context
+    for a in range(0, spec.num_slices, batch):
+        b = min(a + batch, spec.num_slices)
+        centres = np.arange(a, b)
+        ids = window_ids(centres, lo[a:b], hi[a:b], k, rep.cfg.data.edge)  # (n, 2k+1) global ids
+        r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
+        slab = reader.read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
+        mslab = mask(r0, r1) if mask is not None else None
+        pred = repair_batch(rep, slab, mslab, ids - r0)
+        src = slab[a - r0:b - r0]
+        if mslab is None:
+            out = to_dtype(pred, spec.dtype, counts)
+            counts.replaced += out.size
+        else:
+            gap = mslab[a - r0:b - r0] == 0
+            out = src.copy()  # measured values: the input's own bytes
+            out[gap] = to_dtype(pred[gap], spec.dtype, counts)
+            counts.replaced += int(gap.sum())
+        counts.slices += b - a
+        write(a, out.astype(spec.dtype.newbyteorder("=")))
+        if progress is not None:
+            progress.update(b - a)
+    return counts
+
+
+# ---------------------------------------------------------------- outputs
+class H5Writer:
+    """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on commit."""
+
+    def __init__(self, spec: SinogramSpec, path: Path, comment: str):
+        import h5py
+
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.tmp, "w")
+        self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
+                             "source": str(spec.source), "comment": comment})
+        self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
+                                        dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape))
+        for name, values in zip(("tof", "segment", "axial"), spec.meta()):
+            self.f.create_dataset(name, data=values)
+
+    def write(self, start: int, slices: np.ndarray) -> None:
+        self.ds[start:start + len(slices)] = slices
+
+    def commit(self) -> Path:
+        self.f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def __enter__(self) -> "H5Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f.id.valid:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def open_input(path: str, shape: str | None, dtype: str, endian: str, offset: int) -> SinogramSpec:
+    """An Interfile header, or a raw file with --shape/--dtype."""
+    if shape:
+        try:
+            dims = tuple(int(v) for v in shape.split(","))
+        except ValueError:
+            raise InputError(f"{path}: --shape must be T,S,V,X integers, got {shape!r}") from None
+        if not dtype:
+            raise InputError(f"{path}: a raw file needs --dtype (e.g. uint16)")
+        return raw_spec(path, dims, dtype, endian, offset)
+    return read_header(path)
+
+
+def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
+                 batch: int, quiet: bool = False) -> tuple[Path, Counts]:
+    """Repair one input into ``output`` (same format as the source, or HDF5)."""
+    if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
+        raise OutputError(f"{output}: the output would overwrite the input")
+    comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
+    writer = H5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
+    with writer, SinogramReader(spec) as reader, Progress(
+            spec.num_slices, "slices", "predict", enabled=not quiet) as bar:
+        counts = repair(rep, reader, mask, writer.write, batch, bar)
+        return writer.commit(), counts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="Interfile header (STIR .hs, Siemens .s.hdr) or raw file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
+    p.add_argument("-o", "--output", required=True, help="output header (or raw file / .h5)")
+    p.add_argument("--format", choices=FORMATS, default="source", help="source (default) or h5")
+    gaps = p.add_mutually_exclusive_group()
+    gaps.add_argument("--mask", metavar="FILE", help="gap mask (1 = measured), same layout as INPUT")
+    gaps.add_argument("--dead-blocks", metavar="IDS", help="comma-separated dead block ids (needs a scanner)")
+    p.add_argument("--scanner", default="", help="geometry preset for --dead-blocks (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, default=16, help="slices per forward pass (bounds memory)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    raw = p.add_argument_group("raw files (no header); --mask raw files share them")
+    raw.add_argument("--shape", help="T,S,V,X (TOF bins, sinograms, views, bins) or S,V,X")
+    raw.add_argument("--dtype", default="", help="numpy dtype of the input, e.g. uint16")
+    raw.add_argument("--mask-dtype", default="uint8", help="numpy dtype of a raw mask")
+    raw.add_argument("--endian", choices=("little", "big"), default="little")
+    raw.add_argument("--offset", type=int, default=0)
+
+
+def build_mask(args: argparse.Namespace, rep: Repairer, spec: SinogramSpec) -> MaskFn | None:
+    if args.mask:
+        return file_mask(spec, open_input(args.mask, args.shape, args.mask_dtype, args.endian, 0))
+    if args.dead_blocks:
+        try:
+            blocks = [int(v) for v in args.dead_blocks.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--dead-blocks: expected comma-separated integers, got {args.dead_blocks!r}") from None
+        scanner = args.scanner or rep.scanner
+        if not scanner:
+            raise InputError(f"--dead-blocks: {rep.path} records no scanner; give --scanner NAME")
+        return dead_block_mask(spec, scanner, blocks)
+    if rep.cfg.model.inpaint:
+        raise InputError(f"{rep.path}: an inpainting model needs the gaps: give --mask FILE or --dead-blocks IDS")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
+    spec = open_input(args.input, args.shape, args.dtype, args.endian, args.offset)
+    rep = load_repairer(args.checkpoint, pick_device(args.device))
+    check_compatible(rep, spec)
+    mask = build_mask(args, rep, spec)
+    out, counts = predict_file(rep, spec, Path(args.output), args.format, mask, args.batch, args.quiet)
+    print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
+    return 0

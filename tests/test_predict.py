@@ -1,0 +1,130 @@
+"""hpc predict: source-format round trips (Siemens, STIR), measured pixels byte-identical, windows
+built like the loader's, integer rounding/clipping counted, mismatched checkpoints refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_hpc
+from hpc.config import Config, to_dict
+from hpc.data.index import window_ids
+from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
+from hpc.models import build_model
+from hpc.predict import Counts, load_repairer, repair_batch, stack_bounds, to_dtype
+
+V, X = 8, 12
+AXIAL = [4, 2]  # two segments: windows must not cross from one into the other
+
+
+def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: int = 1,
+                    seed: int = 0) -> Config:
+    """A tiny untrained model saved the way hpc.train saves checkpoints (model, config, data)."""
+    cfg = Config()
+    cfg.data.context, cfg.data.normalize = context, "max"
+    cfg.model.name, cfg.model.base, cfg.model.norm, cfg.model.inpaint = "light", 4, "none", inpaint
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, cfg.in_channels())
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.constant_(last.bias, 0.5)  # predictions around half the peak, not rounded to 0
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg),
+                "data": {"scale": 100.0, "slice_shape": list(slice_shape), "scanner": ""}}, path)
+    return cfg
+
+
+def study(tmp_path, fmt: str, dtype: str, seed: int = 1):
+    """(gapped input header, mask header, clean data, mask) with ~1/4 of the pixels missing."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 60, size=(1, sum(AXIAL), V, X)).astype(dtype)
+    mask = (rng.random(clean.shape) > 0.25).astype(np.uint8)
+    inp = write_sinogram(tmp_path / f"in_{fmt}", clean * mask.astype(dtype), fmt=fmt, axial_counts=AXIAL)
+    msk = write_sinogram(tmp_path / f"mask_{fmt}", mask, fmt=fmt, axial_counts=AXIAL)
+    return inp, msk, clean, mask
+
+
+@pytest.mark.parametrize("fmt,dtype,inpaint", [("siemens", "<u2", True), ("stir", ">f4", False)])
+def test_round_trip_keeps_format_and_measured_bytes(tmp_path, fmt, dtype, inpaint):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, inpaint=inpaint)
+    inp, msk, _, mask = study(tmp_path, fmt, dtype)
+    out = tmp_path / ("out.s.hdr" if fmt == "siemens" else "out.hs")
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", out, "--quiet", "--batch", "3")
+    assert r.returncode == 0, r.stderr
+    assert "pixels predicted" in r.stdout
+    src, dst = read_header(inp), read_header(out)  # readable by the same converter
+    assert (dst.kind, dst.dtype, dst.order, dst.segments, dst.axial_counts, dst.slice_shape) == \
+        (src.kind, src.dtype, src.order, src.segments, src.axial_counts, src.slice_shape)
+    assert dst.data_path.name == "out.s" and "repaired by hpc predict" in out.read_text()
+    with SinogramReader(src) as a, SinogramReader(dst) as b:
+        before, after = a.read(0, src.num_slices), b.read(0, dst.num_slices)
+    measured = mask[0] == 1
+    assert before[measured].tobytes() == after[measured].tobytes()  # byte-identical, byte order kept
+    assert not np.array_equal(before[~measured], after[~measured])  # the gaps were filled
+    assert src.data_path.read_bytes() == (tmp_path / src.data_path.name).read_bytes()  # source untouched
+
+
+def test_h5_output(tmp_path):
+    import h5py
+
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    inp, msk, _, mask = study(tmp_path, "siemens", "<u2")
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", tmp_path / "o.h5",
+                "--format", "h5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "o.h5") as f, SinogramReader(read_header(inp)) as src:
+        rep = f["repaired"][:]
+        assert rep.dtype == np.uint16 and rep.shape == (sum(AXIAL), V, X)
+        np.testing.assert_array_equal(rep[mask[0] == 1], src.read(0, sum(AXIAL))[mask[0] == 1])
+        np.testing.assert_array_equal(f["segment"][:], [0, 0, 0, 0, 1, 1])
+
+
+def test_windows_match_the_loader_and_stay_in_their_stack(tmp_path):
+    """Slice 3 is the last of segment 0: its window replicates it instead of reaching slice 4."""
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, inpaint=False)
+    rep = load_repairer(ckpt, torch.device("cpu"))
+    inp, _, _, _ = study(tmp_path, "siemens", "<u2")
+    spec = read_header(inp)
+    lo, hi = stack_bounds(spec)
+    np.testing.assert_array_equal(lo, [0, 0, 0, 0, 4, 4])
+    ids = window_ids(np.array([3]), lo[3:4], hi[3:4], 1, "replicate")
+    np.testing.assert_array_equal(ids, [[2, 3, 3]])
+    with SinogramReader(spec) as reader:
+        slab = reader.read(0, spec.num_slices)
+    got = repair_batch(rep, slab, None, ids)
+    stack = torch.from_numpy(slab[[2, 3, 3]].astype(np.float32))[None]  # (1, 3, V, X) by hand
+    x, st = rep.pre.forward(stack)
+    with torch.no_grad():
+        want = rep.pre.inverse(rep.model(x, torch.ones_like(x[:, :1])), st)[:, 0].double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_integer_outputs_are_rounded_and_clipped_with_counts():
+    c = Counts()
+    out = to_dtype(np.array([-3.2, 0.4, 2.0, 70000.0, np.nan]), np.dtype("<u2"), c)
+    np.testing.assert_array_equal(out, [0, 0, 2, 65535, 0])
+    assert (c.rounded, c.clipped_low, c.clipped_high, c.nonfinite) == (2, 1, 1, 1)  # -3.2 and 0.4 rounded
+
+
+def test_refuses_checkpoint_for_other_slice_size(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, slice_shape=(8, 16))
+    inp, msk, _, _ = study(tmp_path, "siemens", "<u2")
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", tmp_path / "o.s.hdr")
+    assert r.returncode == 2
+    assert "8x12" in r.stderr and "trained on 8x16" in r.stderr and str(ckpt) in r.stderr
+    assert not (tmp_path / "o.s").exists()
+
+
+def test_inpainting_model_needs_gaps_and_weights_must_fit(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    inp, _, _, _ = study(tmp_path, "siemens", "<u2")
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "-o", tmp_path / "o.s.hdr")
+    assert r.returncode == 2 and "--mask FILE or --dead-blocks" in r.stderr
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["data"]["context"] = 2  # 5 channels, weights built for 3
+    torch.save(state, ckpt)
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "-o", tmp_path / "o.s.hdr")
+    assert r.returncode == 2 and "weights do not match" in r.stderr
