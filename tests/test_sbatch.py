@@ -2,6 +2,7 @@
 preemption path run on the real test cluster."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -9,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_hpc
+import yaml
+from conftest import run_hpc
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"  # regenerate: UPDATE_GOLDEN=1 pytest tests/test_sbatch.py
@@ -104,3 +106,28 @@ def test_plain_template_requeues_on_usr2_and_resumes(slurm, tmp_path):
     assert "args train --config c.yaml train.run_dir=runs/rq optim.lr=0.01" in log
     # resumed where it stopped: exactly 40 steps per rank in total, none lost or repeated
     assert [(tmp_path / f"step.{r}").read_text().strip() for r in (0, 1)] == ["40", "40"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_plain_template_trains_a_two_task_job_to_completion(slurm, tmp_path_factory, tmp_path):
+    """The plain template rendered for the test cluster, with this venv and the real trainer."""
+    from cluster.tiny_data import make_dataset, train_overrides
+
+    dataset = make_dataset(tmp_path_factory.getbasetemp() / "launch-data")
+    tree = {}
+    for item in train_overrides(dataset, 64):  # the same settings as a config file
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = yaml.safe_load(value)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    r = run_hpc("sbatch", "-t", "plain", "--config", "c.yaml", "--tasks-per-node", "2",
+                "--cpus-per-task", "1", "--time", "5", "train.run_dir=runs/plain",
+                check=True, env=slurm.env, cwd=tmp_path)
+    job = r.stdout.split()[2].rstrip(":")
+    state = slurm.wait(job, timeout=300)
+    assert state == "COMPLETED", (tmp_path / "runs" / "slurm" / f"plain-{job}.out").read_text()
+    run_dir = tmp_path / "runs" / "plain"
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert max(rec.get("samples", 0) for rec in records) == 64
+    assert list((run_dir / "checkpoints").glob("step-*.pt"))

@@ -3,7 +3,10 @@ cluster, with the real trainer) a 3-member job array whose `hpc sweep status` sh
 done."""
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from conftest import run_hpc
 
 from hpc.errors import ConfigError
@@ -80,3 +83,32 @@ def test_status_of_a_directory_without_a_sweep_is_one_line_error(tmp_path):
     (tmp_path / "sweep.json").write_text("{")
     r = run_hpc("sweep", "status", str(tmp_path))
     assert r.returncode == 2 and "sweep.json: unreadable" in r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_three_member_sweep_runs_as_an_array_and_status_shows_all_done(slurm, tmp_path_factory, tmp_path):
+    from cluster.tiny_data import make_dataset, train_overrides
+
+    dataset = make_dataset(tmp_path_factory.getbasetemp() / "launch-data")
+    (tmp_path / "c.yaml").write_text("{}\n")
+    spec = {"name": "lr3", "config": "c.yaml", "dir": "runs/sweeps",
+            "fixed": train_overrides(dataset, 32) + ["log.wandb=disabled"],
+            "grid": {"optim.lr": [0.01, 0.003, 0.001]},
+            "launch": {"cpus_per_task": 1, "time_min": 5, "max_parallel": 2}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    r = run_hpc("sweep", "s.yaml", cwd=tmp_path, env=slurm.env, check=True)
+    assert "submitted sweep lr3: 3 members (slurm)" in r.stdout
+    record = json.loads((tmp_path / "runs" / "sweeps" / "lr3" / "sweep.json").read_text())
+    job_ids = [m["job_id"] for m in record["members"]]
+    array = {j.split("_")[0] for j in job_ids}
+    assert len(array) == 1 and sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2"]  # one array
+    assert slurm.wait(array.pop(), timeout=300) == "COMPLETED"
+    status = run_hpc("sweep", "status", "runs/sweeps/lr3", cwd=tmp_path, env=slurm.env, check=True)
+    lines = status.stdout.splitlines()
+    assert lines[0] == "sweep lr3: 3/3 done", status.stdout
+    rows = [ln.split() for ln in lines[2:]]
+    assert [row[0] for row in rows] == ["000", "001", "002"]
+    assert [row[1] for row in rows] == ["optim.lr=0.01", "optim.lr=0.003", "optim.lr=0.001"]
+    assert all(row[2] == "done" and row[3] == "32/32" for row in rows)
+    assert all(row[-1].endswith(".pt") for row in rows)  # a checkpoint per member

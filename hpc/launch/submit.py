@@ -136,7 +136,7 @@ def make_executor(cfg: Config, name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/tiny.yaml)")
+    parser.add_argument("--config", default="", help="training config YAML (default: the built-in defaults)")
     add_launch_arguments(parser)
     parser.add_argument("--name", default="", help="job name (default: the run dir's name)")
     parser.add_argument("--wait", action="store_true",
