@@ -129,5 +129,5 @@ def test_plain_template_trains_a_two_task_job_to_completion(slurm, tmp_path_fact
     assert state == "COMPLETED", (tmp_path / "runs" / "slurm" / f"plain-{job}.out").read_text()
     run_dir = tmp_path / "runs" / "plain"
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    assert max(rec.get("samples", 0) for rec in records) == 64
+    assert max(rec.get("step", 0) for rec in records) == 64
     assert list((run_dir / "checkpoints").glob("step-*.pt"))

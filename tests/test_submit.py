@@ -115,7 +115,7 @@ def test_two_task_ddp_job_trains_to_completion(slurm, dataset, tmp_path):
     job = r.stdout.split()[2]
     assert "1 node(s) x 2 task(s)" in r.stdout and f"{job} finished" in r.stdout
     run_dir = tmp_path / "runs" / "ddp"
-    assert max(rec.get("samples", 0) for rec in _records(run_dir)) == 64
+    assert max(rec.get("step", 0) for rec in _records(run_dir)) == 64
     assert list((run_dir / "checkpoints").glob("step-*.pt"))
     assert slurm.wait(job, timeout=60) == "COMPLETED"
     # both ranks ran (one log per task) in one world of 2
@@ -142,7 +142,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_exact_count(slurm
     log = (tmp_path / "runs" / "slurm" / f"{job}_0_log.out").read_text()
     assert log.count("Starting with JobEnvironment") == 2, log  # two attempts: requeued once
     recs = _records(run_dir)
-    assert max(rec.get("samples", 0) for rec in recs) == samples
+    assert max(rec.get("step", 0) for rec in recs) == samples
     # no repeated or lost steps: the training records' sample counts never go back
-    seen = [rec["samples"] for rec in recs if "loss" in rec]
+    seen = [rec["step"] for rec in recs if rec["kind"] == "train"]
     assert seen == sorted(seen) and len(seen) == len(set(seen))

@@ -148,7 +148,8 @@ class RunSummary:
 
 
 def run_summary(run_dir: Path) -> RunSummary:
-    """Read config.yaml, metrics.jsonl (one JSON object per line) and checkpoints/ of a run dir."""
+    """Read config.yaml, metrics.jsonl and checkpoints/ of a run dir. metrics.jsonl has one JSON
+    object per line, {"step": samples seen, "kind": "train" | "val" | ..., metric: value, ...}."""
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -165,8 +166,8 @@ def run_summary(run_dir: Path) -> RunSummary:
             rec = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        samples = max(samples, int(rec.get("samples", 0)))
-        if isinstance(rec.get(metric), (int, float)):
+        samples = max(samples, int(rec.get("step", 0)))
+        if rec.get("kind") == "val" and isinstance(rec.get(metric), (int, float)):
             value = float(rec[metric])
             best = value if best is None or (value < best if mode == "min" else value > best) else best
     ckpts = run_dir / "checkpoints"
