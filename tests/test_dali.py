@@ -55,3 +55,20 @@ def test_dali_flip_matches_torch_and_moves_all_three(tmp_path):
         flipped += int((src_bin[:, :, 0] == 7).all(dim=1).sum())
         assert torch.equal(y.input[:, 1], tgt * y.mask[:, 0])  # input and mask moved with the target
     assert flipped > 0
+
+
+def test_dali_equals_torch_with_dead_blocks_and_augmentation(tmp_path):
+    from hpc import geometry as G
+
+    sc = G.get_scanner("test")
+    root = make_dataset(tmp_path / "d", studies=1, segments=(0, -1, 1), axial=(4, 3, 3), views=sc.views,
+                        bins=sc.bins, counts=True, scanner="test")
+    cfg = loader_cfg(root, workers=1, normalize="anscombe", pad_multiple=8)
+    cfg.corrupt.dead_blocks = 3
+    cfg.augment.enabled, cfg.augment.p = True, 0.5  # DALI flips the data, torch the geometry masks
+    a, b = both(cfg, epoch=1)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert (x.mask == 0).any()
+        for name in FIELDS:
+            assert torch.equal(getattr(x, name), getattr(y, name)), name

@@ -263,3 +263,39 @@ def test_validation_corruption_repeats_training_does_not(tmp_path):
     e0 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
     e1 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
     assert any(not torch.equal(e0[i], e1[i]) for i in e0)  # new noise each epoch
+
+
+def test_dead_block_masks_equal_geometry(tmp_path):
+    """Every channel's mask (seen as the zeros of Poisson-count input) equals hpc.geometry's
+    dead_block_mask of its plane for one pair of blocks per sample, found by brute force."""
+    from itertools import combinations
+
+    from hpc import geometry as G
+
+    sc = G.get_scanner("test")
+    segs = G.segment_sequence(sc.rings - 1)
+    counts = G.axial_counts(sc, segs)  # 16 planes
+    root = make_dataset(tmp_path / "d", studies=2, segments=segs, axial=counts, views=sc.views,
+                        bins=sc.bins, counts=True, scanner="test", shard_slices=7)
+    cfg = loader_cfg(root, split=[0.5, 0.5, 0.0], context=1)
+    cfg.corrupt.dead_blocks = 2
+    n_blocks = G.block_counts(sc)[1]
+    table = {pair: torch.from_numpy(G.dead_block_mask(sc, pair, segs)).float()
+             for pair in combinations(range(n_blocks), 2)}  # (16, V, X) per pair
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, 0, 1, torch.device("cpu"))
+        for batch in loader:
+            stack_mask = (batch.input != 0).float()  # (B, 3, V, X)
+            for i, gid in enumerate(batch.index.tolist()):
+                local = gid % 16
+                # context stays in the centre's (segment) stack: edges replicate
+                st = np.searchsorted(np.cumsum((0,) + counts), local, side="right") - 1
+                lo, hi = sum(counts[:st]), sum(counts[:st + 1]) - 1
+                planes = [min(max(p, lo), hi) for p in (local - 1, local, local + 1)]
+                found = [p for p, m in table.items() if torch.equal(m[planes], stack_mask[i])]
+                assert found, (split, gid)
+                assert torch.equal(batch.mask[i, 0], table[found[0]][local])
+    bad = loader_cfg(root)
+    bad.corrupt.dead_blocks, bad.corrupt.scanner = 2, "mmr"
+    with pytest.raises(ConfigError, match="scanner 'mmr' has"):
+        build_loader(bad, "train", 0, 1, torch.device("cpu"))

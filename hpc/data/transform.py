@@ -44,15 +44,18 @@ class BlockGeometry:
         from hpc import geometry as G  # late: only runs with dead-block corruption need it
 
         try:
-            self.scanner = G.get_scanner(scanner_name)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"corrupt.scanner: {exc} (dataset scanner: {index.ds.scanner!r})") from None
-        sc = self.scanner
+            sc = G.get_scanner(scanner_name)
+            ra, rb = G.plane_rings(sc, index.segment, index.axial)
+        except ValueError as exc:  # unknown scanner, or planes the scanner does not have
+            raise ConfigError(f"corrupt.scanner: {index.ds.root}: {exc}") from None
+        if tuple(index.ds.slice_shape) != (sc.views, sc.bins):
+            raise ConfigError(f"corrupt.scanner: {index.ds.root} has slices of {tuple(index.ds.slice_shape)}, "
+                              f"scanner {sc.name!r} has (views, bins) = ({sc.views}, {sc.bins})")
+        self.scanner = sc
         self.n_trans, self.n_blocks = G.block_counts(sc)
-        ra, rb = G.plane_rings(sc, index.segment, index.axial)
-        self.block_a = torch.as_tensor(G.axial_block(sc, np.asarray(ra)), device=device)  # (N,)
-        self.block_b = torch.as_tensor(G.axial_block(sc, np.asarray(rb)), device=device)
-        self.tmasks = torch.as_tensor(G.transaxial_block_masks(sc), device=device).bool()  # (T, 2, V, X)
+        self.block_a = torch.as_tensor(G.axial_block(sc, ra), device=device)  # (N,) per global slice id
+        self.block_b = torch.as_tensor(G.axial_block(sc, rb), device=device)
+        self.tmasks = torch.as_tensor(G.transaxial_block_masks(sc), device=device)  # (T, 2, V, X) bool
 
     def masks(self, ids: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """ids (B, C) slice ids, dead (B, D) block ids per sample -> (B, C, V, X) float masks."""
