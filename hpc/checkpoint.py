@@ -1,0 +1,164 @@
+"""Full-state checkpoints: atomic, keep last K + best, safe to load, resumable with fallback.
+
+Layout: ``run_dir/checkpoints/step-XXXXXXXX.pt`` (XXXXXXXX = samples seen) and ``best.pt``.
+A checkpoint is a dict of tensors and plain containers only, so ``torch.load(weights_only=True)``
+reads it (nothing is unpickled): model, optim, sched, scaler, step, epoch, loader, rng (one entry
+per rank), config (resolved dict), metrics, best, version, git.
+
+    ckpt = Checkpointer(run_dir, keep=3)
+    ckpt.save(state, step, is_best)           # rank 0 only
+    state, path = ckpt.resume()               # newest readable one; corrupt ones are reported
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hpc
+from hpc.errors import InputError
+from hpc.io.atomic import atomic_path
+
+PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
+REQUIRED = ("model", "optim", "step", "epoch", "config")
+
+
+def code_version() -> dict:
+    """The package version and the git commit of its source tree ("" outside a git checkout)."""
+    root = Path(hpc.__file__).resolve().parent.parent
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                           text=True, timeout=10)
+        sha = r.stdout.strip() if r.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return {"version": hpc.__version__, "git": sha}
+
+
+# ---------------------------------------------------------------- RNG states as tensors/lists
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, CUDA) as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- files
+def load(path: str | Path) -> dict:
+    """A checkpoint's state dict (weights_only, on the CPU); InputError naming the file if unreadable."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # truncated zip, bad pickle opcode, foreign object...
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+        raise InputError(f"{path}: not an hpc checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep: must be >= 1, got {keep}")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / "best.pt"
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step-{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """step-*.pt files, newest (most samples) first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := PATTERN.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        """Write step-<step>.pt atomically (tmp -> fsync -> rename), copy it to best.pt when
+        ``is_best``, then delete all but the newest ``keep`` step files."""
+        target = self.path(step)
+        with atomic_path(target) as tmp:
+            torch.save(state, tmp)
+        if is_best:
+            with atomic_path(self.best_path) as tmp:
+                shutil.copyfile(target, tmp)
+        for old in self.list()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def resume(self, report=None) -> tuple[dict | None, Path | None]:
+        """The newest checkpoint that loads; each unreadable newer one is reported (one line on
+        stderr by default) and skipped. (None, None) when there is none."""
+        report = report or (lambda msg: print(f"hpc train: {msg}", file=sys.stderr, flush=True))
+        for p in self.list():
+            try:
+                return load(p), p
+            except InputError as exc:
+                report(f"skipping {exc}; trying the previous checkpoint")
+        return None, None
+
+
+def describe(path: str | Path) -> str:
+    """Summary of a checkpoint file, or of a run dir's checkpoints (for `hpc inspect`)."""
+    path = Path(path)
+    if path.is_dir():
+        ck = Checkpointer(path)
+        files = ck.list() + ([ck.best_path] if ck.best_path.exists() else [])
+        lines = [f"run dir {path}: {len(files)} checkpoint(s)"]
+        lines += [f"  {p.name}: " + _one_line(p) for p in files]
+        return "\n".join(lines)
+    state = load(path)
+    cfg = state["config"]
+    n_params = sum(t.numel() for t in state["model"].values() if torch.is_tensor(t))
+    lines = [
+        f"checkpoint {path} ({path.stat().st_size / 1e6:.1f} MB)",
+        f"  step (samples seen): {state['step']}   epoch: {state['epoch']}",
+        f"  model: {cfg['model']['name']} ({n_params:,} values in {len(state['model'])} tensors)",
+        f"  optimizer: {cfg['optim']['name']} lr={cfg['optim']['lr']}   "
+        f"scheduler: {cfg['optim']['scheduler']}",
+        f"  ranks with RNG state: {len(state.get('rng', []))}",
+        f"  code: hpc {state.get('version', '?')} git {state.get('git', '') or '?'}",
+    ]
+    if state.get("metrics"):
+        lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in state["metrics"].items()))
+    return "\n".join(lines)
+
+
+def _one_line(p: Path) -> str:
+    try:
+        s = load(p)
+    except InputError as exc:
+        return f"UNREADABLE ({exc})"
+    metric = ", ".join(f"{k}={v:.4g}" for k, v in (s.get("metrics") or {}).items())
+    return f"step {s['step']} epoch {s['epoch']}" + (f" ({metric})" if metric else "")
