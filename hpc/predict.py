@@ -193,18 +193,21 @@ def stack_bounds(spec: SinogramSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def repair_batch(rep: Repairer, slab: np.ndarray, mslab: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
-    """Model output in counts, float64 (B, V, X), for windows ``ids`` (B, C) into ``slab`` (n, V, X)
-    (ids already offset into the slab); ``mslab`` (n, V, X) 1 = measured, or None (no gaps)."""
-    raw = torch.from_numpy(slab[ids].astype(np.float32)).to(rep.device)  # (B, C, V, X)
-    if mslab is None:
-        m = torch.ones_like(raw)
-    else:
-        m = torch.from_numpy(mslab[ids].astype(np.float32)).to(rep.device)
-    x, state = rep.pre.forward(raw * m)  # gaps zeroed in every channel, as in training
-    k = ids.shape[1] // 2
-    y = rep.model(x, rep.pre.pad_mask(m[:, k:k + 1], state))  # (B, 1, V', X')
+def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Model output in counts, float64 (B, V, X), for context stacks ``raw`` (B, C, V, X) with gap
+    masks ``m`` (B, C, V, X) 1 = measured (None: no gaps)."""
+    x = torch.from_numpy(raw.astype(np.float32)).to(rep.device)
+    mask = torch.ones_like(x) if m is None else torch.from_numpy(m.astype(np.float32)).to(rep.device)
+    x, state = rep.pre.forward(x * mask)  # gaps zeroed in every channel, as in training
+    k = raw.shape[1] // 2
+    y = rep.model(x, rep.pre.pad_mask(mask[:, k:k + 1], state))  # (B, 1, V', X')
     return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()
+
+
+def windows(rep: Repairer, spec: SinogramSpec, centres: np.ndarray) -> np.ndarray:
+    """(n,) centre slices -> (n, 2k+1) slice ids, exactly as the loader builds them."""
+    lo, hi = stack_bounds(spec)
+    return window_ids(centres, lo[centres], hi[centres], rep.context, rep.cfg.data.edge)
 
 
 def repair(rep: Repairer, reader: SinogramReader, mask: MaskFn | None,
@@ -212,16 +215,14 @@ def repair(rep: Repairer, reader: SinogramReader, mask: MaskFn | None,
     """Repair every slice of ``reader`` in canonical order, ``batch`` centre slices at a time;
     ``write(start, out (n, V, X) in the source dtype)``."""
     spec = reader.spec
-    lo, hi = stack_bounds(spec)
-    counts, k = Counts(), rep.context
+    counts = Counts()
     for a in range(0, spec.num_slices, batch):
         b = min(a + batch, spec.num_slices)
-        centres = np.arange(a, b)
-        ids = window_ids(centres, lo[a:b], hi[a:b], k, rep.cfg.data.edge)  # (n, 2k+1) global ids
+        ids = windows(rep, spec, np.arange(a, b))  # (n, 2k+1) global ids
         r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
         slab = reader.read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
         mslab = mask(r0, r1) if mask is not None else None
-        pred = repair_batch(rep, slab, mslab, ids - r0)
+        pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0])
         src = slab[a - r0:b - r0]
         if mslab is None:
             out = to_dtype(pred, spec.dtype, counts)

@@ -8,10 +8,9 @@ import torch
 
 from conftest import run_hpc
 from hpc.config import Config, to_dict
-from hpc.data.index import window_ids
 from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
 from hpc.models import build_model
-from hpc.predict import Counts, load_repairer, repair_batch, stack_bounds, to_dtype
+from hpc.predict import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
 
 V, X = 8, 12
 AXIAL = [4, 2]  # two segments: windows must not cross from one into the other
@@ -88,11 +87,12 @@ def test_windows_match_the_loader_and_stay_in_their_stack(tmp_path):
     spec = read_header(inp)
     lo, hi = stack_bounds(spec)
     np.testing.assert_array_equal(lo, [0, 0, 0, 0, 4, 4])
-    ids = window_ids(np.array([3]), lo[3:4], hi[3:4], 1, "replicate")
-    np.testing.assert_array_equal(ids, [[2, 3, 3]])
+    ids = windows(rep, spec, np.array([3, 4]))
+    np.testing.assert_array_equal(ids, [[2, 3, 3], [4, 4, 5]])
+    ids = ids[:1]
     with SinogramReader(spec) as reader:
         slab = reader.read(0, spec.num_slices)
-    got = repair_batch(rep, slab, None, ids)
+    got = model_output(rep, slab[ids], None)
     stack = torch.from_numpy(slab[[2, 3, 3]].astype(np.float32))[None]  # (1, 3, V, X) by hand
     x, st = rep.pre.forward(stack)
     with torch.no_grad():

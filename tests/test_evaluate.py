@@ -1,0 +1,80 @@
+"""hpc evaluate: metrics checked against numpy/scikit-image computed by hand from the files that
+`hpc predict` writes, baselines exact where they must be, report + panels + W&B offline run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from conftest import run_hpc
+from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
+from test_predict import make_checkpoint
+
+V, X, S = 16, 16, 4
+
+
+def ramp_study(tmp_path):
+    """Targets linear along the radial axis (so radial interpolation is exact inside the gaps),
+    float32, gaps = a band of bins 5..8 in every slice."""
+    bins = np.arange(X, dtype=np.float32)
+    target = np.stack([10 + (s + 1) * bins + np.arange(V)[:, None] for s in range(S)]).astype("<f4")  # (S, V, X)
+    mask = np.ones((S, V, X), np.uint8)
+    mask[:, :, 5:9] = 0
+    paths = [write_sinogram(tmp_path / "ramp_gaps", target * mask, axial_counts=[S]),
+             write_sinogram(tmp_path / "ramp", target, axial_counts=[S]),
+             write_sinogram(tmp_path / "ramp_mask", mask, axial_counts=[S])]
+    return paths, target, mask.astype(bool)
+
+
+def test_metrics_match_hand_computed_values(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, slice_shape=(V, X))
+    (gaps, tgt, msk), target, measured = ramp_study(tmp_path)
+    r = run_hpc("evaluate", "--checkpoint", ckpt, "--study", gaps, tgt, msk, "-o", tmp_path / "ev",
+                "--baselines", "linear,biharmonic", "--quiet", env={"WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())["results"]
+
+    # The UNet's repaired sinogram, as hpc predict writes it (float32: no rounding).
+    r = run_hpc("predict", "--checkpoint", ckpt, gaps, "--mask", msk, "-o", tmp_path / "p.s.hdr", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with SinogramReader(read_header(tmp_path / "p.s.hdr")) as rd:
+        pred = rd.read(0, S).astype(np.float64)
+    t, gap = target.astype(np.float64), ~measured
+    unet = res["ramp"]["unet"]
+    assert unet["nmse_gap"] == pytest.approx(((pred - t)[gap] ** 2).sum() / (t[gap] ** 2).sum(), rel=1e-5)
+    assert unet["nmse"] == pytest.approx(((pred - t) ** 2).sum() / (t**2).sum(), rel=1e-5)
+    psnr = [10 * np.log10(t[s].max() ** 2 / ((pred[s] - t[s]) ** 2).mean()) for s in range(S)]
+    assert unet["psnr"] == pytest.approx(np.mean(psnr), rel=1e-5)
+    psnr_gap = [10 * np.log10(t[s].max() ** 2 / ((pred[s] - t[s])[gap[s]] ** 2).mean()) for s in range(S)]
+    assert unet["psnr_gap"] == pytest.approx(np.mean(psnr_gap), rel=1e-5)
+    ssim = [structural_similarity(pred[s], t[s], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                  data_range=t[s].max()) for s in range(S)]
+    assert unet["ssim"] == pytest.approx(np.mean(ssim), rel=1e-4)
+    assert res["overall"]["unet"]["nmse_gap"] == pytest.approx(unet["nmse_gap"])  # one study
+
+    lin = res["ramp"]["linear"]  # exact on a radial ramp: zero error, capped PSNR
+    assert lin["nmse_gap"] == pytest.approx(0.0, abs=1e-12) and lin["psnr"] == pytest.approx(100.0)
+    assert 0 < res["ramp"]["biharmonic"]["nmse_gap"] < 0.05  # smooth data: nearly exact
+
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| ramp | linear |" in report and "| overall | unet |" in report
+    png = (tmp_path / "ev" / "panels" / "ramp.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_run_and_bad_study(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, slice_shape=(V, X))
+    (gaps, tgt, msk), _, _ = ramp_study(tmp_path)
+    r = run_hpc("evaluate", "--checkpoint", ckpt, "--study", gaps, tgt, msk, "-o", tmp_path / "ev",
+                "--baselines", "linear", "--slices", "2", "--quiet", env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "ev" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert list((tmp_path / "ev" / "wandb").glob("offline-run-*/files/media/images/*.png"))
+    short = write_sinogram(tmp_path / "short", np.zeros((S - 1, V, X), "<f4"), axial_counts=[S - 1])
+    r = run_hpc("evaluate", "--checkpoint", ckpt, "--study", gaps, short, msk, "-o", tmp_path / "ev2")
+    assert r.returncode == 2 and "does not match" in r.stderr and "short" in r.stderr
