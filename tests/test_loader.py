@@ -170,6 +170,8 @@ def test_epochs_reshuffle_and_val_is_fixed(tmp_path):
     assert set(val.studies).isdisjoint(train.studies)
     v = [torch.cat([b.index for b in val]).tolist() for _ in range(2)]
     assert v[0] == v[1] == sorted(v[0]) and len(v[0]) == 24
+    next(iter(val))  # a validation stopped early: the next one still starts at the beginning
+    assert torch.cat([b.index for b in val]).tolist() == v[0]
 
 
 def test_plan_equal_disjoint_per_rank_and_lanes():
@@ -186,6 +188,8 @@ def test_plan_equal_disjoint_per_rank_and_lanes():
     val = [plan_epoch(runs, epoch=0, seed=0, rank=r, world=3, batch=4, lanes=2, shuffle=False,
                       buffer=6, drop_last=False) for r in range(3)]
     assert sorted(np.concatenate([np.concatenate(p) for p in val])[:, 1].tolist()) == list(range(37))
+    assert [len(p) for p in val] == [4, 4, 4]  # 12-13 windows each, the same number of batches
+    assert max(len(b) for p in val for b in p) == 4
 
 
 @pytest.mark.parametrize("workers", [0, 2])

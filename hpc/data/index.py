@@ -13,6 +13,7 @@ shuffled through a buffer and cut into batches; batch ``j`` comes from lane ``j 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +142,8 @@ def plan_epoch(runs: list[Run], *, epoch: int, seed: int, rank: int, world: int,
 
     ``drop_last`` (training): every rank gets ``N // world`` windows and full batches only.
     Otherwise (validation) ranks get contiguous chunks differing by at most one window, nothing is
-    dropped, and the last batch may be smaller."""
+    dropped, and each rank cuts its chunk into the same number of batches of at most ``batch``
+    (sizes differ by at most one; only a split with fewer windows than batches has fewer)."""
     if batch < 1 or lanes < 1 or not 0 <= rank < world:
         raise ValueError(f"plan_epoch: batch={batch}, lanes={lanes}, rank={rank}, world={world}")
     order = np.random.default_rng([seed, epoch]).permutation(len(runs)) if shuffle else np.arange(len(runs))
@@ -152,10 +154,10 @@ def plan_epoch(runs: list[Run], *, epoch: int, seed: int, rank: int, world: int,
         per = n // world
         lo, hi = rank * per, (rank + 1) * per
         sizes = [batch] * (per // batch)
-    else:
+    else:  # every rank the same number of batches (no rank waits in a collective), sizes <= batch
         lo, hi = rank * n // world, (rank + 1) * n // world
-        full, rest = divmod(hi - lo, batch)
-        sizes = [batch] * full + ([rest] if rest else [])
+        nb = math.ceil(math.ceil(n / world) / batch)  # batches of the largest rank's chunk
+        sizes = [len(a) for a in np.array_split(np.arange(hi - lo), nb) if len(a)]
     pairs = np.stack([run_no[lo:hi], centre[lo:hi]], axis=1)  # (n_rank, 2)
     batches: list[np.ndarray] = [np.zeros((0, 2), int)] * len(sizes)
     start = 0

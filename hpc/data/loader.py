@@ -95,7 +95,8 @@ class Loader:
         return ((raw, None) for raw in torch_batches(self.reader, plan, start, self.cfg.data.workers, self.device))
 
     def __iter__(self) -> Iterator[Batch]:
-        plan, start = self.plan(self.epoch), self.position
+        # Evaluation restarts every pass (a validation may stop early after train.val_batches).
+        plan, start = self.plan(self.epoch), self.position if self.train else 0
         if start == 0:
             self._bytes = self._windows = 0
         for j, (raw, flipped) in enumerate(self._raw(plan, start), start):
