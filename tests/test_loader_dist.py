@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = loader_cfg(root, workers=1, batch_size=3)
+    cfg = loader_cfg(root, batch_size=3)
     loader = build_loader(cfg, "train", rank, world, torch.device("cpu"))
     result = []
     for epoch in range(2):
@@ -45,7 +45,8 @@ def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
 def test_two_ranks_disjoint_equal_shards(tmp_path):
     root = make_dataset(tmp_path / "d", studies=3, axial=(9,))  # 27 slices
     out = tmp_path / "ranks.json"
-    mp.spawn(_rank, args=(2, _free_port(), str(root), str(out)), nprocs=2, join=True)
+    # fork: the ranks inherit the imported modules (spawn would re-import torch in each)
+    mp.start_processes(_rank, args=(2, _free_port(), str(root), str(out)), nprocs=2, start_method="fork")
     epochs = json.loads(out.read_text())
     for ranks in epochs:
         a, b = ranks[0]["ids"], ranks[1]["ids"]
