@@ -155,11 +155,11 @@ def thin(x: torch.Tensor, p: float, generator: torch.Generator | None = None) ->
 
 # ---------------------------------------------------------------- augmentation
 def rotate_views(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate each sample's object by ``shift`` (B,) views: out[v] = in[v - s], with the radial
-    axis mirrored where v - s wraps below 0. x (B, C, V, X)."""
+    """Rotate each sample's object by ``shift`` (B,) views (any integers; V views = 180 degrees):
+    out[v] = in[v - s], radially mirrored for every odd number of wraps. x (B, C, V, X)."""
     b, c, v, nx = x.shape
-    src = torch.arange(v, device=x.device).view(1, v) - shift.view(b, 1)  # (B, V), may be < 0
-    wrapped = src < 0
+    src = torch.arange(v, device=x.device).view(1, v) - shift.view(b, 1)  # (B, V), any integer
+    wrapped = torch.div(src, v, rounding_mode="floor").remainder(2) == 1
     rows = torch.gather(x, 2, src.remainder(v).view(b, 1, v, 1).expand(b, c, v, nx))
     return torch.where(wrapped.view(b, 1, v, 1), rows.flip(-1), rows)
 

@@ -51,6 +51,7 @@ def test_flip_and_full_turn():
     assert torch.equal(A.flip_bins(x, flags)[1], x[1])
     assert torch.equal(A.rotate_views(A.rotate_views(x, torch.tensor([2, 4, 5])), torch.tensor([4, 2, 1])),
                        x.flip(-1))  # 6 views = 180 degrees
+    assert torch.equal(A.rotate_views(x, torch.tensor([12, -6, 18])), torch.stack([x[0], x[1].flip(-1), x[2].flip(-1)]))
 
 
 @pytest.mark.parametrize("mode", A.NORMALIZE)
