@@ -66,23 +66,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_data(cfg: Config, ckpt: dict) -> dict:
+    """{scale, slice_shape, scanner} of the training set: the checkpoint's ``data`` entry, else the
+    manifest of the dataset at data.path when it is still there, else {} (unknown)."""
+    if ckpt.get("data"):
+        return dict(ckpt["data"])
+    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
+        from hpc.io.shards import Dataset
+
+        ds = Dataset.open(cfg.data.path)
+        return {"scale": ds.scale, "slice_shape": list(ds.slice_shape), "scanner": ds.scanner}
+    return {}
+
+
 def load_repairer(path: str | Path, device: torch.device) -> Repairer:
-    """Load a checkpoint written by hpc.train: a dict with ``model`` (state dict), ``config`` (the
-    resolved config tree) and optionally ``data`` ({scale, slice_shape, scanner} of the training set).
-    Only tensors and plain containers are unpickled (weights_only=True)."""
+    """Load an hpc.train checkpoint (weights_only): the model from ``model`` + ``config``, the
+    preprocessing from the config and the training set's scale."""
+    from hpc.checkpoint import load
     from hpc.models import build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file, or one holding arbitrary pickled objects
-        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise InputError(f"{path}: not an hpc checkpoint (expected 'model' and 'config' entries)")
+    ckpt = load(path)
     cfg = from_dict(ckpt["config"])
-    data = ckpt.get("data") or {}
+    data = training_data(cfg, ckpt)
+    if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
+        raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "
+                         f"neither the checkpoint nor data.path ({cfg.data.path or 'unset'}) gives it")
     model = build_model(cfg.model, cfg.in_channels())
     try:
         model.load_state_dict(_strip_wrappers(ckpt["model"]))
@@ -92,7 +101,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
                          f"{cfg.in_channels()} channels): {first}") from None
     model.to(device).eval()
     shape = tuple(int(v) for v in data["slice_shape"]) if data.get("slice_shape") else None
-    scanner = str(data.get("scanner") or cfg.corrupt.scanner or "")
+    scanner = str(cfg.corrupt.scanner or data.get("scanner") or "")
     return Repairer(path, cfg, model, Preprocess(cfg, scale=float(data.get("scale", 1.0))), device,
                     shape, scanner)
 
@@ -102,11 +111,20 @@ def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
     if rep.slice_shape is not None and tuple(spec.slice_shape) != rep.slice_shape:
         raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} (views x bins) but "
                          f"checkpoint {rep.path} was trained on {rep.slice_shape[0]}x{rep.slice_shape[1]}")
-    if rep.scanner:
-        sc = _scanner(rep.scanner, rep.path)
-        if (sc.views, sc.bins) != tuple(spec.slice_shape):
-            raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
-                             f"{rep.path} was trained on scanner {rep.scanner!r} ({sc.views}x{sc.bins})")
+    sc = _known_scanner(rep.scanner)
+    if sc is not None and (sc.views, sc.bins) != tuple(spec.slice_shape):
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
+                         f"{rep.path} was trained on scanner {sc.name!r} ({sc.views}x{sc.bins})")
+
+
+def _known_scanner(name: str):
+    """The geometry preset called ``name``, or None (a header's free-text `originating system`)."""
+    from hpc import geometry as G
+
+    try:
+        return G.get_scanner(name) if name else None
+    except ValueError:
+        return None
 
 
 def _scanner(name: str, where: Path | str):
@@ -114,8 +132,8 @@ def _scanner(name: str, where: Path | str):
 
     try:
         return G.get_scanner(name)
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"{where}: unknown scanner {name!r}: {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 # ---------------------------------------------------------------- masks
@@ -144,7 +162,7 @@ def dead_block_mask(spec: SinogramSpec, scanner: str, blocks: list[int]) -> Mask
                          f"has {sc.views}x{sc.bins} (views x bins)")
     try:
         planes = G.dead_block_mask(sc, blocks, segments=list(spec.segments))  # (planes, V, X)
-    except (KeyError, ValueError) as exc:
+    except ValueError as exc:
         raise InputError(f"--dead-blocks {blocks}: {exc}") from None
     if len(planes) != spec.planes:
         raise InputError(f"{spec.source}: {spec.planes} planes per TOF bin, scanner {scanner!r} "

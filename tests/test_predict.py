@@ -26,7 +26,7 @@ def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: 
     model = build_model(cfg.model, cfg.in_channels())
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     torch.nn.init.constant_(last.bias, 0.5)  # predictions around half the peak, not rounded to 0
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg),
+    torch.save({"model": model.state_dict(), "optim": {}, "step": 0, "epoch": 0, "config": to_dict(cfg),
                 "data": {"scale": 100.0, "slice_shape": list(slice_shape), "scanner": ""}}, path)
     return cfg
 
@@ -128,3 +128,26 @@ def test_inpainting_model_needs_gaps_and_weights_must_fit(tmp_path):
     torch.save(state, ckpt)
     r = run_hpc("predict", "--checkpoint", ckpt, inp, "-o", tmp_path / "o.s.hdr")
     assert r.returncode == 2 and "weights do not match" in r.stderr
+
+
+def test_dead_blocks_from_geometry_replace_only_their_lors(tmp_path):
+    from hpc import geometry as G
+
+    sc = G.get_scanner("test")  # 4 rings, 12 views x 12 bins, blocks of 4 crystals x 2 rings
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, slice_shape=(sc.views, sc.bins))
+    rng = np.random.default_rng(3)
+    planes = G.dead_block_mask(sc, [1], segments=[0])  # (4, 12, 12) 1 = measured
+    data = (rng.integers(1, 50, size=planes.shape) * planes).astype("<i2")
+    inp = write_sinogram(tmp_path / "scan", data, axial_counts=[len(planes)])
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--dead-blocks", "1", "--scanner", "test",
+                "-o", tmp_path / "fixed.s.hdr", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with SinogramReader(read_header(tmp_path / "fixed.s.hdr")) as rd:
+        out = rd.read(0, len(planes))
+    assert out.dtype == np.int16 and (planes == 0).any()
+    np.testing.assert_array_equal(out[planes == 1], data[planes == 1])
+    assert (out[planes == 0] != 0).any()
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--dead-blocks", "99", "--scanner", "test",
+                "-o", tmp_path / "x.s.hdr")
+    assert r.returncode == 2 and "dead blocks [99]" in r.stderr
