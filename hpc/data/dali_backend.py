@@ -82,7 +82,7 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
                              auto_reset=False, prepare_first_batch=False)
     try:
         for (out,) in it:
-            raw = {n: t.to(device, non_blocking=True) for n, t in out.items()}
+            raw = {n: t if n == "bytes" else t.to(device, non_blocking=True) for n, t in out.items()}
             flipped = raw.pop("flip").bool()
             yield raw, flipped
     finally:

@@ -35,4 +35,5 @@ def torch_batches(reader: BatchReader, plan: list[np.ndarray], start: int, worke
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     for raw in loader:
-        yield {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+        # `bytes` stays on the host: reading it back from the GPU would sync every batch.
+        yield {k: v if k == "bytes" else v.to(device, non_blocking=True) for k, v in raw.items()}
