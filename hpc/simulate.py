@@ -208,8 +208,8 @@ def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[i
 
 
 def render_png(st: Study, sc: G.Scanner, png: Path) -> Path:
-    """Rows: a first and a last direct plane (different axial blocks); columns: full-count
-    sinogram, the same with the dead blocks' LORs zeroed, the mask. TOF bins summed."""
+    """Rows: direct planes through the first dead blocks (else the first and last plane); columns:
+    full-count sinogram, the same with the dead blocks' LORs zeroed, the mask. TOF bins summed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +217,10 @@ def render_png(st: Study, sc: G.Scanner, png: Path) -> Path:
 
     data = st.full.sum(axis=0)  # (P, V, X)
     mask = st.mask if st.mask is not None else np.ones_like(data, np.uint8)
-    planes = sorted({0, sc.rings - 1})  # the direct planes come first in storage order
+    # direct plane r (ring r with itself) is stored at index r; take the middle ring of a dead block
+    n_trans = G.block_counts(sc)[0]
+    centres = [min(b // n_trans * sc.block_axial + sc.block_axial // 2, sc.rings - 1) for b in st.dead]
+    planes = sorted(set(centres))[:2] or sorted({0, sc.rings - 1})
     cols = [("full count", data), (f"dead blocks {st.dead}", data * mask), ("mask (1 = measured)", mask)]
     fig, axes = plt.subplots(len(planes), 3, squeeze=False, figsize=(10.5, 3.4 * len(planes) + 0.4))
     for row, p in enumerate(planes):
