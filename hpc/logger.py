@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class RunLogger:
                               "(or use log.wandb=offline and `wandb sync` later)")
         # the same W&B run continues across requeues/resumes of this run dir
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         id_file.write_text(run_id)
         lc = cfg.log
         return wandb.init(
