@@ -27,9 +27,11 @@ belong to their block (a dead block loses them too) and record nothing (``gap_ma
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 SPEED_OF_LIGHT_MM_PER_PS = 0.299792458
 
@@ -110,7 +112,7 @@ def get_scanner(name: str) -> Scanner:
 
 
 # ---------------------------------------------------------------- transaxial
-def lor_to_sino(sc: Scanner, ca, cb) -> tuple[np.ndarray, np.ndarray]:
+def lor_to_sino(sc: Scanner, ca: ArrayLike, cb: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(view, bin) of the LORs between crystals ``ca`` and ``cb`` (arrays, any shape, ca != cb).
     Symmetric in (ca, cb). ``bin`` may fall outside [0, bins): outside the field of view."""
     n = sc.detectors_per_ring
@@ -121,7 +123,7 @@ def lor_to_sino(sc: Scanner, ca, cb) -> tuple[np.ndarray, np.ndarray]:
     return (total % n) // 2, t + sc.bins // 2
 
 
-def sino_to_lor(sc: Scanner, view, bin) -> tuple[np.ndarray, np.ndarray]:
+def sino_to_lor(sc: Scanner, view: ArrayLike, bin: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Crystals (a, b) of sinogram positions (view, bin); a is the end that sits in ring_a."""
     n = sc.detectors_per_ring
     t = np.asarray(bin, np.int64) - sc.bins // 2
@@ -161,7 +163,7 @@ def segment_sequence(max_ring_diff: int) -> tuple[int, ...]:
     return (0,) + tuple(s for d in range(1, max_ring_diff + 1) for s in (-d, d))
 
 
-def axial_counts(sc: Scanner, segments) -> tuple[int, ...]:
+def axial_counts(sc: Scanner, segments: Sequence[int]) -> tuple[int, ...]:
     """Planes per segment (span 1: rings - |ring difference|)."""
     for s in segments:
         if abs(s) >= sc.rings:
@@ -169,7 +171,7 @@ def axial_counts(sc: Scanner, segments) -> tuple[int, ...]:
     return tuple(sc.rings - abs(int(s)) for s in segments)
 
 
-def plane_rings(sc: Scanner, segment, axial) -> tuple[np.ndarray, np.ndarray]:
+def plane_rings(sc: Scanner, segment: ArrayLike, axial: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(ring_a, ring_b) of planes (segment = ring_b - ring_a, axial position in the segment)."""
     seg, ax = np.broadcast_arrays(np.asarray(segment, np.int64), np.asarray(axial, np.int64))
     bad = np.flatnonzero((ax < 0) | (ax >= sc.rings - np.abs(seg)))
@@ -180,7 +182,7 @@ def plane_rings(sc: Scanner, segment, axial) -> tuple[np.ndarray, np.ndarray]:
     return ax + np.maximum(-seg, 0), ax + np.maximum(seg, 0)
 
 
-def plane_index(sc: Scanner, ring_a, ring_b) -> tuple[np.ndarray, np.ndarray]:
+def plane_index(sc: Scanner, ring_a: ArrayLike, ring_b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(segment, axial) of the planes joining ring_a and ring_b."""
     ra, rb = np.asarray(ring_a, np.int64), np.asarray(ring_b, np.int64)
     if ((ra < 0) | (ra >= sc.rings) | (rb < 0) | (rb >= sc.rings)).any():
@@ -188,7 +190,7 @@ def plane_index(sc: Scanner, ring_a, ring_b) -> tuple[np.ndarray, np.ndarray]:
     return rb - ra, np.minimum(ra, rb)
 
 
-def plane_list(sc: Scanner, segments) -> tuple[np.ndarray, np.ndarray]:
+def plane_list(sc: Scanner, segments: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(ring_a, ring_b) of every plane of ``segments`` in storage order, each (planes,)."""
     counts = axial_counts(sc, segments)
     seg = np.concatenate([np.full(c, s) for s, c in zip(segments, counts)])
@@ -202,15 +204,17 @@ def block_counts(sc: Scanner) -> tuple[int, int]:
     return n_trans, n_trans * math.ceil(sc.rings / sc.block_axial)
 
 
-def axial_block(sc: Scanner, ring) -> np.ndarray:
+def axial_block(sc: Scanner, ring: ArrayLike) -> np.ndarray:
+    """Axial block of each ring."""
     return np.asarray(ring, np.int64) // sc.block_axial
 
 
-def block_id(sc: Scanner, axial_blk, trans_blk) -> np.ndarray:
+def block_id(sc: Scanner, axial_blk: ArrayLike, trans_blk: ArrayLike) -> np.ndarray:
+    """Block id ``axial_block * n_trans + trans_block`` (the loader's numbering too)."""
     return np.asarray(axial_blk, np.int64) * block_counts(sc)[0] + np.asarray(trans_blk, np.int64)
 
 
-def block_of(sc: Scanner, crystal, ring) -> np.ndarray:
+def block_of(sc: Scanner, crystal: ArrayLike, ring: ArrayLike) -> np.ndarray:
     """Block id of crystal ``crystal`` in ring ``ring``."""
     return block_id(sc, axial_block(sc, ring), np.asarray(crystal, np.int64) // sc.block_trans)
 
@@ -223,14 +227,14 @@ def random_blocks(sc: Scanner, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n_blocks, size=k, replace=False))
 
 
-def dead_block_mask(sc: Scanner, blocks, segments=(0,)) -> np.ndarray:
+def dead_block_mask(sc: Scanner, blocks: ArrayLike, segments: Sequence[int] | None = None) -> np.ndarray:
     """(planes, V, X) uint8, 1 = measured, 0 = an end of the LOR lies in one of ``blocks``; planes
-    of ``segments`` (default: the direct planes) in storage order."""
+    of ``segments`` (None: the direct planes, segment 0) in storage order."""
     n_trans, n_blocks = block_counts(sc)
     blocks = np.asarray(blocks, np.int64).reshape(-1)
     if ((blocks < 0) | (blocks >= n_blocks)).any():
         raise ValueError(f"dead blocks {blocks.tolist()}: ids must be in [0, {n_blocks}) on scanner {sc.name!r}")
-    ra, rb = plane_list(sc, segments)
+    ra, rb = plane_list(sc, (0,) if segments is None else segments)
     ax_a, ax_b = axial_block(sc, ra), axial_block(sc, rb)  # (P,)
     tm = transaxial_block_masks(sc)  # (T, 2, V, X)
     lost = np.zeros((ra.size, sc.views, sc.bins), bool)
