@@ -38,5 +38,5 @@ def train_overrides(dataset: Path, samples: int) -> list[str]:
             "data.test_studies=[]", "data.batch_size=4", "data.workers=0", "data.context=1",
             "corrupt.dead_blocks=0", "corrupt.dose=0.5", "augment.enabled=false",
             "model.name=unet", "model.base=4", "model.depth=1", "model.inpaint=false",
-            f"train.samples={samples}", "train.val_every=32", "train.val_batches=1",
-            "checkpoint.every=16", "log.wandb=disabled", "log.progress=false", "log.images=false"]
+            f"train.samples={samples}", f"train.val_every={samples // 2}", "train.val_batches=1",
+            f"checkpoint.every={samples // 2}", "log.wandb=disabled", "log.progress=false", "log.images=false"]
