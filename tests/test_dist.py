@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +102,7 @@ def test_torchrun_ddp_matches_union_batch(tmp_path):
     check_grads(out, "torch")
 
 
+@pytest.mark.mpi
 def test_mpirun_ddp_matches_union_batch(tmp_path):
     from conftest import mpirun_cmd
 

@@ -87,6 +87,7 @@ WRITE_ENV = ("import json, os, sys; from hpc.launch.env import setup_torch_env, 
              "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(json.dumps(row))")
 
 
+@pytest.mark.mpi
 def test_mpirun_two_ranks_agree_on_master(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     r = subprocess.run([*mpirun_cmd(2), sys.executable, "-c", WRITE_ENV, str(tmp_path)], capture_output=True,

@@ -59,6 +59,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_train_logs_validates_and_keeps_best(dataset, tmp_path):
     run = tmp_path / "run"
     r = run_hpc(*args(dataset, run), check=True)
@@ -83,6 +84,7 @@ def test_unknown_best_metric_is_one_line_error(dataset, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(dataset, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_hpc(*args(dataset, ref), check=True)
