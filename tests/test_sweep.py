@@ -93,7 +93,7 @@ def test_three_member_sweep_runs_as_an_array_and_status_shows_all_done(slurm, tm
     dataset = make_dataset(tmp_path_factory.getbasetemp() / "launch-data")
     (tmp_path / "c.yaml").write_text("{}\n")
     spec = {"name": "lr3", "config": "c.yaml", "dir": "runs/sweeps",
-            "fixed": train_overrides(dataset, 32) + ["log.wandb=disabled"],
+            "fixed": train_overrides(dataset, 32) + ["train.best_metric=nmse"],
             "grid": {"optim.lr": [0.01, 0.003, 0.001]},
             "launch": {"cpus_per_task": 1, "time_min": 5, "max_parallel": 2}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
@@ -111,4 +111,5 @@ def test_three_member_sweep_runs_as_an_array_and_status_shows_all_done(slurm, tm
     assert [row[0] for row in rows] == ["000", "001", "002"]
     assert [row[1] for row in rows] == ["optim.lr=0.01", "optim.lr=0.003", "optim.lr=0.001"]
     assert all(row[2] == "done" and row[3] == "32/32" for row in rows)
-    assert all(row[-1].endswith(".pt") for row in rows)  # a checkpoint per member
+    assert all(row[4].startswith("nmse=") for row in rows)  # best validation value, from metrics.jsonl
+    assert all(row[5].endswith("best.pt") for row in rows)  # a checkpoint per member
