@@ -144,6 +144,9 @@ def wrap(model: nn.Module, cfg: DistConfig, ctx: Context, compile: bool = False)
         raise ConfigError(f"dist.bucket_mb: must be >= 1, got {cfg.bucket_mb}")
     if ctx.distributed:
         if cfg.sync_bn:
+            if ctx.device.type != "cuda":
+                raise ConfigError("dist.sync_bn: SyncBatchNorm needs GPU ranks (torch supports it only "
+                                  "on CUDA); set dist.sync_bn=false for CPU runs")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(

@@ -1,5 +1,5 @@
 """hpc.dist: a plain process, and 2-process gloo DDP (launched by torchrun and by mpirun) giving the
-same gradients as one process on the union batch; a hung rank ends the job within dist.timeout_s.
+same gradients as one process on the union batch (also with 2 accumulated micro-batches per rank); a hung rank ends the job within dist.timeout_s.
 
 This file is also the worker: `python tests/test_dist.py grads OUT` under any launcher writes rank
 0's gradients to OUT (tests/test_train_slurm.py runs it under `srun -n 2`).
@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE.parent.parent))  # the repo root, when run as a work
 
 from hpc import dist  # noqa: E402
 from hpc.config import DistConfig  # noqa: E402
+from hpc.errors import ConfigError  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 UNION = 8  # samples in the union batch; each of W ranks gets UNION // W
@@ -59,9 +60,16 @@ def worker(mode: str, out: str) -> None:
     x, y = union_batch()
     part = slice(ctx.rank * UNION // ctx.world, (ctx.rank + 1) * UNION // ctx.world)
     F.mse_loss(net(x[part]), y[part]).backward()  # DDP averages the ranks' gradients
+    # the trainer's accumulation: 2 micro-batches per rank, gradients all-reduced on the last only
+    acc = dist.wrap(tiny_model(), DistConfig(bucket_mb=1), ctx)
+    xs, ys = x[part].chunk(2), y[part].chunk(2)
+    for i in range(2):
+        with dist.no_sync(acc, skip=i == 0):
+            (F.mse_loss(acc(xs[i]), ys[i]) / 2).backward()
     if dist.is_main():
         grads = {n: p.grad for n, p in dist.unwrap(net).named_parameters()}
-        torch.save({"grads": grads, "world": ctx.world, "launcher": launcher}, out)
+        accumulated = {n: p.grad for n, p in dist.unwrap(acc).named_parameters()}
+        torch.save({"grads": grads, "accumulated": accumulated, "world": ctx.world, "launcher": launcher}, out)
     dist.shutdown(0)
 
 
@@ -72,6 +80,7 @@ def check_grads(out: Path, launcher: str) -> None:
     assert got["grads"].keys() == ref.keys()
     for name, g in ref.items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got["accumulated"][name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def clean_env() -> dict[str, str]:
@@ -92,6 +101,12 @@ def test_plain_process_without_env(monkeypatch):
     model = tiny_model()
     assert dist.wrap(model, DistConfig(), ctx) is model and dist.unwrap(model) is model
     assert dist.gather_objects({"a": 1}) == [{"a": 1}]
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_clearly():
+    ctx = dist.Context(rank=0, world=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="dist.sync_bn: SyncBatchNorm needs GPU ranks"):
+        dist.wrap(tiny_model(), DistConfig(sync_bn=True), ctx)
 
 
 def test_torchrun_ddp_matches_union_batch(tmp_path):
