@@ -113,7 +113,7 @@ def test_two_task_ddp_job_trains_to_completion(slurm, dataset, tmp_path):
                 cwd=tmp_path, env=slurm.env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.split()[2]
-    assert "1 node(s) x 2 task(s)" in r.stdout and f"{job} finished" in r.stdout
+    assert "1 node(s) x 2 task(s)" in r.stdout and f"job {job} finished: step 64" in r.stdout
     run_dir = tmp_path / "runs" / "ddp"
     assert max(rec.get("step", 0) for rec in _records(run_dir)) == 64
     assert list((run_dir / "checkpoints").glob("step-*.pt"))
@@ -146,3 +146,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_exact_count(slurm
     # no repeated or lost steps: the training records' sample counts never go back
     seen = [rec["step"] for rec in recs if rec["kind"] == "train"]
     assert seen == sorted(seen) and len(seen) == len(set(seen))
+
+
+@pytest.mark.slow
+def test_local_cluster_runs_the_same_job_without_slurm(dataset, tmp_path):
+    """--cluster local: submitit's local executor, 2 tasks as local processes (a laptop)."""
+    from cluster.tiny_data import train_overrides
+
+    r = run_hpc("submit", "--cluster", "local", "--tasks-per-node", "2", "--wait",
+                "train.run_dir=runs/loc", *train_overrides(dataset, 32), cwd=tmp_path,
+                env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(local: 1 node(s) x 2 task(s))" in r.stdout and "finished: step 32" in r.stdout
+    assert max(rec.get("step", 0) for rec in _records(tmp_path / "runs" / "loc")) == 32

@@ -171,5 +171,8 @@ def run(args: argparse.Namespace) -> int:
         last = str(exc).strip().splitlines()[-1:] or ["(no message)"]
         print(f"hpc submit: job {job.job_id} failed: {last[0]} (see {job.paths.stderr})", file=sys.stderr)
         return 1
-    print(f"job {job.job_id} finished: {results[0]}")
+    result = results[0]  # train()'s summary on rank 0
+    done = (f"step {result.get('step')}, checkpoint {result.get('checkpoint')}"
+            if isinstance(result, dict) else repr(result))
+    print(f"job {job.job_id} finished: {done}")
     return 0
