@@ -64,8 +64,11 @@ class RunLogger:
         if self.mode != "disabled":
             self.wandb = self._init_wandb(cfg)
         if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("log.tensorboard=true needs the `tensorboard` package "
+                                  "(pip install tensorboard), or set log.tensorboard=false") from None
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _init_wandb(self, cfg: C.Config):

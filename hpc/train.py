@@ -153,6 +153,7 @@ class Trainer:
 
         check_config(cfg)
         self.cfg = cfg
+        self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
         self.ctx = ctx = dist.init(cfg.dist, cfg.data.device)
         dist.seed_everything(cfg.train.seed, ctx.rank)
         self.amp = set_numerics(cfg, ctx.device)
@@ -283,16 +284,18 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def run(self) -> dict:
-        cfg, stop = self.cfg, Preemption()
+        cfg, stop = self.cfg, self.stop
         batches, samples_per_step = self._batches(), self.batch_samples * cfg.optim.accumulate
-        t0, seen0 = time.perf_counter(), self.step
+        window = (time.perf_counter(), self.step)  # throughput over each logging interval
         while self.step < cfg.train.samples:
             before = self.step
             loss = self.train_step(batches)
             self.step += samples_per_step
             self.log.progress(samples_per_step, f"loss {loss:.4g}")
             if _crossed(before, self.step, cfg.log.every):
-                self._log_train(loss, (self.step - seen0) / (time.perf_counter() - t0))
+                now = time.perf_counter()
+                self._log_train(loss, (self.step - window[1]) / (now - window[0]))
+                window = (now, self.step)
             is_best = self.val_loader is not None and _crossed(before, self.step, cfg.train.val_every) \
                 and self._validate_and_track()
             preempted = stop.requested(self.ctx.device)
