@@ -73,6 +73,11 @@ class Panel:
     gaps: int = -1
 
 
+def read_windows(reader: SinogramReader, ids: np.ndarray) -> np.ndarray:
+    """(B, C) slice ids -> (B, C, V, X), one contiguous read per window."""
+    return np.stack([reader.read(int(w.min()), int(w.max()) + 1)[w - w.min()] for w in ids])
+
+
 def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[str], batch: int,
                 accs: dict[str, MetricAccumulator], bar: Progress | None = None) -> Panel:
     """Update one accumulator per method with the study's ``centres``; return the panel slice
@@ -82,8 +87,7 @@ def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[s
         for a in range(0, len(centres), batch):
             c = centres[a:a + batch]
             ids = windows(rep, st.input, c)  # (B, 2k+1)
-            raw = np.stack([ri.read(int(w.min()), int(w.max()) + 1)[w - w.min()] for w in ids])
-            m = np.stack([rm.read(int(w.min()), int(w.max()) + 1)[w - w.min()] for w in ids]) > 0
+            raw, m = read_windows(ri, ids), read_windows(rm, ids) > 0  # (B, 2k+1, V, X)
             k = ids.shape[1] // 2
             x = torch.from_numpy(raw[:, k:k + 1].astype(np.float64) * m[:, k:k + 1])  # (B, 1, V, X)
             mk = torch.from_numpy(m[:, k:k + 1].astype(np.float64))
@@ -93,11 +97,11 @@ def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[s
             outs.update({name: baseline_batch(name, x, mk) for name in baselines})
             for name, out in outs.items():
                 accs[name].update(out, tgt, mk)
-            gaps = (mk == 0).flatten(1).sum(1)
+            gaps = (mk == 0).flatten(1).sum(1)  # (B,)
             j = int(gaps.argmax())
             if panel is None or int(gaps[j]) > panel.gaps:
-                panel = Panel(x[j, 0].numpy(), outs[UNET][j, 0].numpy(), outs[baselines[0]][j, 0].numpy()
-                              if baselines else x[j, 0].numpy(), tgt[j, 0].numpy(), mk[j, 0].numpy(), int(gaps[j]))
+                shown = outs[baselines[0]] if baselines else x
+                panel = Panel(*(t[j, 0].numpy() for t in (x, outs[UNET], shown, tgt, mk)), int(gaps[j]))
             if bar is not None:
                 bar.update(len(c))
     return panel
@@ -150,7 +154,7 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, baselines: list
     """Score every study, write report.md, metrics.json and panels/; return the results dict
     ``{"results": {study|"overall": {method: metrics}}, "panels": [...], "report": path}``."""
     methods = [UNET, *baselines]
-    overall = {m: torch.zeros(0) for m in methods}
+    overall: dict[str, torch.Tensor] = {}  # method -> summed accumulator states
     results, panels = {}, []
     plan = [(st, pick_slices(st.input.num_slices, slices)) for st in studies]
     with Progress(sum(len(c) for _, c in plan), "slices", "evaluate", enabled=not quiet) as bar:
@@ -160,7 +164,7 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, baselines: list
             panel = score_study(rep, st, centres, baselines, batch, accs, bar)
             results[st.id] = {m: MetricAccumulator.compute(a.state()) for m, a in accs.items()}
             for m, a in accs.items():  # sums add across studies: "overall" pools every slice
-                overall[m] = a.state() if overall[m].numel() == 0 else overall[m] + a.state()
+                overall[m] = overall.get(m, 0) + a.state()
             name = baselines[0] if baselines else "input"
             title = f"{st.id}: slice with the most gap pixels ({panel.gaps})"
             panels.append(str(save_panel(panel, name, title, out_dir / "panels" / f"{st.id}.png")))
