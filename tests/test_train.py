@@ -1,6 +1,6 @@
 """`hpc train` end to end on a tiny dataset (configs/tiny.yaml): samples-counted steps, validation
-with baselines, best checkpoint by train.best_metric; SIGKILL + resume == uninterrupted run
-(bitwise, deterministic CPU); SIGUSR2/SIGTERM -> checkpoint -> exit 75; 2-rank torchrun run;
+with baselines, best checkpoint by train.best_metric; SIGKILL, truncated newest checkpoint, resume
+from the previous one == uninterrupted run (bitwise, deterministic CPU); SIGUSR2/SIGTERM -> checkpoint -> exit 75; 2-rank torchrun run;
 learning-rate schedules and optimizers."""
 from __future__ import annotations
 
@@ -85,16 +85,19 @@ def test_unknown_best_metric_is_one_line_error(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(dataset, tmp_path):
+def test_sigkill_truncated_newest_then_resume_is_bitwise_identical(dataset, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_hpc(*args(dataset, ref), check=True)
     proc = start(dataset, cut)
     wait_for(cut / "checkpoints" / "step-00000032.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert ck.Checkpointer(cut).list()[0].name != "step-00000064.pt"  # really cut short
+    newest, previous = ck.Checkpointer(cut).list()[:2]
+    assert newest.name != "step-00000064.pt"  # really cut short
+    newest.write_bytes(newest.read_bytes()[:1000])  # and the newest checkpoint truncated
     r = run_hpc(*args(dataset, cut), check=True)
-    assert "resumed from" in r.stderr
+    assert f"skipping {newest}: not a readable checkpoint" in r.stderr
+    assert f"resumed from {previous}" in r.stderr
     a, b = final_state(ref), final_state(cut)
     assert a["step"] == b["step"] == 64
     for name, t in a["model"].items():
