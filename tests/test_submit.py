@@ -84,6 +84,15 @@ def test_bad_launch_settings_are_one_line_errors(tmp_path, flags, message):
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slurm
+def test_failing_job_with_wait_exits_1_with_the_error_line(slurm, tmp_path):
+    r = run_hpc("submit", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "5", "--wait",
+                f"data.path={tmp_path / 'missing'}", "train.run_dir=runs/bad", cwd=tmp_path,
+                env=slurm.env, timeout=120)
+    assert r.returncode == 1
+    assert f"failed: hpc.errors.InputError: {tmp_path / 'missing'}: not a converted dataset" in r.stderr
+
+
 def test_unknown_override_is_refused_before_submitting(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  samples: 8\n")
     r = run_hpc("submit", "--config", "c.yaml", "--cluster", "local", "optim.lrr=1", cwd=tmp_path)

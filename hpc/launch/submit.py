@@ -14,6 +14,7 @@ example:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -80,6 +81,15 @@ def requeue_on_exit75(fn: Callable[[], T]) -> T:
         raise
 
 
+def _shutdown_unless_failed() -> None:
+    """atexit: barrier -> flush -> os._exit(0), unless the interpreter is exiting on an unhandled
+    exception (sys.last_value is set then), whose non-zero status must reach Slurm."""
+    if getattr(sys, "last_value", None) is None:
+        from hpc import dist
+
+        dist.shutdown(0)
+
+
 class TrainJob:
     """What submitit runs in every task: launch env -> `hpc.train.train(cfg)`.
 
@@ -96,7 +106,12 @@ class TrainJob:
         from hpc.train import train
 
         setup_torch_env()
-        return requeue_on_exit75(lambda: train(from_dict(self.config)))
+        result = requeue_on_exit75(lambda: train(from_dict(self.config)))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # submitit pickles `result` after this returns, then the interpreter exits, where gloo
+            # aborts ~1 run in 8 (ENV-FACTS.md): leave through hpc.dist.shutdown instead
+            atexit.register(_shutdown_unless_failed)
+        return result
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -139,6 +154,14 @@ def make_executor(cfg: Config, name: str):
     return executor
 
 
+def _error_line(message: str) -> str:
+    """The exception line of the traceback that submitit frames between dashed lines."""
+    parts = message.split("-" * 22)
+    body = parts[1] if len(parts) > 2 else message
+    lines = [ln for ln in body.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "(no message)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="", help="training config YAML (default: the built-in defaults)")
     add_launch_arguments(parser)
@@ -168,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = job.results()  # one per task (rank 0's first)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
-        last = str(exc).strip().splitlines()[-1:] or ["(no message)"]
-        print(f"hpc submit: job {job.job_id} failed: {last[0]} (see {job.paths.stderr})", file=sys.stderr)
+        print(f"hpc submit: job {job.job_id} failed: {_error_line(str(exc))} (see {job.paths.stderr})",
+              file=sys.stderr)
         return 1
     result = results[0]  # train()'s summary on rank 0
     done = (f"step {result.get('step')}, checkpoint {result.get('checkpoint')}"
