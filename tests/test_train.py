@@ -77,6 +77,23 @@ def test_train_logs_validates_and_keeps_best(dataset, tmp_path):
     assert (run / "config.yaml").exists() and final_state(run)["config"]["data"]["path"] == str(dataset)
 
 
+def test_bf16_channels_last_accumulation_schedule_and_best_by_max(dataset, tmp_path):
+    """The GPU settings on the CPU: bf16 autocast, channels_last, 2 accumulated micro-batches,
+    clipping, SGDR with warmup; best.pt by the highest SSIM."""
+    run = tmp_path / "run"
+    run_hpc(*args(dataset, run, "train.precision=bf16", "train.channels_last=true", "optim.accumulate=2",
+                  "optim.clip_grad=0.5", "optim.scheduler=cosine_restarts", "optim.restart_samples=32",
+                  "optim.warmup_samples=8", "train.best_metric=ssim", "train.best_mode=max"), check=True)
+    train = records(run, "train")
+    assert [t["step"] for t in train] == list(range(8, 65, 8))  # 2 x 4 samples per optimizer step
+    sched = LRSchedule(OptimConfig(lr=0.003, scheduler="cosine_restarts", restart_samples=32,
+                                   warmup_samples=8), "max")
+    assert [t["lr"] for t in train] == pytest.approx([sched.lr(t["step"] - 8) for t in train])
+    val = records(run, "val")
+    best = max(val, key=lambda v: v["ssim"])
+    assert ck.load(run / "checkpoints" / "best.pt")["step"] == best["step"]
+
+
 def test_unknown_best_metric_is_one_line_error(dataset, tmp_path):
     r = run_hpc(*args(dataset, tmp_path / "run", "train.best_metric=accuracy"))
     assert r.returncode == 2
