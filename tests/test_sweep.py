@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_hpc
+from conftest import ROOT, run_hpc
 
 from hpc.errors import ConfigError
 from hpc.launch.sweep import expand, load_sweep, member_configs
@@ -75,6 +75,12 @@ def test_dry_run_lists_members_and_submits_nothing(tmp_path):
     assert "would submit sweep lr: 2 members (local)" in r.stdout
     assert "000" in r.stdout and "optim.lr=0.01" in r.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "launch" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_sweeps_expand_against_the_repo_configs(example):
+    r = run_hpc("sweep", str(example.relative_to(ROOT)), "--dry-run", cwd=ROOT, check=True)
+    assert r.stdout.startswith(f"would submit sweep {example.stem}: ")
 
 
 def test_status_of_a_directory_without_a_sweep_is_one_line_error(tmp_path):
