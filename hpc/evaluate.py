@@ -182,7 +182,7 @@ def log_wandb(summary: dict, mode: str, project: str, out_dir: Path) -> str:
     """Log the table and panels as one W&B run (job type "evaluate"); returns the run directory."""
     import wandb
 
-    run = wandb.init(project=project, job_type="evaluate", mode=mode, dir=str(out_dir), reinit=True,
+    run = wandb.init(project=project, job_type="evaluate", mode=mode, dir=str(out_dir), reinit="finish_previous",
                      settings=wandb.Settings(console="off", silent=True))
     table = wandb.Table(columns=["study", "method", *METRICS])
     for study, methods in summary["results"].items():

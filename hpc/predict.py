@@ -167,8 +167,8 @@ def dead_block_mask(spec: SinogramSpec, scanner: str, blocks: list[int]) -> Mask
     if len(planes) != spec.planes:
         raise InputError(f"{spec.source}: {spec.planes} planes per TOF bin, scanner {scanner!r} "
                          f"gives {len(planes)} for segments {list(spec.segments)}")
-    full = np.tile(planes, (spec.tof_bins, 1, 1))  # canonical order repeats the planes per TOF bin
-    return lambda a, b: full[a:b]
+    # canonical order repeats the planes for each TOF bin: index instead of tiling (bounded memory)
+    return lambda a, b: planes[np.arange(a, b) % spec.planes]
 
 
 # ---------------------------------------------------------------- repair
