@@ -105,9 +105,6 @@ class Cluster:
                 raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}")
             time.sleep(0.5)
 
-    def log(self, daemon: str, lines: int = 20) -> str:
-        return _tail(self.root / "log" / f"{daemon}.log", lines)
-
     # --- lifetime ------------------------------------------------------------------------------
     def alive(self) -> bool:
         if set(self.pids) != set(DAEMONS) or not all(_running(p, d) for d, p in self.pids.items()):
