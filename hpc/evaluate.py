@@ -1,7 +1,8 @@
 """Score a checkpoint against the clean target, next to the interpolation used today.
 
 Each --study names the gapped acquisition, its clean target and its gap mask (1 = measured), in any
-format `hpc predict` reads. The UNet repairs the gaps exactly as `hpc predict` does (measured pixels
+format `hpc predict` reads; or --dataset takes the checkpoint's own test split of a converted dataset
+(its `target`, stored `mask` and, if any, paired `input`). The UNet repairs the gaps exactly as `hpc predict` does (measured pixels
 kept); the baselines fill the same gaps by linear interpolation along the radial axis and by 2-D
 biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram and inside the gaps (definitions
 in hpc.metrics) are reported per study and overall in DIR/report.md and DIR/metrics.json, with one
@@ -12,6 +13,7 @@ examples:
   hpc evaluate --checkpoint runs/demo/checkpoints/best.pt \\
       --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr --study s5_gaps.s.hdr s5.s.hdr s5_mask.s.hdr -o eval/
   hpc evaluate --checkpoint best.pt --study g.hs t.hs m.hs --slices 32 --baselines linear -o eval/
+  hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test -o eval/
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_path, atomic_write_text
+from hpc.io.shards import StudyInfo
 from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
 from hpc.metrics import BASELINES, METRICS, MetricAccumulator, baseline_batch
 from hpc.predict import Repairer, check_compatible, load_repairer, model_output, pick_device, windows
@@ -40,19 +44,71 @@ LABELS = {"nmse": "NMSE", "psnr": "PSNR dB", "ssim": "SSIM",
 @dataclass
 class Study:
     id: str
-    input: SinogramSpec  # gapped acquisition
-    target: SinogramSpec  # clean
-    mask: SinogramSpec  # uint8, 1 = measured
+    layout: SinogramSpec  # slice layout of the gapped input: windows and compatibility checks
+    open: Callable[[], tuple]  # -> (input, target, mask) readers: read(start, stop) -> (n, V, X), close()
 
 
 def open_study(paths: list[str]) -> Study:
-    inp, tgt, msk = (read_header(p) for p in paths)
-    for other in (tgt, msk):
+    """A gapped acquisition, its clean target and its gap mask, as files."""
+    specs = [read_header(p) for p in paths]
+    inp = specs[0]
+    for other in specs[1:]:
         if (other.num_slices, other.slice_shape) != (inp.num_slices, inp.slice_shape):
             raise InputError(f"{other.source}: {other.num_slices}x{other.views}x{other.bins} does not match "
                              f"{inp.source} ({inp.num_slices}x{inp.views}x{inp.bins})")
     stem = Path(paths[1]).name.split(".")[0]
-    return Study(stem, inp, tgt, msk)
+    return Study(stem, inp, lambda: tuple(SinogramReader(sp) for sp in specs))
+
+
+class ShardArray:
+    """One array ('target', 'input' or 'mask') of a converted study, read like a SinogramReader."""
+
+    def __init__(self, info: StudyInfo, name: str):
+        self.info, self.name, self.files = info, name, {}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        import h5py
+        import hdf5plugin  # noqa: F401  (registers the blosc filter)
+
+        parts = []
+        for sh in self.info.shards:
+            lo, hi = max(start, sh.first_slice), min(stop, sh.first_slice + sh.num_slices)
+            if lo < hi:
+                if sh.path not in self.files:
+                    self.files[sh.path] = h5py.File(sh.path, "r")
+                f = self.files[sh.path]
+                d = f[self.name]  # (N, V, X), or (V, X) for a mask shared by every slice
+                parts.append(np.broadcast_to(d[()], (hi - lo, *d.shape)) if d.ndim == 2
+                             else d[lo - sh.first_slice:hi - sh.first_slice])
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
+    """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
+    input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
+    from hpc.data.index import split_studies
+    from hpc.io.shards import Dataset
+
+    ds, d = Dataset.open(root), rep.cfg.data
+    ids = [s.id for s in ds.studies]
+    explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
+    chosen = ids if split == "all" else split_studies(ids, d.split, explicit, d.seed)[split]
+    if not chosen:
+        raise InputError(f"{root}: the checkpoint's {split!r} split has no studies")
+    out = []
+    for info in (ds.study(i) for i in chosen):
+        if not info.has_mask:
+            raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
+        # a layout-only spec: windows and checks need the slice layout, never this data path
+        layout = SinogramSpec(ds.root, np.dtype(info.dtype), 0, info.tof_bins, info.segments,
+                              info.axial_counts, *info.slice_shape, header_path=ds.root / "manifest.json")
+        names = ("input" if info.has_input else "target", "target", "mask")
+        out.append(Study(info.id, layout, lambda info=info: tuple(ShardArray(info, n) for n in names)))
+    return out
 
 
 def pick_slices(n: int, limit: int) -> np.ndarray:
@@ -73,7 +129,7 @@ class Panel:
     gaps: int = -1
 
 
-def read_windows(reader: SinogramReader, ids: np.ndarray) -> np.ndarray:
+def read_windows(reader, ids: np.ndarray) -> np.ndarray:
     """(B, C) slice ids -> (B, C, V, X), one contiguous read per window."""
     return np.stack([reader.read(int(w.min()), int(w.max()) + 1)[w - w.min()] for w in ids])
 
@@ -83,10 +139,12 @@ def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[s
     """Update one accumulator per method with the study's ``centres``; return the panel slice
     (the evaluated slice with the most gap pixels)."""
     panel = None
-    with SinogramReader(st.input) as ri, SinogramReader(st.target) as rt, SinogramReader(st.mask) as rm:
+    readers = st.open()
+    ri, rt, rm = readers
+    try:
         for a in range(0, len(centres), batch):
             c = centres[a:a + batch]
-            ids = windows(rep, st.input, c)  # (B, 2k+1)
+            ids = windows(rep, st.layout, c)  # (B, 2k+1)
             raw, m = read_windows(ri, ids), read_windows(rm, ids) > 0  # (B, 2k+1, V, X)
             k = ids.shape[1] // 2
             x = torch.from_numpy(raw[:, k:k + 1].astype(np.float64) * m[:, k:k + 1])  # (B, 1, V, X)
@@ -104,6 +162,9 @@ def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[s
                 panel = Panel(*(t[j, 0].numpy() for t in (x, outs[UNET], shown, tgt, mk)), int(gaps[j]))
             if bar is not None:
                 bar.update(len(c))
+    finally:
+        for r in readers:
+            r.close()
     return panel
 
 
@@ -156,10 +217,10 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, baselines: list
     methods = [UNET, *baselines]
     overall: dict[str, torch.Tensor] = {}  # method -> summed accumulator states
     results, panels = {}, []
-    plan = [(st, pick_slices(st.input.num_slices, slices)) for st in studies]
+    plan = [(st, pick_slices(st.layout.num_slices, slices)) for st in studies]
     with Progress(sum(len(c) for _, c in plan), "slices", "evaluate", enabled=not quiet) as bar:
         for st, centres in plan:
-            check_compatible(rep, st.input)
+            check_compatible(rep, st.layout)
             accs = {m: MetricAccumulator() for m in methods}
             panel = score_study(rep, st, centres, baselines, batch, accs, bar)
             results[st.id] = {m: MetricAccumulator.compute(a.state()) for m, a in accs.items()}
@@ -196,8 +257,12 @@ def log_wandb(summary: dict, mode: str, project: str, out_dir: Path) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
-    p.add_argument("--study", nargs=3, action="append", required=True, metavar=("INPUT", "TARGET", "MASK"),
-                   help="gapped acquisition, clean target, gap mask (1 = measured); repeat per study")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--study", nargs=3, action="append", metavar=("INPUT", "TARGET", "MASK"),
+                     help="gapped acquisition, clean target, gap mask (1 = measured); repeat per study")
+    src.add_argument("--dataset", metavar="DIR", help="converted dataset with stored gap masks (hpc convert --mask)")
+    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                   help="with --dataset: which of the checkpoint's study splits (default test)")
     p.add_argument("-o", "--output", required=True, help="directory for report.md, metrics.json, panels/")
     p.add_argument("--baselines", default="linear,biharmonic",
                    help=f"comma-separated, from: {', '.join(BASELINES)} (the first is drawn in the panels)")
@@ -218,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
     rep = load_repairer(args.checkpoint, pick_device(args.device))
-    studies = [open_study(paths) for paths in args.study]
+    studies = dataset_studies(rep, args.dataset, args.split) if args.dataset else \
+        [open_study(paths) for paths in args.study]
     out = Path(args.output)
     summary = evaluate(rep, studies, out, baselines, args.slices, args.batch, args.quiet)
     print(report_table(summary["results"]), end="")

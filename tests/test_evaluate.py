@@ -78,3 +78,25 @@ def test_wandb_offline_run_and_bad_study(tmp_path):
     short = write_sinogram(tmp_path / "short", np.zeros((S - 1, V, X), "<f4"), axial_counts=[S - 1])
     r = run_hpc("evaluate", "--checkpoint", ckpt, "--study", gaps, short, msk, "-o", tmp_path / "ev2")
     assert r.returncode == 2 and "does not match" in r.stderr and "short" in r.stderr
+
+
+def test_dataset_studies_score_like_their_source_files(tmp_path):
+    """hpc convert the ramp study with its mask; --dataset gives the same numbers as --study."""
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt, slice_shape=(V, X))
+    (gaps, tgt, msk), _, _ = ramp_study(tmp_path)
+    r = run_hpc("convert", tgt, "--mask", msk, "-o", tmp_path / "ds", "--shard-slices", "3", "--quiet")
+    assert r.returncode == 0, r.stderr
+    common = ["--baselines", "linear", "--quiet"]
+    r = run_hpc("evaluate", "--checkpoint", ckpt, "--dataset", tmp_path / "ds", "--split", "all",
+                "-o", tmp_path / "a", *common, env={"WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr
+    r = run_hpc("evaluate", "--checkpoint", ckpt, "--study", gaps, tgt, msk, "-o", tmp_path / "b", *common,
+                env={"WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["results"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["results"]
+    assert a.keys() == b.keys() == {"ramp", "overall"}  # two shards (3 + 1 slices) read as one study
+    for method in ("unet", "linear"):
+        for metric, value in b["ramp"][method].items():
+            assert a["ramp"][method][metric] == pytest.approx(value, rel=1e-9), (method, metric)
