@@ -2,9 +2,9 @@
 
 Each --study names the gapped acquisition, its clean target and its gap mask (1 = measured), in any
 format `hpc predict` reads; or --dataset takes the checkpoint's own test split of a converted dataset
-(its `target`, stored `mask` and, if any, paired `input`). The UNet repairs the gaps exactly as `hpc predict` does (measured pixels
-kept); the baselines fill the same gaps by linear interpolation along the radial axis and by 2-D
-biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram and inside the gaps (definitions
+(its `target`, stored `mask` and, if any, paired `input`). The UNet repairs the gaps exactly as
+`hpc predict` does (measured pixels kept); the baselines fill the same gaps by linear interpolation
+along the radial axis and by 2-D biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram and inside the gaps (definitions
 in hpc.metrics) are reported per study and overall in DIR/report.md and DIR/metrics.json, with one
 PNG panel per study (input, UNet, baseline, target, errors) in DIR/panels/. With --wandb
 offline|online the table and panels are also logged to W&B (job type "evaluate").
