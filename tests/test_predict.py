@@ -151,3 +151,17 @@ def test_dead_blocks_from_geometry_replace_only_their_lors(tmp_path):
     r = run_hpc("predict", "--checkpoint", ckpt, inp, "--dead-blocks", "99", "--scanner", "test",
                 "-o", tmp_path / "x.s.hdr")
     assert r.returncode == 2 and "dead blocks [99]" in r.stderr
+
+
+def test_refuses_to_overwrite_its_input_and_bad_masks(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    inp, msk, _, _ = study(tmp_path, "siemens", "<u2")
+    before = read_header(inp).data_path.read_bytes()
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", inp)
+    assert r.returncode == 2 and "would overwrite the input" in r.stderr
+    assert read_header(inp).data_path.read_bytes() == before
+    other = write_sinogram(tmp_path / "short_mask", np.ones((3, V, X), np.uint8), axial_counts=[3])
+    r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", other, "-o", tmp_path / "o.s.hdr")
+    assert r.returncode == 2 and "short_mask" in r.stderr and "mask is 3x8x12" in r.stderr
+    assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".o.*"))
