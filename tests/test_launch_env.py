@@ -20,8 +20,11 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    for var in LAUNCH_VARS + E.TORCH_VARS:
+        # set first so that monkeypatch records the original state and removes what
+        # setup_torch_env() exports (later tests' subprocesses must not inherit RANK=...)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("PATH", "/usr/bin/nonexistent")  # no scontrol: exercise the parser
     return monkeypatch
 
