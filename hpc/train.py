@@ -325,7 +325,8 @@ class Trainer:
         self.log.close()
         return {"step": self.step, "epoch": self.loader.epoch, "metrics": self.metrics,
                 "baselines": self.baselines or {}, "best": self.best, "run_dir": str(self.cfg.train.run_dir),
-                "checkpoint": str(path or last), "best_checkpoint": str(self.ckpt.best_path)}
+                "checkpoint": str(path or last), "best_checkpoint": str(self.ckpt.best_path),
+                "resumed_from": str(self.resumed_from or "")}
 
 
 def train(cfg: Config) -> dict:
