@@ -174,6 +174,9 @@ class Trainer:
         self.net = dist.wrap(self.model, cfg.dist, ctx, compile=cfg.train.compile)
         self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.step)
         self.batch_samples = cfg.data.batch_size * ctx.world  # samples per micro-batch, all ranks
+        ds = self.loader.index.ds  # what `hpc predict` needs to preprocess new inputs the same way
+        self.data_info = {"scale": float(ds.scale), "slice_shape": list(ds.slice_shape),
+                          "scanner": cfg.corrupt.scanner or ds.scanner}
 
     # ------------------------------------------------------------ state
     def _resume(self) -> Path | None:
@@ -200,7 +203,8 @@ class Trainer:
             state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
                      "sched": self.sched.state_dict(), "step": self.step, "epoch": self.loader.epoch,
                      "loader": self.loader.state_dict(), "rng": rng, "config": to_dict(self.cfg),
-                     "metrics": self.metrics, "best": self.best, **ck.code_version()}
+                     "metrics": self.metrics, "best": self.best, "data": self.data_info,
+                     **ck.code_version()}
             path = self.ckpt.save(state, self.step, is_best)
         dist.barrier()  # nobody runs ahead (or exits) before the file is in place
         return path

@@ -1,6 +1,8 @@
 """The config tree: YAML + overrides, type checks, precise errors, round trip."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -69,3 +71,14 @@ def test_round_trip_through_yaml(tmp_path):
     assert to_dict(again) == to_dict(cfg)
     assert from_dict(yaml.safe_load(dump(cfg))) == cfg
     assert not list((tmp_path / "run").glob(".*tmp"))  # atomic write left no temporary file
+
+
+def test_atomic_outputs_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    from hpc.io.atomic import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # group-readable, as a shared project dir expects

@@ -75,6 +75,9 @@ def test_train_logs_validates_and_keeps_best(dataset, tmp_path):
     assert state["step"] == best["step"] and state["metrics"]["nmse_gap"] == pytest.approx(best["nmse_gap"])
     assert [p.name for p in ck.Checkpointer(run).list()] == ["step-00000064.pt", "step-00000048.pt"]
     assert (run / "config.yaml").exists() and final_state(run)["config"]["data"]["path"] == str(dataset)
+    data = final_state(run)["data"]  # what `hpc predict` preprocesses new inputs with
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert data["scale"] == pytest.approx(manifest["scale"]) and data["slice_shape"] == [16, 16]
 
 
 def test_bf16_channels_last_accumulation_schedule_and_best_by_max(dataset, tmp_path):
