@@ -30,10 +30,11 @@ import torch
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_path, atomic_write_text
-from hpc.io.shards import StudyInfo
+from hpc.io.shards import ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
 from hpc.metrics import BASELINES, METRICS, MetricAccumulator, baseline_batch
-from hpc.predict import Repairer, check_compatible, load_repairer, model_output, pick_device, windows
+from hpc.predict import (Repairer, check_compatible, load_repairer, model_output, pick_device, study_layout,
+                         windows)
 from hpc.progress import Progress
 
 UNET = "unet"
@@ -60,33 +61,6 @@ def open_study(paths: list[str]) -> Study:
     return Study(stem, inp, lambda: tuple(SinogramReader(sp) for sp in specs))
 
 
-class ShardArray:
-    """One array ('target', 'input' or 'mask') of a converted study, read like a SinogramReader."""
-
-    def __init__(self, info: StudyInfo, name: str):
-        self.info, self.name, self.files = info, name, {}
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the blosc filter)
-
-        parts = []
-        for sh in self.info.shards:
-            lo, hi = max(start, sh.first_slice), min(stop, sh.first_slice + sh.num_slices)
-            if lo < hi:
-                if sh.path not in self.files:
-                    self.files[sh.path] = h5py.File(sh.path, "r")
-                f = self.files[sh.path]
-                d = f[self.name]  # (N, V, X), or (V, X) for a mask shared by every slice
-                parts.append(np.broadcast_to(d[()], (hi - lo, *d.shape)) if d.ndim == 2
-                             else d[lo - sh.first_slice:hi - sh.first_slice])
-        return np.concatenate(parts)
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-
-
 def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
     """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
     input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
@@ -103,9 +77,7 @@ def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
     for info in (ds.study(i) for i in chosen):
         if not info.has_mask:
             raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
-        # a layout-only spec: windows and checks need the slice layout, never this data path
-        layout = SinogramSpec(ds.root, np.dtype(info.dtype), 0, info.tof_bins, info.segments,
-                              info.axial_counts, *info.slice_shape, header_path=ds.root / "manifest.json")
+        layout = study_layout(ds, info)
         names = ("input" if info.has_input else "target", "target", "mask")
         out.append(Study(info.id, layout, lambda info=info: tuple(ShardArray(info, n) for n in names)))
     return out

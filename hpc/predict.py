@@ -13,10 +13,18 @@ examples:
   hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
   hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
   hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
+  hpc predict --checkpoint best.pt a.s.hdr b.s.hdr --mask a_mask.s.hdr b_mask.s.hdr -o fixed/   # fixed/a.s.hdr ...
+  hpc predict --checkpoint best.pt data/scans --split test -o fixed/        # fixed/<study>_repaired.h5
+  torchrun --nproc_per_node=8 -m hpc predict --checkpoint best.pt data/scans -o fixed/   # 8 GPUs
+
+Several inputs (files, or the studies of a converted dataset, read from its stored `input` or
+`target` with its stored `mask`) go to a directory. Under torchrun / srun / mpirun each rank
+repairs every WORLD_SIZE-th study on its own GPU (LOCAL_RANK); a single study runs on one rank.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -228,17 +236,16 @@ def windows(rep: Repairer, spec: SinogramSpec, centres: np.ndarray) -> np.ndarra
     return window_ids(centres, lo[centres], hi[centres], rep.context, rep.cfg.data.edge)
 
 
-def repair(rep: Repairer, reader: SinogramReader, mask: MaskFn | None,
+def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], mask: MaskFn | None,
            write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None) -> Counts:
-    """Repair every slice of ``reader`` in canonical order, ``batch`` centre slices at a time;
-    ``write(start, out (n, V, X) in the source dtype)``."""
-    spec = reader.spec
+    """Repair every slice of ``spec`` in canonical order, ``batch`` centre slices at a time;
+    ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) in the source dtype)``."""
     counts = Counts()
     for a in range(0, spec.num_slices, batch):
         b = min(a + batch, spec.num_slices)
         ids = windows(rep, spec, np.arange(a, b))  # (n, 2k+1) global ids
         r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
-        slab = reader.read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
+        slab = read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
         mslab = mask(r0, r1) if mask is not None else None
         pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0])
         src = slab[a - r0:b - r0]
@@ -307,26 +314,133 @@ def open_input(path: str, shape: str | None, dtype: str, endian: str, offset: in
 
 def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
                  batch: int, quiet: bool = False) -> tuple[Path, Counts]:
-    """Repair one input into ``output`` (same format as the source, or HDF5)."""
+    """Repair one input file into ``output`` (same format as the source, or HDF5)."""
+    with SinogramReader(spec) as reader:
+        return predict_study(rep, spec, reader.read, output, fmt, mask, batch, quiet)
+
+
+def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], output: Path,
+                  fmt: str, mask: MaskFn | None, batch: int, quiet: bool = False) -> tuple[Path, Counts]:
+    """Repair the slices ``read`` gives (layout ``spec``) into ``output``; nothing appears there
+    unless every slice was written."""
     if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
         raise OutputError(f"{output}: the output would overwrite the input")
     comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
     writer = H5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
-    with writer, SinogramReader(spec) as reader, Progress(
-            spec.num_slices, "slices", "predict", enabled=not quiet) as bar:
-        counts = repair(rep, reader, mask, writer.write, batch, bar)
+    with writer, Progress(spec.num_slices, "slices", f"predict {output.name}", enabled=not quiet) as bar:
+        counts = repair(rep, spec, read, mask, writer.write, batch, bar)
         return writer.commit(), counts
 
 
+@dataclass
+class Job:
+    """One study to repair: its slice layout, how to open its input and gaps, where it goes."""
+    name: str
+    spec: SinogramSpec
+    open: Callable[[], tuple[Callable[[int, int], np.ndarray], MaskFn | None, Callable[[], None]]]  # read, mask, close
+    output: Path
+    fmt: str
+
+
+def study_layout(ds, info) -> SinogramSpec:
+    """A layout-only spec of a converted study (windows and checks need the slice layout, never a
+    data path): TOF bins, segments and axial counts from the manifest."""
+    return SinogramSpec(ds.root, np.dtype(info.dtype), 0, info.tof_bins, info.segments, info.axial_counts,
+                        *info.slice_shape, header_path=ds.root / "manifest.json")
+
+
+def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
+    """Every study (or --studies / the checkpoint's --split) of a converted dataset, repaired from
+    its stored ``input`` (paired) or ``target``, gaps from its stored ``mask`` or --dead-blocks;
+    each written as ``OUTPUT/<study>_repaired.h5``."""
+    from hpc.data.index import split_studies
+    from hpc.io.shards import Dataset, ShardArray
+
+    if args.format == "source" and args.format_given:
+        raise InputError(f"{args.inputs[0]}: a converted dataset is written as HDF5 (--format h5)")
+    ds, d = Dataset.open(args.inputs[0]), rep.cfg.data
+    if Path(args.output).resolve() == ds.root.resolve():
+        raise OutputError(f"{args.output}: write the repaired studies next to the dataset, not into it")
+    ids = [s.id for s in ds.studies]
+    if args.studies:
+        chosen = [v.strip() for v in args.studies.split(",") if v.strip()]
+        missing = sorted(set(chosen) - set(ids))
+        if missing:
+            raise InputError(f"{ds.root}: no study {', '.join(missing)} (have {', '.join(ids)})")
+    elif args.split:
+        explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
+        chosen = split_studies(ids, d.split, explicit, d.seed)[args.split]
+    else:
+        chosen = ids
+    jobs, geometry = [], {}  # --dead-blocks masks, one per slice layout
+    for info in map(ds.study, chosen):
+        layout = study_layout(ds, info)
+        check_compatible(rep, layout)
+        if not info.has_mask and not args.dead_blocks and rep.cfg.model.inpaint:
+            raise InputError(f"{ds.root}: study {info.id} has no stored gap mask; give --dead-blocks IDS")
+        key = (layout.tof_bins, layout.segments, layout.axial_counts, layout.slice_shape)
+        if args.dead_blocks and key not in geometry:
+            geometry[key] = build_mask(args, rep, layout, None)  # checked before anything is written
+
+        def opener(info=info, blocks=geometry.get(key)):
+            src = ShardArray(info, "input" if info.has_input else "target")
+            if blocks is not None:
+                mask, stored = blocks, None
+            elif info.has_mask:
+                stored = ShardArray(info, "mask")
+                mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
+            else:
+                mask, stored = None, None
+            return src.read, mask, lambda: [x.close() for x in (src, stored) if x is not None]
+
+        jobs.append(Job(info.id, layout, opener, Path(args.output) / f"{info.id}_repaired.h5", "h5"))
+    return jobs
+
+
+def file_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
+    """One INPUT -> the file -o names; several -> OUTPUT/<input's name> each (--mask: one per input)."""
+    masks = args.mask or []
+    if masks and len(masks) != len(args.inputs):
+        raise InputError(f"--mask: {len(masks)} mask(s) for {len(args.inputs)} input(s); give one per input")
+    jobs = []
+    for i, path in enumerate(args.inputs):
+        spec = open_input(path, args.shape, args.dtype, args.endian, args.offset)
+        check_compatible(rep, spec)
+        mask_path = masks[i] if masks else None
+        mask = build_mask(args, rep, spec, mask_path)  # checks every input before anything is written
+        out = Path(args.output) if len(args.inputs) == 1 else Path(args.output) / Path(path).name
+
+        def opener(spec=spec, mask=mask):
+            reader = SinogramReader(spec)
+            return reader.read, mask, reader.close
+
+        jobs.append(Job(Path(path).name, spec, opener, out, args.format))
+    seen: dict[Path, str] = {}
+    for job in jobs:
+        if job.output in seen:
+            raise InputError(f"{seen[job.output]} and {job.spec.source} both write {job.output}; "
+                             "give inputs distinct file names")
+        seen[job.output] = str(job.spec.source)
+    return jobs
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", help="Interfile header (STIR .hs, Siemens .s.hdr) or raw file")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="Interfile header(s) (STIR .hs, Siemens .s.hdr), raw file(s), or a converted dataset dir")
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
-    p.add_argument("-o", "--output", required=True, help="output header (or raw file / .h5)")
-    p.add_argument("--format", choices=FORMATS, default="source", help="source (default) or h5")
+    p.add_argument("-o", "--output", required=True,
+                   help="output header (or raw file / .h5); a directory for several inputs or a dataset")
+    p.add_argument("--format", choices=FORMATS, default=None, help="source (default) or h5")
     gaps = p.add_mutually_exclusive_group()
-    gaps.add_argument("--mask", metavar="FILE", help="gap mask (1 = measured), same layout as INPUT")
+    gaps.add_argument("--mask", metavar="FILE", nargs="+",
+                      help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
     gaps.add_argument("--dead-blocks", metavar="IDS", help="comma-separated dead block ids (needs a scanner)")
     p.add_argument("--scanner", default="", help="geometry preset for --dead-blocks (default: the checkpoint's)")
+    ds = p.add_argument_group("a converted dataset as INPUT (default: every study)")
+    ds.add_argument("--studies", default="", help="comma-separated study ids")
+    ds.add_argument("--split", choices=("train", "val", "test"), help="the checkpoint's own split of the studies")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave outputs that already exist (they are complete: outputs appear atomically)")
     p.add_argument("--batch", type=int, default=16, help="slices per forward pass (bounds memory)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -338,9 +452,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     raw.add_argument("--offset", type=int, default=0)
 
 
-def build_mask(args: argparse.Namespace, rep: Repairer, spec: SinogramSpec) -> MaskFn | None:
-    if args.mask:
-        return file_mask(spec, open_input(args.mask, args.shape, args.mask_dtype, args.endian, 0))
+def build_mask(args: argparse.Namespace, rep: Repairer, spec: SinogramSpec, mask_path: str | None) -> MaskFn | None:
+    if mask_path:
+        return file_mask(spec, open_input(mask_path, args.shape, args.mask_dtype, args.endian, 0))
     if args.dead_blocks:
         try:
             blocks = [int(v) for v in args.dead_blocks.split(",") if v.strip()]
@@ -355,13 +469,42 @@ def build_mask(args: argparse.Namespace, rep: Repairer, spec: SinogramSpec) -> M
     return None
 
 
+def rank_device(name: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device) under torchrun / srun / mpirun (ranks split the studies; no
+    collectives are needed), or (0, 1, device) alone. Each rank takes the GPU LOCAL_RANK."""
+    from hpc.launch.env import setup_torch_env
+
+    setup_torch_env()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
-    spec = open_input(args.input, args.shape, args.dtype, args.endian, args.offset)
-    rep = load_repairer(args.checkpoint, pick_device(args.device))
-    check_compatible(rep, spec)
-    mask = build_mask(args, rep, spec)
-    out, counts = predict_file(rep, spec, Path(args.output), args.format, mask, args.batch, args.quiet)
-    print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
+    args.format_given, args.format = args.format is not None, args.format or "source"
+    rank, world, device = rank_device(args.device)
+    rep = load_repairer(args.checkpoint, device)
+    is_dataset = len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
+    if (args.studies or args.split) and not is_dataset:
+        raise InputError("--studies/--split: INPUT must be a converted dataset directory")
+    jobs = dataset_jobs(args, rep) if is_dataset else file_jobs(args, rep)
+    mine = jobs[rank::world]  # whole studies per rank: every output has one writer
+    if world > 1 and rank == 0 and len(jobs) < world:
+        print(f"hpc predict: {len(jobs)} studies for {world} ranks: {world - len(jobs)} rank(s) idle",
+              file=sys.stderr, flush=True)
+    for job in mine:
+        if args.skip_existing and job.output.exists():
+            print(f"kept {job.output} (exists)", flush=True)
+            continue
+        read, mask, close = job.open()
+        try:
+            out, counts = predict_study(rep, job.spec, read, job.output, job.fmt, mask, args.batch, args.quiet)
+        finally:
+            close()
+        print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
     return 0

@@ -31,13 +31,13 @@ def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: 
     return cfg
 
 
-def study(tmp_path, fmt: str, dtype: str, seed: int = 1):
+def study(tmp_path, fmt: str, dtype: str, seed: int = 1, tag: str = ""):
     """(gapped input header, mask header, clean data, mask) with ~1/4 of the pixels missing."""
     rng = np.random.default_rng(seed)
     clean = rng.integers(0, 60, size=(1, sum(AXIAL), V, X)).astype(dtype)
     mask = (rng.random(clean.shape) > 0.25).astype(np.uint8)
-    inp = write_sinogram(tmp_path / f"in_{fmt}", clean * mask.astype(dtype), fmt=fmt, axial_counts=AXIAL)
-    msk = write_sinogram(tmp_path / f"mask_{fmt}", mask, fmt=fmt, axial_counts=AXIAL)
+    inp = write_sinogram(tmp_path / f"in{tag}_{fmt}", clean * mask.astype(dtype), fmt=fmt, axial_counts=AXIAL)
+    msk = write_sinogram(tmp_path / f"mask{tag}_{fmt}", mask, fmt=fmt, axial_counts=AXIAL)
     return inp, msk, clean, mask
 
 
@@ -165,3 +165,93 @@ def test_refuses_to_overwrite_its_input_and_bad_masks(tmp_path):
     r = run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", other, "-o", tmp_path / "o.s.hdr")
     assert r.returncode == 2 and "short_mask" in r.stderr and "mask is 3x8x12" in r.stderr
     assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".o.*"))
+
+
+def studies(tmp_path, n: int) -> list[tuple]:
+    """n gapped Siemens studies with their masks (different data, same layout)."""
+    out = []
+    for i in range(n):
+        inp, msk, _, mask = study(tmp_path, "siemens", "<u2", seed=10 + i, tag=str(i))
+        out.append((inp, msk, mask))
+    return out
+
+
+def test_several_inputs_go_to_a_directory_with_one_mask_each(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    sts = studies(tmp_path, 2)
+    r = run_hpc("predict", "--checkpoint", ckpt, sts[0][0], sts[1][0], "--mask", sts[0][1],
+                "-o", tmp_path / "fixed", "--quiet")
+    assert r.returncode == 2 and "1 mask(s) for 2 input(s)" in r.stderr
+    assert not (tmp_path / "fixed").exists()
+    twin = tmp_path / "elsewhere"
+    twin.mkdir()
+    same, same_mask = study(twin, "siemens", "<u2", tag="0")[:2]  # the first study's file name
+    r = run_hpc("predict", "--checkpoint", ckpt, sts[0][0], same, "--mask", sts[0][1], same_mask,
+                "-o", tmp_path / "fixed")
+    assert r.returncode == 2 and "both write" in r.stderr and not (tmp_path / "fixed").exists()
+    r = run_hpc("predict", "--checkpoint", ckpt, sts[0][0], sts[1][0], "--mask", sts[0][1], sts[1][1],
+                "-o", tmp_path / "fixed", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for inp, msk, mask in sts:
+        single = tmp_path / f"single_{inp.name}"  # the same input alone: same values
+        run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", single, "--quiet", check=True)
+        with SinogramReader(read_header(tmp_path / "fixed" / inp.name)) as a, \
+                SinogramReader(read_header(single)) as b:
+            np.testing.assert_array_equal(a.read(0, sum(AXIAL)), b.read(0, sum(AXIAL)))
+
+
+def convert(tmp_path, sts) -> "Path":
+    ds = tmp_path / "ds"
+    run_hpc("convert", *[s[0] for s in sts], "--mask", *[s[1] for s in sts], "-o", ds, "--quiet", check=True)
+    return ds
+
+
+def test_dataset_input_equals_the_source_files(tmp_path):
+    """A converted dataset's studies (stored gapped data + stored mask) repair to exactly what the
+    source files repair to, as HDF5 per study; --studies picks, unknown ids are refused."""
+    import h5py
+
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    sts = studies(tmp_path, 2)
+    ds = convert(tmp_path, sts)
+    ids = [s["id"] for s in __import__("json").loads((ds / "manifest.json").read_text())["studies"]]
+    r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", "nope", "-o", tmp_path / "fixed")
+    assert r.returncode == 2 and "no study nope" in r.stderr
+    r = run_hpc("predict", "--checkpoint", ckpt, ds, "-o", ds)
+    assert r.returncode == 2 and "not into it" in r.stderr
+    r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", ids[1], "-o", tmp_path / "fixed", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == [f"{ids[1]}_repaired.h5"]
+    inp, msk, _ = sts[1]
+    run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", tmp_path / "ref.h5", "--format", "h5",
+            "--quiet", check=True)
+    with h5py.File(tmp_path / "fixed" / f"{ids[1]}_repaired.h5") as a, h5py.File(tmp_path / "ref.h5") as b:
+        np.testing.assert_array_equal(a["repaired"][:], b["repaired"][:])
+        np.testing.assert_array_equal(a["segment"][:], b["segment"][:])
+
+
+def test_two_ranks_split_the_studies(tmp_path):
+    """torchrun --nproc_per_node=2: each rank repairs every other study (no collectives), so three
+    studies give three outputs, each written once, equal to a single-process run."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    ckpt = tmp_path / "m.pt"
+    make_checkpoint(ckpt)
+    ds = convert(tmp_path, studies(tmp_path, 3))
+    run_hpc("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "one", "--quiet", check=True)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "hpc", "predict", "--checkpoint", str(ckpt), str(ds), "-o", str(tmp_path / "two"),
+                        "--quiet", "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 3  # each study by exactly one rank
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 3
+    for a, b in zip(one, two):
+        with h5py.File(a) as fa, h5py.File(b) as fb:
+            np.testing.assert_array_equal(fa["repaired"][:], fb["repaired"][:])

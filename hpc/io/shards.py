@@ -254,3 +254,36 @@ def _study(root: Path, s: dict) -> StudyInfo:
     return StudyInfo(s["id"], s["source"], s["sha256"], s["num_slices"], tuple(s["slice_shape"]),
                      s["dtype"], shards, s["has_input"], s["has_mask"], s.get("scanner", ""),
                      float(s["max"]), s["tof_bins"], tuple(s["segments"]), tuple(s["axial_counts"]))
+
+
+class ShardArray:
+    """One array ('target', 'input' or 'mask') of a converted study, read like a SinogramReader:
+    ``read(start, stop) -> (n, V, X)`` in the study's canonical slice order, across its shards.
+    Files open on first use (so an instance can be made before a fork) and close with ``close()``."""
+
+    def __init__(self, info: StudyInfo, name: str):
+        self.info, self.name, self.files = info, name, {}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for sh in self.info.shards:
+            lo, hi = max(start, sh.first_slice), min(stop, sh.first_slice + sh.num_slices)
+            if lo < hi:
+                if sh.path not in self.files:
+                    self.files[sh.path] = h5py.File(sh.path, "r")
+                f = self.files[sh.path]
+                d = f[self.name]  # (N, V, X), or (V, X) for a mask shared by every slice
+                parts.append(np.broadcast_to(d[()], (hi - lo, *d.shape)) if d.ndim == 2
+                             else d[lo - sh.first_slice:hi - sh.first_slice])
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+    def __enter__(self) -> "ShardArray":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
