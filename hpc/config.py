@@ -278,15 +278,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Defaults <- YAML file <- ``section.key=value`` overrides."""
     cfg = Config()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-        apply_dict(cfg, tree, origin=str(p))
+        apply_dict(cfg, read_yaml(path, "config"), origin=str(path))
     return apply_overrides(cfg, list(overrides or []))
+
+
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError):
+    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing or invalid."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: {what} file not found")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{p}: invalid YAML: {exc}") from None
 
 
 def to_dict(cfg: Config) -> dict:

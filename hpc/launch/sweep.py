@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from hpc.config import Config, load_config, to_dict
+from hpc.config import Config, load_config, read_yaml, to_dict
 from hpc.errors import ConfigError, InputError
 from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import TrainJob, add_launch_arguments, launch_overrides, make_executor
@@ -82,12 +82,7 @@ def _as_override(key: str, value: object) -> str:
 
 def load_sweep(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: sweep file not found")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{p}: invalid YAML: {exc}") from None
+    spec = read_yaml(p, "sweep", InputError)
     if not isinstance(spec, dict) or (unknown := set(spec) - SWEEP_KEYS):
         raise ConfigError(f"{p}: unknown keys {sorted(unknown) if isinstance(spec, dict) else spec!r}; "
                           f"valid: {', '.join(sorted(SWEEP_KEYS))}")
