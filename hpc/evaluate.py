@@ -64,13 +64,12 @@ def open_study(paths: list[str]) -> Study:
 def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
     """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
     input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
-    from hpc.data.index import split_studies
+    from hpc.data.index import config_split
     from hpc.io.shards import Dataset
 
     ds, d = Dataset.open(root), rep.cfg.data
     ids = [s.id for s in ds.studies]
-    explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
-    chosen = ids if split == "all" else split_studies(ids, d.split, explicit, d.seed)[split]
+    chosen = ids if split == "all" else config_split(ids, d, split)
     if not chosen:
         raise InputError(f"{root}: the checkpoint's {split!r} split has no studies")
     out = []

@@ -38,6 +38,7 @@ from hpc.augment import Preprocess
 from hpc.config import Config, from_dict
 from hpc.data.index import window_ids
 from hpc.errors import ConfigError, InputError, OutputError
+from hpc.io.shards import RepairedH5Writer
 from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
 from hpc.progress import Progress
 
@@ -265,40 +266,6 @@ def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndar
 
 
 # ---------------------------------------------------------------- outputs
-class H5Writer:
-    """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on commit."""
-
-    def __init__(self, spec: SinogramSpec, path: Path, comment: str):
-        import h5py
-
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = h5py.File(self.tmp, "w")
-        self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
-                             "source": str(spec.source), "comment": comment})
-        self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
-                                        dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape))
-        for name, values in zip(("tof", "segment", "axial"), spec.meta()):
-            self.f.create_dataset(name, data=values)
-
-    def write(self, start: int, slices: np.ndarray) -> None:
-        self.ds[start:start + len(slices)] = slices
-
-    def commit(self) -> Path:
-        self.f.close()
-        self.tmp.replace(self.path)
-        return self.path
-
-    def __enter__(self) -> "H5Writer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.f.id.valid:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def open_input(path: str, shape: str | None, dtype: str, endian: str, offset: int) -> SinogramSpec:
     """An Interfile header, or a raw file with --shape/--dtype."""
     if shape:
@@ -326,7 +293,7 @@ def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], 
     if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
         raise OutputError(f"{output}: the output would overwrite the input")
     comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
-    writer = H5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
+    writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
     with writer, Progress(spec.num_slices, "slices", f"predict {output.name}", enabled=not quiet) as bar:
         counts = repair(rep, spec, read, mask, writer.write, batch, bar)
         return writer.commit(), counts
@@ -353,7 +320,7 @@ def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
     """Every study (or --studies / the checkpoint's --split) of a converted dataset, repaired from
     its stored ``input`` (paired) or ``target``, gaps from its stored ``mask`` or --dead-blocks;
     each written as ``OUTPUT/<study>_repaired.h5``."""
-    from hpc.data.index import split_studies
+    from hpc.data.index import config_split
     from hpc.io.shards import Dataset, ShardArray
 
     if args.format == "source" and args.format_given:
@@ -368,8 +335,7 @@ def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
         if missing:
             raise InputError(f"{ds.root}: no study {', '.join(missing)} (have {', '.join(ids)})")
     elif args.split:
-        explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
-        chosen = split_studies(ids, d.split, explicit, d.seed)[args.split]
+        chosen = config_split(ids, d, args.split)
     else:
         chosen = ids
     jobs, geometry = [], {}  # --dead-blocks masks, one per slice layout

@@ -71,3 +71,24 @@ def test_cli_status_reports_the_running_cluster(slurm):
                        timeout=60, env={**slurm.env, "HPC_SLURM_DIR": str(slurm.root)})
     assert r.returncode == 0, r.stderr
     assert f"SLURM_CONF={slurm.conf}" in r.stdout and slurm.node in r.stdout
+
+
+def test_stop_finds_daemons_of_an_interrupted_start_by_their_pid_files(tmp_path):
+    """A start killed before it saved state.json leaves daemons that only their own pid files know;
+    `stop` (and the next start) end them, and leave a process whose PID a file names but that is
+    not that daemon alone. Real processes, no Slurm needed."""
+    sys.path.insert(0, str(HARNESS.parent))
+    import harness
+
+    (tmp_path / "run").mkdir()
+    fake = subprocess.Popen(["bash", "-c", "exec -a slurmctld sleep 300"])  # cmdline: "slurmctld 300"
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        (tmp_path / "run" / "slurmctld.pid").write_text(f"{fake.pid}\n")
+        (tmp_path / "run" / "munged.pid").write_text(f"{other.pid}\n")  # a reused PID: not munged
+        assert harness.stop_orphans(tmp_path) == ["slurmctld"]
+        assert fake.wait(timeout=20) is not None and other.poll() is None
+    finally:
+        for p in (fake, other):
+            p.kill()
+            p.wait()

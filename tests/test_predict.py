@@ -1,7 +1,15 @@
 """hpc predict: source-format round trips (Siemens, STIR), measured pixels byte-identical, windows
-built like the loader's, integer rounding/clipping counted, mismatched checkpoints refused."""
+built like the loader's, integer rounding/clipping counted, mismatched checkpoints refused;
+several inputs into a directory, a converted dataset as input, two torchrun ranks splitting the studies."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -63,8 +71,6 @@ def test_round_trip_keeps_format_and_measured_bytes(tmp_path, fmt, dtype, inpain
 
 
 def test_h5_output(tmp_path):
-    import h5py
-
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
     inp, msk, _, mask = study(tmp_path, "siemens", "<u2")
@@ -201,7 +207,7 @@ def test_several_inputs_go_to_a_directory_with_one_mask_each(tmp_path):
             np.testing.assert_array_equal(a.read(0, sum(AXIAL)), b.read(0, sum(AXIAL)))
 
 
-def convert(tmp_path, sts) -> "Path":
+def convert(tmp_path, sts) -> Path:
     ds = tmp_path / "ds"
     run_hpc("convert", *[s[0] for s in sts], "--mask", *[s[1] for s in sts], "-o", ds, "--quiet", check=True)
     return ds
@@ -210,13 +216,11 @@ def convert(tmp_path, sts) -> "Path":
 def test_dataset_input_equals_the_source_files(tmp_path):
     """A converted dataset's studies (stored gapped data + stored mask) repair to exactly what the
     source files repair to, as HDF5 per study; --studies picks, unknown ids are refused."""
-    import h5py
-
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
     sts = studies(tmp_path, 2)
     ds = convert(tmp_path, sts)
-    ids = [s["id"] for s in __import__("json").loads((ds / "manifest.json").read_text())["studies"]]
+    ids = [s["id"] for s in json.loads((ds / "manifest.json").read_text())["studies"]]
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", "nope", "-o", tmp_path / "fixed")
     assert r.returncode == 2 and "no study nope" in r.stderr
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "-o", ds)
@@ -235,16 +239,11 @@ def test_dataset_input_equals_the_source_files(tmp_path):
 def test_two_ranks_split_the_studies(tmp_path):
     """torchrun --nproc_per_node=2: each rank repairs every other study (no collectives), so three
     studies give three outputs, each written once, equal to a single-process run."""
-    import subprocess
-    import sys
-
-    import h5py
-
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
     ds = convert(tmp_path, studies(tmp_path, 3))
     run_hpc("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "one", "--quiet", check=True)
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "hpc", "predict", "--checkpoint", str(ckpt), str(ds), "-o", str(tmp_path / "two"),
                         "--quiet", "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)

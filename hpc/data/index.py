@@ -121,6 +121,13 @@ def split_studies(ids: list[str], fractions: list[float], explicit: dict[str, li
     return out
 
 
+def config_split(ids: list[str], data, split: str) -> list[str]:
+    """The study ids of ``split`` under a data config (its explicit lists, fractions and seed): the
+    one rule the loader, `hpc evaluate --split` and `hpc predict --split` share."""
+    explicit = {"train": data.train_studies, "val": data.val_studies, "test": data.test_studies}
+    return split_studies(ids, data.split, explicit, data.seed)[split]
+
+
 def _shuffle_buffer(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Emission order of a streaming shuffle buffer of ``size`` over items 0..n-1."""
     out, buf = np.empty(n, dtype=np.int64), []

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hpc.config import Config
-from hpc.data.index import SPLITS, SliceIndex, plan_epoch, split_studies
+from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
 from hpc.data.transform import Batch, DeviceTransform
 from hpc.errors import ConfigError
@@ -38,8 +38,7 @@ class Loader:
         self.cfg, self.split, self.rank, self.world, self.device = cfg, split, rank, world, device
         self.train = split == "train"
         ids = [s.id for s in ds.studies]
-        explicit = {"train": d.train_studies, "val": d.val_studies, "test": d.test_studies}
-        self.studies: list[str] = split_studies(ids, d.split, explicit, d.seed)[split]
+        self.studies: list[str] = config_split(ids, d, split)
         if not self.studies:
             raise ConfigError(f"{ds.root}: split {split!r} has no studies ({len(ids)} in the dataset, "
                               f"data.split={d.split})")

@@ -287,3 +287,35 @@ class ShardArray:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RepairedH5Writer:
+    """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on commit."""
+
+    def __init__(self, spec, path: Path, comment: str):  # spec: hpc.io.sinogram.SinogramSpec
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.tmp, "w")
+        self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
+                             "source": str(spec.source), "comment": comment})
+        self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
+                                        dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape))
+        for name, values in zip(("tof", "segment", "axial"), spec.meta()):
+            self.f.create_dataset(name, data=values)
+
+    def write(self, start: int, slices: np.ndarray) -> None:
+        self.ds[start:start + len(slices)] = slices
+
+    def commit(self) -> Path:
+        self.f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def __enter__(self) -> "RepairedH5Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f.id.valid:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)

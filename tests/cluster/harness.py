@@ -249,7 +249,23 @@ def _mariadb(root: Path, port: int, password: str) -> int:
     return pid
 
 
+def stop_orphans(root: Path) -> list[str]:
+    """Stop daemons of a start that was killed before it saved state.json, found by the pid files
+    the daemons write under root/run (checked against /proc, so a reused PID is left alone)."""
+    stopped = []
+    for daemon in reversed(DAEMONS):
+        try:
+            pid = int((root / "run" / f"{daemon}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _running(pid, daemon):
+            _terminate(pid, daemon)
+            stopped.append(daemon)
+    return stopped
+
+
 def _start(root: Path, cpus: int, gpus: int) -> Cluster:
+    stop_orphans(root)
     shutil.rmtree(root, ignore_errors=True)
     for sub in ("etc", "munge", "mysql", "state", "spool/slurmd", "run", "log", "dev", "users"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -369,9 +385,10 @@ def main(argv: list[str]) -> int:
         return 0
     c = load()
     if cmd == "stop":
-        if c is not None:
-            with _locked():
+        with _locked():
+            if c is not None:
                 c.stop()
+            stop_orphans(ROOT_DIR)
         return 0
     if cmd == "status":
         if c is None or not c.alive():
