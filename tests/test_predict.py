@@ -228,6 +228,11 @@ def test_dataset_input_equals_the_source_files(tmp_path):
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", ids[1], "-o", tmp_path / "fixed", "--quiet")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == [f"{ids[1]}_repaired.h5"]
+    done = tmp_path / "fixed" / f"{ids[1]}_repaired.h5"
+    stamp = done.stat().st_mtime_ns
+    r = run_hpc("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "fixed", "--quiet", "--skip-existing")
+    assert r.returncode == 0 and f"kept {done}" in r.stdout and done.stat().st_mtime_ns == stamp
+    assert (tmp_path / "fixed" / f"{ids[0]}_repaired.h5").exists()  # the missing one was done
     inp, msk, _ = sts[1]
     run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", tmp_path / "ref.h5", "--format", "h5",
             "--quiet", check=True)
