@@ -225,6 +225,42 @@ def apply_augment(x: torch.Tensor, prm: AugmentParams, is_mask: bool = False) ->
     return x
 
 
+# ---------------------------------------------------------------- gaps
+FILL = ("zero", "linear")
+
+
+def fill_radial(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Gap pixels (mask < 0.5) linearly interpolated along the radial bins (last axis) between the
+    nearest measured bins of the same row; beyond the outermost measured bin its value is held, a
+    row with nothing measured is 0. Measured pixels are returned unchanged. x, mask: (..., X); the
+    batched twin of hpc.metrics.linear_interp_radial."""
+    m = (mask > 0.5).expand_as(x)
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device).expand_as(x)
+    # No cummax (ONNX has none): the k-th measured bin of a row is pos[k], and cumsum counts them.
+    pos = torch.where(m, idx, idx + n).sort(-1).values  # measured bins first, ascending
+    measured = m.long()
+    upto = measured.cumsum(-1)  # measured bins in [0, i]
+    k_left, k_right = upto - 1, upto - measured  # last measured <= i, first measured >= i
+    has_l, has_r = k_left >= 0, k_right < upto[..., -1:]
+    left = pos.gather(-1, k_left.clamp(min=0)).clamp(max=n - 1)  # (unused where there is none)
+    right = pos.gather(-1, k_right.clamp(max=n - 1)).clamp(max=n - 1)
+    vl, vr = x.gather(-1, left), x.gather(-1, right)
+    w = (idx - left).to(x.dtype) / (right - left).clamp(min=1).to(x.dtype)
+    fill = torch.where(has_l & has_r, vl + (vr - vl) * w, torch.where(has_l, vl, torch.where(has_r, vr, 0.0)))
+    return torch.where(m, x, fill)
+
+
+def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The network's view of a gapped input (data.fill): gaps zeroed, or pre-filled radially so the
+    network learns a correction to interpolation instead of the whole value."""
+    if mode == "zero":
+        return x * mask
+    if mode == "linear":
+        return fill_radial(x, mask)
+    raise ValueError(f"data.fill must be one of {', '.join(FILL)}, got {mode!r}")
+
+
 # ---------------------------------------------------------------- preprocessing
 def pad_multiple(cfg: Config) -> int:
     """data.pad_multiple, or (0) what the configured model needs."""
@@ -242,6 +278,7 @@ class PreState:
 class Preprocess:
     """Normalize + pad for training, ``hpc predict`` and ``hpc export`` (one implementation).
 
+    ``gaps(raw, mask)`` fills the gaps as training did (zeros or radial interpolation, data.fill);
     ``forward(raw (B, C, V, X)) -> (x (B, C, V', X'), state)``; ``like(t, state)`` applies the same
     normalization and padding to the target; ``pad_mask(m, state)`` pads a mask (padded bins are
     "measured", so padding is never a gap); ``inverse(y, state)`` crops and denormalizes exactly.
@@ -252,8 +289,11 @@ class Preprocess:
             raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {cfg.data.normalize!r}")
         if cfg.data.pad_bins not in PAD_BINS:
             raise ValueError(f"data.pad_bins must be one of {', '.join(PAD_BINS)}, got {cfg.data.pad_bins!r}")
+        if cfg.data.fill not in FILL:
+            raise ValueError(f"data.fill must be one of {', '.join(FILL)}, got {cfg.data.fill!r}")
         self.mode = cfg.data.normalize
         self.bins_mode = cfg.data.pad_bins
+        self.fill = cfg.data.fill
         self.scale = float(scale)
         self.multiple = pad_multiple(cfg)
 
@@ -264,6 +304,10 @@ class Preprocess:
         raw = raw.float()
         state = PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
         return self.like(raw, state), state
+
+    def gaps(self, raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gap pixels (mask 0) of ``raw`` as the network was trained to see them (``data.fill``)."""
+        return fill_gaps(raw.float(), mask.float(), self.fill)
 
     def like(self, t: torch.Tensor, state: PreState) -> torch.Tensor:
         return self._pad(normalize(t.float(), self.mode, state.norm), state.pad)

@@ -37,6 +37,7 @@ class DataConfig:
     test_studies: list[str] = field(default_factory=list)
     normalize: str = "max"  # max | scale | anscombe | none
     pad_bins: str = "zero"  # zero | reflect
+    fill: str = "zero"  # gaps in the network input: zero | linear (radial interpolation, then corrected)
     pad_multiple: int = 0  # 0 = from the model (2**depth)
     stage_to: str = ""  # node-local dir (e.g. /raid/$USER) to copy shards to before epoch 0
     device: str = "auto"  # auto | cpu | cuda
@@ -75,6 +76,7 @@ class ModelConfig:
     up_mode: str = "transposed"  # transposed | nearest | bilinear
     residual: bool = False  # unet: predict a correction to the centre input slice
     inpaint: bool = True  # output replaces only the missing pixels: out = x*m + pred*(1-m)
+    mask_input: bool = False  # the centre gap mask as one more input channel (where to correct)
 
 
 @dataclass

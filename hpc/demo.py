@@ -9,7 +9,7 @@ status is 1 if the UNet does not beat linear interpolation inside the gaps (NMSE
 studies (--quick trains too briefly for that claim and only reports the numbers).
 
 examples:
-  hpc demo                      # ~5 minutes on 2 CPU cores, into ./demo
+  hpc demo                      # ~1.5 minutes on 2 idle CPU cores, into ./demo
   hpc demo --quick -o /tmp/demo # end to end in well under a minute (smoke test)
   hpc demo --seed 3 -o demo3
 """

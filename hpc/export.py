@@ -39,7 +39,7 @@ class CountsModel(nn.Module):
 
     def forward(self, raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self.centre
-        x, state = self.pre.forward(raw * mask)  # (B, C, V', X')
+        x, state = self.pre.forward(self.pre.gaps(raw, mask))  # (B, C, V', X')
         y = self.model(x, self.pre.pad_mask(mask[:, c:c + 1], state))
         out = self.pre.inverse(y, state)  # (B, 1, V, X) counts
         return torch.where(mask[:, c:c + 1] > 0.5, raw[:, c:c + 1], out)

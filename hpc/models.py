@@ -134,13 +134,14 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1, base: int = 32, depth: int = 4,
-                 norm: str = "batch", up_mode: str = "transposed", residual: bool = False):
+                 norm: str = "batch", up_mode: str = "transposed", residual: bool = False,
+                 centre: int | None = None):
         super().__init__()
         if depth < 1:
             raise ConfigError(f"model.depth: must be >= 1 for unet, got {depth}")
         widths = [base * 2**i for i in range(depth + 1)]
         self.residual = residual
-        self.centre = in_channels // 2
+        self.centre = in_channels // 2 if centre is None else centre  # the slice a residual adds to
         self.encoders = nn.ModuleList(
             [double_conv(in_channels, widths[0], norm)]
             + [double_conv(widths[i - 1], widths[i], norm) for i in range(1, depth + 1)]
@@ -197,20 +198,23 @@ class SinogramModel(nn.Module):
     """What ``build_model`` returns: checks sizes, runs ``net``, optionally inpaints.
 
     ``forward(x (B, C, V, X), mask (B, 1, V, X)) -> (B, 1, V, X)``; the mask (1 = measured) is used
-    only when ``inpainting`` is on, so training, predict and export call every model the same way.
+    when ``inpainting`` is on and, with ``mask_input``, as a last input channel of ``net``; training,
+    predict and export call every model the same way.
     """
 
-    def __init__(self, net: nn.Module, in_channels: int, multiple: int, inpainting: bool):
+    def __init__(self, net: nn.Module, in_channels: int, multiple: int, inpainting: bool,
+                 mask_input: bool = False):
         super().__init__()
         self.net = net
         self.in_channels = in_channels
         self.centre = in_channels // 2
         self.multiple = multiple
         self.inpainting = inpainting
+        self.mask_input = mask_input
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, self.multiple)
-        pred = self.net(x)
+        pred = self.net(torch.cat([x, mask.to(x.dtype)], 1) if self.mask_input else x)  # (B, C[+1], V, X)
         if self.inpainting:
             pred = inpaint(pred, x[:, self.centre : self.centre + 1], mask)
         return pred
@@ -231,7 +235,8 @@ def _badblock(cfg: ModelConfig, in_channels: int) -> nn.Module:
 
 
 def _unet(cfg: ModelConfig, in_channels: int) -> nn.Module:
-    return UNet(in_channels, cfg.out_channels, cfg.base, cfg.depth, cfg.norm, cfg.up_mode, cfg.residual)
+    return UNet(in_channels, cfg.out_channels, cfg.base, cfg.depth, cfg.norm, cfg.up_mode, cfg.residual,
+                centre=(in_channels - cfg.mask_input) // 2)  # a mask channel comes last
 
 
 def _light(cfg: ModelConfig, in_channels: int) -> nn.Module:
@@ -267,7 +272,8 @@ def build_model(cfg: ModelConfig, in_channels: int) -> SinogramModel:
     if cfg.inpaint and cfg.out_channels != 1:
         raise ConfigError(f"model.inpaint needs model.out_channels=1, got {cfg.out_channels}")
     norm_layer(cfg.norm, 1)  # validates the name before building anything
-    return SinogramModel(build(cfg, in_channels), in_channels, required_multiple(cfg), cfg.inpaint)
+    net = build(cfg, in_channels + cfg.mask_input)
+    return SinogramModel(net, in_channels, required_multiple(cfg), cfg.inpaint, cfg.mask_input)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

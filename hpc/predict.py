@@ -1,7 +1,7 @@
 """Repair sinograms with a trained checkpoint; the output is written in the source's own format.
 
 Slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
-same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed in every channel as
+same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed (or pre-filled) in every channel as
 training corrupted them, then normalized/padded with the checkpoint's preprocessing, repaired in
 batches and mapped back exactly (crop, denormalize). With a gap mask (--mask FILE, or --dead-blocks
 with the scanner geometry) only gap pixels are replaced: every measured value is copied bytewise
@@ -225,7 +225,7 @@ def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None) -> np.nda
     masks ``m`` (B, C, V, X) 1 = measured (None: no gaps)."""
     x = torch.from_numpy(raw.astype(np.float32)).to(rep.device)
     mask = torch.ones_like(x) if m is None else torch.from_numpy(m.astype(np.float32)).to(rep.device)
-    x, state = rep.pre.forward(x * mask)  # gaps zeroed in every channel, as in training
+    x, state = rep.pre.forward(rep.pre.gaps(x, mask))  # gaps in every channel, as in training
     k = raw.shape[1] // 2
     y = rep.model(x, rep.pre.pad_mask(mask[:, k:k + 1], state))  # (B, 1, V', X')
     return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()

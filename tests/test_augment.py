@@ -139,3 +139,34 @@ def test_loader_applies_one_transform_to_input_target_mask(tmp_path):
         assert torch.equal(batch.input[:, 1], tgt * batch.mask[:, 0])
         changed += int((src != torch.arange(48).view(6, 8)).any(dim=(1, 2)).sum())
     assert changed > 0  # the augmentation did move pixels
+
+
+def test_fill_radial_is_the_batched_linear_baseline():
+    """Random rows and gap patterns (none, all, edges, interior): the torch pre-fill equals
+    hpc.metrics.linear_interp_radial slice by slice; measured pixels are untouched."""
+    from hpc.metrics import linear_interp_radial
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random((6, 2, 5, 17)) * 50)  # (B, C, V, X) float64
+    mask = torch.from_numpy((rng.random(x.shape) > rng.random((6, 2, 1, 1))).astype(np.float64))
+    mask[0, 0, 0] = 0  # a row with nothing measured -> 0
+    mask[0, 0, 1] = 1  # a row with no gap
+    out = A.fill_radial(x, mask)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            want = linear_interp_radial(x[b, c].numpy(), mask[b, c].numpy())
+            np.testing.assert_allclose(out[b, c].numpy(), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[mask > 0.5], x[mask > 0.5]) and torch.all(out[0, 0, 0] == 0)
+
+
+def test_fill_modes_and_preprocess_gaps():
+    x = torch.tensor([[[[4.0, 0.0, 0.0, 10.0]]]])
+    m = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])
+    assert A.fill_gaps(x, m, "zero").flatten().tolist() == [4.0, 0.0, 0.0, 10.0]
+    assert A.fill_gaps(x, m, "linear").flatten().tolist() == [4.0, 6.0, 8.0, 10.0]
+    with pytest.raises(ValueError, match="data.fill must be one of zero, linear"):
+        A.fill_gaps(x, m, "cubic")
+    cfg = Config()
+    cfg.data.fill = "cubic"
+    with pytest.raises(ValueError, match="data.fill"):
+        A.Preprocess(cfg)

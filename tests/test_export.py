@@ -30,10 +30,12 @@ def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return raw, mask
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_exported_model_matches_checkpoint(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,fill", [("torchscript", "zero"), ("onnx", "zero"), ("torchscript", "linear"),
+                                      ("onnx", "linear")])
+def test_exported_model_matches_checkpoint(tmp_path, fmt, fill):
+    """fill=linear: the radial pre-fill (cummax, gather) and the mask channel are in the graph too."""
     ckpt = tmp_path / "m.pt"
-    make_checkpoint(ckpt)
+    make_checkpoint(ckpt, fill=fill)
     out = tmp_path / ("model.ts" if fmt == "torchscript" else "model.onnx")
     r = run_hpc("export", "--checkpoint", ckpt, "--format", fmt, "-o", out)
     assert r.returncode == 0, r.stderr

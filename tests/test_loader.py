@@ -237,6 +237,28 @@ def test_paired_and_stored_mask(tmp_path):
         build_loader(bad, "train", 0, 1, torch.device("cpu"))
 
 
+def test_fill_linear_prefills_the_gaps_of_every_channel(tmp_path):
+    """data.fill=linear: the loader's input is the zero-filled input with every channel's gaps
+    interpolated radially (hpc.augment.fill_radial); measured pixels and targets are unchanged."""
+    from hpc.augment import fill_radial
+
+    root = make_dataset(tmp_path / "d", studies=1, axial=(8,), paired=True, mask=True)
+    batches = {}
+    for fill in ("zero", "linear"):
+        cfg = loader_cfg(root, fill=fill, normalize="max")
+        cfg.corrupt.paired = cfg.corrupt.use_stored_mask = True
+        batches[fill] = next(iter(build_loader(cfg, "train", 0, 1, torch.device("cpu"))))
+    zero, lin = batches["zero"], batches["linear"]
+    assert torch.equal(zero.index, lin.index) and torch.equal(zero.target, lin.target)
+    with h5py.File(root / "shards/s0-0000.h5") as f, h5py.File(root / "shards/s0-0001.h5") as g:
+        msk = torch.from_numpy(np.concatenate([f["mask"][:], g["mask"][:]])).float()
+    ids = zero.index.unsqueeze(1) + torch.tensor([-1, 0, 1])  # (B, 3) context slice ids (one study)
+    mask = msk[ids.clamp(0, len(msk) - 1)]  # (B, 3, V, X), edges replicated
+    assert (mask == 0).any()
+    torch.testing.assert_close(lin.input, fill_radial(zero.input, mask))
+    assert not torch.equal(lin.input, zero.input)
+
+
 def test_staging_copies_verifies_and_loads(tmp_path):
     from hpc.data.staging import stage_to
 

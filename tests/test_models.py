@@ -159,3 +159,27 @@ def test_unet_residual_adds_the_centre_slice():
     torch.nn.init.zeros_(head.bias)
     x = torch.rand(2, 3, 4, 6)
     assert torch.equal(model(x, torch.ones(2, 1, 4, 6)), x[:, 1:2])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_mask_input_is_one_more_channel_the_output_depends_on(name):
+    cfg = ModelConfig(name=name, base=4, depth=1, norm="none", inpaint=False, mask_input=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=3).eval()
+    first = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 4  # 3 slices + the gap mask
+    x = torch.rand(2, 3, 8, 8)
+    m = torch.ones(2, 1, 8, 8)
+    m2 = m.clone()
+    m2[:, :, :, 3:5] = 0
+    with torch.no_grad():
+        assert not torch.equal(model(x, m), model(x, m2))
+
+
+def test_unet_residual_with_mask_input_still_adds_the_centre_slice():
+    cfg = ModelConfig(name="unet", base=4, depth=1, residual=True, inpaint=False, mask_input=True)
+    model = build_model(cfg, in_channels=3)
+    torch.nn.init.zeros_(model.net.head.weight)
+    torch.nn.init.zeros_(model.net.head.bias)
+    x = torch.rand(2, 3, 4, 6)
+    assert torch.equal(model(x, torch.zeros(2, 1, 4, 6)), x[:, 1:2])  # not the mask channel

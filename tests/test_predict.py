@@ -25,10 +25,12 @@ AXIAL = [4, 2]  # two segments: windows must not cross from one into the other
 
 
 def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: int = 1,
-                    seed: int = 0) -> Config:
-    """A tiny untrained model saved the way hpc.train saves checkpoints (model, config, data)."""
+                    seed: int = 0, fill: str = "zero") -> Config:
+    """A tiny untrained model saved the way hpc.train saves checkpoints (model, config, data);
+    ``fill="linear"`` also feeds the gap mask as an input channel (the demo's setting)."""
     cfg = Config()
-    cfg.data.context, cfg.data.normalize = context, "max"
+    cfg.data.context, cfg.data.normalize, cfg.data.fill = context, "max", fill
+    cfg.model.mask_input = fill == "linear"
     cfg.model.name, cfg.model.base, cfg.model.norm, cfg.model.inpaint = "light", 4, "none", inpaint
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.in_channels())

@@ -106,7 +106,7 @@ class DeviceTransform:
                 mask = A.flip_bins(mask, flipped)
         else:
             mask = torch.ones_like(stack)
-        return inp * mask, mask
+        return self.pre.gaps(inp, mask), mask
 
     def __call__(self, raw: dict[str, torch.Tensor], epoch: int, j: int,
                  flipped: torch.Tensor | None = None) -> Batch:
