@@ -302,7 +302,6 @@ def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], 
 @dataclass
 class Job:
     """One study to repair: its slice layout, how to open its input and gaps, where it goes."""
-    name: str
     spec: SinogramSpec
     open: Callable[[], tuple[Callable[[int, int], np.ndarray], MaskFn | None, Callable[[], None]]]  # read, mask, close
     output: Path
@@ -323,7 +322,7 @@ def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
     from hpc.data.index import config_split
     from hpc.io.shards import Dataset, ShardArray
 
-    if args.format == "source" and args.format_given:
+    if args.format == "source":
         raise InputError(f"{args.inputs[0]}: a converted dataset is written as HDF5 (--format h5)")
     ds, d = Dataset.open(args.inputs[0]), rep.cfg.data
     if Path(args.output).resolve() == ds.root.resolve():
@@ -357,9 +356,15 @@ def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
                 mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
             else:
                 mask, stored = None, None
-            return src.read, mask, lambda: [x.close() for x in (src, stored) if x is not None]
 
-        jobs.append(Job(info.id, layout, opener, Path(args.output) / f"{info.id}_repaired.h5", "h5"))
+            def close():
+                src.close()
+                if stored is not None:
+                    stored.close()
+
+            return src.read, mask, close
+
+        jobs.append(Job(layout, opener, Path(args.output) / f"{info.id}_repaired.h5", "h5"))
     return jobs
 
 
@@ -380,7 +385,7 @@ def file_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
             reader = SinogramReader(spec)
             return reader.read, mask, reader.close
 
-        jobs.append(Job(Path(path).name, spec, opener, out, args.format))
+        jobs.append(Job(spec, opener, out, args.format or "source"))
     seen: dict[Path, str] = {}
     for job in jobs:
         if job.output in seen:
@@ -396,7 +401,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
     p.add_argument("-o", "--output", required=True,
                    help="output header (or raw file / .h5); a directory for several inputs or a dataset")
-    p.add_argument("--format", choices=FORMATS, default=None, help="source (default) or h5")
+    p.add_argument("--format", choices=FORMATS, default=None, help="source (default for files) or h5 (what a dataset's studies are always written as)")
     gaps = p.add_mutually_exclusive_group()
     gaps.add_argument("--mask", metavar="FILE", nargs="+",
                       help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
@@ -452,7 +457,6 @@ def rank_device(name: str) -> tuple[int, int, torch.device]:
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
-    args.format_given, args.format = args.format is not None, args.format or "source"
     rank, world, device = rank_device(args.device)
     rep = load_repairer(args.checkpoint, device)
     is_dataset = len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
