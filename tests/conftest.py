@@ -83,3 +83,49 @@ def slurm():
     require("Slurm", cluster is not None, why)
     yield cluster
     cluster.stop_if_owned()
+
+
+def shard_differences(a: str | os.PathLike, b: str | os.PathLike, exact: bool = True) -> list[str]:
+    """Compare the shards of two converted datasets; say *what* differs (names, datasets, dtypes,
+    chunks, filters, attributes, values) in a few short lines, so a failure in CI's log tail is
+    readable instead of a dump of raw HDF5 bytes. ``exact`` also requires equal bytes: right for
+    none/gzip/blosc, wrong for lzf, whose bytes depend on what the process compressed before
+    (h5py's liblzf leaves its hash table uninitialised; decoded values are always the same)."""
+    import h5py
+    import numpy as np
+
+    def files(root):
+        return {p.name: p for p in sorted((Path(root) / "shards").glob("*.h5"))}
+
+    fa, fb = files(a), files(b)
+    if fa.keys() != fb.keys():
+        return [f"shard names differ: only in {a}: {sorted(fa.keys() - fb.keys())}, "
+                f"only in {b}: {sorted(fb.keys() - fa.keys())}"]
+    problems = []
+    for name, pa in fa.items():
+        da, db = pa.read_bytes(), fb[name].read_bytes()
+        if da == db:
+            continue
+        first = next((i for i, (x, y) in enumerate(zip(da, db)) if x != y), min(len(da), len(db)))
+        why = [f"{name}: bytes differ ({len(da)} vs {len(db)} bytes, first at offset {first}):"]
+        with h5py.File(pa, "r") as ha, h5py.File(fb[name], "r") as hb:
+            if dict(ha.attrs).keys() != dict(hb.attrs).keys() or any(
+                    np.any(ha.attrs[k] != hb.attrs[k]) for k in ha.attrs):
+                why.append("  root attributes differ")
+            for key in sorted(set(ha) | set(hb)):
+                if key not in ha or key not in hb:
+                    why.append(f"  dataset {key} only in one file")
+                    continue
+                x, y = ha[key], hb[key]
+                for what in ("shape", "dtype", "chunks", "compression", "shuffle"):
+                    if getattr(x, what) != getattr(y, what):
+                        why.append(f"  {key}.{what}: {getattr(x, what)} vs {getattr(y, what)}")
+                if dict(x.attrs) != dict(y.attrs):
+                    why.append(f"  {key} attributes: {dict(x.attrs)} vs {dict(y.attrs)}")
+                if x.shape == y.shape and not np.array_equal(x[()], y[()]):
+                    why.append(f"  {key} values differ")
+        if len(why) > 1:
+            problems += why
+        elif exact:
+            problems += [*why, "  same datasets, attributes, chunks and filters: only the encoding differs"]
+    return problems
