@@ -105,6 +105,16 @@ def normalize(x: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
     return (anscombe(x) if mode == "anscombe" else x) / n
 
 
+def floor_counts(y: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
+    """Clamp network-scale values ``y`` (B, ...) at the network-scale image of 0 counts: counts
+    cannot be negative, and a prediction below 0 is always further from any true count than 0 is.
+    (For ``anscombe`` that floor is A(0) / norm, which also keeps the quadratic inverse monotone.)"""
+    if mode != "anscombe":
+        return y.clamp_min(0.0)
+    zero = anscombe(torch.zeros((), device=y.device)) / norm.view(-1, *([1] * (y.dim() - 1)))
+    return torch.maximum(y, zero.to(y.dtype))
+
+
 def denormalize(y: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
     n = norm.view(-1, *([1] * (y.dim() - 1)))
     return inverse_anscombe(y * n) if mode == "anscombe" else y * n
@@ -281,7 +291,8 @@ class Preprocess:
     ``gaps(raw, mask)`` fills the gaps as training did (zeros or radial interpolation, data.fill);
     ``forward(raw (B, C, V, X)) -> (x (B, C, V', X'), state)``; ``like(t, state)`` applies the same
     normalization and padding to the target; ``pad_mask(m, state)`` pads a mask (padded bins are
-    "measured", so padding is never a gap); ``inverse(y, state)`` crops and denormalizes exactly.
+    "measured", so padding is never a gap); ``inverse(y, state)`` crops and denormalizes exactly
+    (floored at 0 counts with data.nonneg).
     """
 
     def __init__(self, cfg: Config, scale: float = 1.0):
@@ -294,6 +305,7 @@ class Preprocess:
         self.mode = cfg.data.normalize
         self.bins_mode = cfg.data.pad_bins
         self.fill = cfg.data.fill
+        self.nonneg = cfg.data.nonneg
         self.scale = float(scale)
         self.multiple = pad_multiple(cfg)
 
@@ -316,4 +328,9 @@ class Preprocess:
         return self._pad(m.float(), state.pad, fill=1.0)
 
     def inverse(self, y: torch.Tensor, state: PreState) -> torch.Tensor:
-        return denormalize(crop(y, state.pad), self.mode, state.norm)
+        y = crop(y, state.pad)
+        if not self.nonneg:
+            return denormalize(y, self.mode, state.norm)
+        # Floor before inverting (anscombe's inverse would fold large negative outputs up), clamp after
+        # (float rounding of A(0)**2 / 4 - 3/8).
+        return denormalize(floor_counts(y, self.mode, state.norm), self.mode, state.norm).clamp_min(0.0)

@@ -38,6 +38,7 @@ class DataConfig:
     normalize: str = "max"  # max | scale | anscombe | none
     pad_bins: str = "zero"  # zero | reflect
     fill: str = "zero"  # gaps in the network input: zero | linear (radial interpolation, then corrected)
+    nonneg: bool = True  # counts >= 0: predictions, baselines floored at 0 (false: e.g. randoms-subtracted)
     pad_multiple: int = 0  # 0 = from the model (2**depth)
     stage_to: str = ""  # node-local dir (e.g. /raid/$USER) to copy shards to before epoch 0
     device: str = "auto"  # auto | cpu | cuda

@@ -237,6 +237,12 @@ class Trainer:
         self.lr = lr
         return total / n
 
+    def _floor(self, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Counts cannot be negative (data.nonneg): validation scores what hpc predict writes."""
+        from hpc.augment import floor_counts
+
+        return floor_counts(y, self.cfg.data.normalize, norm) if self.cfg.data.nonneg else y
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         from hpc.augment import crop
@@ -253,10 +259,11 @@ class Trainer:
             pred, loss = self._forward(batch)
             loss_sum += torch.stack([loss.double() * len(pred), loss.new_tensor(len(pred)).double()])
             p, t, m = (crop(a.float(), batch.pad) for a in (pred, batch.target, batch.mask))
+            p = self._floor(p, batch.norm)
             acc.update(p, t, m)
             centre = crop(batch.input[:, self.model.centre : self.model.centre + 1], batch.pad)
             for name, b in base.items():
-                b.update(baseline_batch(name, centre, m), t, m)
+                b.update(self._floor(baseline_batch(name, centre, m), batch.norm), t, m)
             if panels is None:
                 panels = {"input": centre[0, 0], "prediction": p[0, 0], "target": t[0, 0],
                           "error": (p - t)[0, 0].abs(), "mask": m[0, 0]}

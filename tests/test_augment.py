@@ -70,6 +70,27 @@ def test_preprocess_inverse_exact(mode, bins_mode):
     assert m[..., 1:14, 1:22].sum() == 0 and (m[..., :, 0] == (1 if bins_mode == "zero" else 0)).all()
 
 
+@pytest.mark.parametrize("mode", A.NORMALIZE)
+def test_inverse_floors_predictions_at_zero_counts(mode):
+    """data.nonneg: a prediction below 0 counts comes back as exactly 0 (for anscombe too, whose
+    quadratic inverse would otherwise turn large negative outputs into large positive counts);
+    predictions at or above 0 counts are untouched. data.nonneg=false keeps them as they are."""
+    cfg = Config()
+    cfg.data.normalize, cfg.data.pad_multiple = mode, 1
+    g = torch.Generator().manual_seed(0)
+    raw = torch.poisson(torch.full((2, 1, 6, 8), 30.0), generator=g)
+    x, st = A.Preprocess(cfg, scale=100.0).forward(raw)
+    y = x * (1 - 2 * torch.rand(x.shape, generator=g))  # about half of the outputs below 0 counts
+    plain = A.denormalize(y, mode, st.norm)  # what the inverse gives without the floor
+    neg = y < A.normalize(torch.zeros_like(raw), mode, st.norm)  # below the network-scale image of 0
+    assert 0.2 < neg.float().mean() < 0.8
+    got = A.Preprocess(cfg, scale=100.0).inverse(y, st)
+    assert (got >= 0).all() and got[neg].max() < 1e-6  # 0 up to anscombe's float rounding
+    assert torch.equal(got[~neg], plain[~neg])
+    cfg.data.nonneg = False
+    assert torch.equal(A.Preprocess(cfg, scale=100.0).inverse(y, st), plain)
+
+
 def test_pad_multiple_from_model():
     cfg = Config()
     cfg.model.name, cfg.model.depth = "unet", 3
