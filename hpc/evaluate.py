@@ -124,7 +124,7 @@ def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[s
             pred = torch.from_numpy(model_output(rep, raw, m))[:, None]
             outs = {UNET: torch.where(mk > 0.5, x, pred)}  # measured pixels kept, as hpc predict does
             outs.update({name: baseline_batch(name, x, mk) for name in baselines})
-            if rep.pre.nonneg:  # the UNet's output is floored at 0 counts in model_output; so are the baselines
+            if rep.pre.nonneg:  # counts >= 0: model_output floors the UNet's output, so floor the baselines too
                 outs.update({name: outs[name].clamp_min(0) for name in baselines})
             for name, out in outs.items():
                 accs[name].update(out, tgt, mk)

@@ -401,7 +401,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
     p.add_argument("-o", "--output", required=True,
                    help="output header (or raw file / .h5); a directory for several inputs or a dataset")
-    p.add_argument("--format", choices=FORMATS, default=None, help="source (default for files) or h5 (what a dataset's studies are always written as)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="source (default for files) or h5 (what a dataset's studies are always written as)")
     gaps = p.add_mutually_exclusive_group()
     gaps.add_argument("--mask", metavar="FILE", nargs="+",
                       help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
