@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/hpc demo $(DEMO_ARGS)
 
 test: $(STAMP) system
+	$(BIN)/python -m ruff check hpc tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

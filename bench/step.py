@@ -217,14 +217,16 @@ def bench_one(preset: str, mode_name: str, args: argparse.Namespace, device: tor
 
 def table(rows: list[dict]) -> str:
     base = {r["preset"]: r["samples_per_s"] for r in rows if r["mode"] == "fp32"}
-    lines = ["| preset | mode | size | batch | samples/s | vs fp32 | step ms | GFLOP/sample | TFLOP/s | MFU | GPU mem GB |",
+    lines = ["| preset | mode | size | batch | samples/s | vs fp32 | step ms | GFLOP/sample | TFLOP/s | MFU "
+             "| GPU mem GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['samples_per_s'] / base[r['preset']]:.2f}x" if r["preset"] in base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] is not None else "-"
         lines.append(f"| {r['preset']} | {r['mode']} | {r['size']} | {r['batch']} | {r['samples_per_s']:.4g} | "
-                     f"{ratio} | {r['step_ms']:.1f} | {r['gflop_per_sample']:.4g} | {r['tflops']:.4g} | {mfu} | {mem} |")
+                     f"{ratio} | {r['step_ms']:.1f} | {r['gflop_per_sample']:.4g} | {r['tflops']:.4g} | "
+                     f"{mfu} | {mem} |")
     return "\n".join(lines)
 
 

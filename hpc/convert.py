@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -143,9 +143,11 @@ def plan(args: argparse.Namespace) -> list[Study]:
         studies.append(Study(_study_id(Path(src), taken), target, inp, mask))
     first = studies[0].target
     for s in studies[1:]:
-        if s.target.slice_shape != first.slice_shape or s.target.dtype.newbyteorder("=") != first.dtype.newbyteorder("="):
+        same_dtype = s.target.dtype.newbyteorder("=") == first.dtype.newbyteorder("=")
+        if s.target.slice_shape != first.slice_shape or not same_dtype:
             raise InputError(f"{s.target.source}: slices {s.target.slice_shape} {s.target.dtype.name} differ from "
-                             f"{first.source} ({first.slice_shape} {first.dtype.name}); convert them into separate datasets")
+                             f"{first.source} ({first.slice_shape} {first.dtype.name}); "
+                             "convert them into separate datasets")
     return studies
 
 
@@ -225,7 +227,7 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
     if study.mask:
         arrays["mask"] = ((v, x) if mask_2d else (count, v, x), np.uint8)
     arrays.update({k: ((count,), np.int32) for k in ("tof", "segment", "axial")})
-    meta = dict(zip(("tof", "segment", "axial"), t.meta()))
+    meta = dict(zip(("tof", "segment", "axial"), t.meta(), strict=True))
     slab = max(1, SLAB_BYTES // (study.nbytes // t.num_slices))
     with ShardWriter(path, arrays, opts.compression, attrs) as w:
         if mask_2d:
@@ -380,7 +382,7 @@ def _run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar:
         futures = [pool.submit(_shard_task, studies[i], sums[i], k, first, count, out, opts)
                    for i, k, first, count in tasks]
         shards: dict[int, list] = {i: [] for i in range(len(studies))}
-        for (i, _, _, _), entry in zip(tasks, _gather(pool, queue, bar, futures)):
+        for (i, _, _, _), entry in zip(tasks, _gather(pool, queue, bar, futures), strict=True):
             shards[i].append(entry)  # tasks of one study are in shard order
         while bar.n < sum(s.target.num_slices for s in studies):  # counts may trail the results
             bar.update(queue.get(timeout=10))

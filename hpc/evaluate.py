@@ -4,10 +4,10 @@ Each --study names the gapped acquisition, its clean target and its gap mask (1 
 format `hpc predict` reads; or --dataset takes the checkpoint's own test split of a converted dataset
 (its `target`, stored `mask` and, if any, paired `input`). The UNet repairs the gaps exactly as
 `hpc predict` does (measured pixels kept); the baselines fill the same gaps by linear interpolation
-along the radial axis and by 2-D biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram and inside the gaps (definitions
-in hpc.metrics) are reported per study and overall in DIR/report.md and DIR/metrics.json, with one
-PNG panel per study (input, UNet, baseline, target, errors) in DIR/panels/. With --wandb
-offline|online the table and panels are also logged to W&B (job type "evaluate").
+along the radial axis and by 2-D biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram
+and inside the gaps (definitions in hpc.metrics) are reported per study and overall in
+DIR/report.md and DIR/metrics.json, with one PNG panel per study (input, UNet, baseline, target,
+errors) in DIR/panels/. With --wandb offline|online the table and panels are also logged to W&B (job type "evaluate").
 
 examples:
   hpc evaluate --checkpoint runs/demo/checkpoints/best.pt \\
@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
             raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
         layout = study_layout(ds, info)
         names = ("input" if info.has_input else "target", "target", "mask")
-        out.append(Study(info.id, layout, lambda info=info: tuple(ShardArray(info, n) for n in names)))
+        out.append(Study(info.id, layout, lambda info=info, names=names: tuple(ShardArray(info, n) for n in names)))
     return out
 
 
@@ -155,7 +155,7 @@ def save_panel(p: Panel, baseline: str, title: str, path: Path) -> Path:
               (baseline, p.baseline, vmax, "viridis"), ("target", p.target, vmax, "viridis"),
               ("|UNet - target|", err_u, emax, "magma"), (f"|{baseline} - target|", err_b, emax, "magma")]
     fig, axes = plt.subplots(1, len(images), figsize=(3.0 * len(images), 3.2))
-    for ax, (name, img, top, cmap) in zip(axes, images):
+    for ax, (name, img, top, cmap) in zip(axes, images, strict=True):
         ax.imshow(img, cmap=cmap, vmin=0, vmax=top, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])

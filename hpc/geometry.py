@@ -193,7 +193,7 @@ def plane_index(sc: Scanner, ring_a: ArrayLike, ring_b: ArrayLike) -> tuple[np.n
 def plane_list(sc: Scanner, segments: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(ring_a, ring_b) of every plane of ``segments`` in storage order, each (planes,)."""
     counts = axial_counts(sc, segments)
-    seg = np.concatenate([np.full(c, s) for s, c in zip(segments, counts)])
+    seg = np.concatenate([np.full(c, s) for s, c in zip(segments, counts, strict=True)])
     return plane_rings(sc, seg, np.concatenate([np.arange(c) for c in counts]))
 
 

@@ -26,7 +26,7 @@ Baselines on the same slices: ``linear_interp_radial`` (per view, along the radi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ class MetricAccumulator:
     @staticmethod
     def compute(state: torch.Tensor) -> dict[str, float]:
         """Metrics from (reduced) sums; NaN where nothing was counted (e.g. no gaps)."""
-        s = dict(zip(FIELDS, state.detach().double().cpu().tolist()))
+        s = dict(zip(FIELDS, state.detach().double().cpu().tolist(), strict=True))
 
         def ratio(num: str, den: str) -> float:
             return s[num] / s[den] if s[den] > 0 else math.nan

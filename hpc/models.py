@@ -19,7 +19,7 @@ only missing pixels (mask 0) come from the network.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class UNet(nn.Module):
             y = enc(y if i == 0 else self.pool(y))  # (B, base*2**i, V/2**i, X/2**i)
             skips.append(y)
         skips.pop()  # the bottom level has no skip partner
-        for up, dec in zip(self.ups, self.decoders):
+        for up, dec in zip(self.ups, self.decoders, strict=True):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
         y = self.head(y)  # (B, out, V, X)
         if self.residual:

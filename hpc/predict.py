@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -347,7 +347,9 @@ def dataset_jobs(args: argparse.Namespace, rep: Repairer) -> list[Job]:
         if args.dead_blocks and key not in geometry:
             geometry[key] = build_mask(args, rep, layout, None)  # checked before anything is written
 
-        def opener(info=info, blocks=geometry.get(key)):
+        blocks = geometry.get(key)
+
+        def opener(info=info, blocks=blocks):
             src = ShardArray(info, "input" if info.has_input else "target")
             if blocks is not None:
                 mask, stored = blocks, None

@@ -23,7 +23,7 @@ class Progress:
         self.t0 = self._last = time.perf_counter()
         self._postfix = ""
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -154,7 +154,7 @@ def expected_counts(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...]) -> np
     chord = 2 * np.sqrt(np.maximum(sc.radius_mm ** 2 - s ** 2, 1e-9))
     ra, rb = G.plane_list(sc, segments)
     out = np.empty((sc.tof_bins, ra.size, sc.views, sc.bins))
-    for p, (a, b) in enumerate(zip(ra, rb)):
+    for p, (a, b) in enumerate(zip(ra, rb, strict=True)):
         z = ph.z0 + (a + b) / 2 * sc.ring_spacing_mm
         tilt = np.sqrt(1 + ((b - a) * sc.ring_spacing_mm / chord) ** 2)
         out[:, p] = project(sc, ellipses_at(ph, z), phi, s) * tilt

@@ -106,7 +106,7 @@ def shard_differences(a: str | os.PathLike, b: str | os.PathLike, exact: bool = 
         da, db = pa.read_bytes(), fb[name].read_bytes()
         if da == db:
             continue
-        first = next((i for i, (x, y) in enumerate(zip(da, db)) if x != y), min(len(da), len(db)))
+        first = next((i for i, (x, y) in enumerate(zip(da, db, strict=False)) if x != y), min(len(da), len(db)))
         why = [f"{name}: bytes differ ({len(da)} vs {len(db)} bytes, first at offset {first}):"]
         with h5py.File(pa, "r") as ha, h5py.File(fb[name], "r") as hb:
             if dict(ha.attrs).keys() != dict(hb.attrs).keys() or any(

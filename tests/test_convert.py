@@ -129,7 +129,7 @@ def _bad_number_format(tmp):
 
 def _bad_missing_key(tmp):
     h = write_sinogram(tmp / "a", np.ones((4, V, X), "<u2"))
-    h.write_text("".join(l for l in h.read_text().splitlines(True) if "name of data file" not in l))
+    h.write_text("".join(ln for ln in h.read_text().splitlines(True) if "name of data file" not in ln))
     return [h], "a.s.hdr: missing required key 'name of data file'"
 
 

@@ -35,7 +35,7 @@ def test_dali_equals_torch_without_augmentation(tmp_path):
         assert len(a) == len(b) > 0
         if split == "val":
             assert [len(x.index) for x in a] == [3, 3, 2, 2]  # 10 slices, batch 3: nothing dropped
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             for name in FIELDS:
                 assert torch.equal(getattr(x, name), getattr(y, name)), (split, name)
 
@@ -47,7 +47,7 @@ def test_dali_flip_matches_torch_and_moves_all_three(tmp_path):
     cfg.augment.enabled, cfg.augment.rotate_views, cfg.augment.flip_bins, cfg.augment.p = True, True, True, 0.5
     a, b = both(cfg, epoch=3)
     flipped = 0
-    for x, y in zip(a, b):  # DALI's fn.flip with the shared draws == torch's flip_bins
+    for x, y in zip(a, b, strict=True):  # DALI's fn.flip with the shared draws == torch's flip_bins
         for name in FIELDS:
             assert torch.equal(getattr(x, name), getattr(y, name)), name
         tgt = y.target[:, 0]
@@ -68,7 +68,7 @@ def test_dali_equals_torch_with_dead_blocks_and_augmentation(tmp_path):
     cfg.augment.enabled, cfg.augment.p = True, 0.5  # DALI flips the data, torch the geometry masks
     a, b = both(cfg, epoch=1)
     assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert (x.mask == 0).any()
         for name in FIELDS:
             assert torch.equal(getattr(x, name), getattr(y, name)), name

@@ -1,5 +1,6 @@
 """hpc.dist: a plain process, and 2-process gloo DDP (launched by torchrun and by mpirun) giving the
-same gradients as one process on the union batch (also with 2 accumulated micro-batches per rank); a hung rank ends the job within dist.timeout_s.
+same gradients as one process on the union batch (also with 2 accumulated micro-batches per rank);
+a hung rank ends the job within dist.timeout_s.
 
 This file is also the worker: `python tests/test_dist.py grads OUT` under any launcher writes rank
 0's gradients to OUT (tests/test_train_slurm.py runs it under `srun -n 2`).

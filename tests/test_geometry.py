@@ -75,7 +75,7 @@ def test_planes_round_trip_in_storage_order():
     assert segs == (0, -1, 1, -2, 2, -3, 3)
     assert G.axial_counts(TEST, segs) == (4, 3, 3, 2, 2, 1, 1)
     ra, rb = G.plane_list(TEST, segs)
-    assert len(set(zip(ra.tolist(), rb.tolist()))) == TEST.rings ** 2  # every ring pair once
+    assert len(set(zip(ra.tolist(), rb.tolist(), strict=True))) == TEST.rings ** 2  # every ring pair once
     seg, ax = G.plane_index(TEST, ra, rb)
     assert np.array_equal(seg, rb - ra)
     ra2, rb2 = G.plane_rings(TEST, seg, ax)
@@ -87,7 +87,7 @@ def test_planes_round_trip_in_storage_order():
 def _brute_force_mask(sc: G.Scanner, dead: set[int], segments) -> np.ndarray:
     """Mark every crystal pair (crystal, ring) x (crystal, ring) touching a dead block."""
     ra_list, rb_list = G.plane_list(sc, segments)
-    plane_of = {(a, b): p for p, (a, b) in enumerate(zip(ra_list.tolist(), rb_list.tolist()))}
+    plane_of = {(a, b): p for p, (a, b) in enumerate(zip(ra_list.tolist(), rb_list.tolist(), strict=True))}
     n = sc.detectors_per_ring
     mask = np.full((len(plane_of), sc.views, sc.bins), 2, np.uint8)  # 2 = never visited
     for c1 in range(n):

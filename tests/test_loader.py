@@ -212,7 +212,7 @@ def test_resume_mid_epoch_exact(tmp_path, workers):
     resumed.set_epoch(1)  # the trainer's loop calls it again: the position is kept
     rest = list(resumed)
     assert len(rest) == len(ref) - 2 == len(full) - 2
-    for a, b in zip(ref[2:], rest):
+    for a, b in zip(ref[2:], rest, strict=True):
         for name in ("input", "target", "mask", "index", "norm"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert resumed.state_dict()["epoch"] == 2
@@ -283,11 +283,11 @@ def test_validation_corruption_repeats_training_does_not(tmp_path):
     cfg.corrupt.dose = 0.3
     val = build_loader(cfg, "val", 0, 1, torch.device("cpu"))
     a, b = list(val), list(val)
-    assert all(torch.equal(x.input, y.input) for x, y in zip(a, b))
+    assert all(torch.equal(x.input, y.input) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0].input, a[0].target)  # thinned
     train = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
-    e0 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
-    e1 = {int(i): x for b in train for i, x in zip(b.index, b.input)}
+    e0 = {int(i): x for b in train for i, x in zip(b.index, b.input, strict=True)}
+    e1 = {int(i): x for b in train for i, x in zip(b.index, b.input, strict=True)}
     assert any(not torch.equal(e0[i], e1[i]) for i in e0)  # new noise each epoch
 
 

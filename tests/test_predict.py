@@ -201,7 +201,7 @@ def test_several_inputs_go_to_a_directory_with_one_mask_each(tmp_path):
     r = run_hpc("predict", "--checkpoint", ckpt, sts[0][0], sts[1][0], "--mask", sts[0][1], sts[1][1],
                 "-o", tmp_path / "fixed", "--quiet")
     assert r.returncode == 0, r.stderr
-    for inp, msk, mask in sts:
+    for inp, msk, _mask in sts:
         single = tmp_path / f"single_{inp.name}"  # the same input alone: same values
         run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", single, "--quiet", check=True)
         with SinogramReader(read_header(tmp_path / "fixed" / inp.name)) as a, \
@@ -258,6 +258,6 @@ def test_two_ranks_split_the_studies(tmp_path):
     assert r.stdout.count("wrote ") == 3  # each study by exactly one rank
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 3
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         with h5py.File(a) as fa, h5py.File(b) as fb:
             np.testing.assert_array_equal(fa["repaired"][:], fb["repaired"][:])

@@ -116,7 +116,7 @@ def test_cli_files_read_back_to_the_simulated_arrays(tmp_path):
     meta = json.loads((out / "studies.json").read_text())
     assert [s["id"] for s in meta["studies"]] == ["s000", "s001"] and meta["scanner"] == "demo"
     seeds = S.study_seeds(5, 2)
-    for rec, seed in zip(meta["studies"], seeds):
+    for rec, seed in zip(meta["studies"], seeds, strict=True):
         st = S.simulate_study(DEMO, rec["id"], seed, 2e5, (0,), 2, 0.25)
         assert rec["seed"] == seed and rec["dead_blocks"] == st.dead and rec["counts"] == int(st.full.sum())
         spec = read_header(out / rec["files"]["target"])

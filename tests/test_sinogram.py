@@ -29,7 +29,7 @@ def write_stir(tmp_path, segs, order, ring_diffs=True, name="s"):
             fh.write(np.ascontiguousarray(seg.transpose(1, 0, 2) if order == "view" else seg).tobytes())
     k_ax, k_view = (2, 3) if order == "view" else (3, 2)
     counts = ",".join(str(len(s)) for s in segs)
-    text = ("!INTERFILE  :=\nName of data file := %s.s\n!GENERAL DATA :=\n"
+    text = ("!INTERFILE  :=\nName of data file := %s.s\n!GENERAL DATA :=\n"  # noqa: UP031 (Interfile's % keys)
             "imagedata byte order := %s\n!Number Format := %s\n!number of bytes per pixel := %d\n"
             "number of dimensions := 4\nmatrix axis label [4] := segment\n!matrix size [4] := %d\n"
             "matrix axis label [%d] := view\n!matrix size [%d] := %d\n"
@@ -49,7 +49,7 @@ def write_stir(tmp_path, segs, order, ring_diffs=True, name="s"):
 def write_siemens_tof(tmp_path, data, table, name="tof", fmt="signed integer"):
     """Siemens .s.hdr by hand: (T, planes, V, X) little-endian, plane order per TOF bin."""
     data.astype(data.dtype.newbyteorder("<")).tofile(tmp_path / f"{name}.s")
-    text = ("!INTERFILE:=\n%%comment:=test\n!originating system:=1104\n!name of data file:=%s.s\n"
+    text = ("!INTERFILE:=\n%%comment:=test\n!originating system:=1104\n!name of data file:=%s.s\n"  # noqa: UP031 (Interfile's % keys)
             "number format:=%s\n!number of bytes per pixel:=%d\nnumber of dimensions:=3\n"
             "matrix size[1]:=%d\nmatrix size[2]:=%d\nmatrix size[3]:=%d\n"
             "%%number of TOF time bins:=%d\n%%number of segments:=%d\n%%segment table:={%s}\n"
@@ -90,7 +90,8 @@ def test_stir_without_ring_differences_uses_storage_sequence(tmp_path):
 def test_siemens_tof_and_segment_table(tmp_path):
     data = np.random.default_rng(3).integers(-5, 3000, (3, 9, V, X)).astype("<i2")
     spec = read_header(write_siemens_tof(tmp_path, data, [5, 2, 2]))
-    assert (spec.kind, spec.tof_bins, spec.axial_counts, spec.fields["originating system"]) == ("siemens", 3, (5, 2, 2), "1104")
+    got = (spec.kind, spec.tof_bins, spec.axial_counts, spec.fields["originating system"])
+    assert got == ("siemens", 3, (5, 2, 2), "1104")
     assert np.array_equal(_read_all(spec), data.reshape(-1, V, X))
     tof, seg, axial = spec.meta()
     assert tof.tolist() == [0] * 9 + [1] * 9 + [2] * 9
@@ -192,7 +193,7 @@ def test_missing_data_file_and_missing_key(tmp_path):
     (tmp_path / "a.s").unlink()
     with pytest.raises(InputError, match=r"a\.s\.hdr: data file not found: .*a\.s"):
         read_header(header)
-    text = "\n".join(l for l in header.read_text().splitlines() if not l.startswith("matrix size [2]"))
+    text = "\n".join(ln for ln in header.read_text().splitlines() if not ln.startswith("matrix size [2]"))
     header.write_text(text)
     with pytest.raises(InputError, match=r"a\.s\.hdr: missing required key 'matrix size \[2\]'"):
         read_header(header)

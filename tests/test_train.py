@@ -1,7 +1,7 @@
 """`hpc train` end to end on a tiny dataset (configs/tiny.yaml): samples-counted steps, validation
 with baselines, best checkpoint by train.best_metric; SIGKILL, truncated newest checkpoint, resume
-from the previous one == uninterrupted run (bitwise, deterministic CPU); SIGUSR2/SIGTERM -> checkpoint -> exit 75; 2-rank torchrun run;
-learning-rate schedules and optimizers."""
+from the previous one == uninterrupted run (bitwise, deterministic CPU); SIGUSR2/SIGTERM -> checkpoint
+-> exit 75; 2-rank torchrun run; learning-rate schedules and optimizers."""
 from __future__ import annotations
 
 import json

@@ -12,7 +12,7 @@ torch on the device. ``device_id=None`` runs the pipeline on the CPU (tests, CPU
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
         outs = fn.external_source(source=_Source(reader, plan, start, names, cfg, epoch, train),
                                   num_outputs=len(names), parallel=True, batch=True, batch_info=True,
                                   layout=[layouts.get(n, "") for n in names])
-        outs = dict(zip(names, outs))
+        outs = dict(zip(names, outs, strict=True))
         for n in ("target", "input", "mask"):
             if n in outs:
                 node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device

@@ -50,7 +50,7 @@ class SliceIndex:
                                   f"!= num_slices ({s.tof_bins} x {sum(s.axial_counts)} != {s.num_slices})")
             start = int(self.offsets[si])
             for t in range(s.tof_bins):
-                for sg, n in zip(s.segments, s.axial_counts):
+                for sg, n in zip(s.segments, s.axial_counts, strict=True):
                     stacks.append((si, start, start + n))
                     tof.append(np.full(n, t))
                     seg.append(np.full(n, sg))
@@ -115,7 +115,7 @@ def split_studies(ids: list[str], fractions: list[float], explicit: dict[str, li
             counts[i] = 1
     counts[0] = len(ids) - counts[1] - counts[2]
     out, start = {}, 0
-    for name, n in zip(SPLITS, counts):
+    for name, n in zip(SPLITS, counts, strict=True):
         out[name] = order[start:start + n]
         start += n
     return out

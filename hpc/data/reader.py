@@ -104,7 +104,7 @@ class BatchReader:
         ids = window_ids(pairs[:, 1], np.array([r.stack_lo for r in runs]),
                          np.array([r.stack_hi for r in runs]), self.spec.context, self.spec.edge)
         out: dict[str, list[np.ndarray]] = {}
-        for (r, _), run, row in zip(pairs, runs, ids):
+        for (r, _), run, row in zip(pairs, runs, ids, strict=True):
             if int(r) not in self._cache:
                 while len(self._cache) >= MAX_CACHED_RUNS:
                     self._cache.pop(next(iter(self._cache)))  # the oldest

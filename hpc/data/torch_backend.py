@@ -6,7 +6,7 @@ own runs) and a resumed epoch (positions from ``start``) keeps that property.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -135,7 +135,7 @@ class ShardWriter:
                 self._file.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -228,7 +228,7 @@ class Dataset:
         raise KeyError(f"{self.root}: no study {study_id!r} (have {', '.join(s.id for s in self.studies)})")
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Dataset":
+    def open(cls, root: str | os.PathLike) -> Dataset:
         root = Path(root)
         path = root / "manifest.json"
         if not path.is_file():
@@ -282,7 +282,7 @@ class ShardArray:
             f.close()
         self.files = {}
 
-    def __enter__(self) -> "ShardArray":
+    def __enter__(self) -> ShardArray:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -301,7 +301,7 @@ class RepairedH5Writer:
                              "source": str(spec.source), "comment": comment})
         self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
                                         dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape))
-        for name, values in zip(("tof", "segment", "axial"), spec.meta()):
+        for name, values in zip(("tof", "segment", "axial"), spec.meta(), strict=True):
             self.f.create_dataset(name, data=values)
 
     def write(self, start: int, slices: np.ndarray) -> None:
@@ -312,7 +312,7 @@ class RepairedH5Writer:
         self.tmp.replace(self.path)
         return self.path
 
-    def __enter__(self) -> "RepairedH5Writer":
+    def __enter__(self) -> RepairedH5Writer:
         return self
 
     def __exit__(self, *exc) -> None:

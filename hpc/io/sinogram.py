@@ -71,7 +71,7 @@ class SinogramSpec:
 
     def meta(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tof, segment, axial) of every slice in canonical order, each ``(num_slices,)`` int32."""
-        seg = np.concatenate([np.full(a, s, np.int32) for s, a in zip(self.segments, self.axial_counts)])
+        seg = np.concatenate([np.full(a, s, np.int32) for s, a in zip(self.segments, self.axial_counts, strict=True)])
         axial = np.concatenate([np.arange(a, dtype=np.int32) for a in self.axial_counts])
         tof = np.repeat(np.arange(self.tof_bins, dtype=np.int32), self.planes)
         return tof, np.tile(seg, self.tof_bins), np.tile(axial, self.tof_bins)
@@ -248,7 +248,7 @@ class SinogramReader:
         self._mm.close()
         self._file.close()
 
-    def __enter__(self) -> "SinogramReader":
+    def __enter__(self) -> SinogramReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -431,7 +431,7 @@ class SinogramWriter:
             os.fsync(self._file.fileno())
             self._file.close()
 
-    def __enter__(self) -> "SinogramWriter":
+    def __enter__(self) -> SinogramWriter:
         return self
 
     def __exit__(self, *exc) -> None:

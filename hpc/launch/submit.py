@@ -19,7 +19,8 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from hpc.config import Config, from_dict, load_config, to_dict
 from hpc.errors import EXIT_REQUEUE, ConfigError

@@ -69,10 +69,11 @@ def expand(spec: dict, origin: str) -> list[dict[str, object]]:
     space = rand.get("space") or {}
     for key in [*grid, *space]:
         if "." not in key or key.startswith("launch.") or key == "train.run_dir":
-            raise ConfigError(f"{origin}: cannot sweep over {key!r} (expected section.key, not launch.* or train.run_dir)")
+            raise ConfigError(f"{origin}: cannot sweep over {key!r} "
+                              "(expected section.key, not launch.* or train.run_dir)")
     trials = int(rand.get("trials", 1)) if space else 1
     rng = random.Random(int(rand.get("seed", 0)))
-    return [{**dict(zip(grid, values)), **{k: _draw(rng, k, s) for k, s in space.items()}}
+    return [{**dict(zip(grid, values, strict=True)), **{k: _draw(rng, k, s) for k, s in space.items()}}
             for values in itertools.product(*grid.values()) for _ in range(trials)]
 
 
@@ -124,7 +125,7 @@ def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
     executor.update_parameters(slurm_array_parallelism=first.launch.max_parallel)
     with executor.batch():  # one Slurm job array
         jobs = [executor.submit(TrainJob(to_dict(cfg))) for _, cfg in members]
-    for job, member in zip(jobs, record["members"]):
+    for job, member in zip(jobs, record["members"], strict=True):
         member["job_id"] = job.job_id
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "sweep.json", json.dumps(record, indent=1))
@@ -208,7 +209,7 @@ def status_table(sweep_dir: Path) -> str:
                              for k, v in m["overrides"].items())
         rows.append((m["id"], overrides, state, f"{s.samples}/{s.target or '?'}", best, s.checkpoint or "-"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([f"sweep {record['name']}: {done}/{len(record['members'])} done", *lines])
 
 
