@@ -94,7 +94,8 @@ def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list
 
 def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], checkpoint: str):
     from hpc.evaluate import evaluate, log_wandb, open_study
-    from hpc.predict import load_repairer, pick_device
+    from hpc.inference import load_repairer
+    from hpc.predict import pick_device
 
     rep = load_repairer(checkpoint, pick_device("auto"))
     studies = [open_study([str(sim / s["files"][k]) for k in ("gaps", "target", "mask")]) for s in held_out]
@@ -106,7 +107,7 @@ def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], ch
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
     from hpc.io.sinogram import read_header
-    from hpc.predict import file_mask, predict_file
+    from hpc.inference import file_mask, predict_file
 
     spec = read_header(sim / study["files"]["gaps"])
     mask = file_mask(spec, read_header(sim / study["files"]["mask"]))

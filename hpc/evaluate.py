@@ -33,8 +33,8 @@ from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.io.shards import ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
 from hpc.metrics import BASELINES, METRICS, MetricAccumulator, baseline_batch
-from hpc.predict import (Repairer, check_compatible, load_repairer, model_output, pick_device, study_layout,
-                         windows)
+from hpc.inference import Repairer, check_compatible, load_repairer, model_output, study_layout, windows
+from hpc.predict import pick_device
 from hpc.progress import Progress
 
 UNET = "unet"

@@ -23,7 +23,7 @@ from torch import nn
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_path, atomic_write_text
-from hpc.predict import Repairer, load_repairer
+from hpc.inference import Repairer, load_repairer
 
 FORMATS = ("torchscript", "onnx")
 OPSET = 18

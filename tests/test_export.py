@@ -1,4 +1,4 @@
-"""hpc export: the TorchScript / ONNX model gives the checkpoint's own repair (hpc.predict) on
+"""hpc export: the TorchScript / ONNX model gives the checkpoint's own repair (hpc.inference) on
 batches of other sizes than the one traced, and the sidecar JSON records the preprocessing."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_hpc
-from hpc.predict import load_repairer, model_output
+from hpc.inference import load_repairer, model_output
 from test_predict import make_checkpoint
 
 V, X = 8, 12

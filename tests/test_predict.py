@@ -18,7 +18,7 @@ from conftest import run_hpc
 from hpc.config import Config, to_dict
 from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
 from hpc.models import build_model
-from hpc.predict import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
+from hpc.inference import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
 
 V, X = 8, 12
 AXIAL = [4, 2]  # two segments: windows must not cross from one into the other

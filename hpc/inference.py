@@ -1,0 +1,406 @@
+"""Inference as a library: a checkpoint's network run on sinograms exactly as training saw them.
+
+Used by `hpc predict` (the CLI in hpc.predict), `hpc evaluate`, `hpc export` and `hpc demo`. Every
+function takes explicit arguments (never an argparse.Namespace), so a notebook or another tool can
+repair a sinogram the same way:
+
+    rep = load_repairer("runs/demo/checkpoints/best.pt", torch.device("cpu"))
+    spec = read_header("scan.s.hdr")
+    check_compatible(rep, spec)                              # slice size / scanner of the training data
+    mask = gap_mask(rep, spec, mask_spec=read_header("gaps.s.hdr"))   # or dead_blocks=[3, 17]
+    path, counts = predict_file(rep, spec, Path("fixed.s.hdr"), "source", mask, batch=16)
+
+The steps: a checkpoint -> `Repairer` (model + config + the training preprocessing); slices are
+windowed exactly as the training loader windows them (2k+1 neighbouring slices of the same TOF bin
+and segment, edges replicated or reflected); gap pixels are zeroed (or pre-filled) in every channel as
+training corrupted them; normalize/pad, run the network, crop/denormalize exactly (`model_output`);
+with a gap mask only gap pixels are replaced, every measured value is copied bytewise from the input;
+integer outputs are rounded and clipped, and the counts reported (`Counts`). Several studies (files,
+or a converted dataset's studies) are `Job`s.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc.augment import Preprocess
+from hpc.config import Config, from_dict
+from hpc.data.index import window_ids
+from hpc.errors import InputError, OutputError
+from hpc.io.shards import RepairedH5Writer
+from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
+from hpc.progress import Progress
+
+
+# ---------------------------------------------------------------- checkpoint
+@dataclass
+class Repairer:
+    """A checkpoint's model, config and preprocessing, ready to run on ``device``."""
+    path: Path
+    cfg: Config
+    model: torch.nn.Module  # SinogramModel: (B, C, V', X'), (B, 1, V', X') -> (B, 1, V', X')
+    pre: Preprocess
+    device: torch.device
+    slice_shape: tuple[int, int] | None  # (V, X) the model was trained on, when recorded
+    scanner: str  # geometry preset of the training data ("" when not recorded)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.in_channels() // 2
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """State dicts saved from DDP / torch.compile wrappers carry 'module.' / '_orig_mod.' prefixes."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def training_data(cfg: Config, ckpt: dict) -> dict:
+    """{scale, slice_shape, scanner} of the training set: the checkpoint's ``data`` entry, else the
+    manifest of the dataset at data.path when it is still there, else {} (unknown)."""
+    if ckpt.get("data"):
+        return dict(ckpt["data"])
+    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
+        from hpc.io.shards import Dataset
+
+        ds = Dataset.open(cfg.data.path)
+        return {"scale": ds.scale, "slice_shape": list(ds.slice_shape), "scanner": ds.scanner}
+    return {}
+
+
+def load_repairer(path: str | Path, device: torch.device) -> Repairer:
+    """Load an hpc.train checkpoint (weights_only): the model from ``model`` + ``config``, the
+    preprocessing from the config and the training set's scale."""
+    from hpc.checkpoint import load
+    from hpc.models import build_model
+
+    path = Path(path)
+    ckpt = load(path)
+    cfg = from_dict(ckpt["config"])
+    data = training_data(cfg, ckpt)
+    if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
+        raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "
+                         f"neither the checkpoint nor data.path ({cfg.data.path or 'unset'}) gives it")
+    model = build_model(cfg.model, cfg.in_channels())
+    try:
+        model.load_state_dict(_strip_wrappers(ckpt["model"]))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not match its own config ({cfg.model.name}, "
+                         f"{cfg.in_channels()} channels): {first}") from None
+    model.to(device).eval()
+    shape = tuple(int(v) for v in data["slice_shape"]) if data.get("slice_shape") else None
+    scanner = str(cfg.corrupt.scanner or data.get("scanner") or "")
+    return Repairer(path, cfg, model, Preprocess(cfg, scale=float(data.get("scale", 1.0))), device,
+                    shape, scanner)
+
+
+def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
+    """Refuse an input the checkpoint was not trained for (slice size, scanner geometry)."""
+    if rep.slice_shape is not None and tuple(spec.slice_shape) != rep.slice_shape:
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} (views x bins) but "
+                         f"checkpoint {rep.path} was trained on {rep.slice_shape[0]}x{rep.slice_shape[1]}")
+    sc = _known_scanner(rep.scanner)
+    if sc is not None and (sc.views, sc.bins) != tuple(spec.slice_shape):
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
+                         f"{rep.path} was trained on scanner {sc.name!r} ({sc.views}x{sc.bins})")
+
+
+def _known_scanner(name: str):
+    """The geometry preset called ``name``, or None (a header's free-text `originating system`)."""
+    from hpc import geometry as G
+
+    try:
+        return G.get_scanner(name) if name else None
+    except ValueError:
+        return None
+
+
+def _scanner(name: str, where: Path | str):
+    from hpc import geometry as G
+
+    try:
+        return G.get_scanner(name)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+# ---------------------------------------------------------------- masks
+MaskFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) uint8, 1 = measured
+
+
+def file_mask(spec: SinogramSpec, mask_spec: SinogramSpec) -> MaskFn:
+    """A mask file of the same layout as the input (or a single (V, X) slice for all)."""
+    if mask_spec.slice_shape != spec.slice_shape or mask_spec.num_slices not in (1, spec.num_slices):
+        raise InputError(f"{mask_spec.source}: mask is {mask_spec.num_slices}x{mask_spec.views}x"
+                         f"{mask_spec.bins}, input {spec.source} is {spec.num_slices}x{spec.views}x{spec.bins}")
+    reader = SinogramReader(mask_spec)
+    if mask_spec.num_slices == 1:
+        one = (reader.read(0, 1) > 0).astype(np.uint8)
+        return lambda a, b: np.broadcast_to(one, (b - a, *one.shape[1:]))
+    return lambda a, b: (reader.read(a, b) > 0).astype(np.uint8)
+
+
+def dead_block_mask(spec: SinogramSpec, scanner: str, blocks: list[int]) -> MaskFn:
+    """Gaps of the listed dead blocks, from the scanner geometry, for every slice of ``spec``."""
+    from hpc import geometry as G
+
+    sc = _scanner(scanner, spec.source)
+    if (sc.views, sc.bins) != tuple(spec.slice_shape):
+        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but scanner {scanner!r} "
+                         f"has {sc.views}x{sc.bins} (views x bins)")
+    try:
+        planes = G.dead_block_mask(sc, blocks, segments=list(spec.segments))  # (planes, V, X)
+    except ValueError as exc:
+        raise InputError(f"--dead-blocks {blocks}: {exc}") from None
+    if len(planes) != spec.planes:
+        raise InputError(f"{spec.source}: {spec.planes} planes per TOF bin, scanner {scanner!r} "
+                         f"gives {len(planes)} for segments {list(spec.segments)}")
+    # canonical order repeats the planes for each TOF bin: index instead of tiling (bounded memory)
+    return lambda a, b: planes[np.arange(a, b) % spec.planes]
+
+
+def gap_mask(rep: Repairer, spec: SinogramSpec, mask_spec: SinogramSpec | None = None,
+             dead_blocks: list[int] | None = None, scanner: str = "") -> MaskFn | None:
+    """The gaps of ``spec``: from a mask file's layout ``mask_spec``, else from the listed dead
+    blocks (geometry of ``scanner``, default the checkpoint's), else None (no gaps) when the model
+    does not inpaint. Every check runs here, before anything is written."""
+    if mask_spec is not None:
+        return file_mask(spec, mask_spec)
+    if dead_blocks is not None:
+        scanner = scanner or rep.scanner
+        if not scanner:
+            raise InputError(f"--dead-blocks: {rep.path} records no scanner; give --scanner NAME")
+        return dead_block_mask(spec, scanner, dead_blocks)
+    if rep.cfg.model.inpaint:
+        raise InputError(f"{rep.path}: an inpainting model needs the gaps: give --mask FILE or --dead-blocks IDS")
+    return None
+
+
+# ---------------------------------------------------------------- repair
+@dataclass
+class Counts:
+    """What happened to the predicted (gap) values on their way into the output dtype."""
+    replaced: int = 0  # pixels whose value came from the model
+    rounded: int = 0  # non-integer predictions rounded (integer outputs)
+    clipped_low: int = 0
+    clipped_high: int = 0
+    nonfinite: int = 0  # NaN/inf predictions (written as 0)
+    slices: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.slices} slices, {self.replaced} pixels predicted; {self.rounded} rounded to "
+                f"integers, {self.clipped_low} clipped low, {self.clipped_high} clipped high, "
+                f"{self.nonfinite} non-finite set to 0")
+
+
+def to_dtype(pred: np.ndarray, dtype: np.dtype, counts: Counts) -> np.ndarray:
+    """Float predictions -> ``dtype``: integer types are rounded and clipped, counted, never wrapped."""
+    bad = ~np.isfinite(pred)
+    counts.nonfinite += int(bad.sum())
+    pred = np.where(bad, 0.0, pred)
+    if dtype.kind == "f":
+        return pred.astype(dtype)
+    info = np.iinfo(dtype)
+    r = np.rint(pred)
+    counts.rounded += int((r != pred).sum())
+    counts.clipped_low += int((r < info.min).sum())
+    counts.clipped_high += int((r > info.max).sum())
+    return np.clip(r, info.min, info.max).astype(dtype)
+
+
+def stack_bounds(spec: SinogramSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) (N,) of each slice's (TOF bin, segment) stack: windows never cross them."""
+    sizes = np.tile(np.asarray(spec.axial_counts), spec.tof_bins)
+    hi = np.cumsum(sizes)
+    return np.repeat(hi - sizes, sizes), np.repeat(hi, sizes)
+
+
+@torch.no_grad()
+def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Model output in counts, float64 (B, V, X), for context stacks ``raw`` (B, C, V, X) with gap
+    masks ``m`` (B, C, V, X) 1 = measured (None: no gaps)."""
+    x = torch.from_numpy(raw.astype(np.float32)).to(rep.device)
+    mask = torch.ones_like(x) if m is None else torch.from_numpy(m.astype(np.float32)).to(rep.device)
+    x, state = rep.pre.forward(rep.pre.gaps(x, mask))  # gaps in every channel, as in training
+    k = raw.shape[1] // 2
+    y = rep.model(x, rep.pre.pad_mask(mask[:, k:k + 1], state))  # (B, 1, V', X')
+    return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()
+
+
+def windows(rep: Repairer, spec: SinogramSpec, centres: np.ndarray) -> np.ndarray:
+    """(n,) centre slices -> (n, 2k+1) slice ids, exactly as the loader builds them."""
+    lo, hi = stack_bounds(spec)
+    return window_ids(centres, lo[centres], hi[centres], rep.context, rep.cfg.data.edge)
+
+
+def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], mask: MaskFn | None,
+           write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None) -> Counts:
+    """Repair every slice of ``spec`` in canonical order, ``batch`` centre slices at a time;
+    ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) in the source dtype)``."""
+    counts = Counts()
+    for a in range(0, spec.num_slices, batch):
+        b = min(a + batch, spec.num_slices)
+        ids = windows(rep, spec, np.arange(a, b))  # (n, 2k+1) global ids
+        r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
+        slab = read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
+        mslab = mask(r0, r1) if mask is not None else None
+        pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0])
+        src = slab[a - r0:b - r0]
+        if mslab is None:
+            out = to_dtype(pred, spec.dtype, counts)
+            counts.replaced += out.size
+        else:
+            gap = mslab[a - r0:b - r0] == 0
+            out = src.copy()  # measured values: the input's own bytes
+            out[gap] = to_dtype(pred[gap], spec.dtype, counts)
+            counts.replaced += int(gap.sum())
+        counts.slices += b - a
+        write(a, out.astype(spec.dtype.newbyteorder("=")))
+        if progress is not None:
+            progress.update(b - a)
+    return counts
+
+
+# ---------------------------------------------------------------- inputs and outputs
+@dataclass(frozen=True)
+class RawLayout:
+    """How to read headerless raw files: (T, S, V, X) or (S, V, X), the data's and the masks' dtypes."""
+    shape: tuple[int, ...]
+    dtype: str
+    mask_dtype: str = "uint8"
+    endian: str = "little"
+    offset: int = 0  # bytes before the data (masks: always 0)
+
+
+def open_input(path: str | Path, raw: RawLayout | None = None, mask: bool = False) -> SinogramSpec:
+    """An Interfile header, or a raw file of layout ``raw`` (``mask``: read with its mask dtype)."""
+    if raw is None:
+        return read_header(path)
+    if mask:
+        return raw_spec(path, raw.shape, raw.mask_dtype, raw.endian, 0)
+    return raw_spec(path, raw.shape, raw.dtype, raw.endian, raw.offset)
+
+
+def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
+                 batch: int, quiet: bool = False) -> tuple[Path, Counts]:
+    """Repair one input file into ``output`` (same format as the source, or HDF5)."""
+    with SinogramReader(spec) as reader:
+        return predict_study(rep, spec, reader.read, output, fmt, mask, batch, quiet)
+
+
+def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], output: Path,
+                  fmt: str, mask: MaskFn | None, batch: int, quiet: bool = False) -> tuple[Path, Counts]:
+    """Repair the slices ``read`` gives (layout ``spec``) into ``output``; nothing appears there
+    unless every slice was written."""
+    if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
+        raise OutputError(f"{output}: the output would overwrite the input")
+    comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
+    writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
+    with writer, Progress(spec.num_slices, "slices", f"predict {output.name}", enabled=not quiet) as bar:
+        counts = repair(rep, spec, read, mask, writer.write, batch, bar)
+        return writer.commit(), counts
+
+
+@dataclass
+class Job:
+    """One study to repair: its slice layout, how to open its input and gaps, where it goes."""
+    spec: SinogramSpec
+    open: Callable[[], tuple[Callable[[int, int], np.ndarray], MaskFn | None, Callable[[], None]]]  # read, mask, close
+    output: Path
+    fmt: str
+
+
+def study_layout(ds, info) -> SinogramSpec:
+    """A layout-only spec of a converted study (windows and checks need the slice layout, never a
+    data path): TOF bins, segments and axial counts from the manifest."""
+    return SinogramSpec(ds.root, np.dtype(info.dtype), 0, info.tof_bins, info.segments, info.axial_counts,
+                        *info.slice_shape, header_path=ds.root / "manifest.json")
+
+
+def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: list[str] | None = None,
+                 split: str | None = None, dead_blocks: list[int] | None = None, scanner: str = "") -> list[Job]:
+    """Every study (or those in ``studies``, or the checkpoint's ``split``) of a converted dataset,
+    repaired from its stored ``input`` (paired) or ``target``, gaps from its stored ``mask`` or the
+    ``dead_blocks``; each written as ``output/<study>_repaired.h5``."""
+    from hpc.data.index import config_split
+    from hpc.io.shards import Dataset, ShardArray
+
+    ds, d = Dataset.open(root), rep.cfg.data
+    if Path(output).resolve() == ds.root.resolve():
+        raise OutputError(f"{output}: write the repaired studies next to the dataset, not into it")
+    ids = [s.id for s in ds.studies]
+    if studies is not None:
+        chosen = studies
+        missing = sorted(set(chosen) - set(ids))
+        if missing:
+            raise InputError(f"{ds.root}: no study {', '.join(missing)} (have {', '.join(ids)})")
+    elif split:
+        chosen = config_split(ids, d, split)
+    else:
+        chosen = ids
+    jobs, geometry = [], {}  # dead-block masks, one per slice layout
+    for info in map(ds.study, chosen):
+        layout = study_layout(ds, info)
+        check_compatible(rep, layout)
+        if not info.has_mask and dead_blocks is None and rep.cfg.model.inpaint:
+            raise InputError(f"{ds.root}: study {info.id} has no stored gap mask; give --dead-blocks IDS")
+        key = (layout.tof_bins, layout.segments, layout.axial_counts, layout.slice_shape)
+        if dead_blocks is not None and key not in geometry:  # checked before anything is written
+            geometry[key] = gap_mask(rep, layout, dead_blocks=dead_blocks, scanner=scanner)
+
+        blocks = geometry.get(key)
+
+        def opener(info=info, blocks=blocks):
+            src = ShardArray(info, "input" if info.has_input else "target")
+            if blocks is not None:
+                mask, stored = blocks, None
+            elif info.has_mask:
+                stored = ShardArray(info, "mask")
+                mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
+            else:
+                mask, stored = None, None
+
+            def close():
+                src.close()
+                if stored is not None:
+                    stored.close()
+
+            return src.read, mask, close
+
+        jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5"))
+    return jobs
+
+
+def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[str] | None = None,
+              fmt: str = "source", raw: RawLayout | None = None, dead_blocks: list[int] | None = None,
+              scanner: str = "") -> list[Job]:
+    """One input -> the file ``output``; several -> ``output/<input's name>`` each. ``masks``: one
+    gap-mask file per input (else ``dead_blocks``, else no gaps)."""
+    masks = masks or []
+    if masks and len(masks) != len(inputs):
+        raise InputError(f"--mask: {len(masks)} mask(s) for {len(inputs)} input(s); give one per input")
+    jobs = []
+    for i, path in enumerate(inputs):
+        spec = open_input(path, raw)
+        check_compatible(rep, spec)
+        mask_spec = open_input(masks[i], raw, mask=True) if masks else None
+        mask = gap_mask(rep, spec, mask_spec, dead_blocks, scanner)  # every input checked before any write
+        out = Path(output) if len(inputs) == 1 else Path(output) / Path(path).name
+
+        def opener(spec=spec, mask=mask):
+            reader = SinogramReader(spec)
+            return reader.read, mask, reader.close
+
+        jobs.append(Job(spec, opener, out, fmt))
+    seen: dict[Path, str] = {}
+    for job in jobs:
+        if job.output in seen:
+            raise InputError(f"{seen[job.output]} and {job.spec.source} both write {job.output}; "
+                             "give inputs distinct file names")
+        seen[job.output] = str(job.spec.source)
+    return jobs
