@@ -85,6 +85,20 @@ def slurm():
     cluster.stop_if_owned()
 
 
+@pytest.fixture(scope="session")
+def slurm2():
+    """A real 2-node Slurm cluster (node1, node2: network + UTS namespaces on a private bridge,
+    tests/cluster/netns.py) under $HPC_SLURM_MULTI_DIR (default: the single-node dir + "-multi").
+    Started/reused like `slurm`; it does not set SLURM_CONF in os.environ (the single-node cluster
+    owns that): pass `slurm2.env` to every subprocess."""
+    from cluster.harness import ensure_cluster
+
+    cluster, why = ensure_cluster(nodes=2)
+    require("2-node Slurm", cluster is not None, why)
+    yield cluster
+    cluster.stop_if_owned()
+
+
 def shard_differences(a: str | os.PathLike, b: str | os.PathLike, exact: bool = True) -> list[str]:
     """Compare the shards of two converted datasets; say *what* differs (names, datasets, dtypes,
     chunks, filters, attributes, values) in a few short lines, so a failure in CI's log tail is
