@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # System packages the test suite uses: a real Slurm (slurmctld, slurmd, slurmdbd + MariaDB for
-# accounting, munge) and OpenMPI. Installs only what is missing, with apt-get, and only as root;
+# accounting, munge), OpenMPI, iproute2 (the 2-node cluster's namespaces and bridge). Installs only what is missing, with apt-get, and only as root;
 # otherwise prints the command to run and exits 0 so that `make test` still runs (the service
 # tests then skip on a laptop, and fail under CI=true).
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server mariadb-client
-          openmpi-bin libopenmpi-dev util-linux)
+          openmpi-bin libopenmpi-dev util-linux iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
