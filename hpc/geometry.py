@@ -142,6 +142,34 @@ def lor_coordinates(sc: Scanner) -> tuple[np.ndarray, np.ndarray]:
     return np.pi * k / n, np.broadcast_to(s, k.shape)
 
 
+def crystal_positions(sc: Scanner) -> np.ndarray:
+    """(N, 2) transaxial (x, y) in mm of every crystal of a ring (virtual ones included): crystal c at
+    angle 2 pi c / N on the effective radius, the frame of ``lor_coordinates`` (a chord's normal
+    angle is the mean of its two crystals' angles)."""
+    ang = 2 * np.pi * np.arange(sc.detectors_per_ring) / sc.detectors_per_ring
+    return sc.radius_mm * np.stack([np.cos(ang), np.sin(ang)], axis=1)
+
+
+def lor_endpoints(sc: Scanner) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (mm) of the two crystals of every stored LOR, each (V, X, 2): end a, end b of
+    ``sino_to_lor``. Projectors trace these, so they follow this module's (view, bin) convention."""
+    view, bin = np.meshgrid(np.arange(sc.views), np.arange(sc.bins), indexing="ij")
+    ca, cb = sino_to_lor(sc, view, bin)
+    pos = crystal_positions(sc)
+    return pos[ca], pos[cb]
+
+
+def tof_kernel(sc: Scanner) -> tuple[float, np.ndarray]:
+    """(sigma, edges) in mm along the LOR: the standard deviation of the Gaussian timing kernel and
+    the ``tof_bins + 1`` bin edges, measured from the LOR's midpoint along d = (-sin phi, cos phi)
+    (phi of ``lor_coordinates``). The outer edges are -inf / +inf (the outer bins are open-ended)."""
+    c = SPEED_OF_LIGHT_MM_PER_PS / 2  # a time difference dt moves the emission point by c dt / 2
+    sigma = c * sc.tof_fwhm_ps / (2 * math.sqrt(2 * math.log(2)))
+    edges = (np.arange(sc.tof_bins + 1) - sc.tof_bins / 2) * c * sc.tof_bin_ps
+    edges[0], edges[-1] = -np.inf, np.inf
+    return sigma, edges
+
+
 def transaxial_block_masks(sc: Scanner) -> np.ndarray:
     """(n_trans, 2, V, X) bool: LORs whose end a / end b lies in transaxial block t."""
     view, bin = np.meshgrid(np.arange(sc.views), np.arange(sc.bins), indexing="ij")

@@ -35,7 +35,6 @@ from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.progress import Progress
 
 UINT16_MAX = np.iinfo(np.uint16).max
-SPEED_MM_PER_PS = G.SPEED_OF_LIGHT_MM_PER_PS
 BODY_LENGTH_MM = 700.0  # shoulders to pelvis: the axial range the couch positions cover
 
 # Organs in the body's frame: centre (x, y) and semi-axes (a, b) in units of the body's semi-axes,
@@ -108,11 +107,9 @@ def tof_weights(sc: G.Scanner, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
     """(T, ...) fraction of a uniform segment [l1, l2] along the LOR (mm from its midpoint) that each
     TOF bin records: the bin's box convolved with the Gaussian timing kernel. The outer bins are
     open-ended, so the weights sum to 1 and TOF sums back to the non-TOF projection."""
-    sigma = SPEED_MM_PER_PS * sc.tof_fwhm_ps / 2 / (2 * np.sqrt(2 * np.log(2)))
-    width = SPEED_MM_PER_PS * sc.tof_bin_ps / 2  # a time difference dt moves the point by c dt / 2
+    sigma, edges = G.tof_kernel(sc)
     far = 10 * sc.radius_mm / sigma  # beyond every chord: Phi is exactly 0 or 1 there
-    edges = (np.arange(sc.tof_bins + 1) - sc.tof_bins / 2) * width / sigma
-    edges[0], edges[-1] = -far, far
+    edges = np.clip(edges / sigma, -far, far)
     length = np.maximum(l2 - l1, 1e-12) / sigma
     cdf = [_phi_integral(e - l1 / sigma) - _phi_integral(e - l2 / sigma) for e in edges]  # (T+1) x (...)
     return np.stack([(cdf[k + 1] - cdf[k]) / length for k in range(sc.tof_bins)])
