@@ -2,8 +2,7 @@
 
 Layout: ``run_dir/checkpoints/step-XXXXXXXX.pt`` (XXXXXXXX = samples seen) and ``best.pt``.
 A checkpoint is a dict of tensors and plain containers only, so ``torch.load(weights_only=True)``
-reads it (nothing is unpickled): model, optim, sched, scaler, step, epoch, loader, rng (one entry
-per rank), config (resolved dict), metrics, best, version, git.
+reads it (nothing is unpickled). The keys are defined once, in hpc.train_state (KEYS, TrainState).
 
     ckpt = Checkpointer(run_dir, keep=3)
     ckpt.save(state, step, is_best)           # rank 0 only

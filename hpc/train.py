@@ -4,6 +4,10 @@ Steps are counted in samples seen by all ranks, so runs on different GPU counts 
 resumes by itself from the newest valid checkpoint in train.run_dir; SIGUSR2 or SIGTERM finishes
 the current step, writes a checkpoint and exits with code 75 (requeue me).
 
+Reading order: `Trainer.run` (the loop), `train_step`, then the components it drives: TrainState
+(hpc.train_state: what a checkpoint holds), Validator (hpc.validate: metrics and baselines),
+hpc.dist (every collective), hpc.checkpoint (files).
+
 example:
   hpc train --config configs/tiny.yaml data.path=data/demo train.run_dir=runs/tiny optim.lr=3e-4
   torchrun --standalone --nproc_per_node=2 -m hpc train --config configs/tiny.yaml
@@ -24,12 +28,13 @@ import torch
 
 from hpc import checkpoint as ck
 from hpc import dist
-from hpc.config import Config, OptimConfig, load_config, to_dict
+from hpc.config import Config, OptimConfig, load_config
 from hpc.errors import EXIT_REQUEUE, ConfigError, HpcError
+from hpc.train_state import TrainState, training_data
+from hpc.validate import Validator
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULERS = ("none", "step", "cosine_restarts", "plateau")
-BASELINES = ("linear", "biharmonic")
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -145,6 +150,9 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 
 class Trainer:
+    """The components built from the config (loaders, model, optimizer, schedule, loss, logger),
+    a TrainState that checkpoints them, and a Validator; `run()` is the loop."""
+
     def __init__(self, cfg: Config):
         from hpc.data import build_loader
         from hpc.logger import RunLogger
@@ -159,53 +167,38 @@ class Trainer:
         self.amp = set_numerics(cfg, ctx.device)
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.loader = build_loader(cfg, "train", ctx.rank, ctx.world, ctx.device)
-        self.val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device) if cfg.train.val_every else None
+        val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device) if cfg.train.val_every else None
         self.model = build_model(cfg.model, cfg.in_channels()).to(ctx.device, memory_format=self.fmt)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = LRSchedule(cfg.optim, cfg.train.best_mode)
         self.loss = build_loss(cfg.loss)
+        self.validator = Validator(cfg, val_loader, self.model.centre) if val_loader is not None else None
+        self.state = TrainState(cfg, self.model, self.optimizer, self.sched, self.loader,
+                                training_data(cfg, self.loader), ctx.rank)
         self.ckpt = ck.Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep)
-        self.step = 0  # samples seen by all ranks
-        self.best = math.inf if cfg.train.best_mode == "min" else -math.inf
-        self.metrics: dict[str, float] = {}
-        self.val_step = -1  # step of the last validation
-        self.baselines: dict[str, dict[str, float]] | None = None  # fixed val set: computed once
         self.resumed_from = self._resume() if cfg.checkpoint.resume else None
-        self.net = dist.wrap(self.model, cfg.dist, ctx, compile=cfg.train.compile)
-        self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.step)
-        self.batch_samples = cfg.data.batch_size * ctx.world  # samples per micro-batch, all ranks
-        ds = self.loader.index.ds  # what `hpc predict` needs to preprocess new inputs the same way
-        self.data_info = {"scale": float(ds.scale), "slice_shape": list(ds.slice_shape),
-                          "scanner": cfg.corrupt.scanner or ds.scanner}
+        self.net = dist.wrap(self.model, cfg.dist, ctx, compile=cfg.train.compile)  # after loading the weights
+        self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.state.step)
+        self.val_step = -1  # step of the last validation
+        self.lr = 0.0  # of the last optimizer step
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ checkpoints
     def _resume(self) -> Path | None:
-        state, path = self.ckpt.resume()
-        if state is None:
+        """Restore the newest readable checkpoint in the run dir (None: a fresh run)."""
+        saved, path = self.ckpt.resume()
+        if saved is None:
             return None
-        if state["rng"] and len(state["rng"]) != self.ctx.world:
-            raise ConfigError(f"{path}: written by {len(state['rng'])} rank(s), this job has {self.ctx.world}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        self.sched.load_state_dict(state["sched"])
-        self.loader.load_state_dict(state["loader"])
-        ck.set_rng_state(state["rng"][self.ctx.rank])
-        self.step, self.best, self.metrics = int(state["step"]), float(state["best"]), dict(state["metrics"])
+        if saved["rng"] and len(saved["rng"]) != self.ctx.world:
+            raise ConfigError(f"{path}: written by {len(saved['rng'])} rank(s), this job has {self.ctx.world}")
+        self.state.load_state_dict(saved)
         if self.ctx.rank == 0:
-            print(f"hpc train: resumed from {path} (step {self.step})", file=sys.stderr, flush=True)
+            print(f"hpc train: resumed from {path} (step {self.state.step})", file=sys.stderr, flush=True)
         return path
 
     def _save(self, is_best: bool = False) -> Path | None:
-        """Every rank contributes its RNG state; rank 0 alone writes."""
+        """Every rank contributes its RNG state (a collective); rank 0 alone writes."""
         rng = dist.gather_objects(ck.rng_state())
-        path = None
-        if self.ctx.rank == 0:
-            state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
-                     "sched": self.sched.state_dict(), "step": self.step, "epoch": self.loader.epoch,
-                     "loader": self.loader.state_dict(), "rng": rng, "config": to_dict(self.cfg),
-                     "metrics": self.metrics, "best": self.best, "data": self.data_info,
-                     **ck.code_version()}
-            path = self.ckpt.save(state, self.step, is_best)
+        path = self.ckpt.save(self.state.state_dict(rng), self.state.step, is_best) if self.ctx.rank == 0 else None
         dist.barrier()  # nobody runs ahead (or exits) before the file is in place
         return path
 
@@ -215,7 +208,8 @@ class Trainer:
             yield from self.loader
 
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch.input.contiguous(memory_format=self.fmt)
+        """(prediction (B, 1, V', X'), loss ()) under the configured autocast."""
+        x = batch.input.contiguous(memory_format=self.fmt)  # (B, C, V', X')
         with torch.autocast(self.ctx.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             pred = self.net(x, batch.mask)
         return pred, self.loss(pred, batch.target, batch.mask)[0]
@@ -223,121 +217,87 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over `accumulate` micro-batches; returns the mean loss (this rank)."""
         self.net.train()
-        n, total = self.cfg.optim.accumulate, 0.0
-        lr = self.sched.apply(self.optimizer, self.step)
+        n = self.cfg.optim.accumulate
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # summed on the device
+        self.lr = self.sched.apply(self.optimizer, self.state.step)
         for i in range(n):
             with dist.no_sync(self.net, skip=i < n - 1):  # all-reduce gradients once per step
                 _, loss = self._forward(next(batches))
                 (loss / n).backward()
-            total += float(loss.detach())
+            total += loss.detach().double()
         if self.cfg.optim.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr = lr
-        return total / n
+        return float(total) / n  # host sync: once per step, for the progress line
 
-    def _floor(self, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """Counts cannot be negative (data.nonneg): validation scores what hpc predict writes."""
-        from hpc.augment import floor_counts
-
-        return floor_counts(y, self.cfg.data.normalize, norm) if self.cfg.data.nonneg else y
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        from hpc.augment import crop
-        from hpc.metrics import MetricAccumulator, baseline_batch
-
-        self.net.eval()
-        acc = MetricAccumulator()
-        base = {name: MetricAccumulator() for name in BASELINES} if self.baselines is None else {}
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # (sum B*loss, B)
-        panels = None
-        for j, batch in enumerate(self.val_loader):
-            if self.cfg.train.val_batches and j >= self.cfg.train.val_batches:
-                break
-            pred, loss = self._forward(batch)
-            loss_sum += torch.stack([loss.double() * len(pred), loss.new_tensor(len(pred)).double()])
-            p, t, m = (crop(a.float(), batch.pad) for a in (pred, batch.target, batch.mask))
-            p = self._floor(p, batch.norm)
-            acc.update(p, t, m)
-            centre = crop(batch.input[:, self.model.centre : self.model.centre + 1], batch.pad)
-            for name, b in base.items():
-                b.update(self._floor(baseline_batch(name, centre, m), batch.norm), t, m)
-            if panels is None:
-                panels = {"input": centre[0, 0], "prediction": p[0, 0], "target": t[0, 0],
-                          "error": (p - t)[0, 0].abs(), "mask": m[0, 0]}
-        metrics = acc.compute(dist.all_reduce_sum(acc.state(self.ctx.device)))
-        metrics["loss"] = float(dist.all_reduce_sum(loss_sum)[0] / loss_sum[1].clamp_min(1))
-        if base:
-            self.baselines = {n: b.compute(dist.all_reduce_sum(b.state(self.ctx.device))) for n, b in base.items()}
-        if self.cfg.log.images and panels is not None:
-            self.log.images(self.step, panels)
-        return metrics
-
-    def _validate_and_track(self) -> bool:
+    def _validate(self) -> bool:
         """Validate, log (with the baselines), step the plateau schedule; True when a new best."""
-        metrics = self.validate()
+        self.net.eval()
+        metrics, panels = self.validator(self._forward)
         key = self.cfg.train.best_metric
         if key not in metrics:
             raise ConfigError(f"train.best_metric: unknown metric {key!r}; valid: {', '.join(metrics)}")
-        self.metrics, self.val_step = metrics, self.step
+        step = self.state.step
+        if self.cfg.log.images and panels is not None:
+            self.log.images(step, panels)
+        self.state.metrics, self.val_step = metrics, step
         values = dict(metrics)
-        for name, m in (self.baselines or {}).items():
+        for name, m in (self.validator.baselines or {}).items():
             values |= {f"{name}_{k}": v for k, v in m.items()}
-        self.log.scalars(self.step, values, kind="val")
+        self.log.scalars(step, values, kind="val")
         self.sched.observe(metrics[key])
-        value = metrics[key]
-        better = value < self.best if self.cfg.train.best_mode == "min" else value > self.best
-        if better and math.isfinite(value):
-            self.best = value
-        return better
+        return self.state.improved(metrics[key])
 
     # ------------------------------------------------------------ loop
     def run(self) -> dict:
-        cfg, stop = self.cfg, self.stop
-        batches, samples_per_step = self._batches(), self.batch_samples * cfg.optim.accumulate
-        window = (time.perf_counter(), self.step)  # throughput over each logging interval
-        while self.step < cfg.train.samples:
-            before = self.step
+        cfg, st = self.cfg, self.state
+        batches = self._batches()
+        per_step = cfg.data.batch_size * self.ctx.world * cfg.optim.accumulate  # samples, all ranks
+        window = (time.perf_counter(), st.step)  # throughput over each logging interval
+        while st.step < cfg.train.samples:
+            before = st.step
             loss = self.train_step(batches)
-            self.step += samples_per_step
-            self.log.progress(samples_per_step, f"loss {loss:.4g}")
-            if _crossed(before, self.step, cfg.log.every):
-                now = time.perf_counter()
-                self._log_train(loss, (self.step - window[1]) / (now - window[0]))
-                window = (now, self.step)
-            is_best = self.val_loader is not None and _crossed(before, self.step, cfg.train.val_every) \
-                and self._validate_and_track()
-            preempted = stop.requested(self.ctx.device)
-            if preempted or is_best or _crossed(before, self.step, cfg.checkpoint.every):
+            st.step += per_step
+            self.log.progress(per_step, f"loss {loss:.4g}")
+            if _crossed(before, st.step, cfg.log.every):
+                window = self._log_train(loss, window)
+            is_best = self.validator is not None and _crossed(before, st.step, cfg.train.val_every) \
+                and self._validate()
+            preempted = self.stop.requested(self.ctx.device)  # host sync: every rank stops at the same step
+            if preempted or is_best or _crossed(before, st.step, cfg.checkpoint.every):
                 path = self._save(is_best)
             if preempted:
-                self.log.message(f"signal {stop.signal or 'on another rank'}: checkpoint {path or ''} "
-                                 f"at step {self.step}; exiting with {EXIT_REQUEUE} (requeue)")
+                self.log.message(f"signal {self.stop.signal or 'on another rank'}: checkpoint {path or ''} "
+                                 f"at step {st.step}; exiting with {EXIT_REQUEUE} (requeue)")
                 self.log.close()
                 raise SystemExit(EXIT_REQUEUE)
         return self._finish()
 
-    def _log_train(self, loss: float, rate: float) -> None:
+    def _log_train(self, loss: float, window: tuple[float, int]) -> tuple[float, int]:
+        """Log the loss averaged over ranks (a collective) and the throughput since ``window``
+        (time, step); returns the next window."""
+        now, step = time.perf_counter(), self.state.step
         mean_loss = dist.all_reduce_sum(torch.tensor([loss], device=self.ctx.device))[0] / self.ctx.world
-        values = {"loss": float(mean_loss), "lr": self.lr, "samples_per_s": rate, "epoch": self.loader.epoch}
+        values = {"loss": float(mean_loss), "lr": self.lr, "samples_per_s": (step - window[1]) / (now - window[0]),
+                  "epoch": self.loader.epoch}
         if self.ctx.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-        self.log.scalars(self.step, values, kind="train")
+        self.log.scalars(step, values, kind="train")
+        return now, step
 
     def _finish(self) -> dict:
         """Validate the final weights (unless that just happened) and checkpoint them."""
-        is_best = False
-        if self.val_loader is not None and self.val_step != self.step:
-            is_best = self._validate_and_track()
-        last = self.ckpt.path(self.step)
+        st, is_best = self.state, False
+        if self.validator is not None and self.val_step != st.step:
+            is_best = self._validate()
+        last = self.ckpt.path(st.step)
         path = self._save(is_best) if is_best or not last.exists() else last
         self.log.close()
-        return {"step": self.step, "epoch": self.loader.epoch, "metrics": self.metrics,
-                "baselines": self.baselines or {}, "best": self.best, "run_dir": str(self.cfg.train.run_dir),
-                "checkpoint": str(path or last), "best_checkpoint": str(self.ckpt.best_path),
-                "resumed_from": str(self.resumed_from or "")}
+        return {"step": st.step, "epoch": self.loader.epoch, "metrics": st.metrics,
+                "baselines": (self.validator.baselines if self.validator else None) or {}, "best": st.best,
+                "run_dir": str(self.cfg.train.run_dir), "checkpoint": str(path or last),
+                "best_checkpoint": str(self.ckpt.best_path), "resumed_from": str(self.resumed_from or "")}
 
 
 def train(cfg: Config) -> dict:

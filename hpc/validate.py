@@ -1,0 +1,71 @@
+"""Validation as its own component: the model's loss and metrics on the validation split, next to
+the interpolation baselines on the same gaps.
+
+    validator = Validator(cfg, val_loader, centre=model.centre)
+    net.eval()
+    metrics, panels = validator(forward)      # forward(batch) -> (pred (B,1,V',X'), loss)
+    validator.baselines                       # {"linear": {...}, "biharmonic": {...}}
+
+Every rank scores its share of the split; the metrics are reduced across ranks as float64 sums
+(hpc.metrics.MetricAccumulator), so ranks never average averages. Predictions and baselines are
+floored at 0 counts when data.nonneg is set, so validation scores what `hpc predict` writes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hpc import dist
+from hpc.augment import crop, floor_counts
+from hpc.config import Config
+from hpc.metrics import MetricAccumulator, baseline_batch
+
+BASELINES = ("linear", "biharmonic")
+Forward = Callable[[object], tuple[torch.Tensor, torch.Tensor]]  # Batch -> (pred (B,1,V',X'), loss ())
+
+
+class Validator:
+    def __init__(self, cfg: Config, loader, centre: int):
+        self.cfg, self.loader, self.centre = cfg, loader, centre
+        self.device = loader.device
+        # the validation set is fixed: the baselines are scored on the first pass and kept
+        self.baselines: dict[str, dict[str, float]] | None = None
+
+    def _floor(self, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Counts cannot be negative (data.nonneg)."""
+        return floor_counts(y, self.cfg.data.normalize, norm) if self.cfg.data.nonneg else y
+
+    @torch.no_grad()
+    def __call__(self, forward: Forward) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+        """One pass (at most train.val_batches batches per rank): ``(metrics, panels)``, metrics
+        reduced over all ranks (``loss`` included), panels the first sample's (V, X) images."""
+        acc = MetricAccumulator()
+        base = {name: MetricAccumulator() for name in BASELINES} if self.baselines is None else {}
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of B * loss, sum of B)
+        panels = None
+        for j, batch in enumerate(self.loader):
+            if self.cfg.train.val_batches and j >= self.cfg.train.val_batches:
+                break
+            pred, loss = forward(batch)  # (B, 1, V', X'), ()
+            loss_sum += torch.stack([loss.double() * len(pred), loss.new_tensor(len(pred)).double()])
+            p, t, m = (crop(a.float(), batch.pad) for a in (pred, batch.target, batch.mask))  # (B, 1, V, X)
+            p = self._floor(p, batch.norm)
+            acc.update(p, t, m)
+            centre = crop(batch.input[:, self.centre : self.centre + 1], batch.pad)  # (B, 1, V, X) gaps zeroed
+            for name, b in base.items():  # host round trip: the baselines run in numpy/scikit-image
+                b.update(self._floor(baseline_batch(name, centre, m), batch.norm), t, m)
+            if panels is None:
+                panels = {"input": centre[0, 0], "prediction": p[0, 0], "target": t[0, 0],
+                          "error": (p - t)[0, 0].abs(), "mask": m[0, 0]}
+        return self._reduce(acc, base, loss_sum), panels
+
+    def _reduce(self, acc: MetricAccumulator, base: dict[str, MetricAccumulator],
+                loss_sum: torch.Tensor) -> dict[str, float]:
+        """Sum the accumulators over ranks (collectives: every rank calls this) and turn the sums
+        into metrics; host sync (the metrics are Python floats)."""
+        metrics = acc.compute(dist.all_reduce_sum(acc.state(self.device)))
+        metrics["loss"] = float(dist.all_reduce_sum(loss_sum)[0] / loss_sum[1].clamp_min(1))
+        if base:
+            self.baselines = {n: b.compute(dist.all_reduce_sum(b.state(self.device))) for n, b in base.items()}
+        return metrics
