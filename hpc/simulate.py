@@ -1,20 +1,30 @@
 """Simulate PET studies: random anatomy-like phantoms, exact line integrals on a scanner's
-geometry, optional TOF, Poisson counts; written as raw sinograms + Interfile headers.
+geometry, attenuation, detector efficiencies, randoms, optional TOF, Poisson counts; written as raw
+sinograms + Interfile headers, with the noise-free parts next to them.
 
-Each study is a seeded 3D phantom (body outline, lungs, heart, liver, kidneys, bladder, spine, hot
-lesions; ellipsoids, so every plane differs smoothly) placed at a random couch position. Each stored
-LOR gets the exact integral of the phantom along its chord (non-arc-corrected geometry, see
-hpc.geometry), split over TOF bins with a Gaussian timing kernel, scaled to --counts in total and
-drawn from a Poisson distribution. LORs through virtual crystals (mMR, mCT gaps) stay 0.
+Each study is a seeded 3D phantom (body outline, lungs, heart, liver, kidneys, bladder, spine, 1-4
+lesions of known contrast; ellipsoids, so every plane differs smoothly) placed at a random couch
+position, with a mu-map of the same ellipsoids (soft tissue, lung, bone). Each stored LOR gets the
+exact integral of the activity along its chord (non-arc-corrected geometry, see hpc.geometry), split
+over TOF bins with a Gaussian timing kernel, times its attenuation factor exp(-integral of mu) and
+its crystals' efficiencies, plus a smooth randoms background (hpc.physics); scaled to --counts (a
+total, or a count level like a clinical scan's) and drawn from a Poisson distribution. LORs through
+virtual crystals (mMR, mCT gaps) stay 0. --test-studies N draws the last N studies from a phantom
+variant the others never use (arms beside a slimmer body, fainter lesions): held-out test data.
 
-Files per study in DIR: <id>.s + <id>.s.hdr (full count, the training target); --low-dose F adds
-<id>_low (each count kept with probability F); --dead-blocks K adds <id>_gaps (the LORs of K random
-dead blocks zeroed) and <id>_mask (uint8, 1 = measured). --format stir writes STIR .hs headers.
-studies.json lists ids, seeds, counts and dead blocks. Headers record `originating system`, so
-`hpc convert` knows the scanner.
+Files per study in DIR: <id>.s + <id>.s.hdr (prompts, the training target); <id>_expected (float32
+noise-free expected prompts), <id>_randoms (float32 expected randoms) and <id>_mult (float32
+efficiency x attenuation factors, what a reconstruction multiplies its projection by), unless
+--no-truth; --low-dose F adds <id>_low (each count kept with probability F); --dead-blocks K adds
+<id>_gaps (the LORs of K random dead blocks zeroed) and <id>_mask (uint8, 1 = measured). --format
+stir writes STIR .hs headers. studies.json lists ids, seeds, variants, counts, dead blocks and the
+lesions (centre x, y in mm, z in mm from the first ring's centre, semi-axes, contrast = lesion to
+background activity at its centre). Headers record `originating system`, so `hpc convert` knows
+the scanner.
 
 examples:
   hpc simulate -o data/sim --studies 6 --scanner demo --dead-blocks 2 --low-dose 0.25 --seed 1
+  hpc simulate -o data/clin --studies 8 --test-studies 2 --counts clinical --randoms 0.3 --dead-blocks 2
   hpc convert data/sim/s00{0..5}.s.hdr --mask data/sim/s00{0..5}_mask.s.hdr -o data/sim-ds
   hpc simulate -o data/mmr --studies 1 --scanner mmr --counts 2e7 --png mmr.png
   hpc simulate -o data/mct --studies 1 --scanner mct --max-ring-diff 2 --format stir
@@ -22,14 +32,16 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.special import ndtr
 
 from hpc import geometry as G
+from hpc import physics as P
 from hpc.errors import InputError, OutputError
 from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.progress import Progress
@@ -38,64 +50,115 @@ UINT16_MAX = np.iinfo(np.uint16).max
 BODY_LENGTH_MM = 700.0  # shoulders to pelvis: the axial range the couch positions cover
 
 # Organs in the body's frame: centre (x, y) and semi-axes (a, b) in units of the body's semi-axes,
-# axial centre and half-length in mm along the body, activity added to the body's 1.0.
-ORGANS = (  # name, x, y, a, b, z_centre, z_half, activity
-    ("lung_r", -0.45, 0.05, 0.32, 0.55, 170.0, 140.0, -0.8),
-    ("lung_l", 0.45, 0.05, 0.30, 0.55, 170.0, 140.0, -0.8),
-    ("heart", 0.15, 0.25, 0.25, 0.28, 230.0, 60.0, 2.5),
-    ("liver", -0.35, 0.05, 0.45, 0.55, 340.0, 90.0, 1.0),
-    ("spleen", 0.50, -0.25, 0.15, 0.22, 330.0, 50.0, 0.8),
-    ("kidney_r", -0.35, -0.40, 0.14, 0.20, 420.0, 55.0, 2.0),
-    ("kidney_l", 0.35, -0.40, 0.14, 0.20, 420.0, 55.0, 2.0),
-    ("bladder", 0.0, 0.25, 0.22, 0.25, 640.0, 45.0, 8.0),
-    ("spine", 0.0, -0.70, 0.10, 0.12, 350.0, 400.0, -0.4),
+# axial centre and half-length in mm along the body, activity added to the body's 1.0, attenuation
+# coefficient added to soft tissue's (per mm, hpc.physics.MU).
+_LUNG, _BONE = P.MU["lung"] - P.MU["soft tissue"], P.MU["bone"] - P.MU["soft tissue"]
+ORGANS = (  # name, x, y, a, b, z_centre, z_half, activity, mu
+    ("lung_r", -0.45, 0.05, 0.32, 0.55, 170.0, 140.0, -0.8, _LUNG),
+    ("lung_l", 0.45, 0.05, 0.30, 0.55, 170.0, 140.0, -0.8, _LUNG),
+    ("heart", 0.15, 0.25, 0.25, 0.28, 230.0, 60.0, 2.5, 0.0),
+    ("liver", -0.35, 0.05, 0.45, 0.55, 340.0, 90.0, 1.0, 0.0),
+    ("spleen", 0.50, -0.25, 0.15, 0.22, 330.0, 50.0, 0.8, 0.0),
+    ("kidney_r", -0.35, -0.40, 0.14, 0.20, 420.0, 55.0, 2.0, 0.0),
+    ("kidney_l", 0.35, -0.40, 0.14, 0.20, 420.0, 55.0, 2.0, 0.0),
+    ("bladder", 0.0, 0.25, 0.22, 0.25, 640.0, 45.0, 8.0, 0.0),
+    ("spine", 0.0, -0.70, 0.10, 0.12, 350.0, 400.0, -0.4, _BONE),
 )
+# Phantom variations: training studies draw from "train"; held-out test studies from "test", which
+# training never sees: slimmer patients with their arms down beside the body, fainter lesions.
+VARIANTS = {  # body semi-axes (fraction of the FOV radius), arms, lesion contrast range
+    "train": {"a": (0.62, 0.78), "b": (0.42, 0.55), "arms": False, "contrast": (3.0, 8.0)},
+    "test": {"a": (0.50, 0.60), "b": (0.36, 0.42), "arms": True, "contrast": (1.8, 3.0)},
+}
+ARM = (0.10, 0.13, 0.6)  # semi-axes (fraction of the FOV radius) and activity of an arm
 
 
 @dataclass
 class Phantom:
-    """Ellipsoids, each row one: x, y (mm), a, b (mm), rotation (rad), activity, z centre, z half."""
+    """Ellipsoids, each row one: x, y (mm), a, b (mm), rotation (rad), activity, z centre, z half, mu.
+    Rows add up where they overlap; the body (activity 1, soft tissue) is under every organ and lesion."""
     body: np.ndarray  # (7,) x, y, a, b, rotation, axial phase, axial frequency (1/mm)
-    organs: np.ndarray  # (E, 8)
+    organs: np.ndarray  # (E, 9) organs, arms, lesions
     z0: float  # body coordinate (mm) of the first ring's centre
+    lesions: list[dict] = field(default_factory=list)  # known positions and contrasts (scanner frame)
 
 
-def random_phantom(sc: G.Scanner, rng: np.random.Generator) -> Phantom:
-    """A random patient that fits the scanner's field of view."""
+def _inside(ell: np.ndarray, x: float, y: float) -> np.ndarray:
+    """(E,) whether (x, y) lies in each ellipse (E, >= 5) x, y, a, b, rotation."""
+    c, s = np.cos(ell[:, 4]), np.sin(ell[:, 4])
+    dx, dy = x - ell[:, 0], y - ell[:, 1]
+    return ((dx * c + dy * s) / ell[:, 2]) ** 2 + ((dy * c - dx * s) / ell[:, 3]) ** 2 <= 1
+
+
+def _add_lesions(sc: G.Scanner, ph: Phantom, rng: np.random.Generator, contrast: tuple[float, float]) -> None:
+    """1-4 lesions inside the scanned body, each with a known lesion-to-background ratio at its
+    centre: the added activity is (contrast - 1) x the background there."""
     fov, axial_len = sc.fov_radius_mm, sc.rings * sc.ring_spacing_mm
-    ba, bb = fov * rng.uniform(0.62, 0.78), fov * rng.uniform(0.42, 0.55)
+    x0, y0, ba, bb = ph.body[:4]
+    rows = []
+    for _ in range(rng.integers(1, 5)):
+        r, ang = 0.6 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+        size = rng.uniform(0.025, 0.06) * fov
+        x, y, zc = x0 + r * ba * np.cos(ang), y0 + r * bb * np.sin(ang), ph.z0 + rng.uniform(0, axial_len)
+        ell = ellipses_at(ph, zc)
+        background = float(ell[_inside(ell, x, y), 5].sum())
+        c = rng.uniform(*contrast)
+        row = [x, y, size, size * rng.uniform(0.7, 1), rng.uniform(0, np.pi), (c - 1) * background, zc,
+               max(size, 2 * sc.ring_spacing_mm), 0.0]
+        rows.append(row)
+        ph.lesions.append({"x": float(x), "y": float(y), "z": float(zc - ph.z0), "a": row[2], "b": row[3],
+                           "rotation": row[4], "z_half": row[7], "contrast": c, "background": background})
+    ph.organs = np.concatenate([ph.organs, np.array(rows)])
+
+
+def random_phantom(sc: G.Scanner, rng: np.random.Generator, variant: str = "train") -> Phantom:
+    """A random patient of ``variant`` (VARIANTS) that fits the scanner's field of view."""
+    v = VARIANTS[variant]
+    fov, axial_len = sc.fov_radius_mm, sc.rings * sc.ring_spacing_mm
+    ba, bb = fov * rng.uniform(*v["a"]), fov * rng.uniform(*v["b"])
     rot = rng.uniform(-0.1, 0.1)
     body = np.array([*rng.normal(0, 0.03 * fov, 2), ba, bb, rot, rng.uniform(0, 2 * np.pi),
                      rng.uniform(1 / 600, 1 / 250)])
     c, s = np.cos(rot), np.sin(rot)
     rows = []
-    for _, x, y, a, b, zc, zh, act in ORGANS:
+    for _, x, y, a, b, zc, zh, act, mu in ORGANS:
         x, y = (np.array([x, y]) + rng.normal(0, 0.04, 2)) * (ba, bb)
         rows.append([body[0] + c * x - s * y, body[1] + s * x + c * y, a * ba * rng.uniform(0.85, 1.15),
                      b * bb * rng.uniform(0.85, 1.15), rot + rng.uniform(-0.3, 0.3), act * rng.uniform(0.7, 1.3),
-                     zc + rng.normal(0, 15), zh * rng.uniform(0.85, 1.15)])
-    z0 = rng.uniform(0, max(BODY_LENGTH_MM - axial_len, 0))
-    for _ in range(rng.integers(1, 5)):  # hot lesions inside the scanned part of the body
-        r, ang = 0.6 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
-        size = rng.uniform(0.025, 0.06) * fov
-        rows.append([body[0] + r * ba * np.cos(ang), body[1] + r * bb * np.sin(ang), size, size * rng.uniform(0.7, 1),
-                     rng.uniform(0, np.pi), rng.uniform(3, 10), z0 + rng.uniform(0, axial_len),
-                     max(size, 2 * sc.ring_spacing_mm)])
-    return Phantom(body, np.array(rows), z0)
+                     zc + rng.normal(0, 15), zh * rng.uniform(0.85, 1.15), mu])
+    if v["arms"]:  # beside the widest outline (wobble <= 8 %), not part of the body: absolute values
+        aa, ab, act = ARM
+        for side in (-1, 1):
+            x = side * (1.08 * ba + 0.03 * fov + aa * fov)
+            rows.append([body[0] + c * x, body[1] + s * x, aa * fov, ab * fov, rot, act, 350.0, 400.0,
+                         P.MU["soft tissue"]])
+    ph = Phantom(body, np.array(rows), rng.uniform(0, max(BODY_LENGTH_MM - axial_len, 0)))
+    _add_lesions(sc, ph, rng, v["contrast"])
+    return ph
 
 
-def ellipses_at(ph: Phantom, z: float) -> np.ndarray:
-    """(E, 6) cross-sections at body coordinate z: x, y, a, b, rotation, activity."""
+def _sections(ph: Phantom, z: float, column: int, body_value: float) -> np.ndarray:
     x, y, a, b, rot, phase, freq = ph.body
     # smooth change of the outline; never narrower than the organs were placed in
     wobble = 1 + 0.04 * (1 + np.sin(2 * np.pi * freq * z + phase))
-    body = np.array([[x, y, a * wobble, b * wobble, rot, 1.0]])
+    body = np.array([[x, y, a * wobble, b * wobble, rot, body_value]])
     o = ph.organs
     u = (z - o[:, 6]) / o[:, 7]
     inside = np.abs(u) < 1
     scale = np.sqrt(1 - u[inside] ** 2)[:, None]  # an ellipsoid's cross-section
-    organs = np.concatenate([o[inside, :2], o[inside, 2:4] * scale, o[inside, 4:6]], axis=1)
+    organs = np.concatenate([o[inside, :2], o[inside, 2:4] * scale, o[inside, 4:5], o[inside, column:column + 1]],
+                            axis=1)
     return np.concatenate([body, organs])
+
+
+def ellipses_at(ph: Phantom, z: float) -> np.ndarray:
+    """(E, 6) cross-sections at body coordinate z: x, y, a, b, rotation, activity."""
+    return _sections(ph, z, 5, 1.0)
+
+
+def mu_at(ph: Phantom, z: float) -> np.ndarray:
+    """(E, 6) cross-sections of the attenuation map at body coordinate z: ..., mu (per mm)."""
+    return _sections(ph, z, 8, P.MU["soft tissue"])
 
 
 def _phi_integral(x: np.ndarray) -> np.ndarray:
@@ -144,19 +207,69 @@ def project(sc: G.Scanner, ell: np.ndarray, phi: np.ndarray, s: np.ndarray) -> n
     return out.reshape(sc.tof_bins, sc.views, sc.bins)
 
 
-def expected_counts(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...]) -> np.ndarray:
-    """Noise-free projection (T, P, V, X) of a phantom, planes of ``segments`` in storage order.
-    An oblique plane samples the phantom at its mid-point and lengthens each chord by its tilt."""
+def plane_integrals(sc: G.Scanner, ph: Phantom, ring_a: np.ndarray, ring_b: np.ndarray, sections=None
+                    ) -> np.ndarray:
+    """Line integrals (T, P, V, X) of the phantom (``sections(ph, z)``: ``ellipses_at`` for activity,
+    ``mu_at`` for attenuation) for the planes joining ``ring_a`` and ``ring_b`` (P,). A plane samples
+    the phantom at its mid-point and lengthens each chord by its tilt. LORs through virtual crystals
+    get their geometric integral too: the detector efficiencies (hpc.physics) zero them."""
     phi, s = G.lor_coordinates(sc)  # (V, X)
     chord = 2 * np.sqrt(np.maximum(sc.radius_mm ** 2 - s ** 2, 1e-9))
-    ra, rb = G.plane_list(sc, segments)
-    out = np.empty((sc.tof_bins, ra.size, sc.views, sc.bins))
-    for p, (a, b) in enumerate(zip(ra, rb, strict=True)):
+    sections = sections or ellipses_at
+    out = np.empty((sc.tof_bins, len(ring_a), sc.views, sc.bins))
+    for p, (a, b) in enumerate(zip(ring_a, ring_b, strict=True)):
         z = ph.z0 + (a + b) / 2 * sc.ring_spacing_mm
         tilt = np.sqrt(1 + ((b - a) * sc.ring_spacing_mm / chord) ** 2)
-        out[:, p] = project(sc, ellipses_at(ph, z), phi, s) * tilt
+        out[:, p] = project(sc, sections(ph, z), phi, s) * tilt
     # clip the ~1e-16 rounding residue of the TOF split where there is no activity at all
-    return np.maximum(out, 0) * G.gap_mask(sc)
+    return np.maximum(out, 0)
+
+
+def expected_counts(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...]) -> np.ndarray:
+    """Noise-free projection (T, P, V, X) of a phantom's activity (geometric trues: no attenuation,
+    normalisation or randoms), planes of ``segments`` in storage order; 0 through virtual crystals."""
+    return plane_integrals(sc, ph, *G.plane_list(sc, segments)) * G.gap_mask(sc)
+
+
+@dataclass(frozen=True)
+class Physics:
+    """What a simulated acquisition includes besides the geometric trues (see hpc.physics)."""
+    attenuation: bool = True  # exp(-integral of mu) on every LOR
+    normalisation: bool = True  # crystal efficiencies (hpc.physics.crystal_efficiencies)
+    randoms: float = 0.25  # randoms fraction of the prompts (0 = none)
+
+
+@dataclass
+class Means:
+    """The noise-free parts of a study, all scaled to its count level."""
+    expected: np.ndarray  # (T, P, V, X) expected prompts = mult * trues + randoms
+    randoms: np.ndarray  # (T, P, V, X) expected randoms (spread evenly over TOF bins)
+    mult: np.ndarray  # (P, V, X) efficiency product x attenuation factor (0 through virtual crystals)
+
+
+def study_means(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...], counts: float | str,
+                phys: Physics = Physics()) -> Means:
+    """Expected prompts of a phantom: counts = total expected prompts, or a count level
+    (hpc.physics.COUNT_LEVELS: mean prompts per LOR through the body)."""
+    ra, rb = G.plane_list(sc, segments)
+    trues = plane_integrals(sc, ph, ra, rb)  # (T, P, V, X) geometric
+    flat = dataclasses.replace(sc, tof_bins=1)  # attenuation and singles do not depend on TOF
+    acf = np.exp(-plane_integrals(flat, ph, ra, rb, mu_at)[0]) if phys.attenuation else np.ones(trues.shape[1:])
+    eff = P.crystal_efficiencies(sc) if phys.normalisation else P.crystal_efficiencies(sc, 0.0, 0.0)
+    mult = P.lor_product(sc, eff, ra, rb) * acf * G.gap_mask(sc)  # (P, V, X)
+    trues = trues * mult
+    randoms = np.zeros_like(trues)
+    if phys.randoms > 0:
+        rings = np.arange(sc.rings)
+        direct = plane_integrals(flat, ph, rings, rings)[0]
+        if phys.attenuation:
+            direct = direct * np.exp(-plane_integrals(flat, ph, rings, rings, mu_at)[0])
+        shape = P.randoms_shape(sc, P.singles(sc, direct, eff), ra, rb)  # (P, V, X)
+        total = phys.randoms / (1 - phys.randoms) * trues.sum()
+        randoms = np.broadcast_to(shape * (total / shape.sum() / sc.tof_bins), trues.shape)
+    expected = trues + randoms
+    k = P.body_scale(sc, counts, expected.sum(axis=0), trues.sum(axis=0) > 0)  # per LOR, TOF bins summed
+    return Means(expected * k, randoms * k, mult)
 
 
 def to_uint16(x: np.ndarray, what: str) -> np.ndarray:
@@ -172,22 +285,27 @@ def to_uint16(x: np.ndarray, what: str) -> np.ndarray:
 class Study:
     id: str
     seed: int
-    full: np.ndarray  # (T, P, V, X) uint16 Poisson counts
+    full: np.ndarray  # (T, P, V, X) uint16 Poisson counts (prompts)
     low: np.ndarray | None  # binomially thinned twin
     mask: np.ndarray | None  # (P, V, X) uint8, 1 = measured
     dead: list[int]
+    means: Means | None = None  # noise-free expected prompts, randoms, multiplicative factors
+    lesions: list[dict] = field(default_factory=list)  # positions (mm, z from ring 0's centre), contrasts
+    variant: str = "train"
 
 
-def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float, segments: tuple[int, ...],
-                   dead_blocks: int = 0, low_dose: float = 0.0) -> Study:
-    """One study, a function of ``seed`` only."""
+def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str, segments: tuple[int, ...],
+                   dead_blocks: int = 0, low_dose: float = 0.0, phys: Physics = Physics(),
+                   variant: str = "train") -> Study:
+    """One study, a function of ``seed`` (and the physics and variant) only."""
     rng = np.random.default_rng(seed)
-    mean = expected_counts(sc, random_phantom(sc, rng), segments)
-    full = to_uint16(rng.poisson(mean * (counts / mean.sum())), study_id)
+    ph = random_phantom(sc, rng, variant)
+    means = study_means(sc, ph, segments, counts, phys)
+    full = to_uint16(rng.poisson(means.expected), study_id)
     low = rng.binomial(full, low_dose).astype(np.uint16) if low_dose > 0 else None
     dead = G.random_blocks(sc, dead_blocks, rng) if dead_blocks > 0 else np.zeros(0, np.int64)
     mask = G.dead_block_mask(sc, dead, segments) if dead_blocks > 0 else None
-    return Study(study_id, seed, full, low, mask, [int(b) for b in dead])
+    return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant)
 
 
 def study_seeds(seed: int, n: int) -> list[int]:
@@ -195,7 +313,8 @@ def study_seeds(seed: int, n: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
 
 
-def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[int, ...]) -> dict[str, str]:
+def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[int, ...],
+                truth: bool = True) -> dict[str, str]:
     """Write the study's files through hpc.io.sinogram; returns {role: header name}."""
     from hpc.io.sinogram import write_sinogram
 
@@ -208,6 +327,12 @@ def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[i
         files["gaps"] = write_sinogram(out / f"{st.id}_gaps.s", st.full * st.mask, **kw)
         mask = np.broadcast_to(st.mask, st.full.shape)  # one mask slice per data slice (TOF too)
         files["mask"] = write_sinogram(out / f"{st.id}_mask.s", mask, **kw)
+    if truth and st.means is not None:  # float32, same layout: what evaluation scores against
+        m = st.means
+        files["expected"] = write_sinogram(out / f"{st.id}_expected.s", m.expected.astype(np.float32), **kw)
+        files["randoms"] = write_sinogram(out / f"{st.id}_randoms.s", m.randoms.astype(np.float32), **kw)
+        mult = np.broadcast_to(m.mult.astype(np.float32), st.full.shape)
+        files["mult"] = write_sinogram(out / f"{st.id}_mult.s", mult, **kw)
     return {role: path.name for role, path in files.items()}
 
 
@@ -248,7 +373,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--studies", type=int, default=4, help="number of studies (default 4)")
     p.add_argument("--scanner", default="demo", help=f"geometry preset: {', '.join(G.SCANNERS)} (default demo)")
-    p.add_argument("--counts", type=float, default=3e6, help="expected total counts per study (default 3e6)")
+    p.add_argument("--counts", default="3e6",
+                   help="expected total prompts per study, or a count level: "
+                        f"{', '.join(f'{k} ({v:g})' for k, v in P.COUNT_LEVELS.items())} mean prompts per LOR through "
+                        "the body, for an mMR-sized LOR (scaled by the scanner's bin area; default 3e6)")
+    p.add_argument("--randoms", type=float, default=Physics.randoms, metavar="F",
+                   help=f"randoms fraction of the prompts (default {Physics.randoms}; 0 = none)")
+    p.add_argument("--no-attenuation", action="store_true", help="no attenuation (mu-map of each phantom)")
+    p.add_argument("--no-normalisation", action="store_true", help="ideal detectors (no crystal efficiencies)")
+    p.add_argument("--test-studies", type=int, default=0, metavar="N",
+                   help="the last N studies are drawn from the held-out phantom variant (arms, slimmer, fainter "
+                        "lesions) that the others never use")
+    p.add_argument("--no-truth", action="store_true",
+                   help="do not write <id>_expected, <id>_randoms, <id>_mult (float32 noise-free parts)")
     p.add_argument("--dead-blocks", type=int, default=0, metavar="K",
                    help="dead blocks per study: adds <id>_gaps and <id>_mask files")
     p.add_argument("--low-dose", type=float, default=0.0, metavar="F",
@@ -261,14 +398,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="FILE", help="picture of the first study (planes, dead blocks, mask)")
 
 
+def _count_level(text: str) -> float | str:
+    if text in P.COUNT_LEVELS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"--counts must be a number > 0 or one of {', '.join(P.COUNT_LEVELS)}, got {text!r}")
+    return value
+
+
 def _check_args(args: argparse.Namespace) -> G.Scanner:
     try:
         sc = G.get_scanner(args.scanner)
     except ValueError as exc:
         raise InputError(f"--scanner: {exc}") from None
     n_blocks = G.block_counts(sc)[1]
+    args.counts = _count_level(args.counts)
     checks = [(args.studies >= 1, f"--studies must be >= 1, got {args.studies}"),
-              (args.counts > 0, f"--counts must be > 0, got {args.counts}"),
+              (0 <= args.test_studies <= args.studies, f"--test-studies must be in [0, {args.studies}]"),
+              (0 <= args.randoms < 1, f"--randoms must be in [0, 1), got {args.randoms}"),
               (0 <= args.dead_blocks <= n_blocks, f"--dead-blocks must be in [0, {n_blocks}] on {sc.name}"),
               (0 <= args.low_dose < 1, f"--low-dose must be in (0, 1) (0 = none), got {args.low_dose}"),
               (0 <= args.max_ring_diff < sc.rings, f"--max-ring-diff must be in [0, {sc.rings})"),
@@ -287,18 +438,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     segments = G.segment_sequence(args.max_ring_diff)
+    phys = Physics(not args.no_attenuation, not args.no_normalisation, args.randoms)
     records, first = [], None
     with Progress(total=args.studies, unit="studies", desc="simulate") as bar:
         for i, seed in enumerate(study_seeds(args.seed, args.studies)):
-            st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose)
-            files = write_study(out, st, sc, args.format, segments)
-            records.append({"id": st.id, "seed": seed, "counts": int(st.full.sum(dtype=np.int64)),
-                            "max": int(st.full.max()), "dead_blocks": st.dead, "files": files})
+            variant = "test" if i >= args.studies - args.test_studies else "train"
+            st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose,
+                                phys, variant)
+            files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth)
+            records.append({"id": st.id, "seed": seed, "variant": variant, "counts": int(st.full.sum(dtype=np.int64)),
+                            "randoms": float(st.means.randoms.sum()), "max": int(st.full.max()),
+                            "dead_blocks": st.dead, "lesions": st.lesions, "files": files})
             first = first or st
             bar.update(1)
     meta = {"scanner": sc.name, "format": args.format, "seed": args.seed, "counts": args.counts,
-            "low_dose": args.low_dose, "segments": list(segments), "shape": list(first.full.shape),
-            "studies": records}
+            "physics": dataclasses.asdict(phys), "low_dose": args.low_dose, "segments": list(segments),
+            "shape": list(first.full.shape), "studies": records}
     atomic_write_text(out / "studies.json", json.dumps(meta, indent=1) + "\n")
     if args.png:
         render_png(first, sc, Path(args.png))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hpc import geometry as G
+from hpc import physics as P
 from hpc import simulate as S
 from hpc.errors import InputError, OutputError
 from hpc.io.sinogram import SinogramReader, read_header
@@ -62,8 +63,9 @@ def test_poisson_and_binomial_thinning_statistics():
     seed, counts, dose = 11, 4e5, 0.3
     st = S.simulate_study(TEST, "p", seed, counts, (0,), low_dose=dose)
     rng = np.random.default_rng(seed)  # the study's phantom is the first draw of its generator
-    mean = S.expected_counts(TEST, S.random_phantom(TEST, rng), (0,))
-    mean *= counts / mean.sum()
+    mean = S.study_means(TEST, S.random_phantom(TEST, rng), (0,), counts).expected
+    np.testing.assert_allclose(mean, st.means.expected)
+    assert mean.sum() == pytest.approx(counts)
     full, low = st.full.astype(float), st.low.astype(float)
     assert abs(full.sum() - counts) < 5 * np.sqrt(counts)
     # Pearson chi-square per bin ~ 1 for Poisson (mean = variance); sd of the average ~ sqrt(2 / n)
@@ -127,6 +129,13 @@ def test_cli_files_read_back_to_the_simulated_arrays(tmp_path):
         np.testing.assert_array_equal(_read(out / rec["files"]["gaps"]), st.full[0] * st.mask)
         np.testing.assert_array_equal(_read(out / rec["files"]["mask"]), st.mask)
         np.testing.assert_array_equal(st.mask, G.dead_block_mask(DEMO, st.dead))
+        for role, want in (("expected", st.means.expected[0]), ("randoms", st.means.randoms[0]),
+                           ("mult", st.means.mult)):
+            got = _read(out / rec["files"][role])
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert rec["variant"] == "train" and rec["lesions"] == st.lesions and rec["lesions"]
+    assert meta["physics"] == {"attenuation": True, "normalisation": True, "randoms": 0.25}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(OutputError, match="already holds a simulation"):
         S.run(args)
@@ -150,8 +159,105 @@ def test_cli_stir_with_oblique_segments_and_tof(tmp_path, monkeypatch):
     ({"dead_blocks": 33}, r"--dead-blocks must be in \[0, 32\] on demo"),
     ({"low_dose": 1.5}, r"--low-dose must be in \(0, 1\)"),
     ({"scanner": "petra"}, "--scanner: unknown scanner 'petra'; valid: test, demo, mmr, mct"),
+    ({"counts": "lots"}, "--counts must be a number > 0 or one of low, clinical, high, very-high, got 'lots'"),
+    ({"randoms": 1.0}, r"--randoms must be in \[0, 1\)"),
+    ({"test_studies": 5}, r"--test-studies must be in \[0, 4\]"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, kw, message):
     with pytest.raises(InputError, match=message):
         S.run(_args(tmp_path, **kw))
     assert not (tmp_path / "sim").exists()
+
+
+def _cylinder(sc: G.Scanner, radius: float) -> S.Phantom:
+    """A uniform soft-tissue cylinder on the axis, longer than the scanner (no organs, no lesions)."""
+    body = np.array([0.0, 0.0, radius, radius, 0.0, -np.pi / 2, 0.0])  # wobble 1 + 0.04 (1 + sin(-pi/2)) = 1
+    return S.Phantom(body, np.zeros((0, 9)), 0.0)
+
+
+def test_uniform_cylinder_attenuation_factor_is_exp_minus_mu_l():
+    r, mu = 90.0, P.MU["soft tissue"]
+    segs = (0, -1, 1)
+    means = S.study_means(TEST, _cylinder(TEST, r), segs, 1e5, S.Physics(normalisation=False, randoms=0.0))
+    phi, s = G.lor_coordinates(TEST)
+    chord = 2 * np.sqrt(np.maximum(r * r - s * s, 0))  # (V, X) in-plane path through the cylinder
+    ra, rb = G.plane_list(TEST, segs)
+    lor = 2 * np.sqrt(TEST.radius_mm ** 2 - s ** 2)
+    tilt = np.sqrt(1 + (((rb - ra) * TEST.ring_spacing_mm)[:, None, None] / lor) ** 2)  # (P, V, X)
+    np.testing.assert_allclose(means.mult, np.exp(-mu * chord * tilt), rtol=1e-12)
+    assert means.mult.min() == pytest.approx(np.exp(-mu * 2 * r), rel=0.02)  # the central LOR: ~0.18
+    # the counts are the attenuated trues: expected / geometric trues = the attenuation factor
+    trues = S.expected_counts(TEST, _cylinder(TEST, r), segs)[0]
+    inside = trues > 0
+    ratio = means.expected[0][inside] / trues[inside]
+    np.testing.assert_allclose(ratio / ratio.max(), (means.mult[inside] / means.mult[inside].max()), rtol=1e-9)
+
+
+def test_normalisation_is_the_product_of_fixed_crystal_efficiencies():
+    sc = G.Scanner("vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, views=24, bins=24,
+                   radius_mm=120.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
+    eff = P.crystal_efficiencies(sc)
+    virtual = np.arange(48) % 4 == 3
+    assert (eff[:, virtual] == 0).all() and eff[:, ~virtual].mean() == pytest.approx(1.0)
+    assert 0.03 < eff[:, ~virtual].std() < 0.2
+    np.testing.assert_array_equal(eff, P.crystal_efficiencies(sc))  # the scanner's, not the study's
+    means = S.study_means(sc, _cylinder(sc, 60.0), (0, -1, 1), 1e5, S.Physics(attenuation=False, randoms=0.0))
+    ra, rb = G.plane_list(sc, (0, -1, 1))
+    rng = np.random.default_rng(0)
+    for p, v, x in zip(rng.integers(0, 4, 50), rng.integers(0, 24, 50), rng.integers(0, 24, 50), strict=True):
+        ca, cb = G.sino_to_lor(sc, v, x)  # brute force, one LOR at a time
+        assert means.mult[p, v, x] == pytest.approx(eff[ra[p], ca] * eff[rb[p], cb], rel=1e-12)
+    assert (means.mult * (1 - G.gap_mask(sc)) == 0).all() and (means.expected[0][:, G.gap_mask(sc) == 0] == 0).all()
+
+
+def test_randoms_are_a_smooth_background_of_the_requested_fraction():
+    sc = TOF_TEST
+    means = S.study_means(sc, S.random_phantom(sc, np.random.default_rng(3)), (0, -1, 1), 2e5,
+                          S.Physics(randoms=0.3))
+    r, e = means.randoms, means.expected
+    assert r.sum() / e.sum() == pytest.approx(0.3, rel=1e-9) and e.sum() == pytest.approx(2e5)
+    np.testing.assert_allclose(r, np.broadcast_to(r[:1], r.shape))  # the same in every TOF bin
+    trues = e - r
+    outside = (trues.sum(0) == 0) & (G.gap_mask(sc) > 0)  # LORs that miss the body
+    assert outside.any() and (r[0][outside] > 0).all()
+    # smooth: neighbouring bins differ by far less than the trues do (efficiencies aside)
+    eff_free = S.study_means(sc, S.random_phantom(sc, np.random.default_rng(3)), (0,), 2e5,
+                             S.Physics(normalisation=False, randoms=0.3))
+    rr, tt = eff_free.randoms[:, 0].sum(0), (eff_free.expected - eff_free.randoms)[:, 0].sum(0)
+    assert np.abs(np.diff(rr, axis=1)).mean() / rr.mean() < 0.25 * np.abs(np.diff(tt, axis=1)).mean() / tt.mean()
+
+
+def test_count_levels_set_the_mean_prompts_per_lor_through_the_body():
+    ph = S.random_phantom(DEMO, np.random.default_rng(4))
+    means = S.study_means(DEMO, ph, (0,), "clinical")
+    body = S.expected_counts(DEMO, ph, (0,)).sum(0) > 0
+    per_lor = P.COUNT_LEVELS["clinical"] * DEMO.bin_size_mm * DEMO.ring_spacing_mm / P.MMR_LOR_MM2
+    assert means.expected.sum(0)[body].mean() == pytest.approx(per_lor)
+    assert 10 < per_lor < 30  # the demo's LORs are ~12 times an mMR LOR
+
+
+def test_lesions_have_their_recorded_contrast_and_test_phantoms_differ():
+    for seed in range(5):
+        for variant in ("train", "test"):
+            ph = S.random_phantom(DEMO, np.random.default_rng(seed), variant)
+            lo, hi = S.VARIANTS[variant]["contrast"]
+            assert 1 <= len(ph.lesions) <= 4
+            for les in ph.lesions:
+                assert lo <= les["contrast"] <= hi and 0 <= les["z"] <= DEMO.rings * DEMO.ring_spacing_mm
+                ell = S.ellipses_at(ph, ph.z0 + les["z"])
+                here = ell[S._inside(ell, les["x"], les["y"]), 5].sum()
+                assert here == pytest.approx(les["contrast"] * les["background"], rel=1e-9)
+            arms = (np.abs(ph.organs[:, 0] - ph.body[0]) > ph.body[2] * 1.08).sum()
+            assert arms == (2 if variant == "test" else 0)
+
+
+def test_cli_count_level_test_variant_and_no_truth(tmp_path):
+    assert S.run(_args(tmp_path, studies=2, scanner="test", counts="clinical", test_studies=1, randoms=0.1)) == 0
+    meta = json.loads((tmp_path / "sim" / "studies.json").read_text())
+    assert [s["variant"] for s in meta["studies"]] == ["train", "test"] and meta["counts"] == "clinical"
+    assert set(meta["studies"][1]["files"]) == {"target", "expected", "randoms", "mult"}
+    args = _args(tmp_path / "b", studies=1, scanner="test")
+    args.no_truth = True
+    assert S.run(args) == 0
+    meta = json.loads((tmp_path / "b" / "sim" / "studies.json").read_text())
+    assert set(meta["studies"][0]["files"]) == {"target"}
