@@ -1,5 +1,6 @@
-"""Scanner geometry: LOR <-> sinogram mapping against plane geometry, planes, dead-block masks
-against a brute-force enumeration of every crystal pair."""
+"""Scanner geometry against STIR's conventions, re-derived here from STIR's definitions (never its
+code): the detector-pair formula of ProjDataInfoCylindricalNoArcCorr, the block and virtual-crystal
+layout of Scanner / BinNormalisationFromECAT8, the presets of Scanner.cxx."""
 from __future__ import annotations
 
 import math
@@ -10,161 +11,165 @@ import pytest
 from hpc import geometry as G
 
 TEST = G.get_scanner("test")
+PRESETS = ("mmr", "mct", "vision600", "signa")
 
 
 def _grid(sc: G.Scanner) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(np.arange(sc.views), np.arange(sc.bins), indexing="ij")
 
 
-@pytest.mark.parametrize("name", list(G.SCANNERS))
-def test_sino_lor_round_trip(name):
+def stir_detectors(n: int, view: int, t: int) -> tuple[int, int]:
+    """STIR's table entry for (view, tangential position) on n detectors, with Python's arithmetic
+    right shift standing in for STIR's (its static_asserts: -1 >> 1 == -1, -2 >> 1 == -1)."""
+    return (view + (t >> 1) + n) % n, (view - ((t + 1) >> 1) + n // 2) % n
+
+
+@pytest.mark.parametrize("name", ("test", "demo", *PRESETS))
+def test_detector_pairs_are_stirs(name):
     sc = G.SCANNERS[name]
     view, bin = _grid(sc)
-    ca, cb = G.sino_to_lor(sc, view, bin)
-    assert (ca != cb).all()
-    v2, b2 = G.lor_to_sino(sc, ca, cb)
-    assert np.array_equal(v2, view) and np.array_equal(b2, bin)
-    v3, b3 = G.lor_to_sino(sc, cb, ca)  # an LOR has no direction
-    assert np.array_equal(v3, view) and np.array_equal(b3, bin)
+    d1, d2 = G.sino_to_lor(sc, view, bin)
+    for v in range(0, sc.views, max(1, sc.views // 17)):
+        for b in range(sc.bins):
+            assert (d1[v, b], d2[v, b]) == stir_detectors(sc.detectors_per_ring, v, b - sc.bins // 2)
+    # and back, with STIR's swap: (d2, d1) is the same LOR with the rings swapped
+    v2, b2, sw = G.lor_to_bin(sc, d1, d2)
+    assert np.array_equal(v2, view) and np.array_equal(b2, bin) and not sw.any()
+    v3, b3, sw3 = G.lor_to_bin(sc, d2, d1)
+    assert np.array_equal(v3, view) and np.array_equal(b3, bin) and sw3.all()
 
 
-def test_every_crystal_pair_in_the_fov_has_exactly_one_bin():
+def test_every_detector_pair_has_one_bin_or_lies_outside_the_fov():
     n = TEST.detectors_per_ring
-    ca, cb = np.triu_indices(n, k=1)
-    view, bin = G.lor_to_sino(TEST, ca, cb)
+    d1, d2 = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    d1, d2 = d1[d1 != d2], d2[d1 != d2]
+    view, bin, swapped = G.lor_to_bin(TEST, d1, d2)
     inside = (bin >= 0) & (bin < TEST.bins)
+    a, b = G.sino_to_lor(TEST, view[inside], bin[inside])
+    assert np.array_equal(np.where(swapped[inside], b, a), d1[inside])
+    assert np.array_equal(np.where(swapped[inside], a, b), d2[inside])
     cells = view[inside] * TEST.bins + bin[inside]
-    assert np.array_equal(np.sort(cells), np.arange(TEST.views * TEST.bins))  # a bijection
-    a2, b2 = G.sino_to_lor(TEST, view[inside], bin[inside])
-    assert np.array_equal(np.minimum(a2, b2), ca[inside]) and np.array_equal(np.maximum(a2, b2), cb[inside])
+    assert np.array_equal(np.unique(cells, return_counts=True)[1], np.full(TEST.views * TEST.bins, 2))
+    t = bin[~inside] - TEST.bins // 2  # outside: |t| beyond the stored bins, never beyond N/2
+    assert ((t < -(TEST.bins // 2)) | (t >= TEST.bins - TEST.bins // 2)).all() and (np.abs(t) <= n // 2).all()
 
 
-def test_lor_coordinates_match_the_chord_between_the_crystals():
-    sc = G.get_scanner("demo")
+@pytest.mark.parametrize("name", ("demo", "vision600", "signa"))
+def test_lor_coordinates_are_the_chord_between_the_detectors(name):
+    sc = G.SCANNERS[name]
     phi, s = G.lor_coordinates(sc)
-    ca, cb = G.sino_to_lor(sc, *_grid(sc))
-    ang = 2 * np.pi / sc.detectors_per_ring
-    pa = sc.radius_mm * np.stack([np.cos(ca * ang), np.sin(ca * ang)])  # (2, V, X) crystal positions
-    pb = sc.radius_mm * np.stack([np.cos(cb * ang), np.sin(cb * ang)])
-    normal = np.stack([np.cos(phi), np.sin(phi)])
-    # both crystals lie on the line {p : p . n = s}
-    np.testing.assert_allclose((pa * normal).sum(0), s, atol=1e-9)
-    np.testing.assert_allclose((pb * normal).sum(0), s, atol=1e-9)
-    # views step by 180 / views degrees, bins by about bin_size at the centre
-    assert np.all((phi >= 0) & (phi < np.pi))
-    np.testing.assert_array_equal(np.floor(phi[:, 0] / (np.pi / sc.views) + 1e-9), np.arange(sc.views))
-    assert abs(np.diff(s[0])[sc.bins // 2] - sc.bin_size_mm) < 0.05 * sc.bin_size_mm
+    d1, d2 = G.sino_to_lor(sc, *_grid(sc))
+    xy = G.crystal_positions(sc)  # (N, 2)
+    normal = np.stack([np.cos(phi), np.sin(phi)], -1)  # (V, X, 2)
+    np.testing.assert_allclose((xy[d1] * normal).sum(-1), s, atol=1e-6)
+    np.testing.assert_allclose((xy[d2] * normal).sum(-1), s, atol=1e-6)
+    # STIR's frame: detector 0 at (0, -R) before the tilt; s = R sin(pi t / N); phi of even t = view angle
+    np.testing.assert_allclose(G.crystal_positions(G.SCANNERS["demo"])[0], [0.0, -G.SCANNERS["demo"].radius_mm])
+    t = np.arange(sc.bins) - sc.bins // 2
+    np.testing.assert_allclose(s[0], sc.radius_mm * np.sin(np.pi * t / sc.detectors_per_ring))
+    even = t % 2 == 0
+    np.testing.assert_allclose(phi[:, even], (np.pi * np.arange(sc.views) / sc.views + sc.tilt_rad)[:, None]
+                               * np.ones(even.sum()))
 
 
-def test_mmr_bin_size_matches_stir():
-    sc = G.get_scanner("Siemens mMR")
-    assert sc is G.SCANNERS["mmr"]
-    assert math.isclose(math.pi * sc.radius_mm / sc.detectors_per_ring, sc.bin_size_mm, rel_tol=2e-3)
+@pytest.mark.parametrize("name", ("mmr", "mct"))
+def test_bin_size_is_the_angular_sampling(name):
+    """STIR's default bin size of the mMR and mCT is the detector spacing at the effective radius
+    (its Vision 600 and Signa values are not: STIR marks the Signa's 'TO CHECK')."""
+    sc = G.SCANNERS[name]
+    assert math.isclose(math.pi * sc.radius_mm / sc.detectors_per_ring, sc.bin_size_mm, rel_tol=0.005)
 
 
-def test_get_scanner_aliases_and_errors():
-    assert G.get_scanner("MCT") is G.get_scanner("biograph mct") is G.SCANNERS["mct"]
-    with pytest.raises(ValueError, match="unknown scanner 'nope'; valid: test, demo, mmr, mct"):
+def test_presets_are_stirs():
+    mmr, mct, vis, signa = (G.SCANNERS[n] for n in PRESETS)
+    assert (mmr.rings, mmr.detectors_per_ring, mmr.bins, mmr.block_axial, mmr.block_trans) == (64, 504, 344, 8, 9)
+    assert (mct.rings, mct.detectors_per_ring, mct.bins, mct.arc_bins, mct.tof_bins) == (55, 672, 400, 336, 13)
+    assert (vis.rings, vis.detectors_per_ring, vis.bins, vis.tof_bins, vis.block_trans) == (80, 798, 520, 264, 21)
+    assert (signa.rings, signa.detectors_per_ring, signa.bins, signa.block_trans) == (45, 448, 357, 4)
+    assert (mmr.virtual_trans, mmr.virtual_axial, mct.virtual_trans, mct.virtual_axial) == (1, 0, 1, 1)
+    assert (vis.virtual_trans, signa.virtual_trans) == (1, 0)
+
+
+def test_names_follow_stir():
+    for name in ("Siemens mMR", "mMR", "siemens_mmr", "mmr", "2008"):
+        assert G.get_scanner(name) is G.SCANNERS["mmr"]
+    assert G.get_scanner("Biograph mCT") is G.get_scanner("1104") is G.SCANNERS["mct"]
+    assert G.get_scanner("Siemens Vision 600") is G.SCANNERS["vision600"]
+    assert G.get_scanner("GE Signa PET/MR") is G.get_scanner("Signa PET/MR") is G.SCANNERS["signa"]
+    with pytest.raises(ValueError, match="unknown scanner 'nope'; valid: test, demo, mmr, mct.*Siemens mMR"):
         G.get_scanner("nope")
-    with pytest.raises(ValueError, match="views 10 must be detectors_per_ring / 2"):
-        G.Scanner("bad", 2, 24, 4, 2, 10, 12, 100.0, 13.0, 4.0)
+    with pytest.raises(ValueError, match="bins 30 must be in"):
+        G.Scanner("bad", "bad", rings=2, detectors_per_ring=24, block_trans=4, block_axial=2, bins=30,
+                  inner_radius_mm=90.0, doi_mm=0.0, bin_size_mm=13.0, ring_spacing_mm=4.0)
 
 
-def test_planes_round_trip_in_storage_order():
-    segs = G.segment_sequence(3)
-    assert segs == (0, -1, 1, -2, 2, -3, 3)
-    assert G.axial_counts(TEST, segs) == (4, 3, 3, 2, 2, 1, 1)
-    ra, rb = G.plane_list(TEST, segs)
-    assert len(set(zip(ra.tolist(), rb.tolist(), strict=True))) == TEST.rings ** 2  # every ring pair once
-    seg, ax = G.plane_index(TEST, ra, rb)
-    assert np.array_equal(seg, rb - ra)
-    ra2, rb2 = G.plane_rings(TEST, seg, ax)
-    assert np.array_equal(ra2, ra) and np.array_equal(rb2, rb)
-    with pytest.raises(ValueError, match=r"plane \(segment 2, axial 2\) does not exist"):
-        G.plane_rings(TEST, [0, 2], [1, 2])
+def stir_efficiency_zeros(sc: G.Scanner) -> np.ndarray:
+    """(rings, N) bool: the crystals BinNormalisationFromECAT8 gives efficiency 0 (virtual): in every
+    ring the first ``virtual_trans`` crystals of each block of ``block_trans``, and from crystal
+    ring ``block_axial - virtual_axial`` on every ``block_axial``-th ring (``virtual_axial`` of them)."""
+    zero = np.zeros((sc.rings, sc.detectors_per_ring), bool)
+    for c in range(0, sc.detectors_per_ring, sc.block_trans):
+        zero[:, c:c + sc.virtual_trans] = True
+    if sc.virtual_axial:
+        for r in range(sc.block_axial - sc.virtual_axial, sc.rings, sc.block_axial):
+            zero[r:r + sc.virtual_axial] = True
+    return zero
 
 
-def _brute_force_mask(sc: G.Scanner, dead: set[int], segments) -> np.ndarray:
-    """Mark every crystal pair (crystal, ring) x (crystal, ring) touching a dead block."""
-    ra_list, rb_list = G.plane_list(sc, segments)
-    plane_of = {(a, b): p for p, (a, b) in enumerate(zip(ra_list.tolist(), rb_list.tolist(), strict=True))}
+@pytest.mark.parametrize("name", PRESETS)
+def test_virtual_crystals_are_stirs(name):
+    """Our virtual crystals and rings are exactly STIR's; the sinogram pattern (LORs with a virtual
+    end) agrees on every pixel (before hpc followed STIR: 63 % of the mMR's pixels)."""
+    sc = G.SCANNERS[name]
+    zero = stir_efficiency_zeros(sc)
+    assert np.array_equal(G.virtual_crystal(sc, np.arange(sc.detectors_per_ring)), zero.all(0) | zero[0])
+    assert np.array_equal(G.virtual_ring(sc, np.arange(sc.rings)), zero.all(1))
+    d1, d2 = G.sino_to_lor(sc, *_grid(sc))
+    real_ring = np.flatnonzero(~zero.all(1))[0]
+    stir_valid = ~(zero[real_ring, d1] | zero[real_ring, d2])
+    assert np.array_equal(G.transaxial_valid(sc), stir_valid)
+    if name == "mmr":
+        assert (np.flatnonzero(zero[0])[:3] == [0, 9, 18]).all()
+    if name == "mct":
+        assert np.flatnonzero(zero.all(1)).tolist() == [13, 27, 41]
+
+
+@pytest.mark.parametrize("name", ("mmr", "mct"))
+def test_block_masks_are_stirs_blocks(name):
+    """A dead transaxial block k loses exactly the LORs with an end in crystals [B k, B k + B)
+    (STIR's block boundaries); before hpc followed STIR the best Jaccard with any real block was 0.89."""
+    sc = G.SCANNERS[name]
+    tm = G.transaxial_block_masks(sc)
     n = sc.detectors_per_ring
-    mask = np.full((len(plane_of), sc.views, sc.bins), 2, np.uint8)  # 2 = never visited
-    for c1 in range(n):
-        for c2 in range(n):
-            if c1 == c2:
-                continue
-            (v,), (x,) = G.lor_to_sino(sc, [c1], [c2])
-            if not 0 <= x < sc.bins:
-                continue
-            end_a, _ = G.sino_to_lor(sc, v, x)
-            for r1 in range(sc.rings):
-                for r2 in range(sc.rings):
-                    # the plane's ring_a holds the LOR's end a
-                    key = (r1, r2) if c1 == end_a else (r2, r1)
-                    if key not in plane_of:
-                        continue
-                    lost = int(G.block_of(sc, c1, r1)) in dead or int(G.block_of(sc, c2, r2)) in dead
-                    mask[plane_of[key], v, x] = 0 if lost else 1
-    assert (mask != 2).all()
-    return mask
+    view, bin = _grid(sc)
+    t = bin - sc.bins // 2
+    d1, d2 = (view + (t >> 1) + n) % n, (view - ((t + 1) >> 1) + n // 2) % n  # STIR's formula
+    for k in (0, 10, G.block_counts(sc)[0] - 1):
+        stir = (d1 // sc.block_trans == k) | (d2 // sc.block_trans == k)
+        ours = tm[k, 0] | tm[k, 1]
+        assert (ours & stir).sum() / (ours | stir).sum() == 1.0
+    assert (tm.sum(axis=0) == 1).all()  # each end in exactly one block
 
 
-@pytest.mark.parametrize("dead", [[0], [3, 7], [5, 6, 11]])
-def test_dead_block_mask_matches_brute_force(dead):
-    segs = G.segment_sequence(2)
-    got = G.dead_block_mask(TEST, dead, segs)
-    assert got.dtype == np.uint8 and got.shape == (sum(G.axial_counts(TEST, segs)), TEST.views, TEST.bins)
-    np.testing.assert_array_equal(got, _brute_force_mask(TEST, set(dead), segs))
-
-
-def test_transaxial_block_masks_give_dead_block_mask():
-    """The loader's formula: lost where (axial block of ring_a, end a's block) or (ring_b, end b) is dead."""
-    sc, segs = G.get_scanner("demo"), G.segment_sequence(2)
-    n_trans, n_blocks = G.block_counts(sc)
-    tm = G.transaxial_block_masks(sc)  # (T, 2, V, X)
-    assert tm.shape == (n_trans, 2, sc.views, sc.bins)
-    assert (tm.sum(axis=0) == 1).all()  # each end lies in exactly one block
-    ra, rb = G.plane_list(sc, segs)
-    dead = G.random_blocks(sc, 3, np.random.default_rng(4))
-    lost = np.zeros((ra.size, sc.views, sc.bins), bool)
-    for blk in dead:
-        ax, tr = divmod(int(blk), n_trans)
-        assert G.block_id(sc, ax, tr) == blk
-        lost |= (G.axial_block(sc, ra) == ax)[:, None, None] & tm[tr, 0]
-        lost |= (G.axial_block(sc, rb) == ax)[:, None, None] & tm[tr, 1]
-    np.testing.assert_array_equal(G.dead_block_mask(sc, dead, segs), (~lost).astype(np.uint8))
-
-
-def test_dead_block_is_a_diagonal_band_not_a_rectangle():
-    sc = G.get_scanner("mmr")
-    missing = G.dead_block_mask(sc, [G.block_id(sc, 0, 10)])[0] == 0  # plane 0: ring 0 in axial block 0
-    v, x = np.nonzero(missing)
-    assert 0 < missing.sum() < missing.size
-    box = (v.max() - v.min() + 1) * (x.max() - x.min() + 1)
-    assert missing.sum() < 0.2 * box  # far from filling its bounding rectangle
-    per_view = missing.sum(axis=1)
-    assert per_view.max() <= 2 * sc.block_trans + 2  # a block-wide band in every view it crosses
-    rows = np.unique(v)
-    shifted = {tuple(np.flatnonzero(missing[row])) for row in rows}
-    assert len(shifted) > 0.9 * len(rows)  # the band moves from view to view: diagonal
-    # a block in axial block 1 does not touch plane 0 (rings 0, 0)
-    assert G.dead_block_mask(sc, [G.block_id(sc, 1, 10)])[0].all()
-
-
-def test_gap_mask_removes_virtual_crystals():
-    sc = G.get_scanner("mmr")
-    gap = G.gap_mask(sc)
-    ca, cb = G.sino_to_lor(sc, *_grid(sc))
-    assert (gap[(ca % 9 == 8) | (cb % 9 == 8)] == 0).all() and (gap[(ca % 9 < 8) & (cb % 9 < 8)] == 1).all()
-    assert G.gap_mask(TEST).all()
-
-
-def test_random_blocks():
+def test_block_numbering():
+    mct = G.SCANNERS["mct"]
+    assert G.block_counts(mct) == (48, 48 * 4)  # 55 rings = 4 axial blocks of 14 (the last has 13)
+    assert G.block_of(mct, 14 * 3 + 2, 54).item() == G.block_id(mct, 3, 3).item() == 3 * 48 + 3
     rng = np.random.default_rng(0)
     b = G.random_blocks(TEST, 5, rng)
     assert len(set(b.tolist())) == 5 and b.min() >= 0 and b.max() < G.block_counts(TEST)[1]
     with pytest.raises(ValueError, match="13 requested, scanner 'test' has 12 blocks"):
         G.random_blocks(TEST, 13, rng)
     with pytest.raises(ValueError, match=r"ids must be in \[0, 12\)"):
-        G.dead_block_mask(TEST, [12])
+        G.check_blocks(TEST, [12])
+
+
+def test_dead_block_is_a_diagonal_band_not_a_rectangle():
+    sc = G.SCANNERS["mmr"]
+    tm = G.transaxial_block_masks(sc)
+    missing = tm[10, 0] | tm[10, 1]
+    v, x = np.nonzero(missing)
+    box = (v.max() - v.min() + 1) * (x.max() - x.min() + 1)
+    assert 0 < missing.sum() < 0.2 * box
+    assert missing.sum(axis=1).max() <= 2 * sc.block_trans + 2
+    assert len({tuple(np.flatnonzero(missing[r])) for r in np.unique(v)}) > 0.9 * len(np.unique(v))

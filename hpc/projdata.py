@@ -1,0 +1,346 @@
+"""The layout of a sinogram file, as STIR's ``ProjDataInfoCylindricalNoArcCorr`` defines it: segments
+and their ring differences (span), the ring pairs each plane sums, view and TOF mashing, and what a
+dead detector block removes from every stored pixel.
+
+Segments. A segment holds the ring differences ``ring_b - ring_a`` in [min_rd, max_rd]; segment 0
+holds difference 0, the others are numbered outward by their ring differences (STIR). With span 1
+each segment is one ring difference and the segment number *is* the ring difference; with span S
+segment 0 holds [-(S-1)/2, (S-1)/2] and segment k > 0 the next S differences (-k mirrored), the last
+one cut at the maximum ring difference (STIR's ``ProjDataInfoCTI``). Files store segments in the
+order 0, -1, +1, -2, +2, ... (STIR's default, and the ECAT/Siemens order: the k-th entry of a
+Siemens ``%segment table`` is segment :func:`segment_storage_order` ``[k]``; this module is the one
+place that mapping lives).
+
+Planes. Axial position ``a`` of a segment holds the ring pairs with ``ring_a + ring_b = a +
+offset`` (span 1: ``a = min(ring_a, ring_b)``; compressed segments sample every half ring, so
+``a = ring_a + ring_b - offset`` with offset = the segment's smallest |ring difference|), ring
+difference in the segment and of the parity of the sum: STIR's ``get_all_ring_pairs_for_segment_axial_pos_num``.
+mMR span 11: 837 planes, 11 segments, up to 6 ring pairs each; span 1: 4084 planes, 121 segments.
+
+Mashing. A stored view ``w`` sums the uncompressed views ``w m .. w m + m - 1`` (view mashing m);
+TOF mashing sums neighbouring timing positions. Both change counts, never which LORs exist.
+
+Dead blocks. A stored pixel (plane, view, bin) sums the LORs of its ring pairs x mashed views; a dead
+block removes the LORs with an end in it. :func:`dead_fractions` gives the fraction of the pixel's
+real LORs (virtual crystals and rings excluded) that survive: 1 = measured, 0 = a gap, in between =
+partially measured. A pixel with no real LOR at all (through virtual crystals only) is not data:
+``valid`` is False there and its fraction is 1 (never a gap).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+from hpc import geometry as G
+
+
+def segment_storage_order(n: int) -> tuple[int, ...]:
+    """Segment numbers of the ``n`` segments in storage order: 0, -1, +1, -2, +2, ... (STIR's default,
+    and Siemens: the k-th entry of a ``%segment table`` is segment ``segment_storage_order(n)[k]``)."""
+    return tuple((k + 1) // 2 * (-1 if k % 2 else 1) for k in range(n))
+
+
+def siemens_timing_order(n: int) -> tuple[int, ...]:
+    """STIR timing positions of a Siemens file's TOF blocks in storage order: 0, +1, -1, +2, -2, ..."""
+    return tuple((k + 1) // 2 * (1 if k % 2 else -1) for k in range(n))
+
+
+def cti_ring_differences(rings: int, span: int, max_ring_diff: int) -> tuple[list[int], list[int]]:
+    """(min, max) ring difference of segments 0, 1, 2, ... for a span and maximum ring difference
+    (STIR's ProjDataInfoCTI); negative segments mirror them."""
+    if not 1 <= span <= 2 * rings - 1 or not (span - 1) // 2 <= max_ring_diff <= rings - 1:
+        raise ValueError(f"span {span} with maximum ring difference {max_ring_diff} is impossible on "
+                         f"{rings} rings (need span <= {2 * rings - 1}, (span-1)/2 <= max ring difference < {rings})")
+    lo = [-(span // 2) if span % 2 == 0 else -((span - 1) // 2)]
+    hi = [lo[0] + (span if span % 2 == 0 else span - 1)]
+    while hi[-1] < max_ring_diff:
+        lo.append(hi[-1] + 1)
+        hi.append(min(lo[-1] + span - 1, max_ring_diff))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the slices of a sinogram file are: per segment (storage order) its STIR number, ring
+    differences and axial positions; stored views and bins; TOF bins. Build with :func:`cti_layout`
+    (span, maximum ring difference) or :func:`from_ring_differences` (a STIR header)."""
+    scanner: G.Scanner
+    segments: tuple[int, ...]
+    min_rd: tuple[int, ...]
+    max_rd: tuple[int, ...]
+    axial_counts: tuple[int, ...]
+    view_mashing: int = 1
+    bins: int = 0  # stored tangential positions (0: the scanner's maximum)
+    tof_bins: int = 1  # stored TOF bins (1: non-TOF)
+
+    def __post_init__(self) -> None:
+        sc = self.scanner
+        if not self.bins:
+            object.__setattr__(self, "bins", sc.bins)
+        n = len(self.segments)
+        problems = []
+        if not n == len(self.min_rd) == len(self.max_rd) == len(self.axial_counts):
+            problems.append("segments, ring differences and axial counts must have one entry per segment")
+        elif any(lo > hi or max(abs(lo), abs(hi)) >= sc.rings for lo, hi in zip(self.min_rd, self.max_rd, strict=True)):
+            problems.append(f"ring differences {list(self.min_rd)}..{list(self.max_rd)} outside +-{sc.rings - 1}")
+        if self.view_mashing < 1 or sc.views % self.view_mashing:
+            problems.append(f"view mashing {self.view_mashing} must divide the {sc.views} views")
+        if not 0 < self.bins < sc.detectors_per_ring:
+            problems.append(f"{self.bins} bins: must be in (0, {sc.detectors_per_ring})")
+        if self.tof_bins > 1 and sc.tof_bins % self.tof_bins:
+            problems.append(f"{self.tof_bins} TOF bins: not the scanner's {sc.tof_bins} TOF bins mashed by an integer")
+        if problems:
+            raise ValueError(f"layout on scanner {sc.name!r}: " + "; ".join(problems))
+        for k, seg in enumerate(self.segments):
+            if self.axial_counts[k] < 1 or (self.compressed(k) and self.axial_counts[k] % 2 == 0):
+                raise ValueError(f"segment {seg} (ring differences {self.min_rd[k]}..{self.max_rd[k]}): "
+                                 f"{self.axial_counts[k]} axial positions do not lie between the rings of {sc.name!r}")
+        _ = self.ring_pairs  # every plane must hold a ring pair (ValueError naming the first that does not)
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def views(self) -> int:
+        return self.scanner.views // self.view_mashing
+
+    @property
+    def tof_mashing(self) -> int:
+        return self.scanner.tof_bins // self.tof_bins if self.tof_bins > 1 else 0
+
+    @property
+    def planes(self) -> int:
+        return sum(self.axial_counts)
+
+    @property
+    def num_slices(self) -> int:
+        return self.tof_bins * self.planes
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return self.views, self.bins
+
+    @property
+    def span(self) -> int:
+        """Ring differences in segment 0 (1: no axial compression)."""
+        k = self.segments.index(0) if 0 in self.segments else 0
+        return self.max_rd[k] - self.min_rd[k] + 1
+
+    def compressed(self, k: int) -> bool:
+        return self.min_rd[k] != self.max_rd[k]
+
+    # ------------------------------------------------------------ planes
+    @cached_property
+    def ring_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (plane, ring_a, ring_b), each (M,) int64, planes in storage order, ring pairs of a
+        plane by increasing ring difference (STIR's order)."""
+        planes, ra, rb, p = [], [], [], 0
+        rings = self.scanner.rings
+        for k in range(len(self.segments)):
+            for a in range(self.axial_counts[k]):
+                total = self._ring_sum(k, a)
+                d = np.arange(self.min_rd[k], self.max_rd[k] + 1)
+                d = d[(total + d) % 2 == 0]
+                r1, r2 = (total - d) // 2, (total + d) // 2
+                ok = (r1 >= 0) & (r2 >= 0) & (r1 < rings) & (r2 < rings)
+                if not ok.any():
+                    raise ValueError(f"plane (segment {self.segments[k]}, axial {a}) has no ring pair on {rings} rings")
+                planes.append(np.full(int(ok.sum()), p))
+                ra.append(r1[ok])
+                rb.append(r2[ok])
+                p += 1
+        return np.concatenate(planes), np.concatenate(ra), np.concatenate(rb)
+
+    def _ring_sum(self, k: int, axial: int) -> int:
+        """ring_a + ring_b of axial position ``axial`` of segment k: positions are centred on the
+        scanner, one per ring (span 1) or per half ring (compressed segments)."""
+        rings, n = self.scanner.rings, self.axial_counts[k]
+        if self.compressed(k):
+            return axial - (n - 1) // 2 + rings - 1
+        return 2 * axial - (n - 1) + rings - 1
+
+    def plane_segment_axial(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, axial) of every plane in storage order, each (planes,) int32."""
+        seg = np.concatenate([np.full(c, s, np.int32) for s, c in zip(self.segments, self.axial_counts, strict=True)])
+        return seg, np.concatenate([np.arange(c, dtype=np.int32) for c in self.axial_counts])
+
+    def plane_of(self, segment: ArrayLike, axial: ArrayLike) -> np.ndarray:
+        """Storage index of planes (segment, axial); ValueError for planes the layout lacks."""
+        seg, ax = np.broadcast_arrays(np.asarray(segment, np.int64), np.asarray(axial, np.int64))
+        first = dict(zip(self.segments, np.cumsum((0,) + self.axial_counts[:-1]).tolist(), strict=True))
+        count = dict(zip(self.segments, self.axial_counts, strict=True))
+        out = np.empty(seg.shape, np.int64)
+        for i, (s, a) in enumerate(zip(seg.flat, ax.flat, strict=True)):
+            if s not in count or not 0 <= a < count[s]:
+                raise ValueError(f"plane (segment {s}, axial {a}) does not exist in this layout of "
+                                 f"{self.scanner.name!r} (segments {list(self.segments)}, span {self.span})")
+            out.flat[i] = first[s] + a
+        return out
+
+    def ring_pair_plane(self, ring_a: ArrayLike, ring_b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, axial) holding each ring pair (STIR's get_segment_axial_pos_num_for_ring_pair);
+        ValueError for a ring difference the layout does not store."""
+        ra, rb = (np.asarray(r, np.int64) for r in np.broadcast_arrays(ring_a, ring_b))
+        d = rb - ra
+        k = np.full(d.shape, -1)
+        for i, (lo, hi) in enumerate(zip(self.min_rd, self.max_rd, strict=True)):
+            k = np.where((d >= lo) & (d <= hi) & (k < 0), i, k)
+        if (k < 0).any():
+            raise ValueError(f"ring difference {int(d[k < 0].flat[0])} is not stored in this layout "
+                             f"(ring differences {min(self.min_rd)}..{max(self.max_rd)})")
+        first = np.array([self._ring_sum(i, 0) for i in range(len(self.segments))])
+        axial = np.where(np.array([self.compressed(i) for i in range(len(self.segments))])[k],
+                         ra + rb - first[k], (ra + rb - first[k]) // 2)
+        return np.asarray(self.segments)[k], axial
+
+    def mashed_views(self, view: int) -> np.ndarray:
+        """The uncompressed views a stored view sums."""
+        return np.arange(view * self.view_mashing, (view + 1) * self.view_mashing)
+
+    # ------------------------------------------------------------ validity
+    @cached_property
+    def valid_planes(self) -> np.ndarray:
+        """(planes,) bool: the plane has a ring pair between two real (non-virtual) rings."""
+        plane, ra, rb = self.ring_pairs
+        real = ~(G.virtual_ring(self.scanner, ra) | G.virtual_ring(self.scanner, rb))
+        return np.bincount(plane, weights=real, minlength=self.planes) > 0
+
+    @cached_property
+    def valid_bins(self) -> np.ndarray:
+        """(V, X) bool over stored views: some LOR of the pixel joins two real crystals."""
+        t = _transaxial(self.scanner, self.bins)[1]  # (U, X)
+        return t.reshape(self.views, self.view_mashing, self.bins).any(axis=1)
+
+    def valid(self, planes: ArrayLike) -> np.ndarray:
+        """(n, V, X) bool for plane storage indices ``planes``: the pixel holds a real LOR."""
+        return self.valid_planes[np.asarray(planes)][:, None, None] & self.valid_bins[None]
+
+
+def _transaxial(sc: G.Scanner, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(transaxial block masks (T, 2, U, X), real-crystal LORs (U, X)) for ``bins`` stored bins
+    (centred like the scanner's: bin b is tangential position b - bins // 2)."""
+    if bins == sc.bins:
+        return G.transaxial_block_masks(sc), G.transaxial_valid(sc)
+    wide = G.Scanner(**{**sc.__dict__, "bins": bins, "name": sc.name})
+    return G.transaxial_block_masks(wide), G.transaxial_valid(wide)
+
+
+# ---------------------------------------------------------------- constructors
+def cti_layout(sc: G.Scanner, span: int | None = None, max_ring_diff: int | None = None,
+               view_mashing: int | None = None, tof_mashing: int | None = None, max_segment: int | None = None,
+               bins: int | None = None) -> Layout:
+    """The layout STIR builds from a span and maximum ring difference (defaults: the vendor's, from
+    the scanner preset), keeping segments |k| <= ``max_segment`` (smaller test files). ``tof_mashing``
+    0 = non-TOF."""
+    span = sc.span if span is None else span
+    mrd = (sc.max_ring_diff if sc.max_ring_diff >= 0 else sc.rings - 1) if max_ring_diff is None else max_ring_diff
+    lo, hi = cti_ring_differences(sc.rings, span, mrd)
+    top = len(lo) - 1 if max_segment is None else min(max_segment, len(lo) - 1)
+    segs = segment_storage_order(2 * top + 1)
+    if span == 1:
+        counts = [sc.rings - abs(s) for s in segs]
+    else:
+        counts = [2 * sc.rings - 1 - (2 * lo[abs(s)] if s else 0) for s in segs]
+    tof_m = sc.tof_mashing if tof_mashing is None else tof_mashing
+    return Layout(sc, segs, tuple(lo[s] if s >= 0 else -hi[-s] for s in segs),
+                  tuple(hi[s] if s >= 0 else -lo[-s] for s in segs), tuple(counts),
+                  sc.view_mashing if view_mashing is None else view_mashing, bins or sc.bins,
+                  sc.tof_bins // tof_m if tof_m and sc.tof_bins > 1 else 1)
+
+
+def default_layout(sc: G.Scanner) -> Layout:
+    """The vendor's sinogram layout of a preset (mMR span 11: 837 x 252 x 344)."""
+    return cti_layout(sc)
+
+
+def span1_layout(sc: G.Scanner, segments: Sequence[int], views: int | None = None, bins: int | None = None,
+                 tof_bins: int = 1) -> Layout:
+    """Span-1 layout whose segment numbers are ring differences (hpc's v1 datasets, simulate)."""
+    segs = tuple(int(s) for s in segments)
+    for s in segs:
+        if abs(s) >= sc.rings:
+            raise ValueError(f"segment {s}: scanner {sc.name!r} has ring differences below {sc.rings}")
+    mash = sc.views // views if views else 1
+    return Layout(sc, segs, segs, segs, tuple(sc.rings - abs(s) for s in segs), mash, bins or sc.bins, tof_bins)
+
+
+def from_ring_differences(sc: G.Scanner, segments: Sequence[int], min_rd: Sequence[int], max_rd: Sequence[int],
+                          axial_counts: Sequence[int], views: int, bins: int, tof_bins: int = 1) -> Layout:
+    """A layout as a STIR header states it; ValueError naming what does not fit the scanner."""
+    if views <= 0 or sc.views % views:
+        raise ValueError(f"{views} views: not the {sc.views} views of {sc.name!r} mashed by an integer factor")
+    return Layout(sc, tuple(segments), tuple(min_rd), tuple(max_rd), tuple(axial_counts), sc.views // views,
+                  bins, tof_bins)
+
+
+# ---------------------------------------------------------------- dead blocks
+class DeadBlockTables:
+    """Per-plane tables for measured fractions under dead blocks, on a torch device: the axial
+    blocks of each plane's ring pairs (padded to the most pairs of any plane) and whether both rings
+    are real, plus the transaxial block masks. Shared by the loader (batched, on the GPU),
+    ``hpc simulate`` and ``hpc predict``."""
+
+    def __init__(self, layout: Layout, device: torch.device | str = "cpu"):
+        sc = layout.scanner
+        plane, ra, rb = layout.ring_pairs
+        k = np.bincount(plane, minlength=layout.planes).max()
+        slot = np.arange(plane.size) - np.searchsorted(plane, plane)  # position within its plane
+        blk_a = np.full((layout.planes, k), -1, np.int64)
+        blk_b = np.full((layout.planes, k), -1, np.int64)
+        real = np.zeros((layout.planes, k), np.float32)
+        blk_a[plane, slot], blk_b[plane, slot] = G.axial_block(sc, ra), G.axial_block(sc, rb)
+        real[plane, slot] = ~(G.virtual_ring(sc, ra) | G.virtual_ring(sc, rb))
+        tm, tvalid = _transaxial(sc, layout.bins)
+        dev = torch.device(device)
+        self.layout, self.n_trans, self.n_blocks = layout, *G.block_counts(sc)
+        self.block_a = torch.as_tensor(blk_a, device=dev)  # (P, K)
+        self.block_b = torch.as_tensor(blk_b, device=dev)
+        self.real = torch.as_tensor(real, device=dev)  # (P, K)
+        self.tmasks = torch.as_tensor(tm, device=dev).flatten(2).float()  # (T, 2, U*X)
+        self.tvalid = torch.as_tensor(tvalid, device=dev).flatten().float()  # (U*X,)
+
+    def fractions(self, planes: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """Measured fractions (N, V, X) float32 of planes ``planes`` (N,) with dead blocks ``dead``
+        (N, D) (ids ``axial_block * n_trans + trans_block``; -1 = none)."""
+        lay = self.layout
+        d_ax = torch.div(dead, self.n_trans, rounding_mode="floor")
+        d_tr = dead.remainder(self.n_trans)
+        on = (dead >= 0).float()  # (N, D)
+        a, b, real = self.block_a[planes], self.block_b[planes], self.real[planes]  # (N, K)
+        hit_a = (a[:, :, None] == d_ax[:, None, :]).float() * on[:, None, :]  # (N, K, D)
+        hit_b = (b[:, :, None] == d_ax[:, None, :]).float() * on[:, None, :]
+        ends = self.tmasks[d_tr]  # (N, D, 2, U*X): the dead blocks' LORs by end
+        lost = torch.bmm(hit_a, ends[:, :, 0]) + torch.bmm(hit_b, ends[:, :, 1])  # (N, K, U*X) > 0: lost
+        alive = ((lost == 0).float() * real[:, :, None]).sum(1) * self.tvalid  # (N, U*X) surviving LORs
+        total = real.sum(1, keepdim=True) * self.tvalid  # (N, U*X) real LORs
+        shape = (len(planes), lay.views, lay.view_mashing, lay.bins)
+        alive, total = alive.view(shape).sum(2), total.view(shape).sum(2)  # mashed views add up
+        return torch.where(total > 0, alive / total.clamp_min(1.0), torch.ones_like(alive))
+
+    def hit_planes(self, blocks: ArrayLike) -> np.ndarray:
+        """(P,) bool: planes with a ring pair in an axial block of ``blocks``."""
+        ax = torch.as_tensor(np.unique(np.asarray(blocks, np.int64) // self.n_trans), device=self.block_a.device)
+        hit = torch.isin(self.block_a, ax) | torch.isin(self.block_b, ax)
+        return hit.any(1).cpu().numpy()
+
+
+def dead_fractions(layout: Layout, blocks: ArrayLike, planes: ArrayLike | None = None,
+                   tables: DeadBlockTables | None = None) -> np.ndarray:
+    """(n, V, X) float32 measured fractions of planes ``planes`` (storage indices; None: all) with the
+    listed blocks dead: 1 = measured, 0 = a gap, in between partially measured (span, mashing)."""
+    sc = layout.scanner
+    blocks = G.check_blocks(sc, blocks)
+    planes = np.arange(layout.planes) if planes is None else np.asarray(planes, np.int64).reshape(-1)
+    tables = tables or DeadBlockTables(layout)
+    out = np.ones((planes.size, *layout.slice_shape), np.float32)
+    if blocks.size == 0 or planes.size == 0:
+        return out
+    hit = np.flatnonzero(tables.hit_planes(blocks)[planes])
+    for i in range(0, hit.size, 64):  # bounded memory: (64, K, U*X) at a time
+        sel = hit[i:i + 64]
+        dead = torch.as_tensor(np.broadcast_to(blocks, (sel.size, blocks.size)).copy())
+        out[sel] = tables.fractions(torch.as_tensor(planes[sel]), dead).numpy()
+    return out
