@@ -194,12 +194,12 @@ def lor_endpoints(sc: Scanner) -> tuple[np.ndarray, np.ndarray]:
     return pos[d1], pos[d2]
 
 
-def tof_kernel(sc: Scanner, mashing: int | None = None) -> tuple[float, np.ndarray]:
+def tof_kernel(sc: Scanner, mashing: int = 1) -> tuple[float, np.ndarray]:
     """(sigma, edges) in mm along the LOR: the standard deviation of the Gaussian timing kernel and
-    the ``tof_bins / mashing + 1`` bin edges (default mashing: the vendor's, ``sc.tof_mashing``),
+    the ``tof_bins / mashing + 1`` bin edges (``sc.tof_bins`` is unmashed, as in STIR),
     measured from the LOR's midpoint along d = (-sin phi, cos phi) (phi of ``lor_coordinates``).
     The outer edges are -inf / +inf (the outer bins are open-ended)."""
-    m = sc.tof_mashing if mashing is None else mashing
+    m = mashing
     n = sc.tof_bins // m
     c = SPEED_OF_LIGHT_MM_PER_PS / 2  # a time difference dt moves the emission point by c dt / 2
     sigma = c * sc.tof_fwhm_ps / (2 * math.sqrt(2 * math.log(2)))

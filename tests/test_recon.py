@@ -12,8 +12,8 @@ from hpc import recon as R
 from hpc.projector import Projector, default_grid, ellipse_image
 
 DEMO = G.get_scanner("demo")
-MMR_LIKE = G.Scanner("vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, views=24, bins=24,
-                     radius_mm=120.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
+MMR_LIKE = G.Scanner("vc", "vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, bins=24,
+                     inner_radius_mm=120.0, doi_mm=0.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
 
 
 def _phantom(sc: G.Scanner) -> torch.Tensor:
