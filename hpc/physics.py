@@ -41,12 +41,13 @@ def crystal_efficiencies(sc: G.Scanner, sigma: float = EFFICIENCY_SIGMA, profile
     ``sigma = profile = 0``: ideal detectors (1 on every real crystal)."""
     rng = np.random.default_rng(zlib.crc32(sc.name.encode()))
     n = sc.detectors_per_ring
-    pos = np.arange(n) % sc.block_trans
+    pos = np.arange(n) % sc.block_trans - sc.virtual_trans  # position among the block's real crystals
     real = sc.block_trans - sc.virtual_trans
     u = (pos - (real - 1) / 2) / max((real - 1) / 2, 1)  # -1 .. 1 across the real crystals of a block
     eff = np.exp(rng.normal(0, sigma, (sc.rings, n))) * (1 - profile * u ** 2)
-    eff[:, pos >= real] = 0.0
-    return eff / eff[:, pos < real].mean()
+    virtual = G.virtual_crystal(sc, np.arange(n))[None, :] | G.virtual_ring(sc, np.arange(sc.rings))[:, None]
+    eff[virtual] = 0.0  # STIR's virtual crystals: first of each transaxial block, last rings of an axial block
+    return eff / eff[~virtual].mean()
 
 
 def lor_product(sc: G.Scanner, per_crystal: np.ndarray, ring_a: np.ndarray, ring_b: np.ndarray) -> np.ndarray:

@@ -194,10 +194,10 @@ def test_uniform_cylinder_attenuation_factor_is_exp_minus_mu_l():
 
 
 def test_normalisation_is_the_product_of_fixed_crystal_efficiencies():
-    sc = G.Scanner("vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, views=24, bins=24,
-                   radius_mm=120.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
+    sc = G.Scanner("vc", "vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, bins=24,
+                   inner_radius_mm=120.0, doi_mm=0.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
     eff = P.crystal_efficiencies(sc)
-    virtual = np.arange(48) % 4 == 3
+    virtual = np.arange(48) % 4 == 0  # STIR: the first crystal of each block
     assert (eff[:, virtual] == 0).all() and eff[:, ~virtual].mean() == pytest.approx(1.0)
     assert 0.03 < eff[:, ~virtual].std() < 0.2
     np.testing.assert_array_equal(eff, P.crystal_efficiencies(sc))  # the scanner's, not the study's
