@@ -3,7 +3,12 @@
 Axes are always ``(B, C, V, X)``: batch, channels (context slices), views (180 degrees), radial
 bins. Physics (docs/ARCHITECTURE.md, DESIGN "Physics"): rotating the object is a cyclic shift along
 views with the radial axis mirrored for the views that wrap past 180 degrees; padding along views
-continues the sinogram the same way; flipping the radial axis mirrors the object.
+continues the sinogram the same way. The radial mirror is STIR's t -> -t with t = bin - X // 2: index
+i -> X - i for even X (bin 0, t = -X/2, has no stored partner and keeps its value), a plain flip for
+odd X. Mirroring a direct-plane sinogram is the projection of the object rotated by 180 degrees
+(tests/test_augment.py); view v + V is view v mirrored, so wraps use the same mirror. (An oblique
+plane's mirror also swaps its two rings, and a TOF bin's mirror is timing position -k: for those
+slices the transforms are plausible sinograms, not exact rotations.)
 
     pre = Preprocess(cfg, scale=ds.scale)
     x, state = pre.forward(raw)          # (B, C, V, X) counts -> padded, normalized
@@ -27,15 +32,29 @@ PAD_BINS = ("zero", "reflect")
 EPS = 1e-8  # the tutorial's x / (max + 1e-8)
 
 
+# ---------------------------------------------------------------- radial mirror
+def mirror_index(bins: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(X,) source bin of each bin under the radial mirror t -> -t (t = bin - X // 2): i -> 2 (X // 2) - i,
+    except bin 0 of an even X (t = -X/2, whose partner t = X/2 is not stored), which stays."""
+    i = torch.arange(bins, device=device)
+    j = 2 * (bins // 2) - i
+    return torch.where(j < bins, j, i)
+
+
+def mirror_bins(x: torch.Tensor) -> torch.Tensor:
+    """The radial mirror t -> -t of x (..., X) (an involution: mirror_bins(mirror_bins(x)) == x)."""
+    return x.index_select(-1, mirror_index(x.shape[-1], x.device))
+
+
 # ---------------------------------------------------------------- padding
 def _wrapped_views(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """x (..., V, X) sampled at integer view positions ``src`` (n,) that may lie outside
-    [0, V): an odd number of wraps past 180 degrees mirrors the radial axis."""
+    [0, V): an odd number of wraps past 180 degrees mirrors the radial axis (t -> -t)."""
     v = x.shape[-2]
     wraps = torch.div(src, v, rounding_mode="floor")
     rows = x.index_select(-2, src.remainder(v))  # (..., n, X)
     flip = (wraps.remainder(2) == 1).view(-1, 1)  # (n, 1)
-    return torch.where(flip, rows.flip(-1), rows)
+    return torch.where(flip, mirror_bins(rows), rows)
 
 
 def pad_views_periodic(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -171,12 +190,13 @@ def rotate_views(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     src = torch.arange(v, device=x.device).view(1, v) - shift.view(b, 1)  # (B, V), any integer
     wrapped = torch.div(src, v, rounding_mode="floor").remainder(2) == 1
     rows = torch.gather(x, 2, src.remainder(v).view(b, 1, v, 1).expand(b, c, v, nx))
-    return torch.where(wrapped.view(b, 1, v, 1), rows.flip(-1), rows)
+    return torch.where(wrapped.view(b, 1, v, 1), mirror_bins(rows), rows)
 
 
 def flip_bins(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    """Mirror the radial axis of the samples where ``flags`` (B,) is true."""
-    return torch.where(flags.view(-1, 1, 1, 1), x.flip(-1), x)
+    """Mirror the radial axis (t -> -t, :func:`mirror_bins`) of the samples where ``flags`` (B,) is
+    true: the object rotated by 180 degrees."""
+    return torch.where(flags.view(-1, 1, 1, 1), mirror_bins(x), x)
 
 
 def affine(x: torch.Tensor, deg: torch.Tensor, zoom: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

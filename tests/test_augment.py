@@ -15,13 +15,13 @@ from test_loader import decode, loader_cfg, make_dataset
 
 
 def point_sinogram(views: int, bins: int, x: float, y: float) -> torch.Tensor:
-    """(V, X) sinogram of a point at (x, y): one hit per view at r = x cos(t) + y sin(t),
-    bins centred symmetrically about r = 0 (so r -> -r is bin b -> X-1-b)."""
+    """(V, X) sinogram of a point at (x, y) in bin units: one hit per view at r = x cos(t) + y sin(t),
+    bin = round(r) + X // 2 (STIR's t = bin - X // 2, so r -> -r is bin i -> X - i)."""
     s = torch.zeros(views, bins)
     for v in range(views):
         t = v * math.pi / views
         r = x * math.cos(t) + y * math.sin(t)
-        s[v, int(math.floor(r + bins / 2))] = 1.0
+        s[v, int(math.floor(r + 0.5)) + bins // 2] = 1.0
     return s
 
 
@@ -35,23 +35,64 @@ def test_rotate_views_is_a_physical_rotation(shift):
     assert torch.equal(got, rotated)
 
 
+def test_mirror_is_t_to_minus_t():
+    assert A.mirror_index(6).tolist() == [0, 5, 4, 3, 2, 1]  # bin 0 (t = -3) has no partner
+    assert A.mirror_index(5).tolist() == [4, 3, 2, 1, 0]  # odd X: t in -2..2, a plain flip
+    x = torch.rand(2, 3, 4, 8)
+    assert torch.equal(A.mirror_bins(A.mirror_bins(x)), x)
+    assert torch.equal(A.mirror_bins(x)[..., 1:], x[..., 1:].flip(-1))
+    assert torch.equal(A.mirror_bins(x)[..., 0], x[..., 0])
+
+
+@pytest.mark.parametrize("name", ["demo", "mmr"])
+def test_mirrored_sinogram_is_the_object_rotated_by_180_degrees(name):
+    """Exact projections (hpc.simulate.project, the chords of hpc.geometry) of a phantom and of the
+    same phantom rotated by 180 degrees: the second is the first with t -> -t, bit for bit on
+    every bin that has a partner; and rotating by k views is a shift by k views."""
+    from hpc import geometry as G
+    from hpc import simulate as S
+
+    sc = G.get_scanner(name)
+    ph = S.random_phantom(sc, np.random.default_rng(5))
+    ell = S.ellipses_at(ph, ph.z0 + 40.0)  # (E, 6): x, y, a, b, rotation, activity
+    phi, s = G.lor_coordinates(sc)
+    sino = torch.from_numpy(S.project(sc, ell, phi, s)[0])  # (V, X)
+    turned = ell.copy()
+    turned[:, :2] *= -1  # (x, y) -> (-x, -y); an ellipse is symmetric about its centre
+    rotated = torch.from_numpy(S.project(sc, turned, phi, s)[0])
+    assert sino.abs().sum() > 0 and not torch.equal(rotated, sino)
+    assert torch.equal(A.mirror_bins(sino)[:, 1:], rotated[:, 1:])
+    assert torch.equal(A.flip_bins(sino[None, None], torch.tensor([True]))[0, 0, :, 1:], rotated[:, 1:])
+    k = 5  # rotating the object by k detector steps shifts the views by k, the wrapped ones mirrored
+    ang = 2 * np.pi * k / sc.detectors_per_ring
+    c, si = np.cos(ang), np.sin(ang)
+    spun = ell.copy()
+    spun[:, 0], spun[:, 1] = c * ell[:, 0] - si * ell[:, 1], si * ell[:, 0] + c * ell[:, 1]
+    spun[:, 4] += ang
+    want = torch.from_numpy(S.project(sc, spun, phi, s)[0])
+    got = A.rotate_views(sino[None, None], torch.tensor([k]))[0, 0]
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-9, atol=1e-9 * float(sino.max()))
+
+
 def test_view_padding_continues_the_rotation():
-    x = torch.rand(2, 3, 8, 5)
-    p = A.pad_views_periodic(x, 3, 2)  # (2, 3, 13, 5)
+    x = torch.rand(2, 3, 8, 6)
+    p = A.pad_views_periodic(x, 3, 2)  # (2, 3, 13, 6)
     assert torch.equal(p[..., 3:11, :], x)
     assert torch.equal(p[..., :3, :], A.rotate_views(x, torch.tensor([3, 3]))[..., :3, :])
-    assert torch.equal(p[..., 11:, :], x[..., :2, :].flip(-1))
-    assert torch.equal(A.pad_views_periodic(x, 8, 0)[..., :8, :], x.flip(-1))  # 180 degrees = mirror
+    assert torch.equal(p[..., 11:, :], A.mirror_bins(x[..., :2, :]))
+    assert torch.equal(A.pad_views_periodic(x, 8, 0)[..., :8, :], A.mirror_bins(x))  # 180 degrees = mirror
 
 
 def test_flip_and_full_turn():
-    x = torch.rand(3, 2, 6, 7)
+    x = torch.rand(3, 2, 6, 8)
     flags = torch.tensor([True, False, True])
     assert torch.equal(A.flip_bins(A.flip_bins(x, flags), flags), x)
     assert torch.equal(A.flip_bins(x, flags)[1], x[1])
+    assert torch.equal(A.flip_bins(x, flags)[0], A.mirror_bins(x[0]))
     assert torch.equal(A.rotate_views(A.rotate_views(x, torch.tensor([2, 4, 5])), torch.tensor([4, 2, 1])),
-                       x.flip(-1))  # 6 views = 180 degrees
-    assert torch.equal(A.rotate_views(x, torch.tensor([12, -6, 18])), torch.stack([x[0], x[1].flip(-1), x[2].flip(-1)]))
+                       A.mirror_bins(x))  # 6 views = 180 degrees
+    assert torch.equal(A.rotate_views(x, torch.tensor([12, -6, 18])),
+                       torch.stack([x[0], A.mirror_bins(x[1]), A.mirror_bins(x[2])]))
 
 
 @pytest.mark.parametrize("mode", A.NORMALIZE)

@@ -47,12 +47,14 @@ def test_dali_flip_matches_torch_and_moves_all_three(tmp_path):
     cfg.augment.enabled, cfg.augment.rotate_views, cfg.augment.flip_bins, cfg.augment.p = True, True, True, 0.5
     a, b = both(cfg, epoch=3)
     flipped = 0
-    for x, y in zip(a, b, strict=True):  # DALI's fn.flip with the shared draws == torch's flip_bins
+    for x, y in zip(a, b, strict=True):  # DALI's mirror with the shared draws == torch's flip_bins
         for name in FIELDS:
             assert torch.equal(getattr(x, name), getattr(y, name)), name
         tgt = y.target[:, 0]
         src_bin = (tgt - decode(tgt)[:, None, None] * 1000).long() % 8  # source bin of every pixel
-        flipped += int((src_bin[:, :, 0] == 7).all(dim=1).sum())
+        mirrored = (src_bin[:, :, 1] == 7).all(dim=1)  # t -> -t: bin 1 <- bin 7, bin 0 keeps its own
+        assert (src_bin[mirrored][:, :, 0] == 0).all()
+        flipped += int(mirrored.sum())
         assert torch.equal(y.input[:, 1], tgt * y.mask[:, 0])  # input and mask moved with the target
     assert flipped > 0
 

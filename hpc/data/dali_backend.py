@@ -4,9 +4,11 @@ DALI has no HDF5 reader, so batches enter through a parallel ``fn.external_sourc
 callable (batch mode, ``BatchInfo``) reads planned batch ``start + iteration`` with the shared
 ``BatchReader`` in DALI's worker processes and raises ``StopIteration`` at the epoch's end. The
 rank's share is fixed by the epoch plan (global rank, world size), which plays the role of a DALI
-reader's ``shard_id`` / ``num_shards``. The radial flip runs as ``fn.flip`` (on the GPU when the
-pipeline has a device) with per-sample flags drawn from the same seeded generator as the torch
-backend, so both backends produce identical batches; the remaining transforms (view rotation,
+reader's ``shard_id`` / ``num_shards``. The radial mirror (t -> -t: bin i -> X - i, bin 0 of an
+even X kept, as ``hpc.augment.mirror_bins``) runs in DALI (on the GPU when the pipeline has a
+device): bin 0 appended after the last bin, ``fn.flip`` with per-sample flags drawn from the same
+seeded generator as the torch backend, the first X bins kept; so both backends produce identical
+batches; the remaining transforms (view rotation,
 dead-block masks from geometry, binomial thinning: none of them a DALI operator) run batched in
 torch on the device. ``device_id=None`` runs the pipeline on the CPU (tests, CPU nodes).
 """
@@ -62,6 +64,16 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
     layouts = {"target": "CHW", "input": "CHW", "mask": "CHW"}
     gpu = device.type == "cuda"
 
+    def mirror(node, flags, bins: int):
+        """hpc.augment.flip_bins in DALI: flip (z = x + [bin 0]) and keep X bins maps i -> X - i for
+        i >= 1 and keeps bin 0 (even X); an odd X is a plain flip."""
+        if bins % 2:
+            return fn.flip(node, horizontal=flags)
+        wide = fn.cat(node, fn.slice(node, start=[0], shape=[1], axis_names="W"), axis_name="W")
+        return fn.slice(fn.flip(wide, horizontal=flags), start=[0], shape=[bins], axis_names="W")
+
+    bins = int(reader.index.ds.slice_shape[1])
+
     @pipeline_def(batch_size=cfg.data.batch_size, num_threads=2, py_num_workers=workers,
                   py_start_method="fork", device_id=(device.index or 0) if gpu else None,
                   seed=cfg.data.seed + 7919 * rank)
@@ -73,8 +85,7 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
         for n in ("target", "input", "mask"):
             if n in outs:
                 node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device
-                outs[n] = fn.flip(fn.cast(node, dtype=types.UINT8 if n == "mask" else types.FLOAT),
-                                  horizontal=outs["flip"])
+                outs[n] = mirror(fn.cast(node, dtype=types.FLOAT), outs["flip"], bins)  # masks: fractions
         return tuple(outs[n] for n in names)
 
     pipe = pipeline()
