@@ -20,17 +20,16 @@ counts) in one float64 vector, so all-reducing ``state()`` with SUM over ranks a
     state = acc.state(device)          # 1-D float64; dist all-reduce (SUM) here
     metrics = MetricAccumulator.compute(state)   # {"nmse": ..., "psnr_gap": ..., ...}
 
-Baselines on the same slices: ``linear_interp_radial`` (per view, along the radial axis) and
-``biharmonic_inpaint`` (scikit-image), numpy (V, X) -> (V, X); ``baseline_batch`` for tensors.
+The repair baselines live in hpc.baselines (re-exported here for older imports).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hpc.baselines import BASELINES, baseline_batch, biharmonic_inpaint, linear_interp_radial  # noqa: F401
 
 PSNR_CAP = 100.0  # dB
 SSIM_WIN = 11
@@ -137,58 +136,3 @@ class MetricAccumulator:
         return {"nmse": ratio("sse", "energy"), "psnr": ratio("psnr", "psnr_n"),
                 "ssim": ratio("ssim", "ssim_n"), "nmse_gap": ratio("sse_gap", "energy_gap"),
                 "psnr_gap": ratio("psnr_gap", "psnr_gap_n"), "ssim_gap": ratio("ssim_gap", "ssim_gap_n")}
-
-
-def _check_pair(x: np.ndarray, mask: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
-    x, mask = np.asarray(x), np.asarray(mask)
-    if x.ndim != 2 or x.shape != mask.shape:
-        raise ValueError(f"{who}: expected image and mask of the same (V, X) shape, "
-                         f"got {x.shape} and {mask.shape}")
-    return x.astype(np.float64), mask > 0.5
-
-
-def linear_interp_radial(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Fill missing pixels of each view (row) by linear interpolation along the radial bins.
-
-    Beyond the first/last measured bin the edge value is held; a view with no measured bin is 0.
-    x, mask: (V, X); returns float64 (V, X) with measured pixels copied unchanged.
-    """
-    out, measured = _check_pair(x, mask, "linear_interp_radial")
-    bins = np.arange(out.shape[1])
-    for v in np.flatnonzero(~measured.all(axis=1)):  # only the views with gaps
-        m = measured[v]
-        out[v, ~m] = np.interp(bins[~m], bins[m], out[v, m]) if m.any() else 0.0
-    return out
-
-
-def biharmonic_inpaint(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """2-D biharmonic inpainting of the missing pixels (skimage.restoration.inpaint_biharmonic).
-
-    x, mask: (V, X); returns float64 (V, X); measured pixels unchanged; no measured pixel -> zeros.
-    """
-    from skimage.restoration import inpaint_biharmonic  # heavy import, only when used
-
-    out, measured = _check_pair(x, mask, "biharmonic_inpaint")
-    if measured.all():
-        return out
-    if not measured.any():
-        return np.zeros_like(out)
-    filled = inpaint_biharmonic(out, ~measured)
-    return np.where(measured, out, filled)  # the solver may round measured pixels; keep them exact
-
-
-BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "linear": linear_interp_radial,
-    "biharmonic": biharmonic_inpaint,
-}
-
-
-def baseline_batch(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Apply baseline ``name`` to each slice: x (B, 1, V, X) corrupted centre slices, mask (B, 1, V, X)
-    -> (B, 1, V, X) with x's dtype and device (computed on the CPU in float64)."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
-    xs = x.detach().double().cpu().numpy()
-    ms = mask.detach().expand_as(x).double().cpu().numpy()
-    out = np.stack([BASELINES[name](xs[b, 0], ms[b, 0])[None] for b in range(xs.shape[0])])
-    return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
