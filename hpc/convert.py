@@ -2,9 +2,10 @@
 
 Inputs are Interfile headers (STIR `.hs`, Siemens `.s.hdr`/`.mhdr`) or, with --shape/--dtype, raw
 files. Each input file is one study; --input/--mask add a paired acquisition and a gap mask to the
-study at the same position. Shards appear atomically (temporary name, verified, renamed);
-manifest.json is written last, so a dataset is complete once it exists. --resume keeps the shards
-whose checksums verify and redoes the rest. Under `mpirun -np N` the ranks split the files.
+study at the same position, --expected/--randoms/--mult its noise-free expected counts, randoms and
+multiplicative factors (float32; hpc simulate writes them). Shards appear atomically (temporary
+name, verified, renamed); manifest.json is written last, so a dataset is complete once it exists.
+--resume keeps the shards whose checksums verify and redoes the rest. Under `mpirun -np N` the ranks split the files.
 
 examples:
   hpc convert scans/*.s.hdr -o data/scans
@@ -30,7 +31,7 @@ import numpy as np
 from hpc import __version__
 from hpc.errors import HpcError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text
-from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, ShardWriter, verify_shard
+from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
 from hpc.io.sinogram import SinogramReader, SinogramSpec, raw_spec, read_header
 from hpc.progress import Progress
 
@@ -47,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="paired acquisitions (e.g. low-count), one per INPUT, same shape")
     p.add_argument("--mask", nargs="+", default=[], metavar="FILE",
                    help="gap masks (1 = measured), one per INPUT: same shape, or a single slice")
+    for role, what in (("expected", "noise-free expected counts of the target (simulations)"),
+                       ("randoms", "expected randoms (part of the target's expected counts)"),
+                       ("mult", "multiplicative factors: detector efficiencies x attenuation")):
+        p.add_argument(f"--{role}", nargs="+", default=[], metavar="FILE",
+                       help=f"{what}, one per INPUT, same shape; stored as float32 `{role}`")
     raw = p.add_argument_group("raw files (no header)")
     raw.add_argument("--shape", help="T,S,V,X (TOF bins, sinograms, views, bins) or S,V,X")
     raw.add_argument("--dtype", default="", help="numpy dtype, e.g. uint16, int16, float32")
@@ -70,10 +76,12 @@ class Study:
     target: SinogramSpec
     input: SinogramSpec | None = None
     mask: SinogramSpec | None = None
+    truth: tuple[tuple[str, SinogramSpec], ...] = ()  # (role in TRUTH, spec)
 
     @property
     def specs(self) -> dict[str, SinogramSpec]:
-        return {k: s for k, s in (("target", self.target), ("input", self.input), ("mask", self.mask)) if s}
+        pairs = (("target", self.target), ("input", self.input), ("mask", self.mask), *self.truth)
+        return {k: s for k, s in pairs if s}
 
     @property
     def nbytes(self) -> int:
@@ -129,18 +137,18 @@ def _check_pair(target: SinogramSpec, other: SinogramSpec, role: str) -> None:
 
 def plan(args: argparse.Namespace) -> list[Study]:
     """Parse and check every file before anything is written."""
-    for role, files in (("--input", args.input), ("--mask", args.mask)):
+    extra = {role: getattr(args, role, []) or [] for role in ("input", "mask", *TRUTH)}
+    for role, files in extra.items():
         if files and len(files) != len(args.sources):
-            raise InputError(f"{role}: {len(files)} files for {len(args.sources)} inputs (lists pair by position)")
+            raise InputError(f"--{role}: {len(files)} files for {len(args.sources)} inputs (lists pair by position)")
     studies, taken = [], set()
     for k, src in enumerate(args.sources):
         target = _open_source(src, args)
-        inp = _open_source(args.input[k], args) if args.input else None
-        mask = _open_source(args.mask[k], args) if args.mask else None
-        for role, spec in (("input", inp), ("mask", mask)):
-            if spec is not None:
-                _check_pair(target, spec, role)
-        studies.append(Study(_study_id(Path(src), taken), target, inp, mask))
+        specs = {role: _open_source(files[k], args) for role, files in extra.items() if files}
+        for role, spec in specs.items():
+            _check_pair(target, spec, role)
+        truth = tuple((role, specs[role]) for role in TRUTH if role in specs)
+        studies.append(Study(_study_id(Path(src), taken), target, specs.get("input"), specs.get("mask"), truth))
     first = studies[0].target
     for s in studies[1:]:
         same_dtype = s.target.dtype.newbyteorder("=") == first.dtype.newbyteorder("=")
@@ -184,13 +192,14 @@ def _shard_attrs(study: Study, sums: dict[str, str], first: int, count: int, opt
              "source_dtype": t.dtype.str, "scanner": t.fields.get("originating system", ""),
              "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
              "compression": opts.compression}
-    for role in ("input", "mask"):
+    for role in ("input", "mask", *TRUTH):
         if role in sums:
             attrs[f"{role}_source"], attrs[f"{role}_sha256"] = study.specs[role].source.name, sums[role]
     attrs.update({f"header:{k}": t.fields[k] for k in HEADER_ATTRS if k in t.fields})
     # what makes a finished shard reusable by --resume: same sources, range and encoding
     key = {k: attrs.get(k) for k in ("source_sha256", "input_sha256", "mask_sha256", "first_slice",
                                      "compression", "source_dtype")}
+    key.update({f"{r}_sha256": attrs[f"{r}_sha256"] for r in TRUTH if f"{r}_sha256" in attrs})
     attrs["convert_key"] = json.dumps({**key, "num_slices": count}, sort_keys=True)
     return attrs
 
@@ -226,6 +235,7 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
         arrays["input"] = ((count, v, x), study.input.dtype)
     if study.mask:
         arrays["mask"] = ((v, x) if mask_2d else (count, v, x), np.uint8)
+    arrays.update({role: ((count, v, x), np.float32) for role, _ in study.truth})
     arrays.update({k: ((count,), np.int32) for k in ("tof", "segment", "axial")})
     meta = dict(zip(("tof", "segment", "axial"), t.meta(), strict=True))
     slab = max(1, SLAB_BYTES // (study.nbytes // t.num_slices))
@@ -235,7 +245,7 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
         for k in range(first, first + count, slab):
             stop = min(k + slab, first + count)
             slabs = {role: r.read(k, stop) for role, r in readers.items() if not (role == "mask" and mask_2d)}
-            for role in ("target", "input"):
+            for role in ("target", "input", *TRUTH):
                 if role in slabs:
                     _finite(slabs[role], study.specs[role], k)
             if "mask" in slabs:
@@ -290,8 +300,9 @@ def _study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict
              "num_slices": t.num_slices, "slice_shape": list(t.slice_shape), "dtype": t.dtype.newbyteorder("=").name,
              "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
              "has_input": study.input is not None, "has_mask": study.mask is not None,
+             **{f"has_{role}": True for role, _ in study.truth},
              "scanner": t.fields.get("originating system", ""), "max": vmax, "shards": shards}
-    for role in ("input", "mask"):
+    for role in ("input", "mask", *TRUTH):
         if role in sums:
             entry[f"{role}_source"] = str(study.specs[role].source.resolve())
             entry[f"{role}_sha256"] = sums[role]

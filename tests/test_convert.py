@@ -88,6 +88,36 @@ def test_siemens_tof_with_pair_and_single_slice_mask(tmp_path, capsys):
     assert (s.has_input, s.has_mask, s.scanner, s.tof_bins, s.max) == (True, True, "1104", 3, full.max())
 
 
+def test_truth_datasets_are_stored_as_float32(tmp_path, capsys):
+    """--expected/--randoms/--mult: the simulator's noise-free parts, one file per study, kept as
+    optional float32 datasets (any source dtype), read back by ShardArray and listed in the manifest."""
+    from hpc.io.shards import ShardArray
+
+    rng = np.random.default_rng(2)
+    full = rng.integers(0, 50, (2, 7, V, X)).astype("<u2")
+    parts = {"expected": rng.random((2, 7, V, X)) * 50, "randoms": rng.random((2, 7, V, X)).astype("<f4"),
+             "mult": rng.random((2, 7, V, X)).astype(">f8")}
+    write_sinogram(tmp_path / "full", full)
+    for role, arr in parts.items():
+        write_sinogram(tmp_path / role, arr)
+    rc, err = convert(capsys, tmp_path / "full.s.hdr", *[a for r in parts for a in (f"--{r}", tmp_path / f"{r}.s.hdr")],
+                      "-o", tmp_path / "ds", "--shard-slices", "5")
+    assert rc == 0, err
+    got = study_arrays(tmp_path / "ds")
+    s = Dataset.open(tmp_path / "ds").studies[0]
+    assert s.truth == ("expected", "randoms", "mult") and not s.has_mask
+    for role, arr in parts.items():
+        assert got[role].dtype == np.float32
+        np.testing.assert_array_equal(got[role], arr.reshape(-1, V, X).astype(np.float32))
+        with ShardArray(s, role) as a:
+            np.testing.assert_array_equal(a.read(3, 9), arr.reshape(-1, V, X)[3:9].astype(np.float32))
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())["studies"][0]
+    assert manifest["has_expected"] and manifest["mult_source"].endswith("mult.s.hdr")
+    rc, err = convert(capsys, tmp_path / "full.s.hdr", "--expected", tmp_path / "full.s.hdr", tmp_path / "full.s.hdr",
+                      "-o", tmp_path / "ds2")
+    assert rc == 2 and "--expected: 2 files for 1 inputs" in err
+
+
 def test_shard_mb_sets_slices_per_shard(tmp_path, capsys):
     write_sinogram(tmp_path / "a", np.zeros((10, V, X), "<u2"))
     per_slice = V * X * 2

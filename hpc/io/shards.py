@@ -27,7 +27,11 @@ from hpc.io.atomic import fsync_dir
 FORMAT = "hpc-sinogram"
 FORMAT_VERSION = 1
 COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
-DATASETS = ("target", "input", "mask", "tof", "segment", "axial")
+# Optional float32 (N, V, X) datasets with the noise-free truth and the physics of a study, when known
+# (hpc simulate writes them; hpc convert --expected/--randoms/--mult): expected counts of the target,
+# the randoms part of them, the multiplicative factors (efficiencies x attenuation).
+TRUTH = ("expected", "randoms", "mult")
+DATASETS = ("target", "input", "mask", *TRUTH, "tof", "segment", "axial")
 
 
 def compression_kwargs(name: str) -> dict:
@@ -190,6 +194,7 @@ class StudyInfo:
     tof_bins: int
     segments: tuple[int, ...]
     axial_counts: tuple[int, ...]
+    truth: tuple[str, ...] = ()  # which of TRUTH the study stores
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -253,11 +258,12 @@ def _study(root: Path, s: dict) -> StudyInfo:
                    for sh in s["shards"])
     return StudyInfo(s["id"], s["source"], s["sha256"], s["num_slices"], tuple(s["slice_shape"]),
                      s["dtype"], shards, s["has_input"], s["has_mask"], s.get("scanner", ""),
-                     float(s["max"]), s["tof_bins"], tuple(s["segments"]), tuple(s["axial_counts"]))
+                     float(s["max"]), s["tof_bins"], tuple(s["segments"]), tuple(s["axial_counts"]),
+                     tuple(r for r in TRUTH if s.get(f"has_{r}")))
 
 
 class ShardArray:
-    """One array ('target', 'input' or 'mask') of a converted study, read like a SinogramReader:
+    """One array ('target', 'input', 'mask' or one of TRUTH) of a converted study, read like a SinogramReader:
     ``read(start, stop) -> (n, V, X)`` in the study's canonical slice order, across its shards.
     Files open on first use (so an instance can be made before a fork) and close with ``close()``."""
 
