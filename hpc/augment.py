@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from hpc.config import AugmentConfig, Config
+from hpc.errors import ConfigError
 
-NORMALIZE = ("max", "scale", "anscombe", "none")
-PAD_BINS = ("zero", "reflect")
+# Mode arguments (normalize, pad_bins, fill) take the values of hpc.config's Literal types, which
+# hpc.config.validate checks; an unknown mode here is a programming error (KeyError/AssertionError).
 EPS = 1e-8  # the tutorial's x / (max + 1e-8)
 
 
@@ -67,13 +68,13 @@ def pad_views_periodic(x: torch.Tensor, before: int, after: int) -> torch.Tensor
 
 def pad_bins(x: torch.Tensor, left: int, right: int, mode: str = "zero", value: float = 0.0) -> torch.Tensor:
     """(..., V, X) -> (..., V, left + X + right); ``zero`` fills ``value``, ``reflect`` mirrors."""
-    if mode not in PAD_BINS:
-        raise ValueError(f"data.pad_bins must be one of {', '.join(PAD_BINS)}, got {mode!r}")
+    assert mode in ("zero", "reflect"), mode  # hpc.config.PadBins
     if left == right == 0:
         return x
     if mode == "reflect":
         if max(left, right) >= x.shape[-1]:
-            raise ValueError(f"pad_bins reflect: padding {left},{right} needs more than {x.shape[-1]} bins")
+            raise ConfigError(f"data.pad_bins='reflect': padding {left},{right} bins needs slices wider than "
+                              f"{x.shape[-1]} bins (use data.pad_bins=zero)")
         flat = x.reshape(-1, *x.shape[-2:]).unsqueeze(1)  # reflect pad wants (N, C, H, W)
         return F.pad(flat, (left, right, 0, 0), mode="reflect").reshape(*x.shape[:-1], -1)
     return F.pad(x, (left, right), value=value)
@@ -113,9 +114,8 @@ def norm_scale(x: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
         return torch.full((b,), float(scale) + EPS, device=x.device)
     if mode == "anscombe":
         return torch.full((b,), 2.0 * math.sqrt(max(float(scale), 0.0) + 0.375), device=x.device)
-    if mode == "none":
-        return torch.ones(b, device=x.device)
-    raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {mode!r}")
+    assert mode == "none", mode  # hpc.config.Normalize
+    return torch.ones(b, device=x.device)
 
 
 def normalize(x: torch.Tensor, mode: str, norm: torch.Tensor) -> torch.Tensor:
@@ -153,9 +153,8 @@ def hash_uniform(seed: int, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def choose_blocks(seed: int, ids: torch.Tensor, n_blocks: int, count: int) -> torch.Tensor:
-    """(B, count) distinct block ids in [0, n_blocks) per sample, a function of (seed, id)."""
-    if not 0 <= count <= n_blocks:
-        raise ValueError(f"corrupt.dead_blocks must be in [0, {n_blocks}], got {count}")
+    """(B, count) distinct block ids in [0, n_blocks) per sample, a function of (seed, id);
+    0 <= count <= n_blocks (hpc.config.validate_scanner)."""
     return hash_uniform(seed, ids, n_blocks).argsort(dim=1)[:, :count]
 
 
@@ -175,9 +174,8 @@ def dead_block_masks(tmasks: torch.Tensor, blocks_a: torch.Tensor, blocks_b: tor
 
 
 def thin(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Binomial thinning: each count kept with probability ``p`` (an exact lower-dose acquisition)."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"corrupt.dose must be in (0, 1], got {p}")
+    """Binomial thinning: each count kept with probability ``p`` in (0, 1] (an exact lower-dose
+    acquisition)."""
     counts = x.round().clamp_min(0)
     return torch.binomial(counts, torch.full_like(counts, p), generator=generator)
 
@@ -256,8 +254,6 @@ def apply_augment(x: torch.Tensor, prm: AugmentParams, is_mask: bool = False) ->
 
 
 # ---------------------------------------------------------------- gaps
-FILL = ("zero", "linear")
-
 
 def fill_radial(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Gap pixels (mask < 0.5) linearly interpolated along the radial bins (last axis) between the
@@ -286,9 +282,8 @@ def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     network learns a correction to interpolation instead of the whole value."""
     if mode == "zero":
         return x * mask
-    if mode == "linear":
-        return fill_radial(x, mask)
-    raise ValueError(f"data.fill must be one of {', '.join(FILL)}, got {mode!r}")
+    assert mode == "linear", mode  # hpc.config.Fill
+    return fill_radial(x, mask)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -316,12 +311,6 @@ class Preprocess:
     """
 
     def __init__(self, cfg: Config, scale: float = 1.0):
-        if cfg.data.normalize not in NORMALIZE:
-            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {cfg.data.normalize!r}")
-        if cfg.data.pad_bins not in PAD_BINS:
-            raise ValueError(f"data.pad_bins must be one of {', '.join(PAD_BINS)}, got {cfg.data.pad_bins!r}")
-        if cfg.data.fill not in FILL:
-            raise ValueError(f"data.fill must be one of {', '.join(FILL)}, got {cfg.data.fill!r}")
         self.mode = cfg.data.normalize
         self.bins_mode = cfg.data.pad_bins
         self.fill = cfg.data.fill

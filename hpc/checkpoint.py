@@ -84,8 +84,6 @@ def load(path: str | Path) -> dict:
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"checkpoint.keep: must be >= 1, got {keep}")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
 

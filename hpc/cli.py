@@ -9,9 +9,10 @@ import argparse
 import importlib
 import sys
 import textwrap
+import warnings
 
 from hpc import __version__
-from hpc.errors import HpcError
+from hpc.errors import HpcError, HpcWarning
 
 # verb -> (module, one-line help). The module's docstring is the verb's description/example.
 VERBS: dict[str, tuple[str, str]] = {
@@ -53,6 +54,19 @@ def build_parser(verb: str):
     return parser, module
 
 
+def _one_line_warnings(verb: str) -> None:
+    """HpcWarnings print as one line, `hpc VERB: warning: ...`; other warnings as Python shows them."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HpcWarning):
+            print(f"hpc {verb}: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -63,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args([verb])  # prints the valid verbs, exits 2
     parser, module = build_parser(verb)
     args = parser.parse_args(rest)
+    _one_line_warnings(verb)
     try:
         return int(module.run(args) or 0)
     except HpcError as exc:

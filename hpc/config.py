@@ -1,32 +1,67 @@
-"""One configuration tree for the whole pipeline.
+"""One configuration tree for the whole pipeline, and its single validator.
 
 Every section is a small dataclass; the tree is loaded from YAML and overridden on the command
 line with ``section.key=value`` (values are parsed as YAML scalars/lists and type-checked).
-Unknown sections or keys are errors that list the valid ones. The resolved tree is saved with
-every run, checkpoint and shard (``to_dict`` / ``save``).
+Unknown sections or keys are errors that list the valid ones. Every choice is a ``Literal`` and
+every range, choice and cross-field rule lives in :func:`validate`, which ``load_config`` and
+``from_dict`` run: no other module keeps a list of valid names or checks a config value. A
+violation is a ``ConfigError``: one line naming the key, the value and what is valid (exit 2).
+The resolved tree is saved with every run and checkpoint (``to_dict`` / ``save``); configs stored
+in checkpoints are read back with ``from_stored`` (keys that no longer exist: a warning).
+
+YAML words: only ``true``/``false`` are booleans when parsing (YAML 1.2), so ``log.wandb=off`` is
+the string ``off``; a boolean field still takes ``yes/no/on/off``.
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "model.name=unet"])
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from hpc.errors import ConfigError
+from hpc.errors import ConfigError, HpcWarning
+
+# The valid values of every choice field (``choices(Normalize)`` gives them as a tuple).
+Backend = Literal["torch", "dali"]
+Edge = Literal["replicate", "reflect"]
+Normalize = Literal["max", "scale", "anscombe", "none"]
+PadBins = Literal["zero", "reflect"]
+Fill = Literal["zero", "linear"]
+Device = Literal["auto", "cpu", "cuda"]
+ModelName = Literal["badblock", "unet", "light"]  # == hpc.models.MODELS (tested)
+Norm = Literal["batch", "instance", "group", "none"]
+UpMode = Literal["transposed", "nearest", "bilinear"]
+OptimName = Literal["adam", "adamw", "sgd", "rmsprop"]  # == hpc.train.OPTIMIZERS (tested)
+Scheduler = Literal["none", "step", "cosine_restarts", "plateau"]
+Precision = Literal["auto", "fp32", "bf16"]
+Metric = Literal["nmse", "psnr", "ssim", "nmse_gap", "psnr_gap", "ssim_gap", "loss"]  # validation's keys
+BestMode = Literal["min", "max"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+WandbMode = Literal["online", "offline", "disabled"]
+Cluster = Literal["slurm", "local", "debug"]
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` type, e.g. ``choices(Normalize) == ("max", "scale", ...)``."""
+    return typing.get_args(tp)
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # converted dataset dir (manifest.json + shards/)
-    backend: str = "torch"  # torch | dali
+    backend: Backend = "torch"
     context: int = 2  # k neighbouring slices each side -> 2k+1 input channels
-    edge: str = "replicate"  # replicate | reflect: context at the ends of a (study, tof, segment) stack
+    edge: Edge = "replicate"  # context at the ends of a (study, tof, segment) stack
     batch_size: int = 16  # per rank
     workers: int = 2  # reader processes per rank (0 = in the main process)
     run_length: int = 32  # contiguous slices read at once (windows are cut from runs)
@@ -35,13 +70,13 @@ class DataConfig:
     train_studies: list[str] = field(default_factory=list)  # explicit lists override `split`
     val_studies: list[str] = field(default_factory=list)
     test_studies: list[str] = field(default_factory=list)
-    normalize: str = "max"  # max | scale | anscombe | none
-    pad_bins: str = "zero"  # zero | reflect
-    fill: str = "zero"  # gaps in the network input: zero | linear (radial interpolation, then corrected)
+    normalize: Normalize = "max"
+    pad_bins: PadBins = "zero"
+    fill: Fill = "zero"  # gaps in the network input: zeros, or linear (radial interpolation, then corrected)
     nonneg: bool = True  # counts >= 0: predictions, baselines floored at 0 (false: e.g. randoms-subtracted)
     pad_multiple: int = 0  # 0 = from the model (2**depth)
     stage_to: str = ""  # node-local dir (e.g. /raid/$USER) to copy shards to before epoch 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"
     seed: int = 0
 
 
@@ -68,13 +103,13 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "badblock"  # badblock | unet | light
+    name: ModelName = "badblock"
     in_channels: int = 0  # 0 = 2 * data.context + 1
     out_channels: int = 1
     base: int = 64  # width of the first level
     depth: int = 2  # unet: number of down-samplings (badblock: fixed 2)
-    norm: str = "batch"  # batch | instance | group | none
-    up_mode: str = "transposed"  # transposed | nearest | bilinear
+    norm: Norm = "batch"
+    up_mode: UpMode = "transposed"
     residual: bool = False  # unet: predict a correction to the centre input slice
     inpaint: bool = True  # output replaces only the missing pixels: out = x*m + pred*(1-m)
     mask_input: bool = False  # the centre gap mask as one more input channel (where to correct)
@@ -91,12 +126,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adam | adamw | sgd | rmsprop
+    name: OptimName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "none"  # none | step | cosine_restarts | plateau
+    scheduler: Scheduler = "none"
     warmup_samples: int = 0
     step_samples: int = 10000  # step: decay every N samples
     gamma: float = 0.5
@@ -114,19 +149,19 @@ class TrainConfig:
     samples: int = 2048  # total samples seen (all ranks): comparable across GPU counts
     val_every: int = 512  # samples between validations
     val_batches: int = 0  # 0 = the whole validation split
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
     tf32: bool = True
     deterministic: bool = False
-    best_metric: str = "nmse_gap"
-    best_mode: str = "min"  # min | max
+    best_metric: Metric = "nmse_gap"
+    best_mode: BestMode = "min"
     seed: int = 0
 
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend: DistBackend = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 300  # a dead or hung rank ends the job after this
     sync_bn: bool = False
     bucket_mb: int = 25
@@ -142,7 +177,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    wandb: str = "disabled"  # online | offline | disabled (WANDB_MODE overrides)
+    wandb: WandbMode = "disabled"  # WANDB_MODE overrides
     project: str = "hpc"
     entity: str = ""
     group: str = ""
@@ -156,7 +191,7 @@ class LogConfig:
 
 @dataclass
 class LaunchConfig:
-    cluster: str = "slurm"  # slurm | local | debug
+    cluster: Cluster = "slurm"
     nodes: int = 1
     gpus_per_node: int = 0  # 0 = CPU job; tasks_per_node = max(1, gpus_per_node) unless set
     tasks_per_node: int = 0
@@ -193,10 +228,43 @@ class Config:
 
 
 SECTIONS = [f.name for f in fields(Config)]
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off")
 
 
+# ---------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans, so a
+    string field given ``off``/``no`` keeps the word (YAML 1.1 would make it False)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, with true/false as the only booleans (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError):
+    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing or invalid."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: {what} file not found")
+    try:
+        return parse_yaml(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{p}: invalid YAML: {exc}") from None
+
+
+# ---------------------------------------------------------------- types
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one parsed YAML value against a dataclass field type."""
+    """Check/convert one parsed YAML value against a dataclass field type (choices and ranges are
+    ``validate``'s job)."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -206,6 +274,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -222,7 +292,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp is str:
+    if tp is str or origin is Literal:
         if value is None:
             return ""
         if isinstance(value, (dict, list)):
@@ -234,6 +304,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _section_types(section_cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in fields(section_cls)}
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or typing.get_origin(tp) is Literal
 
 
 def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
@@ -248,17 +322,26 @@ def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     setattr(sec, key, _coerce(value, types[key], f"{origin}: {section}.{key}"))
 
 
-def apply_dict(cfg: Config, tree: dict, origin: str = "config") -> Config:
+def apply_dict(cfg: Config, tree: dict, origin: str = "config", lenient: bool = False) -> Config:
+    """Set every ``section: {key: value}`` of ``tree``. ``lenient`` (configs stored by older code):
+    sections and keys that no longer exist are skipped with an ``HpcWarning`` instead of an error."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(tree).__name__}")
     for section, values in tree.items():
         if section not in SECTIONS:
+            if lenient:
+                warnings.warn(f"{origin}: section {section!r} no longer exists; ignored", HpcWarning, stacklevel=2)
+                continue
             raise ConfigError(f"{origin}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
         if values is None:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        known = _section_types(type(getattr(cfg, section)))
         for key, value in values.items():
+            if lenient and key not in known:
+                warnings.warn(f"{origin}: key {section}.{key} no longer exists; ignored", HpcWarning, stacklevel=2)
+                continue
             _set(cfg, section, key, value, origin)
     return cfg
 
@@ -270,38 +353,38 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+        sec = getattr(cfg, section, None)
+        tp = _section_types(type(sec)).get(key) if section in SECTIONS else None
+        if _is_text(tp) and isinstance(value, (bool, int, float)):
+            value = raw.strip()  # a string field keeps the text as typed: log.name=1.10 is "1.10", not "1.1"
         _set(cfg, section, key, value, f"override {item!r}")
     return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``section.key=value`` overrides."""
+    """Defaults <- YAML file <- ``section.key=value`` overrides, then ``validate``."""
     cfg = Config()
     if path:
         apply_dict(cfg, read_yaml(path, "config"), origin=str(path))
-    return apply_overrides(cfg, list(overrides or []))
-
-
-def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError):
-    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing or invalid."""
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{p}: {what} file not found")
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{p}: invalid YAML: {exc}") from None
+    return validate(apply_overrides(cfg, list(overrides or [])))
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(tree: dict) -> Config:
-    return apply_dict(Config(), tree, origin="stored config")
+def from_dict(tree: dict, origin: str = "stored config") -> Config:
+    """A resolved tree (``to_dict``) back into a validated Config; unknown keys are errors."""
+    return validate(apply_dict(Config(), tree, origin=origin))
+
+
+def from_stored(tree: dict, origin: str) -> Config:
+    """A config stored by (possibly older) code, e.g. in a checkpoint: keys that no longer exist
+    are dropped with a warning naming ``origin``; everything else is checked as ``from_dict``."""
+    return validate(apply_dict(Config(), tree, origin=origin, lenient=True))
 
 
 def dump(cfg: Config) -> str:
@@ -313,3 +396,135 @@ def save(cfg: Config, path: str | os.PathLike) -> Path:
     from hpc.io.atomic import atomic_write_text
 
     return atomic_write_text(Path(path), dump(cfg))
+
+
+# ---------------------------------------------------------------- validation
+Rule = tuple[Callable[[Any], bool], str]  # (holds for the value, what is valid)
+
+
+def _ge(lo: float) -> Rule:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _gt(lo: float) -> Rule:
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _pair(ok: Callable[[float, float], bool], what: str) -> Rule:
+    return (lambda v: len(v) == 2 and ok(*v)), what
+
+
+# Ranges of single fields. Choices come from the Literal types, finiteness from the float types.
+RANGES: dict[str, Rule] = {
+    "data.context": _ge(0), "data.batch_size": _ge(1), "data.workers": _ge(0), "data.run_length": _ge(1),
+    "data.shuffle_buffer": _ge(0), "data.pad_multiple": _ge(0), "data.seed": _ge(0),
+    "data.split": ((lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0),
+                   "three fractions (train, val, test) >= 0 with a positive sum"),
+    "corrupt.dead_blocks": _ge(0),
+    "corrupt.dose": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "augment.rotate_deg": _ge(0),
+    "augment.zoom": _pair(lambda lo, hi: 0 < lo <= hi, "two numbers [lo, hi] with 0 < lo <= hi"),
+    "augment.p": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "augment.seed": _ge(0),
+    "model.in_channels": _ge(0), "model.out_channels": _ge(1), "model.base": _ge(1), "model.depth": _ge(1),
+    "loss.l1": _ge(0), "loss.mse": _ge(0), "loss.msssim": _ge(0), "loss.poisson": _ge(0),
+    "optim.lr": _gt(0), "optim.weight_decay": _ge(0), "optim.momentum": _ge(0),
+    "optim.betas": _pair(lambda b1, b2: 0 <= b1 < 1 and 0 <= b2 < 1, "two numbers in [0, 1)"),
+    "optim.warmup_samples": _ge(0), "optim.step_samples": _ge(1),
+    "optim.gamma": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "optim.restart_samples": _ge(1), "optim.restart_mult": _ge(1), "optim.min_lr": _ge(0),
+    "optim.patience": _ge(0), "optim.clip_grad": _ge(0), "optim.accumulate": _ge(1),
+    "train.run_dir": ((lambda v: bool(v.strip())), "a directory (not empty)"),
+    "train.samples": _ge(1), "train.val_every": _ge(0), "train.val_batches": _ge(0), "train.seed": _ge(0),
+    "dist.timeout_s": _ge(1), "dist.bucket_mb": _ge(1),
+    "checkpoint.every": _ge(0), "checkpoint.keep": _ge(1),
+    "log.every": _ge(1),
+    "launch.nodes": _ge(1), "launch.gpus_per_node": _ge(0), "launch.tasks_per_node": _ge(0),
+    "launch.cpus_per_task": _ge(1), "launch.mem_gb": _ge(0), "launch.time_min": _ge(1),
+    "launch.signal_delay_s": _ge(0), "launch.max_parallel": _ge(1), "launch.max_requeues": _ge(0),
+}
+
+
+def _fail(key: str, value: Any, what: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {what}")
+
+
+def _finite(value: Any) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return all(math.isfinite(v) for v in items if isinstance(v, float))
+
+
+def _check_fields(cfg: Config) -> None:
+    """Every field: a member of its Literal, a finite number, inside its RANGES entry."""
+    for section in SECTIONS:
+        sec = getattr(cfg, section)
+        for key, tp in _section_types(type(sec)).items():
+            name, value = f"{section}.{key}", getattr(sec, key)
+            if typing.get_origin(tp) is Literal and value not in choices(tp):
+                raise _fail(name, value, f"expected one of {' | '.join(choices(tp))}")
+            if not _finite(value):
+                raise _fail(name, value, "must be a finite number")
+            ok, what = RANGES.get(name, (None, ""))
+            if ok is not None and not ok(value):
+                raise _fail(name, value, f"must be {what}")
+
+
+def validate_scanner(cfg: Config, name: str) -> None:
+    """corrupt.scanner (or the dataset's recorded scanner, ``name``) is a known geometry preset with
+    at least corrupt.dead_blocks blocks. The presets' registry is hpc.geometry.SCANNERS."""
+    from hpc import geometry as G  # late: numpy only, and only when a scanner is named
+
+    try:
+        sc = G.get_scanner(name)
+    except ValueError as exc:
+        raise _fail("corrupt.scanner", name, str(exc).replace(f"unknown scanner {name!r}; ", "")) from None
+    n_blocks = G.block_counts(sc)[1]
+    if cfg.corrupt.dead_blocks > n_blocks:
+        raise _fail("corrupt.dead_blocks", cfg.corrupt.dead_blocks,
+                    f"must be <= {n_blocks}, the blocks of scanner {sc.name!r}")
+
+
+def _check_rules(cfg: Config) -> None:
+    """Rules that join fields."""
+    d, m, o, la = cfg.data, cfg.model, cfg.optim, cfg.launch
+    if m.in_channels not in (0, 2 * d.context + 1):
+        raise _fail("model.in_channels", m.in_channels,
+                    f"must be 0 (automatic) or 2 * data.context + 1 = {2 * d.context + 1}")
+    if m.inpaint and m.out_channels != 1:
+        raise _fail("model.out_channels", m.out_channels, "must be 1 with model.inpaint=true")
+    if not any(getattr(cfg.loss, t) > 0 for t in ("l1", "mse", "msssim", "poisson")):
+        raise ConfigError("loss: every weight is 0; set at least one of loss.l1, loss.mse, loss.msssim, "
+                          "loss.poisson > 0")
+    if o.min_lr > o.lr:
+        raise _fail("optim.min_lr", o.min_lr, f"must be <= optim.lr={o.lr}")
+    lists = {s: getattr(d, f"{s}_studies") for s in ("train", "val", "test")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if shared := sorted(set(lists[a]) & set(lists[b])):
+            raise _fail(f"data.{b}_studies", lists[b], f"shares {shared} with data.{a}_studies")
+    if d.device == "cpu" and cfg.dist.sync_bn:
+        raise _fail("dist.sync_bn", True, "needs GPU ranks (data.device=cpu)")
+    if la.cluster != "slurm" and la.nodes != 1:
+        raise _fail("launch.nodes", la.nodes, f"must be 1 with launch.cluster={la.cluster} (one machine)")
+    if la.signal_delay_s >= 60 * la.time_min:
+        raise _fail("launch.signal_delay_s", la.signal_delay_s,
+                    f"must be < launch.time_min * 60 = {60 * la.time_min}")
+    if cfg.corrupt.scanner:
+        validate_scanner(cfg, cfg.corrupt.scanner)
+
+
+def check_dataset(cfg: Config, workdir: str | os.PathLike | None = None):
+    """The hpc.io.shards.Dataset at data.path (relative to ``workdir``, default here): what the
+    launchers check before anything is queued and the loader opens. InputError naming the directory."""
+    from hpc.io.shards import Dataset  # late: h5py
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: not set (a dataset directory written by `hpc convert`)")
+    return Dataset.open(Path(workdir or ".") / cfg.data.path)
+
+
+def validate(cfg: Config) -> Config:
+    """Every range, choice and cross-field rule of the tree; returns ``cfg``, or raises a one-line
+    ``ConfigError`` naming the key, the value and what is valid."""
+    _check_fields(cfg)
+    _check_rules(cfg)
+    return cfg

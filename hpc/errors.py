@@ -21,3 +21,7 @@ class InputError(HpcError, ValueError):
 
 class OutputError(HpcError):
     """Output cannot be written (exists, disk full, ...). Nothing partial is left visible."""
+
+
+class HpcWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints one line)."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hpc.augment import Preprocess
-from hpc.config import Config, from_dict
+from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError, OutputError
 from hpc.io.shards import RepairedH5Writer
@@ -80,7 +80,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
 
     path = Path(path)
     ckpt = load(path)
-    cfg = from_dict(ckpt["config"])
+    cfg = from_stored(ckpt["config"], origin=f"{path}: config")  # older code's keys: a warning
     data = training_data(cfg, ckpt)
     if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
         raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "

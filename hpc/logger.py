@@ -25,7 +25,7 @@ from hpc import config as C
 from hpc.errors import ConfigError
 from hpc.progress import Progress
 
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = C.choices(C.WandbMode)  # also what the WANDB_MODE variable may say
 
 
 def wandb_mode(cfg: C.LogConfig) -> str:

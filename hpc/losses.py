@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from hpc.config import LossConfig
-from hpc.errors import ConfigError
 from hpc.metrics import SSIM_WIN, ssim_maps
 
-TERMS = ("l1", "mse", "msssim", "poisson")
+TERMS = ("l1", "mse", "msssim", "poisson")  # the weight fields of hpc.config.LossConfig
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
 POISSON_EPS = 1e-8
 MSSSIM_FLOOR = 1e-6  # clamp before the fractional powers: x**w has an infinite gradient at 0
@@ -104,12 +103,7 @@ class Loss:
 
 
 def build_loss(cfg: LossConfig) -> Loss:
-    """The weighted sum of the terms with a non-zero weight in ``cfg`` (see module doc)."""
-    weights = {name: float(getattr(cfg, name)) for name in TERMS}
-    for name, w in weights.items():
-        if w < 0:
-            raise ConfigError(f"loss.{name}: weight must be >= 0, got {w}")
-    active = {name: w for name, w in weights.items() if w > 0}
-    if not active:
-        raise ConfigError(f"loss: every weight is 0; set at least one of {', '.join(TERMS)} > 0")
+    """The weighted sum of the terms with a non-zero weight in ``cfg`` (see module doc); weights
+    >= 0, at least one > 0 (hpc.config.validate)."""
+    active = {name: float(getattr(cfg, name)) for name in TERMS if getattr(cfg, name) > 0}
     return Loss(active, cfg.gaps_only)

@@ -25,24 +25,22 @@ import torch
 from torch import nn
 
 from hpc.config import ModelConfig
-from hpc.errors import ConfigError
 
-NORMS = ("batch", "instance", "group", "none")
-UP_MODES = ("transposed", "nearest", "bilinear")
 GROUPS = 8  # GroupNorm groups (fewer when the width is not a multiple of 8)
+
+
+# model.norm -> layer (the names are hpc.config.Norm's; tests/test_config.py checks they agree)
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "instance": lambda c: nn.InstanceNorm2d(c, affine=True),
+    "group": lambda c: nn.GroupNorm(math.gcd(GROUPS, c), c),
+    "none": lambda c: nn.Identity(),
+}
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """A 2-D normalization layer by name; ``none`` is the identity."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ConfigError(f"model.norm: unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+    return NORMS[kind](channels)
 
 
 def conv_norm_act(c_in: int, c_out: int, norm: str, act: nn.Module, stride: int = 1) -> nn.Sequential:
@@ -120,11 +118,9 @@ def up_layer(mode: str, c_in: int, c_out: int) -> nn.Module:
     """x2 up-sampling that also maps c_in -> c_out channels."""
     if mode == "transposed":
         return nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
-    if mode in ("nearest", "bilinear"):
-        align = False if mode == "bilinear" else None
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, align_corners=align),
-                             nn.Conv2d(c_in, c_out, 1))
-    raise ConfigError(f"model.up_mode: unknown mode {mode!r}; valid: {', '.join(UP_MODES)}")
+    assert mode in ("nearest", "bilinear"), mode  # hpc.config.UpMode
+    align = False if mode == "bilinear" else None
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode, align_corners=align), nn.Conv2d(c_in, c_out, 1))
 
 
 class UNet(nn.Module):
@@ -137,8 +133,6 @@ class UNet(nn.Module):
                  norm: str = "batch", up_mode: str = "transposed", residual: bool = False,
                  centre: int | None = None):
         super().__init__()
-        if depth < 1:
-            raise ConfigError(f"model.depth: must be >= 1 for unet, got {depth}")
         widths = [base * 2**i for i in range(depth + 1)]
         self.residual = residual
         self.centre = in_channels // 2 if centre is None else centre  # the slice a residual adds to
@@ -243,7 +237,7 @@ def _light(cfg: ModelConfig, in_channels: int) -> nn.Module:
     return LightNet(in_channels, cfg.out_channels, cfg.base, cfg.norm)
 
 
-# name -> (constructor, required size multiple)
+# model.name -> (constructor, required size multiple); the names are hpc.config.ModelName's (tested)
 MODELS: dict[str, tuple[Callable[[ModelConfig, int], nn.Module], Callable[[ModelConfig], int]]] = {
     "badblock": (_badblock, lambda cfg: 4),
     "unet": (_unet, lambda cfg: 2**cfg.depth),
@@ -251,27 +245,15 @@ MODELS: dict[str, tuple[Callable[[ModelConfig, int], nn.Module], Callable[[Model
 }
 
 
-def _entry(cfg: ModelConfig):
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; valid: {', '.join(MODELS)}")
-    return MODELS[cfg.name]
-
-
 def required_multiple(cfg: ModelConfig) -> int:
     """Views and bins must divide by this (the loader pads to it)."""
-    return _entry(cfg)[1](cfg)
+    return MODELS[cfg.name][1](cfg)
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> SinogramModel:
-    """The configured preset wrapped in a SinogramModel (size checks + optional inpainting)."""
-    build, _ = _entry(cfg)
-    if in_channels < 1:
-        raise ConfigError(f"model.in_channels: must be >= 1, got {in_channels}")
-    if cfg.base < 1:
-        raise ConfigError(f"model.base: must be >= 1, got {cfg.base}")
-    if cfg.inpaint and cfg.out_channels != 1:
-        raise ConfigError(f"model.inpaint needs model.out_channels=1, got {cfg.out_channels}")
-    norm_layer(cfg.norm, 1)  # validates the name before building anything
+    """The configured preset wrapped in a SinogramModel (size checks + optional inpainting); ``cfg``
+    as hpc.config.validate accepts it."""
+    build, _ = MODELS[cfg.name]
     net = build(cfg, in_channels + cfg.mask_input)
     return SinogramModel(net, in_channels, required_multiple(cfg), cfg.inpaint, cfg.mask_input)
 

@@ -28,28 +28,25 @@ import torch
 
 from hpc import checkpoint as ck
 from hpc import dist
-from hpc.config import Config, OptimConfig, load_config
+from hpc.config import Config, OptimConfig, dump, load_config, validate
 from hpc.errors import EXIT_REQUEUE, ConfigError, HpcError
 from hpc.train_state import TrainState, training_data
 from hpc.validate import Validator
 
-PRECISIONS = ("auto", "fp32", "bf16")
-SCHEDULERS = ("none", "step", "cosine_restarts", "plateau")
+
+
+# optim.name -> optimizer (the names are hpc.config.OptimName's; tests/test_config.py checks they agree)
+OPTIMIZERS = {
+    "adam": lambda c, p: torch.optim.Adam(p, c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay),
+    "adamw": lambda c, p: torch.optim.AdamW(p, c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay),
+    "sgd": lambda c, p: torch.optim.SGD(p, c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "rmsprop": lambda c, p: torch.optim.RMSprop(p, c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+}
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    kinds = {
-        "adam": lambda: torch.optim.Adam(params, cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
-        "adamw": lambda: torch.optim.AdamW(params, cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
-        "sgd": lambda: torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-        "rmsprop": lambda: torch.optim.RMSprop(params, cfg.lr, momentum=cfg.momentum,
-                                               weight_decay=cfg.weight_decay),
-    }
-    if cfg.name not in kinds:
-        raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}; valid: {', '.join(kinds)}")
-    if cfg.lr <= 0 or len(cfg.betas) != 2:
-        raise ConfigError(f"optim: lr must be > 0 and betas two numbers (got {cfg.lr}, {cfg.betas})")
-    return kinds[cfg.name]()
+    """The configured optimizer (cfg already validated by hpc.config)."""
+    return OPTIMIZERS[cfg.name](cfg, params)
 
 
 class LRSchedule:
@@ -57,11 +54,6 @@ class LRSchedule:
     reduce-on-plateau factor driven by validation. Set on the optimizer before every step."""
 
     def __init__(self, cfg: OptimConfig, mode: str):
-        if cfg.scheduler not in SCHEDULERS:
-            raise ConfigError(f"optim.scheduler: unknown {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-        if min(cfg.step_samples, cfg.restart_samples) < 1 or cfg.restart_mult < 1 or cfg.warmup_samples < 0:
-            raise ConfigError("optim: step_samples, restart_samples, restart_mult must be >= 1 "
-                              "and warmup_samples >= 0")
         self.cfg, self.mode = cfg, mode
         self.scale, self.best, self.bad = 1.0, math.inf if mode == "min" else -math.inf, 0
 
@@ -117,20 +109,6 @@ class Preemption:
         return bool(dist.all_reduce_sum(flag).item() > 0)
 
 
-def check_config(cfg: Config) -> None:
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision: expected one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    if t.best_mode not in ("min", "max"):
-        raise ConfigError(f"train.best_mode: expected min or max, got {t.best_mode!r}")
-    if t.samples < 1 or t.val_every < 0 or cfg.checkpoint.every < 0 or cfg.log.every < 1:
-        raise ConfigError("train.samples >= 1, train.val_every >= 0, checkpoint.every >= 0 and "
-                          "log.every >= 1 needed")
-    if cfg.optim.accumulate < 1 or cfg.optim.clip_grad < 0:
-        raise ConfigError(f"optim.accumulate must be >= 1 and optim.clip_grad >= 0 "
-                          f"(got {cfg.optim.accumulate}, {cfg.optim.clip_grad})")
-
-
 def set_numerics(cfg: Config, device: torch.device) -> torch.dtype | None:
     """TF32, cuDNN autotuning / deterministic algorithms; returns the autocast dtype (None = fp32)."""
     t = cfg.train
@@ -159,7 +137,7 @@ class Trainer:
         from hpc.losses import build_loss
         from hpc.models import build_model
 
-        check_config(cfg)
+        validate(cfg)  # configs built in code (tests, submitit) get the same checks as loaded ones
         self.cfg = cfg
         self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
         self.ctx = ctx = dist.init(cfg.dist, cfg.data.device)
@@ -235,9 +213,7 @@ class Trainer:
         """Validate, log (with the baselines), step the plateau schedule; True when a new best."""
         self.net.eval()
         metrics, panels = self.validator(self._forward)
-        key = self.cfg.train.best_metric
-        if key not in metrics:
-            raise ConfigError(f"train.best_metric: unknown metric {key!r}; valid: {', '.join(metrics)}")
+        key = self.cfg.train.best_metric  # one of hpc.config.Metric: the keys of `metrics`
         step = self.state.step
         if self.cfg.log.images and panels is not None:
             self.log.images(step, panels)
@@ -310,14 +286,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. optim.lr=3e-4 train.samples=4096")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved (validated) config as YAML and exit; nothing is written")
 
 
 def run(args: argparse.Namespace) -> int:
     """Launcher env -> train -> clean distributed shutdown (ENV-FACTS.md) with the run's exit code."""
     from hpc.launch.env import setup_torch_env
 
-    setup_torch_env()
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(dump(cfg))
+        return 0
+    setup_torch_env()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         train(cfg)  # errors reach the CLI, which prints one line
         return 0

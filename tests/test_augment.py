@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hpc import augment as A
-from hpc.config import Config
+from hpc.config import Config, Normalize, PadBins, choices
 from hpc.data import build_loader
 from test_loader import decode, loader_cfg, make_dataset
 
@@ -95,8 +95,8 @@ def test_flip_and_full_turn():
                        torch.stack([x[0], A.mirror_bins(x[1]), A.mirror_bins(x[2])]))
 
 
-@pytest.mark.parametrize("mode", A.NORMALIZE)
-@pytest.mark.parametrize("bins_mode", A.PAD_BINS)
+@pytest.mark.parametrize("mode", choices(Normalize))
+@pytest.mark.parametrize("bins_mode", choices(PadBins))
 def test_preprocess_inverse_exact(mode, bins_mode):
     cfg = Config()
     cfg.data.normalize, cfg.data.pad_bins, cfg.data.pad_multiple = mode, bins_mode, 8
@@ -111,7 +111,7 @@ def test_preprocess_inverse_exact(mode, bins_mode):
     assert m[..., 1:14, 1:22].sum() == 0 and (m[..., :, 0] == (1 if bins_mode == "zero" else 0)).all()
 
 
-@pytest.mark.parametrize("mode", A.NORMALIZE)
+@pytest.mark.parametrize("mode", choices(Normalize))
 def test_inverse_floors_predictions_at_zero_counts(mode):
     """data.nonneg: a prediction below 0 counts comes back as exactly 0 (for anscombe too, whose
     quadratic inverse would otherwise turn large negative outputs into large positive counts);
@@ -166,8 +166,6 @@ def test_hash_blocks_and_thinning():
     x = torch.full((4000,), 20.0)
     t = A.thin(x, 0.25, torch.Generator().manual_seed(0))
     assert torch.equal(t, t.round()) and (t <= x).all() and abs(t.mean().item() - 5.0) < 0.2
-    with pytest.raises(ValueError, match="corrupt.dose"):
-        A.thin(x, 0.0)
 
 
 def test_affine_identity_and_mask_outside_is_measured():
@@ -226,9 +224,3 @@ def test_fill_modes_and_preprocess_gaps():
     m = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])
     assert A.fill_gaps(x, m, "zero").flatten().tolist() == [4.0, 0.0, 0.0, 10.0]
     assert A.fill_gaps(x, m, "linear").flatten().tolist() == [4.0, 6.0, 8.0, 10.0]
-    with pytest.raises(ValueError, match="data.fill must be one of zero, linear"):
-        A.fill_gaps(x, m, "cubic")
-    cfg = Config()
-    cfg.data.fill = "cubic"
-    with pytest.raises(ValueError, match="data.fill"):
-        A.Preprocess(cfg)

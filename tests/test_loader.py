@@ -120,8 +120,6 @@ def test_windows_stay_in_their_stack():
                                                                     [12, 13, 14, 14, 14]]
     assert window_ids(centres, lo, hi, 2, "reflect").tolist() == [[12, 11, 10, 11, 12], [11, 10, 11, 12, 13],
                                                                   [12, 13, 14, 13, 12]]
-    with pytest.raises(ConfigError, match="data.edge"):
-        window_ids(centres, lo, hi, 1, "wrap")
 
 
 def test_split_by_study_deterministic_and_explicit():

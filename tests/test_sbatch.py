@@ -56,17 +56,18 @@ def test_only_given_options_become_sbatch_lines(config):
 
 
 def test_container_templates_need_an_image(config):
-    r = run_hpc("sbatch", "-t", "pyxis", "--print", "--config", str(config))
+    r = run_hpc("sbatch", "-t", "pyxis", "--print", "--config", str(config), "--workdir", WORKDIR)
     assert r.returncode == 2 and "--image is required" in r.stderr
 
 
 def test_whitespace_in_an_sbatch_value_is_refused(config):
-    r = run_hpc("sbatch", "-t", "plain", "--print", "--config", str(config), "--partition", "a b")
+    r = run_hpc("sbatch", "-t", "plain", "--print", "--config", str(config), "--workdir", WORKDIR,
+                "--partition", "a b")
     assert r.returncode == 2 and "--partition='a b'" in r.stderr
 
 
 @pytest.mark.slurm
-def test_plain_template_requeues_on_usr2_and_resumes(slurm, tmp_path):
+def test_plain_template_requeues_on_usr2_and_resumes(slurm, tmp_path_factory, tmp_path):
     """The rendered plain template on the real cluster: USR2 to the batch shell -> tasks checkpoint
     and exit 75 -> `scontrol requeue` -> the next attempt resumes. The trainer here is a stand-in
     `hpc` in a throwaway venv (a counter that saves itself on USR2), so that this test is about the
@@ -88,7 +89,10 @@ def test_plain_template_requeues_on_usr2_and_resumes(slurm, tmp_path):
         echo $step > $state
         """))
     fake.chmod(0o755)
-    (tmp_path / "c.yaml").write_text("train:\n  run_dir: runs/rq\n")
+    from cluster.tiny_data import make_dataset
+
+    dataset = make_dataset(tmp_path_factory.getbasetemp() / "launch-data")  # sbatch checks data.path
+    (tmp_path / "c.yaml").write_text(f"data:\n  path: {dataset}\ntrain:\n  run_dir: runs/rq\n")
     r = run_hpc("sbatch", "-t", "plain", "--config", "c.yaml", "--venv", str(venv),
                 "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "5", "optim.lr=0.01",
                 check=True, env=slurm.env, cwd=tmp_path)

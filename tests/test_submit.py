@@ -75,8 +75,8 @@ def test_exit75_hands_over_to_submitit_which_requeues_and_resumes(slurm, tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cluster", "nowhere"], "launch.cluster='nowhere': expected slurm, local or debug"),
-    (["--cluster", "local", "--nodes", "2"], "--cluster local runs on one node"),
+    (["--cluster", "nowhere"], "launch.cluster='nowhere': expected one of slurm | local | debug"),
+    (["--cluster", "local", "--nodes", "2"], "launch.nodes=2: must be 1 with launch.cluster=local"),
 ])
 def test_bad_launch_settings_are_one_line_errors(tmp_path, flags, message):
     (tmp_path / "c.yaml").write_text("train:\n  samples: 8\n")
@@ -85,12 +85,15 @@ def test_bad_launch_settings_are_one_line_errors(tmp_path, flags, message):
 
 
 @pytest.mark.slurm
-def test_failing_job_with_wait_exits_1_with_the_error_line(slurm, tmp_path):
+def test_failing_job_with_wait_exits_1_with_the_error_line(slurm, dataset, tmp_path):
+    """A job that passes the submit-time checks and fails in the job (a batch larger than the split)."""
+    from cluster.tiny_data import train_overrides
+
     r = run_hpc("submit", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "5", "--wait",
-                f"data.path={tmp_path / 'missing'}", "train.run_dir=runs/bad", cwd=tmp_path,
+                *train_overrides(dataset, 8), "data.batch_size=1000", "train.run_dir=runs/bad", cwd=tmp_path,
                 env=slurm.env, timeout=120)
     assert r.returncode == 1
-    assert f"failed: hpc.errors.InputError: {tmp_path / 'missing'}: not a converted dataset" in r.stderr
+    assert "failed: hpc.errors.ConfigError: split 'train': too few slices for data.batch_size=1000" in r.stderr
 
 
 def test_unknown_override_is_refused_before_submitting(tmp_path):

@@ -22,7 +22,6 @@ from hpc.errors import ConfigError
 from hpc.io.shards import Dataset
 
 SPLITS = ("train", "val", "test")
-EDGES = ("replicate", "reflect")
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,7 @@ class SliceIndex:
         return int(np.searchsorted(self.offsets, gid, side="right") - 1)
 
     def runs(self, studies: list[int], run_length: int, context: int) -> list[Run]:
-        """Runs of the given studies' stacks, in canonical order."""
-        if run_length < 1:
-            raise ConfigError(f"data.run_length must be >= 1, got {run_length}")
+        """Runs of the given studies' stacks, in canonical order (run_length >= 1)."""
         wanted, out = set(studies), []
         for si, lo, hi in self.stacks:
             if si not in wanted:
@@ -85,9 +82,8 @@ class SliceIndex:
 def window_ids(centres: np.ndarray, stack_lo: np.ndarray, stack_hi: np.ndarray, context: int,
                edge: str) -> np.ndarray:
     """(n,) centres -> (n, 2k+1) slice ids, kept inside each centre's stack by replicating or
-    reflecting the edge slice (reflection falls back to replication in stacks too short for it)."""
-    if edge not in EDGES:
-        raise ConfigError(f"data.edge must be one of {', '.join(EDGES)}, got {edge!r}")
+    reflecting the edge slice (reflection falls back to replication in stacks too short for it).
+    ``edge``: hpc.config.Edge."""
     ids = centres[:, None] + np.arange(-context, context + 1)[None, :]
     lo, hi = stack_lo[:, None], stack_hi[:, None] - 1
     if edge == "reflect":
@@ -105,8 +101,6 @@ def split_studies(ids: list[str], fractions: list[float], explicit: dict[str, li
         if unknown:
             raise ConfigError(f"data.*_studies: unknown study ids {unknown}; dataset has {ids}")
         return {name: list(explicit.get(name, [])) for name in SPLITS}
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ConfigError(f"data.split: expected three non-negative fractions, got {fractions}")
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     total = sum(fractions)
     counts = [int(round(len(ids) * f / total)) for f in fractions]

@@ -15,14 +15,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from hpc.config import Config
+from hpc.config import Config, check_dataset
 from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
 from hpc.data.transform import Batch, DeviceTransform
 from hpc.errors import ConfigError
 from hpc.io.shards import Dataset
 
-BACKENDS = ("torch", "dali")
 
 
 class Loader:
@@ -30,11 +29,6 @@ class Loader:
         d = cfg.data
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if d.backend not in BACKENDS:
-            raise ConfigError(f"data.backend must be one of {', '.join(BACKENDS)}, got {d.backend!r}")
-        if d.context < 0 or d.batch_size < 1 or d.workers < 0:
-            raise ConfigError(f"data: context >= 0, batch_size >= 1, workers >= 0 needed "
-                              f"(got {d.context}, {d.batch_size}, {d.workers})")
         self.cfg, self.split, self.rank, self.world, self.device = cfg, split, rank, world, device
         self.train = split == "train"
         ids = [s.id for s in ds.studies]
@@ -126,6 +120,4 @@ def resolve_device(name: str) -> torch.device:
 def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,
                  device: torch.device | None = None) -> Loader:
     """The contract in docs/ARCHITECTURE.md (stages the split's shards to ``data.stage_to`` first)."""
-    if not cfg.data.path:
-        raise ConfigError("data.path: not set (a dataset directory written by `hpc convert`)")
-    return Loader(cfg, Dataset.open(cfg.data.path), split, rank, world, device or resolve_device(cfg.data.device))
+    return Loader(cfg, check_dataset(cfg), split, rank, world, device or resolve_device(cfg.data.device))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hpc import augment as A
-from hpc.config import Config
+from hpc.config import Config, validate_scanner
 from hpc.data.index import SliceIndex
 from hpc.errors import ConfigError
 
@@ -80,6 +80,7 @@ class DeviceTransform:
             if not name:
                 raise ConfigError(f"corrupt.scanner: {index.ds.root} records no scanner; set corrupt.scanner "
                                   f"(or corrupt.dead_blocks=0)")
+            validate_scanner(cfg, name)  # the manifest's scanner, when corrupt.scanner does not name one
             self.geometry = BlockGeometry(name, index, device)
 
     def _generator(self, epoch: int, j: int) -> torch.Generator:

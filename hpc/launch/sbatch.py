@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc.config import Config, load_config
+from hpc.config import Config, check_dataset, load_config
 from hpc.errors import ConfigError, InputError, OutputError
 from hpc.launch.submit import add_launch_arguments, launch_overrides, tasks_per_node
 
@@ -115,7 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     workdir = os.path.abspath(args.workdir or os.getcwd())
-    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])
+    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])  # validated
+    if os.path.isdir(workdir) or not args.print:
+        check_dataset(cfg, workdir)
+    else:  # rendering for another machine: its files cannot be checked from here
+        print(f"# --workdir {workdir} is not on this machine: data.path not checked", file=sys.stderr)
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
     job = Job(config=args.config, overrides=args.overrides, name=name, workdir=workdir,
               image=args.image, venv=args.venv, mounts=args.mounts, stage_to=args.stage_to)

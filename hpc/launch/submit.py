@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TypeVar
 from collections.abc import Callable
 
-from hpc.config import Config, from_dict, load_config, to_dict
-from hpc.errors import EXIT_REQUEUE, ConfigError
+from hpc.config import Config, check_dataset, from_dict, load_config, to_dict
+from hpc.errors import EXIT_REQUEUE
 
 # CLI flag -> (launch.<key>, type, help). Shared by `hpc submit`, `hpc sweep` and `hpc sbatch`.
 LAUNCH_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -125,10 +125,6 @@ def make_executor(cfg: Config, name: str):
     import submitit
 
     launch = cfg.launch
-    if launch.cluster not in ("slurm", "local", "debug"):
-        raise ConfigError(f"launch.cluster={launch.cluster!r}: expected slurm, local or debug")
-    if launch.cluster != "slurm" and launch.nodes != 1:
-        raise ConfigError(f"launch.nodes={launch.nodes}: --cluster {launch.cluster} runs on one node")
     kwargs = {"slurm_max_num_timeout": launch.max_requeues}
     if launch.container:
         kwargs["slurm_python"] = "python3"  # the container's interpreter, not this venv's
@@ -173,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])
+    cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])  # validated
+    check_dataset(cfg)
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
     job = make_executor(cfg, name).submit(TrainJob(to_dict(cfg)))
     launch = cfg.launch

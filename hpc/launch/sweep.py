@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from hpc.config import Config, load_config, read_yaml, to_dict
+from hpc.config import Config, check_dataset, load_config, read_yaml, to_dict
 from hpc.errors import ConfigError, InputError
 from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import TrainJob, add_launch_arguments, launch_overrides, make_executor
@@ -97,7 +97,8 @@ def load_sweep(path: str | Path) -> dict:
 
 def member_configs(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
                    ) -> list[tuple[dict, Config]]:
-    """(varying settings, resolved config) per member, each with its run dir and W&B group/name."""
+    """(varying settings, resolved and validated config) per member, each with its run dir and W&B
+    group/name: one bad member refuses the whole sweep before anything is queued."""
     launch = [f"launch.{k}={v}" for k, v in (spec.get("launch") or {}).items()]
     out = []
     for i, varying in enumerate(expand(spec, origin)):
@@ -105,7 +106,11 @@ def member_configs(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: s
         overrides = [*spec.get("fixed", []), *(_as_override(k, v) for k, v in varying.items()),
                      f"train.run_dir={sweep_dir / member}", f"log.group={spec['name']}",
                      f"log.name={spec['name']}-{member}", *launch, *cli_launch]
-        out.append((varying, load_config(spec["config"], overrides)))
+        try:
+            out.append((varying, load_config(spec["config"], overrides)))
+        except ConfigError as exc:
+            where = " ".join(f"{k}={v}" for k, v in varying.items())
+            raise ConfigError(f"{origin}: member {member} ({where}): {exc}") from None
     return out
 
 
@@ -119,6 +124,8 @@ def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
                           for varying, cfg in members]}
     if dry_run:
         return record
+    for _, cfg in members:  # every member's dataset (data.path may be swept)
+        check_dataset(cfg)
     if (sweep_dir / "sweep.json").exists():
         raise ConfigError(f"{sweep_dir}: a sweep is already recorded there; pick another `name` or `dir`")
     executor = make_executor(first, spec["name"])
