@@ -93,13 +93,13 @@ def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list
 
 
 def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], checkpoint: str):
-    from hpc.evaluate import evaluate, log_wandb, open_study
+    from hpc.evaluate import DEFAULT_BASELINES, Options, evaluate, log_wandb, simulation_studies
     from hpc.inference import load_repairer
     from hpc.predict import pick_device
 
     rep = load_repairer(checkpoint, pick_device("auto"))
-    studies = [open_study([str(sim / s["files"][k]) for k in ("gaps", "target", "mask")]) for s in held_out]
-    summary = evaluate(rep, studies, out / "eval", ["linear", "biharmonic"], plan.eval_slices, quiet=True)
+    studies = simulation_studies(sim, [s["id"] for s in held_out])
+    summary = evaluate(rep, studies, out / "eval", Options(list(DEFAULT_BASELINES), plan.eval_slices, quiet=True))
     mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)
     wandb_dir = log_wandb(summary, mode, rep.cfg.log.project, out / "eval") if mode != "disabled" else ""
     return rep, summary, wandb_dir
@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpc.evaluate import report_table
+    from hpc.eval_report import image_table, sino_table
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -140,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
     rep, summary, wandb_eval = evaluate_held_out(out, plan, out / "sim", held_out, ckpt)
     step(f"predict {held_out[0]['id']} (STIR in, STIR out)")
     predicted = predict_one(out, rep, out / "sim", held_out[0])
-    unet, lin = (summary["results"]["overall"][m]["nmse_gap"] for m in ("unet", "linear"))
+    unet, lin = (summary["results"]["overall"][m]["nmse_gap_meas"] for m in ("unet", "linear"))
     step(f"done in {step.elapsed():.0f}s")
-    print("\n" + report_table(summary["results"]))
+    print("\n" + sino_table(summary["results"], summary["times"]) + "\n" + image_table(summary["images"]))
     print(f"held-out NMSE inside the gaps: UNet {unet:.4g}  vs  linear interpolation {lin:.4g}"
           f"  ({'UNet better' if unet < lin else 'UNet NOT better'})")
     run_dir = Path(result["run_dir"])

@@ -1,84 +1,151 @@
-"""Score a checkpoint against the clean target, next to the interpolation used today.
+"""Score a checkpoint as a PET physicist would: against the measured counts and the noise-free
+expected counts, in the gaps and overall, next to the baselines, and in reconstructed images.
 
-Each --study names the gapped acquisition, its clean target and its gap mask (1 = measured), in any
-format `hpc predict` reads; or --dataset takes the checkpoint's own test split of a converted dataset
-(its `target`, stored `mask` and, if any, paired `input`). The UNet repairs the gaps exactly as
-`hpc predict` does (measured pixels kept); the baselines fill the same gaps by linear interpolation
-along the radial axis and by 2-D biharmonic inpainting. NMSE, PSNR and SSIM over the whole sinogram
-and inside the gaps (definitions in hpc.metrics) are reported per study and overall in
-DIR/report.md and DIR/metrics.json, with one PNG panel per study (input, UNet, baseline, target,
-errors) in DIR/panels/. With --wandb offline|online the table and panels are also logged to W&B (job type "evaluate").
+Methods (docs/EVALUATION.md): the UNet (repairing the gaps exactly as `hpc predict` does), and the
+baselines of hpc.baselines: `reproject` (OSEM from the measured LORs only, forward-projected into
+the gaps; multiplicative factors and randoms modelled when the study has them), `axial3d` (3-D
+interpolation across the planes of a segment), `biharmonic` (2-D inpainting) and `linear` (radial).
+Every method keeps the measured pixels and leaves virtual-crystal LORs at 0.
+
+Studies: --study INPUT TARGET MASK [expected=F randoms=F mult=F] (files), --simulation DIR (an `hpc
+simulate` directory: its held-out "test" studies by default, with their noise-free truth and known
+lesions), or --dataset DIR (the checkpoint's split of a converted dataset, truth datasets if stored).
+
+Sinogram metrics (hpc.scoring): NMSE, PSNR, SSIM, pooled over every scored pixel of a study and of
+all studies, in the gaps and over all valid pixels, against the measured target (`meas`) and the
+expected counts (`true`). Image metrics, when the scanner geometry is known: the direct planes of
+every version (full data, gapped, each method's repair, noise-free) reconstructed with the same
+OSEM; image NMSE, SSIM and lesion bias against the full-data (`full`) and noise-free (`true`)
+reconstructions. Per study and pooled, in DIR/report.md and DIR/metrics.json; PNG panels
+(sinograms, errors, reconstructed images) in DIR/panels/; with --wandb also to W&B.
 
 examples:
-  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt \\
-      --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr --study s5_gaps.s.hdr s5.s.hdr s5_mask.s.hdr -o eval/
-  hpc evaluate --checkpoint best.pt --study g.hs t.hs m.hs --slices 32 --baselines linear -o eval/
-  hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test -o eval/
+  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim -o eval/
+  hpc evaluate --checkpoint best.pt --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr expected=s4_expected.s.hdr -o eval/
+  hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test --baselines linear,axial3d -o eval/
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from hpc import baselines as B
+from hpc import recon as R
 from hpc.errors import InputError
-from hpc.io.atomic import atomic_path, atomic_write_text
-from hpc.io.shards import ShardArray
+from hpc.eval_report import log_wandb, save_panel, write_report  # noqa: F401  (log_wandb: used by demo)
+from hpc.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
+from hpc.io.shards import TRUTH, ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
-from hpc.metrics import BASELINES, METRICS, MetricAccumulator, baseline_batch
-from hpc.inference import Repairer, check_compatible, load_repairer, model_output, study_layout, windows
 from hpc.predict import pick_device
 from hpc.progress import Progress
+from hpc.scoring import ImageScore, SinoScore, lesion_rois
 
 UNET = "unet"
-LABELS = {"nmse": "NMSE", "psnr": "PSNR dB", "ssim": "SSIM",
-          "nmse_gap": "NMSE gaps", "psnr_gap": "PSNR gaps dB", "ssim_gap": "SSIM gaps"}
+DEFAULT_BASELINES = ("reproject", "axial3d", "biharmonic", "linear")
+REPROJECT_SUBSETS = 4  # OSEM subsets of the reproject baseline (views k::4)
+DEFAULT_REPROJECT_ITERS = 8  # when neither --reproject-iters nor the checkpoint's validation chose one
+IMAGE_ITERS, IMAGE_SUBSETS = 4, 8  # OSEM of the image-domain evaluation (every version alike)
 
 
 @dataclass
 class Study:
     id: str
     layout: SinogramSpec  # slice layout of the gapped input: windows and compatibility checks
-    open: Callable[[], tuple]  # -> (input, target, mask) readers: read(start, stop) -> (n, V, X), close()
+    open: Callable[[], dict]  # -> {role: reader}: input, target, mask (+ expected, randoms, mult)
+    lesions: list[dict] = field(default_factory=list)  # known lesions (simulations)
 
 
-def open_study(paths: list[str]) -> Study:
-    """A gapped acquisition, its clean target and its gap mask, as files."""
-    specs = [read_header(p) for p in paths]
-    inp = specs[0]
-    for other in specs[1:]:
+@dataclass
+class Options:
+    baselines: list[str]
+    slices: int = 0  # evenly spaced slices per study (0 = all)
+    batch: int = 8
+    reproject_iters: int = DEFAULT_REPROJECT_ITERS
+    images: bool = True
+    quiet: bool = False
+
+
+def _readers(specs: dict[str, SinogramSpec]) -> dict:
+    return {role: SinogramReader(sp) for role, sp in specs.items()}
+
+
+def open_study(paths: list[str], truth: dict[str, str] | None = None, sid: str = "",
+               lesions: list[dict] | None = None) -> Study:
+    """A gapped acquisition, its target, its gap mask (+ truth files by role), as files."""
+    specs = dict(zip(("input", "target", "mask"), (read_header(p) for p in paths), strict=True))
+    specs.update({role: read_header(p) for role, p in (truth or {}).items()})
+    inp = specs["input"]
+    for other in specs.values():
         if (other.num_slices, other.slice_shape) != (inp.num_slices, inp.slice_shape):
             raise InputError(f"{other.source}: {other.num_slices}x{other.views}x{other.bins} does not match "
                              f"{inp.source} ({inp.num_slices}x{inp.views}x{inp.bins})")
-    stem = Path(paths[1]).name.split(".")[0]
-    return Study(stem, inp, lambda: tuple(SinogramReader(sp) for sp in specs))
+    return Study(sid or Path(paths[1]).name.split(".")[0], inp, lambda: _readers(specs), lesions or [])
+
+
+def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--study INPUT TARGET MASK [role=FILE ...] -> (three paths, {role: path})."""
+    if len(items) < 3 or any("=" in p for p in items[:3]):
+        raise InputError(f"--study {' '.join(items)}: expected INPUT TARGET MASK [expected=F randoms=F mult=F]")
+    truth = {}
+    for item in items[3:]:
+        role, _, path = item.partition("=")
+        if role not in TRUTH or not path:
+            raise InputError(f"--study: {item!r}: extra files are ROLE=FILE with ROLE in {', '.join(TRUTH)}")
+        truth[role] = path
+    return items[:3], truth
+
+
+def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
+    """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
+    root = Path(root)
+    try:
+        records = json.loads((root / "studies.json").read_text())["studies"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{root}: not an hpc simulate directory (studies.json: {exc})") from None
+    test = [r for r in records if r.get("variant") == "test"]
+    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
+    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
+    if missing or not chosen:
+        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
+    out = []
+    for r in chosen:
+        files = r["files"]
+        if not {"gaps", "mask"} <= set(files):
+            raise InputError(f"{root}: study {r['id']} has no gaps (simulate with --dead-blocks)")
+        truth = {role: str(root / files[role]) for role in TRUTH if role in files}
+        out.append(open_study([str(root / files[k]) for k in ("gaps", "target", "mask")], truth, r["id"],
+                              r.get("lesions", [])))
+    return out
 
 
 def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
     """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
     input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
     from hpc.data.index import config_split
+    from hpc.inference import study_layout
     from hpc.io.shards import Dataset
 
-    ds, d = Dataset.open(root), rep.cfg.data
+    ds = Dataset.open(root)
     ids = [s.id for s in ds.studies]
-    chosen = ids if split == "all" else config_split(ids, d, split)
+    chosen = ids if split == "all" else config_split(ids, rep.cfg.data, split)
     if not chosen:
         raise InputError(f"{root}: the checkpoint's {split!r} split has no studies")
     out = []
     for info in (ds.study(i) for i in chosen):
         if not info.has_mask:
             raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
-        layout = study_layout(ds, info)
-        names = ("input" if info.has_input else "target", "target", "mask")
-        out.append(Study(info.id, layout, lambda info=info, names=names: tuple(ShardArray(info, n) for n in names)))
+        names = {"input": "input" if info.has_input else "target", "target": "target", "mask": "mask",
+                 **{r: r for r in info.truth}}
+        out.append(Study(info.id, study_layout(ds, info),
+                         lambda info=info, names=names: {k: ShardArray(info, n) for k, n in names.items()}))
     return out
 
 
@@ -89,156 +156,225 @@ def pick_slices(n: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
+def geometry(rep: Repairer, layout: SinogramSpec):
+    """The scanner whose projector matches these slices (uncompressed views), or None."""
+    from hpc.inference import _known_scanner
+
+    sc = _known_scanner(rep.scanner) or _known_scanner(str(layout.fields.get("originating system", "")))
+    return sc if sc is not None and (sc.views, sc.bins) == tuple(layout.slice_shape) else None
+
+
+# ---------------------------------------------------------------- methods
+def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: np.ndarray, batch: int) -> np.ndarray:
+    """Model output (n, V, X) for stack planes ``planes`` (context windows as the loader builds them)."""
+    out = []
+    for a in range(0, len(planes), batch):
+        ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
+        out.append(model_output(rep, data["input"][ids], w[ids]))
+    return np.concatenate(out)
+
+
+def _reproject(sc, data: dict, w: np.ndarray, valid: np.ndarray, planes: np.ndarray, iters: int) -> np.ndarray:
+    t = {k: torch.from_numpy(np.ascontiguousarray(data[k][planes])).float() for k in data if k != "target"}
+    out = R.reproject(sc, t["input"], torch.from_numpy(w[planes]).float(), iters, REPROJECT_SUBSETS,
+                      valid=torch.from_numpy(valid[planes]), mult=t.get("mult"), add=t.get("randoms"))
+    return out.double().numpy()
+
+
+def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, w: np.ndarray, valid: np.ndarray,
+                planes: np.ndarray, opts: Options, times: dict[str, float]) -> dict[str, np.ndarray]:
+    """Every method's repair (n, V, X) of the stack planes ``planes``; adds each method's wall time."""
+    y = data["input"][planes]
+    floor = (lambda a: np.maximum(a, 0.0)) if rep.pre.nonneg else (lambda a: a)
+    runs: dict[str, Callable[[], np.ndarray]] = {
+        UNET: lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
+                                    torch.from_numpy(_unet(rep, st, lo, data, w, planes, opts.batch)),
+                                    torch.from_numpy(valid[planes])).numpy(),
+        "reproject": lambda: _reproject(sc, data, w, valid, planes, opts.reproject_iters),
+        "axial3d": lambda: B.axial3d_interp(data["input"], w, valid)[planes],
+        "biharmonic": lambda: np.stack([B.biharmonic_inpaint(y[i], w[planes][i], valid[planes][i])
+                                        for i in range(len(planes))]),
+        "linear": lambda: np.stack([B.linear_interp_radial(y[i], w[planes][i], valid[planes][i])
+                                    for i in range(len(planes))]),
+    }
+    out = {}
+    for name in (UNET, *opts.baselines):
+        if name == "reproject" and sc is None:
+            continue
+        t0 = time.perf_counter()
+        out[name] = floor(np.asarray(runs[name](), np.float64))
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------- one study
 @dataclass
-class Panel:
-    """The slice shown for a study: (V, X) float arrays."""
-    input: np.ndarray
-    unet: np.ndarray
-    baseline: np.ndarray
-    target: np.ndarray
-    mask: np.ndarray
-    gaps: int = -1
+class StudyResult:
+    sino: dict[str, dict[str, SinoScore]] = field(default_factory=dict)  # method -> ref -> score
+    image: dict[str, dict[str, ImageScore]] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)  # method -> seconds for this study
+    panel: dict | None = None
 
 
-def read_windows(reader, ids: np.ndarray) -> np.ndarray:
-    """(B, C) slice ids -> (B, C, V, X), one contiguous read per window."""
-    return np.stack([reader.read(int(w.min()), int(w.max()) + 1)[w - w.min()] for w in ids])
+def _valid(sc, data: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels that can hold counts: mult > 0 when known, else the scanner's real-crystal LORs."""
+    from hpc import geometry as G
+
+    if "mult" in data:
+        return data["mult"] > 0
+    if sc is not None:
+        return np.broadcast_to(G.gap_mask(sc) > 0, shape).copy()
+    return np.ones(shape, bool)
 
 
-def score_study(rep: Repairer, st: Study, centres: np.ndarray, baselines: list[str], batch: int,
-                accs: dict[str, MetricAccumulator], bar: Progress | None = None) -> Panel:
-    """Update one accumulator per method with the study's ``centres``; return the panel slice
-    (the evaluated slice with the most gap pixels)."""
-    panel = None
+def _image_planes(sc, st: Study, lo: int, hi: int, opts: Options) -> np.ndarray | None:
+    """Axial positions (mm from the first ring) of a segment-0 stack's planes, if it gets images."""
+    seg, counts = st.layout.segments, st.layout.axial_counts
+    if not opts.images or sc is None or lo != 0 or st.layout.tof_bins != 1 or seg[0] != 0:
+        return None
+    if counts[0] == sc.rings:
+        return np.arange(hi - lo) * sc.ring_spacing_mm
+    if counts[0] == 2 * sc.rings - 1:  # span-compressed segment 0: half-ring steps
+        return np.arange(hi - lo) * sc.ring_spacing_mm / 2
+    return None
+
+
+def reconstruct(sc, sino: np.ndarray, valid: np.ndarray, data: dict) -> np.ndarray:
+    """OSEM (IMAGE_ITERS x IMAGE_SUBSETS) images (N, ny, nx) of sinograms (N, V, X), every valid bin
+    used (gaps of a gapped sinogram are zeros to it), mult and randoms modelled when known."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(data[k])).float() for k in ("mult", "randoms") if k in data}
+    x = R.osem(sc, torch.from_numpy(np.ascontiguousarray(sino)).float(), IMAGE_ITERS, IMAGE_SUBSETS,
+               weight=torch.from_numpy(valid).float(), mult=t.get("mult"), add=t.get("randoms"))
+    return x.double().numpy()
+
+
+def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, repaired: dict,
+                 z: np.ndarray) -> dict:
+    """Reconstruct every version of the stack, score them; returns the images (for the panel)."""
+    from hpc.projector import default_grid
+
+    grid = default_grid(sc)
+    versions = {"gapped": data["input"] * (data["mask"] >= 1), **repaired}
+    refs = {"full": reconstruct(sc, data["target"], valid, data)}
+    if "expected" in data:
+        refs["true"] = reconstruct(sc, data["expected"], valid, data)
+    images = {name: reconstruct(sc, s, valid, data) for name, s in versions.items()}
+    rois = lesion_rois(st.lesions, z, grid)
+    support = grid.fov_mask(sc.fov_radius_mm)
+    scored = {"full": refs["full"], **images}  # full: what the scanner would give without dead blocks
+    for name, img in scored.items():
+        for ref, ref_img in refs.items():
+            if not (name == "full" and ref == "full"):
+                res.image.setdefault(name, {}).setdefault(ref, ImageScore()).update(img, ref_img, support, rois)
+    return {**images, **{f"ref:{k}": v for k, v in refs.items()}}
+
+
+def warm_projectors(sc, device: torch.device | str = "cpu") -> float:
+    """Build (and cache) the system matrices reproject and the image reconstruction use; their one-time
+    cost is reported apart from the methods' times. Returns the seconds it took."""
+    from hpc.projector import cached_projector, default_grid
+
+    t0 = time.perf_counter()
+    grid = default_grid(sc)
+    for subsets in (REPROJECT_SUBSETS, IMAGE_SUBSETS):
+        R.subset_projectors(sc, grid, subsets, False, torch.device(device))
+    cached_projector(sc, grid, False, 0, 1, device)
+    return time.perf_counter() - t0
+
+
+def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None = None) -> StudyResult:
+    sc = geometry(rep, st.layout)
+    res = StudyResult()
+    scored = pick_slices(st.layout.num_slices, opts.slices)
     readers = st.open()
-    ri, rt, rm = readers
     try:
-        for a in range(0, len(centres), batch):
-            c = centres[a:a + batch]
-            ids = windows(rep, st.layout, c)  # (B, 2k+1)
-            raw, m = read_windows(ri, ids), read_windows(rm, ids) > 0  # (B, 2k+1, V, X)
-            k = ids.shape[1] // 2
-            x = torch.from_numpy(raw[:, k:k + 1].astype(np.float64) * m[:, k:k + 1])  # (B, 1, V, X)
-            mk = torch.from_numpy(m[:, k:k + 1].astype(np.float64))
-            tgt = torch.from_numpy(np.stack([rt.read(int(i), int(i) + 1)[0] for i in c]).astype(np.float64))[:, None]
-            pred = torch.from_numpy(model_output(rep, raw, m))[:, None]
-            outs = {UNET: torch.where(mk > 0.5, x, pred)}  # measured pixels kept, as hpc predict does
-            outs.update({name: baseline_batch(name, x, mk) for name in baselines})
-            if rep.pre.nonneg:  # counts >= 0: model_output floors the UNet's output, so floor the baselines too
-                outs.update({name: outs[name].clamp_min(0) for name in baselines})
-            for name, out in outs.items():
-                accs[name].update(out, tgt, mk)
-            gaps = (mk == 0).flatten(1).sum(1)  # (B,)
-            j = int(gaps.argmax())
-            if panel is None or int(gaps[j]) > panel.gaps:
-                shown = outs[baselines[0]] if baselines else x
-                panel = Panel(*(t[j, 0].numpy() for t in (x, outs[UNET], shown, tgt, mk)), int(gaps[j]))
+        lo_all, hi_all = stack_bounds(st.layout)
+        for lo, hi in sorted(set(zip(lo_all.tolist(), hi_all.tolist(), strict=True))):
+            z = _image_planes(sc, st, lo, hi, opts)
+            sel = scored[(scored >= lo) & (scored < hi)] - lo
+            planes = np.arange(hi - lo) if z is not None else sel
+            if planes.size == 0:
+                continue
+            data = {role: r.read(lo, hi).astype(np.float64) for role, r in readers.items()}
+            w = np.clip(data["mask"], 0, 1)
+            data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
+            valid = _valid(sc, data, w.shape)
+            repaired = run_methods(rep, sc, st, lo, data, w, valid, planes, opts, res.times)
+            keep = np.searchsorted(planes, sel)  # the scored planes among those repaired
+            for name, out in repaired.items():
+                for ref in ("target", "expected"):
+                    if ref in data:
+                        score = res.sino.setdefault(name, {}).setdefault("meas" if ref == "target" else "true",
+                                                                          SinoScore())
+                        score.update(out[keep], data[ref][sel], w[sel], valid[sel])
+            images = score_images(sc, st, res, data, valid, repaired, z) if z is not None else None
+            if sel.size and (res.panel is None or images is not None):  # the image stack's panel wins
+                res.panel = _panel(data, w, valid, sel, keep, lo, repaired, images)
             if bar is not None:
-                bar.update(len(c))
+                bar.update(len(sel))
     finally:
-        for r in readers:
+        for r in readers.values():
             r.close()
-    return panel
+    return res
 
 
-def save_panel(p: Panel, baseline: str, title: str, path: Path) -> Path:
-    """One row: input, UNet, baseline, target, |UNet - target|, |baseline - target| (same colour scales)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    vmax = float(max(p.target.max(), p.unet.max(), 1e-12))
-    err_u, err_b = np.abs(p.unet - p.target), np.abs(p.baseline - p.target)
-    emax = float(max(err_u.max(), err_b.max(), 1e-12))
-    images = [("input (gaps = 0)", p.input, vmax, "viridis"), ("UNet", p.unet, vmax, "viridis"),
-              (baseline, p.baseline, vmax, "viridis"), ("target", p.target, vmax, "viridis"),
-              ("|UNet - target|", err_u, emax, "magma"), (f"|{baseline} - target|", err_b, emax, "magma")]
-    fig, axes = plt.subplots(1, len(images), figsize=(3.0 * len(images), 3.2))
-    for ax, (name, img, top, cmap) in zip(axes, images, strict=True):
-        ax.imshow(img, cmap=cmap, vmin=0, vmax=top, aspect="auto", interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.82, wspace=0.05)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+def _panel(data: dict, w: np.ndarray, valid: np.ndarray, sel: np.ndarray, keep: np.ndarray, lo: int,
+           repaired: dict, images: dict | None) -> dict:
+    """The scored slice with the most gap pixels: its sinograms (and images) for the PNG panel."""
+    k = int(((w[sel] < 1) & valid[sel]).sum(axis=(1, 2)).argmax())
+    p = int(sel[k])
+    return {"slice": lo + p, "input": data["input"][p], "target": data["target"][p],
+            "expected": data["expected"][p] if "expected" in data else None, "mask": w[p],
+            "methods": {n: o[keep[k]] for n, o in repaired.items()},
+            "images": None if images is None else {n: im[p] for n, im in images.items()}}
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.4g}"
+def _pool(results: dict[str, StudyResult]) -> StudyResult:
+    pooled = StudyResult()
+    for res in results.values():
+        for attr in ("sino", "image"):
+            for name, refs in getattr(res, attr).items():
+                for ref, score in refs.items():
+                    dst = getattr(pooled, attr).setdefault(name, {})
+                    dst[ref] = dst[ref].add(score) if ref in dst else type(score)().add(score)
+        for name, t in res.times.items():
+            pooled.times[name] = pooled.times.get(name, 0.0) + t / len(results)  # mean per study
+    return pooled
 
 
-def report_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per (study, method); ``results[study][method][metric]``."""
-    lines = ["| study | method | " + " | ".join(LABELS[m] for m in METRICS) + " |",
-             "|---|---|" + "---:|" * len(METRICS)]
-    for study, methods in results.items():
-        for method, vals in methods.items():
-            lines.append(f"| {study} | {method} | " + " | ".join(_fmt(vals[m]) for m in METRICS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, baselines: list[str], slices: int = 0,
-             batch: int = 8, quiet: bool = False) -> dict:
-    """Score every study, write report.md, metrics.json and panels/; return the results dict
-    ``{"results": {study|"overall": {method: metrics}}, "panels": [...], "report": path}``."""
-    methods = [UNET, *baselines]
-    overall: dict[str, torch.Tensor] = {}  # method -> summed accumulator states
+def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
+    """Score every study; write report.md, metrics.json and panels/. Returns ``{"results": {study |
+    "overall": {method: {metric_ref: value}}}, "images": {...}, "times": {...}, "panels", "report"}``."""
     results, panels = {}, []
-    plan = [(st, pick_slices(st.layout.num_slices, slices)) for st in studies]
-    with Progress(sum(len(c) for _, c in plan), "slices", "evaluate", enabled=not quiet) as bar:
-        for st, centres in plan:
+    setup = sum(warm_projectors(sc) for sc in {geometry(rep, st.layout) for st in studies} - {None})
+    with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
+                  enabled=not opts.quiet) as bar:
+        for st in studies:
             check_compatible(rep, st.layout)
-            accs = {m: MetricAccumulator() for m in methods}
-            panel = score_study(rep, st, centres, baselines, batch, accs, bar)
-            results[st.id] = {m: MetricAccumulator.compute(a.state()) for m, a in accs.items()}
-            for m, a in accs.items():  # sums add across studies: "overall" pools every slice
-                overall[m] = overall.get(m, 0) + a.state()
-            name = baselines[0] if baselines else "input"
-            title = f"{st.id}: slice with the most gap pixels ({panel.gaps})"
-            panels.append(str(save_panel(panel, name, title, out_dir / "panels" / f"{st.id}.png")))
-    results["overall"] = {m: MetricAccumulator.compute(s) for m, s in overall.items()}
-    text = (f"# Evaluation of {rep.path}\n\nmodel {rep.cfg.model.name}; gap pixels repaired by each method, "
-            f"measured pixels kept. Metrics: hpc.metrics (NMSE lower is better).\n\n" + report_table(results)
-            + "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels))
-    report = atomic_write_text(out_dir / "report.md", text)
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"checkpoint": str(rep.path), "results": results},
-                                                           indent=2, allow_nan=True))
-    return {"results": results, "panels": panels, "report": str(report)}
-
-
-def log_wandb(summary: dict, mode: str, project: str, out_dir: Path) -> str:
-    """Log the table and panels as one W&B run (job type "evaluate"); returns the run directory."""
-    import wandb
-
-    run = wandb.init(project=project, job_type="evaluate", mode=mode, dir=str(out_dir), reinit="finish_previous",
-                     settings=wandb.Settings(console="off", silent=True))
-    table = wandb.Table(columns=["study", "method", *METRICS])
-    for study, methods in summary["results"].items():
-        for method, vals in methods.items():
-            table.add_data(study, method, *[vals[m] for m in METRICS])
-    run.log({"metrics": table, "panels": [wandb.Image(p, caption=Path(p).stem) for p in summary["panels"]]})
-    run.summary.update({f"{m}/{k}": v for m, vals in summary["results"]["overall"].items() for k, v in vals.items()})
-    run.finish()
-    return str(Path(run.dir).parent)
+            results[st.id] = evaluate_study(rep, st, opts, bar)
+            panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
+    results["overall"] = _pool(results)
+    return write_report(rep, results, panels, out_dir, opts, setup)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--study", nargs=3, action="append", metavar=("INPUT", "TARGET", "MASK"),
-                     help="gapped acquisition, clean target, gap mask (1 = measured); repeat per study")
+    src.add_argument("--study", nargs="+", action="append", metavar="FILE",
+                     help="INPUT TARGET MASK [expected=F randoms=F mult=F]: gapped acquisition, clean target, gap "
+                          "mask (1 = measured), optional noise-free truth; repeat per study")
+    src.add_argument("--simulation", metavar="DIR", help="an hpc simulate directory (default: its test studies)")
     src.add_argument("--dataset", metavar="DIR", help="converted dataset with stored gap masks (hpc convert --mask)")
+    p.add_argument("--studies", default="", help="with --simulation: comma-separated study ids")
     p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
                    help="with --dataset: which of the checkpoint's study splits (default test)")
     p.add_argument("-o", "--output", required=True, help="directory for report.md, metrics.json, panels/")
-    p.add_argument("--baselines", default="linear,biharmonic",
-                   help=f"comma-separated, from: {', '.join(BASELINES)} (the first is drawn in the panels)")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help=f"comma-separated, from: {', '.join(DEFAULT_BASELINES)}")
+    p.add_argument("--reproject-iters", type=int, default=0,
+                   help="OSEM iterations of reproject (default: the count the checkpoint's validation chose, "
+                        f"else {DEFAULT_REPROJECT_ITERS})")
+    p.add_argument("--no-images", action="store_true", help="skip the image-domain evaluation")
     p.add_argument("--slices", type=int, default=0, help="evenly spaced slices per study (0 = all)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -248,19 +384,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def checkpoint_reproject_iters(rep: Repairer) -> int:
+    """The reproject iteration count chosen by the checkpoint's validation, or 0."""
+    from hpc.checkpoint import load
+
+    base = load(rep.path).get("baselines") or {}
+    return int((base.get("reproject") or {}).get("iters", 0) or 0)
+
+
 def run(args: argparse.Namespace) -> int:
+    from hpc.eval_report import sino_table
+
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    unknown = [b for b in baselines if b not in BASELINES]
+    unknown = [b for b in baselines if b not in DEFAULT_BASELINES]
     if unknown:
-        raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
-    if args.batch < 1:
-        raise InputError(f"--batch must be >= 1, got {args.batch}")
+        raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(DEFAULT_BASELINES)}")
+    if args.batch < 1 or args.reproject_iters < 0:
+        raise InputError("--batch must be >= 1 and --reproject-iters >= 0")
     rep = load_repairer(args.checkpoint, pick_device(args.device))
-    studies = dataset_studies(rep, args.dataset, args.split) if args.dataset else \
-        [open_study(paths) for paths in args.study]
+    if args.dataset:
+        studies = dataset_studies(rep, args.dataset, args.split)
+    elif args.simulation:
+        studies = simulation_studies(args.simulation, [s for s in args.studies.split(",") if s])
+    else:
+        studies = [open_study(*parse_study_args(items)) for items in args.study]
+    iters = args.reproject_iters or checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS
+    opts = Options(baselines, args.slices, args.batch, iters, not args.no_images, args.quiet)
     out = Path(args.output)
-    summary = evaluate(rep, studies, out, baselines, args.slices, args.batch, args.quiet)
-    print(report_table(summary["results"]), end="")
+    summary = evaluate(rep, studies, out, opts)
+    print(sino_table(summary["results"], summary["times"]), end="")
     print(f"report: {summary['report']}\npanels: {', '.join(summary['panels'])}")
     mode = os.environ.get("WANDB_MODE", args.wandb)
     if mode != "disabled":

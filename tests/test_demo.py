@@ -14,8 +14,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "held-out NMSE inside the gaps: UNet" in r.stdout and "linear interpolation" in r.stdout
     assert "wandb sync " in r.stdout
     results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
-    assert set(results["overall"]) == {"unet", "linear", "biharmonic"}
-    assert (out / "eval" / "report.md").read_text().count("| overall |") == 3
+    methods = {"unet", "reproject", "axial3d", "biharmonic", "linear"}
+    assert set(results["overall"]) == methods
+    assert all("nmse_gap_true" in v and "nmse_gap_meas" in v for v in results["overall"].values())
+    images = json.loads((out / "eval" / "metrics.json").read_text())["images"]["overall"]
+    assert set(images) == methods | {"full", "gapped"}
+    assert (out / "eval" / "report.md").read_text().count("| overall |") == 5 + 7
     held_out = json.loads((out / "sim" / "studies.json").read_text())["studies"][-1]
     assert (out / "eval" / "panels" / f"{held_out['id']}.png").stat().st_size > 0
     src = read_header(out / "sim" / held_out["files"]["gaps"])
