@@ -1,7 +1,7 @@
 """Pure batched torch transforms for sinogram batches, on whatever device the batch lives on.
 
 Axes are always ``(B, C, V, X)``: batch, channels (context slices), views (180 degrees), radial
-bins. Physics (docs/ARCHITECTURE.md, DESIGN "Physics"): rotating the object is a cyclic shift along
+bins. Physics (docs/ARCHITECTURE.md, "Physics"): rotating the object is a cyclic shift along
 views with the radial axis mirrored for the views that wrap past 180 degrees; padding along views
 continues the sinogram the same way. The radial mirror is STIR's t -> -t with t = bin - X // 2: index
 i -> X - i for even X (bin 0, t = -X/2, has no stored partner and keeps its value), a plain flip for

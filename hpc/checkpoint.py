@@ -22,7 +22,7 @@ import torch
 
 import hpc
 from hpc.errors import InputError
-from hpc.io.atomic import atomic_path
+from hpc.io.atomic import atomic_open
 
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
 REQUIRED = ("model", "optim", "step", "epoch", "config")
@@ -105,11 +105,11 @@ class Checkpointer:
         """Write step-<step>.pt atomically (tmp -> fsync -> rename), copy it to best.pt when
         ``is_best``, then delete all but the newest ``keep`` step files."""
         target = self.path(step)
-        with atomic_path(target) as tmp:
-            torch.save(state, tmp)
+        with atomic_open(target) as fh:
+            torch.save(state, fh)
         if is_best:
-            with atomic_path(self.best_path) as tmp:
-                shutil.copyfile(target, tmp)
+            with atomic_open(self.best_path) as fh, open(target, "rb") as src:
+                shutil.copyfileobj(src, fh, 8 << 20)
         for old in self.list()[self.keep:]:
             old.unlink(missing_ok=True)
         return target

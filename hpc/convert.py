@@ -39,6 +39,7 @@ SLAB_BYTES = 8 << 20  # read/write a few slices at a time: memory stays flat wha
 HEADER_ATTRS = ("originating system", "pet data type", "tof mashing factor", "isotope name",
                 "image duration (sec)", "scanner type", "applied corrections")
 Report = Callable[[int], None]  # called with the number of slices just converted
+TMP_NAME = re.compile(r"^\..+\.h5(\.[0-9a-f]{16})?\.tmp$")  # the atomic writer's temporary shards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,9 +169,9 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputError(f"{out}: output directory is not empty (use --resume to continue or --overwrite to replace)")
     (out / "manifest.json").unlink(missing_ok=True)
     shards = out / "shards"
-    if overwrite and shards.is_dir():
+    if shards.is_dir():  # temporary shards of a killed run go; --overwrite also drops finished ones
         for f in shards.iterdir():
-            if f.suffix == ".h5" or f.name.endswith(".h5.tmp"):
+            if TMP_NAME.match(f.name) or (overwrite and f.suffix == ".h5"):
                 f.unlink()
     shards.mkdir(parents=True, exist_ok=True)
 

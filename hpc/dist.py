@@ -1,4 +1,4 @@
-"""The one module that calls torch.distributed (DESIGN.md, "Distributed").
+"""The one module that calls torch.distributed (docs/ARCHITECTURE.md, "Distributed").
 
 It reads only torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the
 launch layer (hpc.launch.env) maps srun / submitit / MPI onto them. With none set, everything runs
@@ -162,8 +162,8 @@ def no_sync(model: nn.Module, skip: bool):
 
 
 def shutdown(code: int) -> None:
-    """End the process cleanly (ENV-FACTS.md: gloo aborts ~1 run in 8 at interpreter exit without
-    this): barrier -> flush -> MPI.Finalize when under MPI -> os._exit(code). Never returns.
+    """End the process cleanly (docs/ARCHITECTURE.md, "Shutting down": gloo aborts ~1 run in 8 at
+    interpreter exit without this): barrier -> flush -> MPI.Finalize when under MPI -> os._exit(code). Never returns.
 
     A failing run (code != 0) skips the barrier: the other ranks may be gone.
     """

@@ -23,6 +23,7 @@ import torch
 
 from hpc import config as C
 from hpc.errors import ConfigError
+from hpc.io.atomic import atomic_write_text
 from hpc.progress import Progress
 
 WANDB_MODES = C.choices(C.WandbMode)  # also what the WANDB_MODE variable may say
@@ -80,7 +81,7 @@ class RunLogger:
         # the same W&B run continues across requeues/resumes of this run dir
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
         lc = cfg.log
         return wandb.init(
             mode=self.mode, dir=str(self.run_dir), id=run_id, resume="allow",

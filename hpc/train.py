@@ -291,7 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Launcher env -> train -> clean distributed shutdown (ENV-FACTS.md) with the run's exit code."""
+    """Launcher env -> train -> clean distributed shutdown (docs/ARCHITECTURE.md) with the run's exit code."""
     from hpc.launch.env import setup_torch_env
 
     cfg = load_config(args.config, args.overrides)

@@ -11,7 +11,7 @@ import torch
 from hpc import augment as A
 from hpc.config import Config, Normalize, PadBins, choices
 from hpc.data import build_loader
-from test_loader import decode, loader_cfg, make_dataset
+from helpers import decode, loader_cfg, make_dataset
 
 
 def point_sinogram(views: int, bins: int, x: float, y: float) -> torch.Tensor:

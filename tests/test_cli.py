@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_hpc
+from helpers import run_hpc
 from hpc.cli import VERBS, build_parser
 
 

@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

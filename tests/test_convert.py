@@ -15,11 +15,12 @@ import hdf5plugin  # noqa: F401  (reads blosc shards)
 import numpy as np
 import pytest
 
-from conftest import hpc_cmd, run_hpc, shard_differences
+from helpers import hpc_cmd, run_hpc, shard_differences, write_siemens_tof, write_stir
 from hpc.cli import main
 from hpc.io.shards import Dataset, verify_shard
 from hpc.io.sinogram import write_sinogram
-from test_sinogram import V, X, write_siemens_tof, write_stir
+
+V, X = 6, 5
 
 
 def convert(capsys, *args) -> tuple[int, str]:
@@ -126,7 +127,8 @@ def test_shard_mb_sets_slices_per_shard(tmp_path, capsys):
     assert Dataset.open(tmp_path / "ds").studies[0].slice_counts == [3, 3, 3, 1]
 
 
-@pytest.mark.parametrize("compression,filters", [("none", []), ("lzf", [32000]), ("gzip", [1]), ("blosc", [32001])])
+@pytest.mark.parametrize("compression,filters", [("none", [3]), ("lzf", [32000, 3]), ("gzip", [1, 3]),
+                                                 ("blosc", [32001, 3])])
 def test_compressions(tmp_path, capsys, compression, filters):
     data = np.random.default_rng(2).integers(0, 50, (6, V, X)).astype("<f4")
     write_sinogram(tmp_path / "a", data)
@@ -134,7 +136,7 @@ def test_compressions(tmp_path, capsys, compression, filters):
     assert rc == 0, err
     with h5py.File(tmp_path / "ds" / "shards" / "a-0000.h5", "r") as f:
         d = f["target"]
-        plist = d.id.get_create_plist()  # HDF5 filter ids: 1 deflate, 32000 lzf, 32001 blosc
+        plist = d.id.get_create_plist()  # HDF5 filter ids: 1 deflate, 32000 lzf, 32001 blosc, 3 fletcher32
         assert [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == filters
         assert np.array_equal(d[()], data)
 
@@ -288,16 +290,8 @@ def test_workers_pool_equals_serial(tmp_path, capsys):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 1 MiB filesystem (tmpfs) to fill up. Needs root to mount; elsewhere the test skips,
-    since a full disk cannot be produced without privileges."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+def tiny_disk(tmpfs):
+    return tmpfs("1m")
 
 
 def test_disk_full_is_a_clear_error_with_nothing_partial(tmp_path, capsys, tiny_disk):

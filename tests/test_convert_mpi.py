@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import hpc_cmd, mpirun_cmd, run_hpc, shard_differences
+from helpers import hpc_cmd, mpirun_cmd, run_hpc, shard_differences
 from hpc.io.sinogram import write_sinogram
 
 pytestmark = pytest.mark.mpi

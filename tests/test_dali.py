@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require_dali
+from helpers import require_dali
 from hpc.data import build_loader
-from test_loader import decode, loader_cfg, make_dataset
+from helpers import decode, loader_cfg, make_dataset
 
 FIELDS = ("input", "target", "mask", "index", "norm")
 

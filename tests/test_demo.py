@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_hpc
+from helpers import run_hpc
 from hpc.io.sinogram import SinogramReader, read_header
 
 

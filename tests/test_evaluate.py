@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from conftest import run_hpc
+from helpers import run_hpc
 from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
-from test_predict import make_checkpoint
+from helpers import make_checkpoint
 
 V, X, S = 16, 16, 4
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_hpc
+from helpers import make_checkpoint, run_hpc
 from hpc.inference import load_repairer, model_output
-from test_predict import make_checkpoint
 
 V, X = 8, 12
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_hpc
 from hpc import inference as I
 from hpc.errors import InputError
 from hpc.io.sinogram import SinogramReader, read_header
-from test_predict import AXIAL, V, X, make_checkpoint, study
+from helpers import AXIAL, V, X, make_checkpoint, run_hpc, study
 
 
 def test_library_functions_take_no_namespace():

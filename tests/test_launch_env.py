@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, mpirun_cmd
+from helpers import ROOT, mpirun_cmd
 from hpc.errors import ConfigError
 from hpc.launch import env as E
 

@@ -1,103 +1,22 @@
 """Loader: index, splits, windows, runs and I/O amplification, epoch plans, resume, staging.
 
-Fixtures are written with plain h5py + json following docs/FORMAT.md (not with hpc.io.shards),
-which keeps the reader honest against the spec. Every target pixel encodes where it came from:
+Fixtures (tests/helpers.make_dataset) are written with plain h5py + json following docs/FORMAT.md
+(not with hpc.io.shards), which keeps the reader honest against the spec. Every target pixel encodes where it came from:
 ``value = slice_id * 1000 + view * X + bin`` (float32), so a test can decode any batch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from hpc.config import Config
 from hpc.data import build_loader
 from hpc.data.index import SliceIndex, plan_epoch, split_studies, window_ids
 from hpc.errors import ConfigError, InputError
 from hpc.io.shards import Dataset
-
-
-def _sha(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()).hexdigest()
-
-
-def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,), axial: tuple[int, ...] = (8,),
-                 tof: int = 1, views: int = 6, bins: int = 8, shard_slices: int = 5, paired: bool = False,
-                 mask: bool = False, scanner: str = "", counts: bool = False, seed: int = 0) -> Path:
-    """A dataset dir per FORMAT.md. ``counts``: uint16 Poisson counts instead of encoded ids."""
-    rng = np.random.default_rng(seed)
-    (root / "shards").mkdir(parents=True)
-    n = tof * sum(axial)
-    entries, shard_list, gid, scale = [], [], 0, 0.0
-    for s in range(studies):
-        if counts:
-            target = rng.poisson(50, size=(n, views, bins)).astype(np.uint16)
-        else:
-            pix = np.arange(views * bins, dtype=np.float32).reshape(views, bins)
-            target = (np.arange(gid, gid + n, dtype=np.float32)[:, None, None] * 1000 + pix)
-        seg = np.repeat(np.tile(np.array(segments, np.int32), tof), np.tile(axial, tof))
-        ax = np.concatenate([np.arange(a, dtype=np.int32) for a in axial] * tof)
-        tf = np.repeat(np.arange(tof, dtype=np.int32), sum(axial))
-        extra = {}
-        if paired:
-            extra["input"] = (target / 2).astype(target.dtype)
-        if mask:
-            extra["mask"] = (rng.random((n, views, bins)) > 0.3).astype(np.uint8)
-        shards = []
-        for k, lo in enumerate(range(0, n, shard_slices)):
-            hi = min(n, lo + shard_slices)
-            rel = f"shards/s{s}-{k:04d}.h5"
-            arrays = {"target": target[lo:hi], "tof": tf[lo:hi], "segment": seg[lo:hi], "axial": ax[lo:hi],
-                      **{name: a[lo:hi] for name, a in extra.items()}}
-            with h5py.File(root / rel, "w") as f:
-                f.attrs.update(format="hpc-sinogram", format_version=1, axes="slice,view,bin", study=f"s{s}")
-                for name, a in arrays.items():
-                    d = f.create_dataset(name, data=a, chunks=(1, views, bins) if a.ndim == 3 else None)
-                    d.attrs["sha256"] = _sha(a)
-            shards.append({"path": rel, "first_slice": lo, "num_slices": hi - lo,
-                           "sha256": {name: _sha(a) for name, a in arrays.items()},
-                           "bytes": (root / rel).stat().st_size})
-            shard_list.append(rel)
-        scale = max(scale, float(target.max()))
-        entries.append({"id": f"s{s}", "source": f"s{s}.s.hdr", "kind": "raw", "sha256": "0" * 64,
-                        "num_slices": n, "slice_shape": [views, bins], "dtype": str(target.dtype),
-                        "tof_bins": tof, "segments": list(segments), "axial_counts": list(axial),
-                        "has_input": paired, "has_mask": mask, "scanner": scanner,
-                        "max": float(target.max()), "shards": shards})
-        gid += n
-    manifest = {"format": "hpc-sinogram", "format_version": 1, "slice_shape": [views, bins],
-                "dtype": entries[0]["dtype"], "scanner": scanner, "scale": scale,
-                "num_slices": gid, "studies": entries, "shards": shard_list}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def loader_cfg(path: Path, **data) -> Config:
-    cfg = Config()
-    cfg.data.path = str(path)
-    cfg.data.device = "cpu"
-    cfg.data.workers = 0
-    cfg.data.batch_size = 4
-    cfg.data.run_length = 4
-    cfg.data.context = 1
-    cfg.data.split = [1.0, 0.0, 0.0]
-    cfg.data.pad_multiple = 1
-    cfg.data.normalize = "none"
-    cfg.corrupt.dead_blocks = 0
-    cfg.augment.enabled = False
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg
-
-
-def decode(x: torch.Tensor) -> torch.Tensor:
-    """Slice ids of encoded pixels (any shape ending in V, X)."""
-    return torch.div(x[..., 0, 0], 1000, rounding_mode="floor").long()
+from helpers import decode, loader_cfg, make_dataset
 
 
 def test_index_stacks_follow_manifest_layout(tmp_path):

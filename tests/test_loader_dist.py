@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpc.data import build_loader
-from test_loader import loader_cfg, make_dataset
+from helpers import loader_cfg, make_dataset
 
 
 def _free_port() -> int:
@@ -39,7 +39,7 @@ def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # ENV-FACTS: avoids gloo's occasional abort at interpreter exit
+    os._exit(0)  # docs/ARCHITECTURE.md "Shutting down": avoids gloo's occasional abort at interpreter exit
 
 
 def test_two_ranks_disjoint_equal_shards(tmp_path):

@@ -14,41 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_hpc
-from hpc.config import Config, to_dict
+from helpers import AXIAL, V, X, make_checkpoint, run_hpc, study
 from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
-from hpc.models import build_model
 from hpc.inference import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
 
-V, X = 8, 12
-AXIAL = [4, 2]  # two segments: windows must not cross from one into the other
-
-
-def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: int = 1,
-                    seed: int = 0, fill: str = "zero") -> Config:
-    """A tiny untrained model saved the way hpc.train saves checkpoints (model, config, data);
-    ``fill="linear"`` also feeds the gap mask as an input channel (the demo's setting)."""
-    cfg = Config()
-    cfg.data.context, cfg.data.normalize, cfg.data.fill = context, "max", fill
-    cfg.model.mask_input = fill == "linear"
-    cfg.model.name, cfg.model.base, cfg.model.norm, cfg.model.inpaint = "light", 4, "none", inpaint
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, cfg.in_channels())
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    torch.nn.init.constant_(last.bias, 0.5)  # predictions around half the peak, not rounded to 0
-    torch.save({"model": model.state_dict(), "optim": {}, "step": 0, "epoch": 0, "config": to_dict(cfg),
-                "data": {"scale": 100.0, "slice_shape": list(slice_shape), "scanner": ""}}, path)
-    return cfg
-
-
-def study(tmp_path, fmt: str, dtype: str, seed: int = 1, tag: str = ""):
-    """(gapped input header, mask header, clean data, mask) with ~1/4 of the pixels missing."""
-    rng = np.random.default_rng(seed)
-    clean = rng.integers(0, 60, size=(1, sum(AXIAL), V, X)).astype(dtype)
-    mask = (rng.random(clean.shape) > 0.25).astype(np.uint8)
-    inp = write_sinogram(tmp_path / f"in{tag}_{fmt}", clean * mask.astype(dtype), fmt=fmt, axial_counts=AXIAL)
-    msk = write_sinogram(tmp_path / f"mask{tag}_{fmt}", mask, fmt=fmt, axial_counts=AXIAL)
-    return inp, msk, clean, mask
 
 
 @pytest.mark.parametrize("fmt,dtype,inpaint", [("siemens", "<u2", True), ("stir", ">f4", False)])

@@ -12,6 +12,7 @@ import pytest
 
 from hpc.errors import InputError
 from hpc.io.sinogram import SinogramReader, SinogramWriter, raw_spec, read_header, write_sinogram
+from helpers import write_siemens_tof, write_stir
 
 V, X = 6, 5
 
@@ -19,45 +20,6 @@ V, X = 6, 5
 def _segments(rng, counts, dtype="<u2"):
     """One (A_s, V, X) array per segment, canonical order."""
     return [rng.integers(0, 60000, (a, V, X)).astype(dtype) for a in counts]
-
-
-def write_stir(tmp_path, segs, order, ring_diffs=True, name="s"):
-    """STIR projection data by hand: segments in storage order, view-major or sinogram-major."""
-    dtype = segs[0].dtype
-    with open(tmp_path / f"{name}.s", "wb") as fh:
-        for seg in segs:  # (A, V, X)
-            fh.write(np.ascontiguousarray(seg.transpose(1, 0, 2) if order == "view" else seg).tobytes())
-    k_ax, k_view = (2, 3) if order == "view" else (3, 2)
-    counts = ",".join(str(len(s)) for s in segs)
-    text = ("!INTERFILE  :=\nName of data file := %s.s\n!GENERAL DATA :=\n"  # noqa: UP031 (Interfile's % keys)
-            "imagedata byte order := %s\n!Number Format := %s\n!number of bytes per pixel := %d\n"
-            "number of dimensions := 4\nmatrix axis label [4] := segment\n!matrix size [4] := %d\n"
-            "matrix axis label [%d] := view\n!matrix size [%d] := %d\n"
-            "matrix axis label [%d] := axial coordinate\n!matrix size [%d] := { %s }\n"
-            "matrix axis label [1] := tangential coordinate\n!matrix size[1] := %d\n"
-            % (name, "BIGENDIAN" if dtype.byteorder == ">" else "LITTLEENDIAN",
-               "float" if dtype.kind == "f" else "unsigned integer", dtype.itemsize, len(segs),
-               k_view, k_view, V, k_ax, k_ax, counts, X))
-    if ring_diffs:  # storage order 0, -1, +1 as STIR writes it
-        text += "minimum ring difference per segment := { -1,-4,2 }\n"
-        text += "maximum ring difference per segment := { 1,-2,4 }\n"
-    text += "!END OF INTERFILE :=\n"
-    (tmp_path / f"{name}.hs").write_text(text)
-    return tmp_path / f"{name}.hs"
-
-
-def write_siemens_tof(tmp_path, data, table, name="tof", fmt="signed integer"):
-    """Siemens .s.hdr by hand: (T, planes, V, X) little-endian, plane order per TOF bin."""
-    data.astype(data.dtype.newbyteorder("<")).tofile(tmp_path / f"{name}.s")
-    text = ("!INTERFILE:=\n%%comment:=test\n!originating system:=1104\n!name of data file:=%s.s\n"  # noqa: UP031 (Interfile's % keys)
-            "number format:=%s\n!number of bytes per pixel:=%d\nnumber of dimensions:=3\n"
-            "matrix size[1]:=%d\nmatrix size[2]:=%d\nmatrix size[3]:=%d\n"
-            "%%number of TOF time bins:=%d\n%%number of segments:=%d\n%%segment table:={%s}\n"
-            "data offset in bytes[1]:=0\n!END OF INTERFILE:=\n"
-            % (name, fmt, data.dtype.itemsize, X, V, data.shape[1], data.shape[0], len(table),
-               ",".join(map(str, table))))
-    (tmp_path / f"{name}.s.hdr").write_text(text)
-    return tmp_path / f"{name}.s.hdr"
 
 
 def _read_all(spec):

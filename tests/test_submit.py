@@ -13,7 +13,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
-from conftest import run_hpc
+from helpers import run_hpc
 
 from hpc.config import Config
 from hpc.errors import EXIT_REQUEUE

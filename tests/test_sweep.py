@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, run_hpc
+from helpers import ROOT, run_hpc
 
 from hpc.errors import ConfigError
 from hpc.launch.sweep import expand, load_sweep, member_configs

@@ -16,15 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, hpc_cmd, run_hpc
 from hpc import checkpoint as ck
 from hpc.config import OptimConfig
 from hpc.errors import EXIT_REQUEUE
 from hpc.train import LRSchedule, build_optimizer
-from test_loader import make_dataset  # the FORMAT.md fixture writer (plain h5py + json)
-
-TINY = ROOT / "configs" / "tiny.yaml"
-
+from helpers import ROOT, TINY, hpc_cmd, make_dataset, records, run_hpc
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -35,11 +31,6 @@ def dataset(tmp_path_factory) -> Path:
 
 def args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["train", "--config", str(TINY), f"data.path={dataset}", f"train.run_dir={run_dir}", *overrides]
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def final_state(run_dir: Path) -> dict:

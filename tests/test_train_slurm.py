@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from hpc import checkpoint as ck
 from test_dist import HERE as DIST_WORKER
 from test_dist import check_grads

@@ -1,64 +1,240 @@
-"""Outputs appear atomically: write a temporary sibling, fsync, then rename over the target."""
+"""The one atomic writer: every file hpc writes (shards, sinograms and their headers, repaired HDF5,
+checkpoints, exported models, JSON/YAML/text, PNGs, reports) appears whole or not at all.
+
+    with AtomicFile("out/x.h5") as af:        # hidden temporary file in out/, created exclusively
+        h5py.File(af.path, "w")...            # af.path names *our* open file (/proc/self/fd/N)
+        af.commit()                           # fsync, umask permissions, rename, fsync the directory
+    with atomic_path("report.png") as tmp:    # the same, committed when the block ends cleanly
+        fig.savefig(tmp)
+    with atomic_open("step.pt") as fh:        # a binary file object (torch.save reports disk
+        torch.save(state, fh)                 # errors through it)
+    atomic_write_text("config.yaml", text)
+
+Why each step:
+- The temporary name is ``.<name>.<16 random hex>.tmp`` in the destination directory (the rename must
+  not cross filesystems), opened with ``O_CREAT|O_EXCL|O_NOFOLLOW``: a file or symlink planted at
+  that name makes the open fail and another name is drawn, so nothing is ever written through a
+  link someone else placed. Libraries that want a path get ``/proc/self/fd/N``, which names the
+  inode we created even if the directory entry is swapped underneath.
+- fsync of the file before the rename and of the directory after it: after a crash or power cut
+  the target is either the old file or the complete new one, never a renamed empty file.
+- Permissions are what ``open()`` would give (0666 minus the umask): the temporary file is 0600
+  while it is written (nobody reads a half-written file), widened just before the rename.
+- A full disk, exhausted quota, read-only filesystem or refused permission becomes one
+  :class:`OutputError` line naming the target, and the temporary file is removed.
+"""
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
-import tempfile
-from pathlib import Path
+import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 from hpc.errors import OutputError
 
+TMP_SUFFIX = ".tmp"
+# errno -> words of the one-line error; HDF5 loses the errno in its own messages, so the
+# strerror text is matched too
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+_STRERROR = {os.strerror(code): words for code, words in DISK_ERRORS.items()}
+
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable; filesystems that cannot fsync a directory are skipped."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it
+def umask() -> int:
+    """The process umask, read without changing it (Linux >= 4.7 lists it in /proc/self/status);
+    elsewhere by setting and restoring it (the only portable way, not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success fsync it and rename it to ``target``.
+def disk_problem(exc: BaseException | None) -> str | None:
+    """Words for a disk/permission failure in ``exc`` or the exceptions it was raised from or
+    while handling (torch.save wraps the OSError of a full disk in a RuntimeError), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            if exc.errno in DISK_ERRORS:
+                return DISK_ERRORS[exc.errno]
+            text = str(exc)
+            for strerror, words in _STRERROR.items():
+                if strerror in text:
+                    return words
+        exc = exc.__cause__ or exc.__context__
+    return None
 
-    On any error the temporary file is removed and ``target`` is left as it was. ENOSPC becomes an
-    OutputError naming the target.
+
+def output_error(target: str | os.PathLike, exc: BaseException, what: str = "nothing written") -> OutputError | None:
+    """The one-line OutputError for a disk problem while writing ``target``, else None."""
+    words = disk_problem(exc)
+    return None if words is None else OutputError(f"{target}: {words} ({what})")
+
+
+def _self_path(fd: int, fallback: Path) -> Path:
+    proc = Path(f"/proc/self/fd/{fd}")
+    return proc if proc.exists() else fallback
+
+
+class AtomicFile:
+    """A hidden temporary file beside ``target``, renamed onto it by :meth:`commit`.
+
+    ``fd`` is open read-write on the temporary file; ``path`` names that same file for libraries
+    that open by name (h5py, matplotlib). Leaving the ``with`` block without ``commit()`` (an
+    exception, or simply no commit) removes the temporary file and leaves ``target`` as it was.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"{target}: no space left on device (nothing written)") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        self.fd = -1
+        self.tmp = self.target  # replaced below; never unlinked unless it is ours
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.fd, self.tmp = self._create()
+        except OSError as exc:
+            raise self._error(exc, "cannot create a file there") from None
+        self.path = _self_path(self.fd, self.tmp)
+        self.committed = False
+
+    def _create(self) -> tuple[int, Path]:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            tmp = self.target.with_name(f".{self.target.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+            try:
+                return os.open(tmp, flags, 0o600), tmp
+            except FileExistsError:  # taken (or planted): draw another name, never open it
+                continue
+        raise FileExistsError(errno.EEXIST, "no free temporary name", str(self.target.parent))
+
+    def _error(self, exc: BaseException, fallback: str) -> OutputError:
+        err = output_error(self.target, exc)
+        if err is not None:
+            return err
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return OutputError(f"{self.target}: {fallback}: {detail}")
+
+    def _ours(self) -> bool:
+        """The temporary name still names the file we created (nobody swapped it)."""
+        try:
+            st, mine = os.stat(self.tmp, follow_symlinks=False), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def commit(self) -> Path:
+        """fsync, give the umask's permissions, rename onto the target, fsync the directory."""
+        try:
+            os.fsync(self.fd)
+            os.fchmod(self.fd, 0o666 & ~umask())
+            if not self._ours():
+                raise OutputError(f"{self.target}: temporary file {self.tmp.name} was replaced while "
+                                  "writing (nothing written)")
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc, "cannot write") from None
+        self.committed = True
+        fsync_dir(self.target.parent)
+        return self.target
+
+    def abort(self) -> None:
+        """Remove the temporary file (only if it is still ours); the target is untouched."""
+        if self.committed:
+            return
+        if self.fd >= 0:
+            ours = self._ours()
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+            if ours:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.abort()
+        if exc is not None and not isinstance(exc, OutputError):
+            err = output_error(self.target, exc)
+            if err is not None:
+                raise err from None
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path naming a new temporary file beside ``target``; committed when the block ends
+    without an exception (see :class:`AtomicFile`)."""
+    with AtomicFile(target) as af:
+        yield af.path
+        af.commit()
+
+
+class _FdWriter(io.RawIOBase):
+    """Unbuffered writes to our descriptor; a failing write keeps its OSError in the chain of
+    whatever the caller's library raises (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return os.write(self.fd, data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file object writing the temporary file; committed when the block ends."""
+    with AtomicFile(target) as af:
+        fh = io.BufferedWriter(_FdWriter(af.fd), buffer_size=1 << 20)
+        try:
+            yield fh
+            fh.flush()
+        finally:
+            fh.raw.fd = -1  # the descriptor belongs to af; closing the wrapper must not close it
+            with contextlib.suppress(Exception):
+                fh.close()
+        af.commit()
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    return Path(target)
+    with AtomicFile(target) as af:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(af.fd, view):]
+        return af.commit()
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:

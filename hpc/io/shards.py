@@ -10,7 +10,6 @@ dataset's values, re-reads and verifies it, then renames it into place. Reading:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ import hdf5plugin  # noqa: F401  (registers the blosc filter for reading and wri
 import numpy as np
 
 from hpc.errors import InputError, OutputError
-from hpc.io.atomic import fsync_dir
+from hpc.io.atomic import AtomicFile, output_error
 
 FORMAT = "hpc-sinogram"
 FORMAT_VERSION = 1
@@ -47,42 +46,54 @@ def compression_kwargs(name: str) -> dict:
     raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
 
 
+def dataset_kwargs(shape: tuple[int, ...], compression: str) -> dict:
+    """h5py ``create_dataset`` keywords of a shard dataset of ``shape``: per-slice arrays
+    ``(N, V, X)`` are chunked one slice per chunk with HDF5's fletcher32 checksum (verified by HDF5
+    on every read of the chunk) before the compression filter; other arrays are contiguous."""
+    if len(shape) != 3:
+        return {}
+    return {"chunks": (1, *shape[1:]), "fletcher32": True, **compression_kwargs(compression)}
+
+
 def _le(a: np.ndarray) -> np.ndarray:
     """C-contiguous little-endian copy-or-view: the bytes the checksums are defined on."""
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
-def _is_enospc(exc: OSError) -> bool:
-    # HDF5 reports write failures with its own message; the errno text survives in it.
-    return exc.errno == errno.ENOSPC or "No space left" in str(exc)
-
-
 class ShardWriter:
     """Write one shard (slices of one study) in slabs to a temporary file, then
     verify and rename. ``arrays`` maps dataset name -> (shape, dtype); ``attrs`` are root
-    attributes. Leaving the ``with`` block without ``commit()`` removes the temporary file."""
+    attributes. Leaving the ``with`` block without ``commit()`` removes the temporary file.
+
+    How a shard is made (what another writer must reproduce, see FORMAT.md): per-slice datasets
+    ``(N, V, X)`` get chunks ``(1, V, X)`` and the filter pipeline fletcher32 then compression
+    (``compression_kwargs``), so each chunk's checksum is of its uncompressed bytes; ``(V, X)``
+    masks and ``(N,)`` metadata are contiguous (no filters); every dataset's ``sha256`` attribute is
+    of its whole little-endian values."""
 
     def __init__(self, path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
                  compression: str, attrs: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.tmp.unlink(missing_ok=True)  # left over from a killed run
         self._hash = {name: hashlib.sha256() for name in arrays}
         self._max: dict[str, float] = {}
+        self._file = None
+        self._out = AtomicFile(self.path)
         try:
             # No chunk cache: each slice is one whole chunk, written once, so caching gains nothing,
             # and a write error (disk full) surfaces in write() instead of at some later close.
-            self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
+            self._file = h5py.File(self._out.path, "w", rdcc_nbytes=0)
             for key, value in attrs.items():
                 self._file.attrs[key] = value
             for name, (shape, dtype) in arrays.items():
-                per_slice = len(shape) == 3  # (N, V, X) slices get one chunk per slice
-                self._file.create_dataset(
-                    name, shape, np.dtype(dtype).newbyteorder("<"), track_times=False,
-                    chunks=(1, *shape[1:]) if per_slice else None,
-                    **(compression_kwargs(compression) if per_slice else {}))
+                self._file.create_dataset(name, shape, np.dtype(dtype).newbyteorder("<"), track_times=False,
+                                          **dataset_kwargs(shape, compression))
         except OSError as exc:
             self._fail(exc)
+
+    @property
+    def tmp(self) -> Path:
+        """The temporary file's real name (hidden, random, in the shard's directory)."""
+        return self._out.tmp
 
     def write(self, start: int, **slabs: np.ndarray) -> None:
         """``write(k, target=(n, V, X), tof=(n,), ...)``: slices ``[k, k+n)`` of the named datasets.
@@ -111,40 +122,35 @@ class ShardWriter:
                 if name in self._max:
                     self._file[name].attrs["max"] = self._max[name]
             self._file.close()
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
         except OSError as exc:
             self._fail(exc)
-        ok, why = verify_shard(self.tmp)
+        ok, why = verify_shard(self._out.path)
         if not ok:
-            self.tmp.unlink(missing_ok=True)
+            self.abort()
             raise OutputError(f"{self.path}: verification after writing failed: {why}")
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        self._out.commit()
         return {"sha256": sums, "max": dict(self._max), "bytes": self.path.stat().st_size}
 
     def _fail(self, exc: OSError) -> None:
         self.abort()
-        if _is_enospc(exc):
-            raise OutputError(f"{self.path}: no space left on device (shard not written)") from None
-        raise OutputError(f"{self.path}: cannot write shard: {exc}") from None
+        raise output_error(self.path, exc, "shard not written") or \
+            OutputError(f"{self.path}: cannot write shard: {str(exc).splitlines()[0]}") from None
 
     def abort(self) -> None:
-        if getattr(self, "_file", None) is not None and self._file.id.valid:
+        if self._file is not None and self._file.id.valid:
             # Empty the file first: on a full disk HDF5's closing flush would fail again and
             # print tracebacks; with the space freed it closes cleanly, then the file goes.
             with contextlib.suppress(OSError):
-                os.truncate(self.tmp, 0)
+                os.ftruncate(self._out.fd, 0)
             with contextlib.suppress(Exception):
                 self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.tmp.exists():
-            self.abort()
+        self.abort()
 
 
 def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
@@ -296,32 +302,53 @@ class ShardArray:
 
 
 class RepairedH5Writer:
-    """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on commit."""
+    """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on
+    commit (through the atomic writer: nothing at ``path`` until every slice is written)."""
 
     def __init__(self, spec, path: Path, comment: str):  # spec: hpc.io.sinogram.SinogramSpec
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = h5py.File(self.tmp, "w")
-        self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
-                             "source": str(spec.source), "comment": comment})
-        self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
-                                        dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape))
-        for name, values in zip(("tof", "segment", "axial"), spec.meta(), strict=True):
-            self.f.create_dataset(name, data=values)
+        self.path = Path(path)
+        self.f = None
+        self._out = AtomicFile(self.path)
+        try:
+            self.f = h5py.File(self._out.path, "w", rdcc_nbytes=0)
+            self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
+                                 "source": str(spec.source), "comment": comment})
+            self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
+                                            dtype=spec.dtype.newbyteorder("<"), chunks=(1, *spec.slice_shape),
+                                            fletcher32=True)
+            for name, values in zip(("tof", "segment", "axial"), spec.meta(), strict=True):
+                self.f.create_dataset(name, data=values)
+        except OSError as exc:
+            self._fail(exc)
 
     def write(self, start: int, slices: np.ndarray) -> None:
-        self.ds[start:start + len(slices)] = slices
+        try:
+            self.ds[start:start + len(slices)] = slices
+        except OSError as exc:
+            self._fail(exc)
 
     def commit(self) -> Path:
-        self.f.close()
-        self.tmp.replace(self.path)
-        return self.path
+        try:
+            self.f.close()
+        except OSError as exc:
+            self._fail(exc)
+        return self._out.commit()
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        raise output_error(self.path, exc) or \
+            OutputError(f"{self.path}: cannot write: {str(exc).splitlines()[0]}") from None
+
+    def abort(self) -> None:
+        if self.f is not None and self.f.id.valid:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._out.fd, 0)  # a full disk: let HDF5's closing flush succeed
+            with contextlib.suppress(Exception):
+                self.f.close()
+        self._out.abort()
 
     def __enter__(self) -> RepairedH5Writer:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.f.id.valid:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        self.abort()

@@ -12,17 +12,15 @@ view-major ``(view, axial, bin)`` (STIR ``segment, view, axial, tangential``, ST
 """
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hpc.errors import InputError, OutputError
-from hpc.io.atomic import atomic_path, atomic_write_text, fsync_dir
+from hpc.io.atomic import AtomicFile, atomic_open, atomic_write_text, output_error
 from hpc.io.interfile import (Header, format_header, normalize_key, number_format, numpy_dtype,
                               parse_header, parse_list, rewrite_header)
 
@@ -341,7 +339,7 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     clash = [k for k in (fields or {}) if normalize_key(k) in layout_keys]
     if clash:
         raise ValueError(f"write_sinogram: fields {clash} would override layout keys")
-    with atomic_path(spec.data_path) as tmp, open(tmp, "wb") as fh:
+    with atomic_open(spec.data_path) as fh:
         first = 0
         for _ in range(t):  # one (TOF bin, segment) block at a time, in storage layout
             for a in axial:
@@ -371,22 +369,19 @@ class SinogramWriter:
         self.spec, self.comment = spec, comment
         self.header = Path(out_header) if spec.kind != "raw" else None
         self.data_path = data_name(self.header) if self.header else Path(out_header)
-        self.data_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.data_path.name}.", suffix=".tmp", dir=self.data_path.parent)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "r+b")
-        if spec.offset:  # keep whatever precedes the samples (e.g. a vendor preamble)
-            with open(spec.data_path, "rb") as src:
-                self._file.write(src.read(spec.offset))
-        try:  # reserve the space now: a full disk is an error here, not a SIGBUS in write()
-            os.posix_fallocate(self._file.fileno(), 0, spec.offset + spec.nbytes)
+        self._out = AtomicFile(self.data_path)
+        self._mm = None
+        try:
+            if spec.offset:  # keep whatever precedes the samples (e.g. a vendor preamble)
+                with open(spec.data_path, "rb") as src:
+                    os.write(self._out.fd, src.read(spec.offset))
+            # reserve the space now: a full disk is an error here, not a SIGBUS in write()
+            os.posix_fallocate(self._out.fd, 0, spec.offset + spec.nbytes)
+            self._mm = mmap.mmap(self._out.fd, 0, access=mmap.ACCESS_WRITE)
         except OSError as exc:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise OutputError(f"{self.data_path}: no space left on device (nothing written)") from None
-            raise
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_WRITE)
+            self._out.abort()
+            raise output_error(self.data_path, exc) or \
+                OutputError(f"{self.data_path}: cannot write: {exc.strerror or exc}") from None
         self._blocks = _blocks(spec, self._mm)
         self._written = np.zeros(spec.num_slices, bool)
 
@@ -414,8 +409,7 @@ class SinogramWriter:
         if missing.size:
             raise ValueError(f"{self.data_path}: {missing.size} slices never written (first: {missing[0]})")
         self._close()
-        os.replace(self._tmp, self.data_path)
-        fsync_dir(self.data_path.parent)
+        self._out.commit()
         if self.header is None:
             return self.data_path
         src = parse_header(self.spec.header_path)
@@ -424,16 +418,14 @@ class SinogramWriter:
         return self.header
 
     def _close(self) -> None:
-        if not self._mm.closed:
+        if self._mm is not None and not self._mm.closed:
             self._blocks = []
             self._mm.flush()
             self._mm.close()
-            os.fsync(self._file.fileno())
-            self._file.close()
 
     def __enter__(self) -> SinogramWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self._close()
-        self._tmp.unlink(missing_ok=True)
+        self._out.abort()

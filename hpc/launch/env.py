@@ -1,5 +1,5 @@
 """Translate a launcher's environment into torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), which is all the trainer reads (DESIGN.md, "Distributed").
+MASTER_PORT), which is all the trainer reads (docs/ARCHITECTURE.md, "Distributed").
 
     setup_torch_env()   # before hpc.dist.init(); a no-op under torchrun or in a plain process
 

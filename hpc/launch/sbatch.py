@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hpc.config import Config, check_dataset, load_config
 from hpc.errors import ConfigError, InputError, OutputError
+from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import add_launch_arguments, launch_overrides, tasks_per_node
 
 TEMPLATES = ("dgx", "pyxis", "singularity", "plain")
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-        (log_dir / f"{name}.sbatch").write_text(script)
+        atomic_write_text(log_dir / f"{name}.sbatch", script)
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the job script: {exc.strerror}") from None
     r = subprocess.run(["sbatch", "--parsable", str(log_dir / f"{name}.sbatch")], cwd=workdir,

@@ -110,7 +110,8 @@ class TrainJob:
         result = requeue_on_exit75(lambda: train(from_dict(self.config)))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # submitit pickles `result` after this returns, then the interpreter exits, where gloo
-            # aborts ~1 run in 8 (ENV-FACTS.md): leave through hpc.dist.shutdown instead
+            # aborts ~1 run in 8 (docs/ARCHITECTURE.md, "Shutting down"): leave through
+            # hpc.dist.shutdown instead
             atexit.register(_shutdown_unless_failed)
         return result
 
