@@ -8,12 +8,10 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT
+from dist_worker import HERE as DIST_WORKER
+from dist_worker import check_grads
+from helpers import ROOT, TINY, make_dataset, records
 from hpc import checkpoint as ck
-from test_dist import HERE as DIST_WORKER
-from test_dist import check_grads
-from test_train import TINY, records
-from test_loader import make_dataset
 
 pytestmark = pytest.mark.slurm
 
