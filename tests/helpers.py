@@ -216,6 +216,22 @@ def study(tmp_path, fmt: str, dtype: str, seed: int = 1, tag: str = ""):
     return inp, msk, clean, mask
 
 
+def studies(tmp_path, n: int) -> list[tuple]:
+    """n gapped Siemens studies with their masks (different data, same layout)."""
+    out = []
+    for i in range(n):
+        inp, msk, _, mask = study(tmp_path, "siemens", "<u2", seed=10 + i, tag=str(i))
+        out.append((inp, msk, mask))
+    return out
+
+
+def convert_studies(tmp_path, sts) -> Path:
+    """hpc convert of (input, mask, ...) studies into tmp_path/ds (the CLI, with their masks)."""
+    ds = tmp_path / "ds"
+    run_hpc("convert", *[s[0] for s in sts], "--mask", *[s[1] for s in sts], "-o", ds, "--quiet", check=True)
+    return ds
+
+
 def write_stir(tmp_path, segs, order, ring_diffs=True, name="s"):
     """STIR projection data by hand: segments in storage order, view-major or sinogram-major."""
     dtype, (_, V, X) = segs[0].dtype, segs[0].shape

@@ -17,9 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, hpc_cmd, run_hpc
-from test_dist import HERE as DIST_WORKER
-from test_dist import check_grads
+from dist_worker import HERE as DIST_WORKER
+from dist_worker import check_grads
+from helpers import ROOT, hpc_cmd, run_hpc
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -108,11 +108,11 @@ def test_two_node_job_preempted_checkpoints_requeues_and_resumes_to_the_exact_co
 
 def test_hpc_predict_ranks_on_two_nodes_split_the_studies(slurm2, tmp_path):
     """srun -N2: each node's rank repairs every other study; the outputs equal a 1-process run."""
-    from test_predict import convert, make_checkpoint, studies
+    from helpers import convert_studies, make_checkpoint, studies
 
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
-    ds = convert(tmp_path, studies(tmp_path, 3))
+    ds = convert_studies(tmp_path, studies(tmp_path, 3))
     run_hpc("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "one", "--quiet", check=True)
     r = slurm2.srun([*ONE_PER_NODE, "bash", "-c", 'exec "$@" 2>&1 | sed "s/^/$(hostname): /"', "sh",
                      *hpc_cmd("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "two", "--quiet",

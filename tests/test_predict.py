@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from helpers import AXIAL, V, X, make_checkpoint, run_hpc, study
+from helpers import AXIAL, V, X, convert_studies, make_checkpoint, run_hpc, studies, study
 from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
 from hpc.inference import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
 
@@ -144,15 +143,6 @@ def test_refuses_to_overwrite_its_input_and_bad_masks(tmp_path):
     assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".o.*"))
 
 
-def studies(tmp_path, n: int) -> list[tuple]:
-    """n gapped Siemens studies with their masks (different data, same layout)."""
-    out = []
-    for i in range(n):
-        inp, msk, _, mask = study(tmp_path, "siemens", "<u2", seed=10 + i, tag=str(i))
-        out.append((inp, msk, mask))
-    return out
-
-
 def test_several_inputs_go_to_a_directory_with_one_mask_each(tmp_path):
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
@@ -178,19 +168,13 @@ def test_several_inputs_go_to_a_directory_with_one_mask_each(tmp_path):
             np.testing.assert_array_equal(a.read(0, sum(AXIAL)), b.read(0, sum(AXIAL)))
 
 
-def convert(tmp_path, sts) -> Path:
-    ds = tmp_path / "ds"
-    run_hpc("convert", *[s[0] for s in sts], "--mask", *[s[1] for s in sts], "-o", ds, "--quiet", check=True)
-    return ds
-
-
 def test_dataset_input_equals_the_source_files(tmp_path):
     """A converted dataset's studies (stored gapped data + stored mask) repair to exactly what the
     source files repair to, as HDF5 per study; --studies picks, unknown ids are refused."""
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
     sts = studies(tmp_path, 2)
-    ds = convert(tmp_path, sts)
+    ds = convert_studies(tmp_path, sts)
     ids = [s["id"] for s in json.loads((ds / "manifest.json").read_text())["studies"]]
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", "nope", "-o", tmp_path / "fixed")
     assert r.returncode == 2 and "no study nope" in r.stderr
@@ -217,7 +201,7 @@ def test_two_ranks_split_the_studies(tmp_path):
     studies give three outputs, each written once, equal to a single-process run."""
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt)
-    ds = convert(tmp_path, studies(tmp_path, 3))
+    ds = convert_studies(tmp_path, studies(tmp_path, 3))
     run_hpc("predict", "--checkpoint", ckpt, ds, "-o", tmp_path / "one", "--quiet", check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

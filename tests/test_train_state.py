@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 from hpc.config import load_config
 from hpc.metrics import MetricAccumulator, baseline_batch
 from hpc.train import Trainer
 from hpc.train_state import KEYS
-from test_loader import make_dataset  # the FORMAT.md fixture writer (plain h5py + json)
+from helpers import ROOT, make_dataset
 
 
 @pytest.fixture(scope="module")
