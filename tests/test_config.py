@@ -6,7 +6,7 @@ import os
 
 import pytest
 import yaml
-from conftest import ROOT, run_hpc
+from helpers import ROOT, run_hpc
 
 from hpc.config import Config, dump, from_dict, load_config, save, to_dict
 from hpc.errors import ConfigError
