@@ -10,7 +10,7 @@ CONSTRAINTS := $(if $(HAS_GPU),,constraints-cpu.txt)
 EXTRAS    ?= dali,wandb,onnx,dev
 PYTEST_ARGS ?=
 
-.PHONY: demo test env system bench clean-env
+.PHONY: demo test env system bench clean-env lock
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,3 +37,11 @@ bench: $(STAMP)
 
 clean-env:
 	rm -rf $(VENV)
+
+# containers/requirements.lock: every transitive dependency of containers/requirements.txt, pinned
+# with hashes, for Python >= 3.11 on any platform (needs uv: `pip install uv`; resolves on PyPI). The
+# base image's torch and numpy stay out (containers/lock-overrides.txt). Rerun after changing the pins.
+lock:
+	uv pip compile containers/requirements.txt --universal --python-version 3.11 --generate-hashes \
+	    --override containers/lock-overrides.txt --no-config --index-url https://pypi.org/simple \
+	    -o containers/requirements.lock

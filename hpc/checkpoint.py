@@ -29,8 +29,11 @@ REQUIRED = ("model", "optim", "step", "epoch", "config")
 
 
 def code_version() -> dict:
-    """The package version and the git commit of its source tree ("" outside a git checkout)."""
+    """The package version and the git commit of its source tree ("" outside a git checkout, e.g.
+    installed into a venv that happens to sit inside some other repository)."""
     root = Path(hpc.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        return {"version": hpc.__version__, "git": ""}
     try:
         r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                            text=True, timeout=10)

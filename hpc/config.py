@@ -24,6 +24,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -365,11 +366,26 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``section.key=value`` overrides, then ``validate``."""
+    """Defaults <- YAML file (see find_config) <- ``section.key=value`` overrides, then ``validate``."""
     cfg = Config()
     if path:
-        apply_dict(cfg, read_yaml(path, "config"), origin=str(path))
+        apply_dict(cfg, read_yaml(find_config(path), "config"), origin=str(path))
     return validate(apply_overrides(cfg, list(overrides or [])))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """The config file: `path` when it exists; else, for `NAME`, `NAME.yaml` or `configs/NAME.yaml`,
+    the config of that name shipped in the package (hpc/configs/, the repo's configs/), so the
+    documented `--config configs/tiny.yaml` also works outside a checkout (pip install, images)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = resources.files("hpc") / "configs"
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    if p.parent in (Path("."), Path("configs")) and (shipped / name).is_file():
+        return Path(str(shipped / name))
+    names = sorted(f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml"))
+    raise ConfigError(f"{p}: config file not found (shipped with hpc: {', '.join(names)})")
 
 
 def to_dict(cfg: Config) -> dict:

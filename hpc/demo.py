@@ -21,11 +21,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from hpc.errors import HpcError, OutputError
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CONFIG = Path(str(resources.files("hpc") / "configs" / "demo.yaml"))  # package data (also pip install .)
 
 
 @dataclass(frozen=True)

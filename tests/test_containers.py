@@ -1,6 +1,7 @@
-"""containers/: the Dockerfile passes hadolint, and the images install exactly the dependencies that
-pyproject.toml declares (runtime + the wandb and onnx extras), at versions it allows. No container
-engine runs here, so the recipes are checked statically."""
+"""containers/, statically: the Dockerfile passes hadolint; the images install exactly the dependencies
+that pyproject.toml declares (runtime + the wandb and onnx extras), at versions it allows, from a lock
+with hashes made by `make lock`; the Dockerfile and hpc.def take the same steps. tests/test_image.py
+builds and runs both."""
 from __future__ import annotations
 
 import re
@@ -63,15 +64,87 @@ def test_the_image_adds_nothing_pyproject_does_not_declare():
     assert set(pins) <= declared, f"not in pyproject.toml: {sorted(set(pins) - declared)}"
 
 
-def test_docker_and_apptainer_recipes_share_base_image_and_requirements():
+def _dockerfile_steps() -> dict:
+    text = re.sub(r"\\\n\s*", " ", (CONTAINERS / "Dockerfile").read_text())  # join continuation lines
+    workdir, copies = "/", []
+    for m in re.finditer(r"^(WORKDIR|COPY)\s+(.+)$", text, re.M):
+        if m.group(1) == "WORKDIR":
+            workdir = m.group(2).strip()
+            continue
+        *srcs, dst = m.group(2).split()
+        dst = dst if dst.startswith("/") else f"{workdir}/{dst.removeprefix('./')}"
+        copies += [(src.rstrip("/"), f"{dst.rstrip('/')}/{Path(src).name}" if dst.endswith("/") else dst.rstrip("/"))
+                   for src in srcs]
+    return {"base": re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M), "from": re.findall(r"^FROM\s+(.+)$", text, re.M),
+            "copies": copies, "steps": re.findall(r"^RUN bash containers/setup-image\.sh (.+)$", text, re.M),
+            "env": dict(re.findall(r"(\w+)=(\S+)", " ".join(re.findall(r"^ENV\s+(.+)$", text, re.M))))}
+
+
+def _def_steps() -> dict:
+    from test_image import def_sections
+
+    sec = def_sections(CONTAINERS / "hpc.def")
+    return {"base": re.findall(r"^\s*BASE_IMAGE=(\S+)", sec["arguments"], re.M),
+            "from": re.findall(r"^From:\s*(.+)$", sec["header"], re.M),
+            "copies": [tuple(ln.split()) for ln in sec["files"].splitlines() if ln.strip()],
+            "steps": re.findall(r"^\s*bash containers/setup-image\.sh (.+)$", sec["post"], re.M),
+            "env": dict(re.findall(r"export (\w+)=(\S+)", sec["environment"])), "post": sec["post"]}
+
+
+def test_docker_and_apptainer_recipes_are_step_for_step_the_same():
+    """Same default base (a build argument in both), same files to the same places, the same
+    setup-image.sh steps in the same order, the same environment (tests/test_image.py builds both)."""
+    docker, definition = _dockerfile_steps(), _def_steps()
+    assert docker["from"] == ["${BASE_IMAGE}"] and definition["from"] == ["{{ BASE_IMAGE }}"]
+    assert len(docker["base"]) == 1 and docker["base"] == definition["base"]
+    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", docker["base"][0])  # a pinned NGC tag
+    assert docker["copies"] == definition["copies"]
+    assert docker["steps"] == definition["steps"] == ["deps", "package user"]
+    assert definition["post"].startswith("cd /opt/hpc")  # where the Dockerfile's WORKDIR runs the steps
+    assert docker["env"] == definition["env"]
+
+
+def test_setup_steps_install_the_lock_with_hashes_and_hpc_without_deps():
+    script = (CONTAINERS / "setup-image.sh").read_text()
+    assert "--require-hashes" in script and "-r containers/requirements.lock" in script
+    assert "pip install --no-deps /opt/hpc" in script  # the package itself must not pull torch over the image's
     dockerfile = (CONTAINERS / "Dockerfile").read_text()
-    definition = (CONTAINERS / "hpc.def").read_text()
-    docker_from = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
-    def_from = re.findall(r"^From:\s*(\S+)", definition, re.M)
-    assert len(docker_from) == 1 and docker_from == def_from
-    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", docker_from[0])  # a pinned NGC tag
-    for recipe in (dockerfile, definition):
-        assert "containers/requirements.txt" in recipe and "-r " in recipe
-        assert "--no-deps" in recipe  # the package itself must not pull torch over the image's
-    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", dockerfile, re.M)  # not root
+    assert re.search(r"^USER\s+1000:1000$", dockerfile, re.M)  # not root
     assert re.search(r'^ENTRYPOINT \["hpc"\]', dockerfile, re.M)
+
+
+def _lock() -> dict[str, list[tuple[str, str]]]:
+    """{name: [(version, marker)]} and every entry's hashes checked present."""
+    entries: dict[str, list[tuple[str, str]]] = {}
+    text = (CONTAINERS / "requirements.lock").read_text()
+    for block in re.split(r"\n(?=\S)", text):
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+?)(?:\s*;\s*([^\\]+?))?\s*\\", block)
+        if m:
+            assert "--hash=sha256:" in block, f"requirements.lock: {m.group(1)} has no hash"
+            entries.setdefault(canonicalize_name(m.group(1)), []).append((m.group(2), (m.group(3) or "").strip()))
+    return entries
+
+
+def test_lock_pins_every_requirement_at_its_version_with_hashes():
+    lock = _lock()
+    pins, _ = _container_pins()
+    for name, version in pins.items():
+        assert (version, "") in lock.get(name, []), f"requirements.lock does not pin {name}=={version}"
+    # what the base image provides is never installed from the lock
+    for name in ("torch", "numpy"):
+        assert all("sys_platform == 'never'" in marker for _, marker in lock.get(name, [])), name
+
+
+def test_lock_header_is_the_makefile_lock_command():
+    """The lock says how it was made, and `make lock` makes it the same way (README: regenerate)."""
+    header = (CONTAINERS / "requirements.lock").read_text().splitlines()[1].lstrip("# ").split()
+    makefile = re.sub(r"\\\n\s*", " ", (ROOT / "Makefile").read_text())
+    recipe = re.search(r"^lock:.*\n\t(.+)$", makefile, re.M).group(1).split()
+    assert header == recipe
+
+
+def test_dali_extras_for_cuda_12_and_13():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["dali"]] == ["nvidia-dali-cuda130"]
+    assert [Requirement(r).name for r in extras["dali-cuda12"]] == ["nvidia-dali-cuda120"]
+    assert Requirement(extras["dali"][0]).specifier == Requirement(extras["dali-cuda12"][0]).specifier

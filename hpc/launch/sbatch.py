@@ -1,4 +1,5 @@
-"""Render an sbatch template (launch/*.sbatch) with your settings; print it or submit it.
+"""Render an sbatch template (shipped in the package: hpc/launch/templates/*.sbatch) with your
+settings; print it or submit it.
 
 Templates: dgx (venv on DGX nodes, NCCL settings, optional staging to /raid), pyxis (enroot image
 via `srun --container-image`), singularity (`singularity exec --nv`), plain (venv, any cluster).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from importlib import resources
 import re
 import shlex
 import subprocess
@@ -28,7 +30,9 @@ from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import add_launch_arguments, launch_overrides, tasks_per_node
 
 TEMPLATES = ("dgx", "pyxis", "singularity", "plain")
-LAUNCH_DIR = Path(os.environ.get("HPC_LAUNCH_DIR", Path(__file__).resolve().parents[2] / "launch"))
+# Templates and partials are package data (found by importlib.resources, also in a plain `pip install .`);
+# HPC_LAUNCH_DIR points at a copy of the directory with your own edits.
+LAUNCH_DIR = Path(os.environ.get("HPC_LAUNCH_DIR") or str(resources.files("hpc.launch") / "templates"))
 _PLACEHOLDER = re.compile(r"\{\{(>\s*)?(\w+)\}\}")
 
 
@@ -69,11 +73,13 @@ def sbatch_options(cfg: Config, name: str, workdir: str) -> str:
 
 
 def render(template: str, cfg: Config, job: Job) -> str:
-    """Fill `{{key}}` values and `{{> partial}}` includes (launch/partials/NAME.sh). Every value
+    """Fill `{{key}}` values and `{{> partial}}` includes (templates/partials/NAME.sh). Every value
     but the #SBATCH block is shell-quoted."""
     path = LAUNCH_DIR / f"{template}.sbatch"
     if not path.is_file():
-        raise InputError(f"{path}: template not found (set HPC_LAUNCH_DIR to the repo's launch/ dir)")
+        hint = ("HPC_LAUNCH_DIR is set: unset it to use the templates shipped with hpc"
+                if os.environ.get("HPC_LAUNCH_DIR") else "hpc is installed without its templates: reinstall it")
+        raise InputError(f"{path}: template not found ({hint})")
     if template in ("pyxis", "singularity") and not job.image:
         raise ConfigError(f"template {template}: --image is required (.sqsh/.sif file or registry image)")
     q = shlex.quote
@@ -101,7 +107,7 @@ def render(template: str, cfg: Config, job: Job) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", "-t", required=True, choices=TEMPLATES,
-                        help="which launch/*.sbatch to render")
+                        help="which template (hpc/launch/templates/*.sbatch) to render")
     parser.add_argument("--config", required=True, help="training config YAML (as the job sees it from --workdir)")
     parser.add_argument("--print", action="store_true", help="print the script, do not submit")
     parser.add_argument("--name", default="", help="job name (default: the run dir's name)")

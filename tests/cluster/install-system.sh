@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # System packages the test suite uses: a real Slurm (slurmctld, slurmd, slurmdbd + MariaDB for
-# accounting, munge), OpenMPI, iproute2 (the 2-node cluster's namespaces and bridge). Installs only what is missing, with apt-get, and only as root;
+# accounting, munge), OpenMPI, iproute2 (the 2-node cluster's namespaces and bridge), and buildah +
+# debootstrap (tests/test_image.py builds and runs the container recipes). Installs only what is missing, with apt-get, and only as root;
 # otherwise prints the command to run and exits 0 so that `make test` still runs (the service
 # tests then skip on a laptop, and fail under CI=true).
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server mariadb-client
-          openmpi-bin libopenmpi-dev util-linux iproute2)
+          openmpi-bin libopenmpi-dev util-linux iproute2 buildah debootstrap)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
