@@ -8,6 +8,12 @@
 
 On other ranks every call does nothing. W&B never prompts: online mode needs WANDB_API_KEY in the
 environment (the key is never written anywhere by this module).
+
+W&B across requeues and crash-resumes: one W&B run per run dir (its id in run_dir/wandb_id). The
+x-axis of every chart is `samples`, a metric of its own (`define_metric`), not W&B's step: after a
+resume from an older checkpoint the sample counts repeat, and W&B drops any point whose step is
+below the last one it saw. W&B's step is a log counter that only grows, kept in run_dir/wandb_step
+(reserved before each log call, so it is never behind after a kill -9).
 """
 from __future__ import annotations
 
@@ -83,11 +89,24 @@ class RunLogger:
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         atomic_write_text(id_file, run_id)
         lc = cfg.log
-        return wandb.init(
+        run = wandb.init(
             mode=self.mode, dir=str(self.run_dir), id=run_id, resume="allow",
             project=lc.project, entity=lc.entity or None, group=lc.group or None,
             job_type=lc.job_type or None, name=lc.name or self.run_dir.name,
             config=C.to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
+        run.define_metric("samples")
+        run.define_metric("*", step_metric="samples")  # every chart's x-axis
+        step_file = self.run_dir / "wandb_step"
+        saved = int(step_file.read_text()) + 1 if step_file.exists() else 0
+        self._wandb_step = max(saved, run.starting_step)  # online: the server knows the last step too
+        return run
+
+    def _wandb_log(self, data: dict, samples: int) -> None:
+        """One W&B log call at the next step of the run's counter (see the module docstring)."""
+        step = self._wandb_step
+        atomic_write_text(self.run_dir / "wandb_step", str(step))  # reserved before it is used
+        self._wandb_step += 1
+        self.wandb.log(data | {"samples": samples}, step=step)
 
     def progress(self, samples: int, postfix: str = "") -> None:
         if self.bar is not None:
@@ -101,7 +120,7 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}) + "\n")
         if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in values.items()} | {"samples": step}, step=step)
+            self._wandb_log({f"{kind}/{k}": v for k, v in values.items()}, step)
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
@@ -118,7 +137,7 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({f"images/{k}": wandb.Image(a, caption=k) for k, a in arrays.items()}, step=step)
+            self._wandb_log({f"images/{k}": wandb.Image(a, caption=k) for k, a in arrays.items()}, step)
         if self.tb is not None:
             for k, a in arrays.items():
                 self.tb.add_image(f"images/{k}", a[None], step)

@@ -46,6 +46,23 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def written_records(path: Path, finished: bool = True, timeout: float = 60) -> list:
+    """read_wandb_records once wandb-core (a process of its own, which may write after finish()
+    returned or after the trainer was killed) is done: the file has stopped growing and, for a run
+    that finished, holds its exit record."""
+    import time
+
+    deadline, size = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if path.stat().st_size == size:
+            records = read_wandb_records(path)
+            if not finished or any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        size = path.stat().st_size
+    raise AssertionError(f"{path}: W&B did not finish writing within {timeout:.0f} s")
+
+
 def cfg_for(tmp_path: Path, mode: str = "disabled") -> Config:
     cfg = Config()
     cfg.train.run_dir = str(tmp_path / "run")
@@ -99,7 +116,7 @@ def test_wandb_offline_run_reads_back(tmp_path, monkeypatch, capsys):
     log.close()
     assert "wandb sync" in capsys.readouterr().err
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
+    records = written_records(run_file)
     # history items are flattened: nested_key ("images/input", "_type") for an image's fields
     history = [{tuple(i.nested_key) or (i.key,): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
@@ -113,3 +130,93 @@ def test_wandb_offline_run_reads_back(tmp_path, monkeypatch, capsys):
     assert (run.project, run.run_group, run.job_type) == ("hpc-test", "g1", "train")
     config = {i.key: json.loads(i.value_json) for i in run.config.update}  # the resolved config
     assert config["log"]["group"] == "g1" and config["optim"]["name"] == "adamw"
+
+
+def _history(records: list) -> list[tuple[int, dict]]:
+    """(W&B step, {key: value}) of every history record of an offline run file."""
+    return [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def _metric_axes(records: list) -> dict[str, str]:
+    return {m.metric.name or m.metric.glob_name: m.metric.step_metric for m in records
+            if m.WhichOneof("record_type") == "metric"}
+
+
+def test_a_resumed_run_continues_the_wandb_step_and_keeps_repeated_sample_counts(tmp_path, monkeypatch):
+    """A requeued attempt resumes from a checkpoint older than its last log: it logs sample counts
+    again. Its W&B steps continue after the first attempt's (wandb drops a point whose step is below
+    the last), so every point of both attempts is in the run; `samples` is every chart's x-axis."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = cfg_for(tmp_path, "offline")
+    for samples in (range(4, 37, 4), range(20, 49, 4)):  # attempt 2 resumed from step 16
+        log = RunLogger(cfg, main=True, total=48)
+        for n in samples:
+            log.scalars(n, {"loss": 1 / n})
+        log.close()
+    files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name  # one W&B run, two attempts
+    attempts = [written_records(f) for f in files]
+    first, second = (_history(a) for a in attempts)
+    steps = [step for step, _ in first + second]
+    assert steps == list(range(len(steps)))  # one W&B step per log call, never going back
+    assert [h["samples"] for _, h in first] == list(range(4, 37, 4))
+    assert [h["samples"] for _, h in second] == list(range(20, 49, 4))
+    assert [h["train/loss"] for _, h in second] == [1 / n for n in range(20, 49, 4)]
+    for records in attempts:
+        assert _metric_axes(records) == {"samples": "", "*": "samples"}
+
+
+@pytest.mark.slow
+def test_wandb_after_kill_9_and_resume_from_an_older_checkpoint(tmp_path):
+    """The real trainer killed with SIGKILL after logging past its newest checkpoint, then resumed
+    from an older one (the newer checkpoints removed): the resumed attempt's W&B steps start after
+    every step the killed one reserved (run_dir/wandb_step), and every point it logs is in its
+    offline file, sample counts the killed attempt had logged included. (What the killed attempt's
+    wandb-core had not yet written to its offline file is lost with it; metrics.jsonl keeps all.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import hpc_cmd
+    from test_loader import make_dataset
+
+    ds = make_dataset(tmp_path / "ds", studies=3, views=16, bins=16, mask=True, counts=True)
+    run = tmp_path / "run"
+    cmd = hpc_cmd("train", "--config", "configs/tiny.yaml", f"data.path={ds}", f"train.run_dir={run}",
+                  "train.samples=96", "train.val_every=16", "checkpoint.every=16", "checkpoint.keep=10",
+                  "log.every=4", "log.wandb=offline")
+    # no WANDB_* from this process: an in-process wandb.init (another test) leaves WANDB_SERVICE set,
+    # which would attach the trainers to this process's wandb-core
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not any(r.get("kind") == "train" and r["step"] >= 36 for r in _jsonl(run)):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no training records"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reserved = int((run / "wandb_step").read_text())  # the last W&B step the killed attempt could use
+    assert reserved >= 8  # train records 4..36 at least
+    for newer in sorted((run / "checkpoints").glob("step-*.pt"))[1:]:  # resume from step 16
+        newer.unlink()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name  # one W&B run id, two attempts
+    killed = _history(written_records(files[0], finished=False))
+    resumed_records = written_records(files[1])
+    resumed = _history(resumed_records)
+    steps = [s for s, _ in resumed]
+    assert steps == sorted(steps) and steps[0] == reserved + 1
+    assert all(s <= reserved for s, _ in killed)  # whatever the killed attempt did write
+    assert [h["samples"] for _, h in resumed if "train/loss" in h] == list(range(20, 97, 4))
+    assert all("samples" in h for _, h in resumed)
+    assert _metric_axes(resumed_records) == {"samples": "", "*": "samples"}
+
+
+def _jsonl(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []

@@ -64,7 +64,9 @@ def test_the_installed_package_is_a_copy_with_its_data(installed):
 @pytest.mark.parametrize("template", ["plain", "dgx", "pyxis"])
 def test_sbatch_renders_from_packaged_templates_and_config_names(installed, tmp_path, template):
     image = ["--image", "/images/hpc.sqsh"] if template == "pyxis" else []
-    r = _hpc(installed, tmp_path, "sbatch", "-t", template, "--print", "--config", "configs/tiny.yaml", *image)
+    # a --workdir that is not on this machine: rendered without checking data.path there
+    r = _hpc(installed, tmp_path, "sbatch", "-t", template, "--print", "--config", "configs/tiny.yaml",
+             "--workdir", "/scratch/proj/hpc", *image)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash") and "{{" not in r.stdout
     assert "scontrol requeue" in r.stdout and "CONFIG=configs/tiny.yaml" in r.stdout
