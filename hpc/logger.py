@@ -154,7 +154,12 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
+            import wandb
+
             run_dir = Path(self.wandb.dir).parent  # .../wandb/offline-run-*/files -> the run's dir
             self.wandb.finish()
+            # finish() returns before wandb-core (a process of its own) has written the offline file;
+            # teardown waits for it, so the run is complete on disk when `wandb sync` is suggested
+            wandb.teardown()
             if self.mode == "offline":
                 self.message(f"W&B offline run saved; upload it later with:  wandb sync {run_dir}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -316,3 +317,16 @@ def shard_differences(a: str | os.PathLike, b: str | os.PathLike, exact: bool = 
         elif exact:
             problems += [*why, "  same datasets, attributes, chunks and filters: only the encoding differs"]
     return problems
+
+
+def def_sections(path: Path) -> dict[str, str]:
+    """{"header": ..., "arguments": ..., "files": ..., "post": ..., ...} of an Apptainer .def file
+    (tests/test_containers.py compares it with the Dockerfile, tests/test_image.py builds it)."""
+    sections, name = {"header": []}, "header"
+    for line in Path(path).read_text().splitlines():
+        if m := re.match(r"^%(\w+)\s*$", line):
+            name = m.group(1)
+            sections[name] = []
+        else:
+            sections[name].append(line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}

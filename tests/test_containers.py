@@ -11,7 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from helpers import ROOT, require
+from helpers import ROOT, def_sections, require
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -81,8 +81,6 @@ def _dockerfile_steps() -> dict:
 
 
 def _def_steps() -> dict:
-    from test_image import def_sections
-
     sec = def_sections(CONTAINERS / "hpc.def")
     return {"base": re.findall(r"^\s*BASE_IMAGE=(\S+)", sec["arguments"], re.M),
             "from": re.findall(r"^From:\s*(.+)$", sec["header"], re.M),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require
+from helpers import ROOT, def_sections, require
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 CACHE = Path(os.environ.get("HPC_CI_CACHE", "/var/cache/hpc-ci"))
@@ -177,18 +176,6 @@ def test_user_step_gives_hpc_uid_1000_with_or_without_an_existing_uid_1000(base,
 
 
 # --- the Apptainer definition, followed section by section ------------------------------------------------
-def def_sections(path: Path) -> dict[str, str]:
-    """{"header": ..., "arguments": ..., "files": ..., "post": ..., ...} of an Apptainer .def file."""
-    sections, name = {"header": []}, "header"
-    for line in path.read_text().splitlines():
-        if m := re.match(r"^%(\w+)\s*$", line):
-            name = m.group(1)
-            sections[name] = []
-        else:
-            sections[name].append(line)
-    return {k: "\n".join(v).strip() for k, v in sections.items()}
-
-
 @pytest.fixture(scope="module")
 def def_image(base, tmp_path_factory) -> str:
     """containers/hpc.def built the way apptainer does it: From (BASE_IMAGE = the local base), %files

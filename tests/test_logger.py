@@ -179,8 +179,7 @@ def test_wandb_after_kill_9_and_resume_from_an_older_checkpoint(tmp_path):
     import subprocess
     import time
 
-    from conftest import hpc_cmd
-    from test_loader import make_dataset
+    from helpers import hpc_cmd, make_dataset
 
     ds = make_dataset(tmp_path / "ds", studies=3, views=16, bins=16, mask=True, counts=True)
     run = tmp_path / "run"
