@@ -277,11 +277,18 @@ def fill_radial(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m, x, fill)
 
 
-def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The network's view of a gapped input (data.fill): gaps zeroed, or pre-filled radially so the
-    network learns a correction to interpolation instead of the whole value."""
+def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str, reproject=None,
+              aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The network's view of a gapped input (data.fill): gaps zeroed, pre-filled radially, or filled
+    by the reconstruction of the measured bins projected into the gaps (``reproject``: an
+    hpc.recon.ReprojectFill; ``aux`` its optional ``mult`` / ``randoms``, shaped like x), so the
+    network learns a correction to interpolation or to physics instead of the whole value."""
     if mode == "zero":
         return x * mask
+    if mode == "reproject":
+        if reproject is None:
+            raise ValueError("the reproject fill (data.fill) needs the scanner geometry")
+        return reproject(x, mask, aux or {})
     assert mode == "linear", mode  # hpc.config.Fill
     return fill_radial(x, mask)
 
@@ -303,20 +310,32 @@ class PreState:
 class Preprocess:
     """Normalize + pad for training, ``hpc predict`` and ``hpc export`` (one implementation).
 
-    ``gaps(raw, mask)`` fills the gaps as training did (zeros or radial interpolation, data.fill);
+    ``gaps(raw, mask, aux)`` fills the gaps as training did (zeros, radial interpolation or the
+    reprojection of the measured bins, data.fill);
     ``forward(raw (B, C, V, X)) -> (x (B, C, V', X'), state)``; ``like(t, state)`` applies the same
     normalization and padding to the target; ``pad_mask(m, state)`` pads a mask (padded bins are
     "measured", so padding is never a gap); ``inverse(y, state)`` crops and denormalizes exactly
     (floored at 0 counts with data.nonneg).
     """
 
-    def __init__(self, cfg: Config, scale: float = 1.0):
+    def __init__(self, cfg: Config, scale: float = 1.0, scanner: str = ""):
         self.mode = cfg.data.normalize
         self.bins_mode = cfg.data.pad_bins
         self.fill = cfg.data.fill
         self.nonneg = cfg.data.nonneg
         self.scale = float(scale)
         self.multiple = pad_multiple(cfg)
+        self.reproject = None
+        if self.fill == "reproject":  # late: the projector is only built for this fill
+            from hpc.errors import ConfigError
+            from hpc.geometry import get_scanner
+            from hpc.recon import ReprojectFill
+
+            try:
+                self.reproject = ReprojectFill(get_scanner(cfg.corrupt.scanner or scanner), cfg.data.fill_iters)
+            except ValueError as exc:
+                raise ConfigError(f"the reproject fill (data.fill) needs the scanner geometry (corrupt.scanner or the "
+                                  f"dataset's): {exc}") from None
 
     def _pad(self, x: torch.Tensor, pad: tuple[int, int, int, int], fill: float = 0.0) -> torch.Tensor:
         return pad_bins(pad_views_periodic(x, pad[0], pad[1]), pad[2], pad[3], self.bins_mode, fill)
@@ -326,9 +345,10 @@ class Preprocess:
         state = PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
         return self.like(raw, state), state
 
-    def gaps(self, raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Gap pixels (mask 0) of ``raw`` as the network was trained to see them (``data.fill``)."""
-        return fill_gaps(raw.float(), mask.float(), self.fill)
+    def gaps(self, raw: torch.Tensor, mask: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Gap pixels (mask 0) of ``raw`` as the network was trained to see them (``data.fill``);
+        ``aux``: the slices' ``mult`` / ``randoms`` (counts, like raw) when data.fill=reproject has them."""
+        return fill_gaps(raw.float(), mask.float(), self.fill, self.reproject, aux)
 
     def like(self, t: torch.Tensor, state: PreState) -> torch.Tensor:
         return self._pad(normalize(t.float(), self.mode, state.norm), state.pad)

@@ -37,7 +37,7 @@ Backend = Literal["torch", "dali"]
 Edge = Literal["replicate", "reflect"]
 Normalize = Literal["max", "scale", "anscombe", "none"]
 PadBins = Literal["zero", "reflect"]
-Fill = Literal["zero", "linear"]
+Fill = Literal["zero", "linear", "reproject"]
 Device = Literal["auto", "cpu", "cuda"]
 ModelName = Literal["badblock", "unet", "light"]  # == hpc.models.MODELS (tested)
 Norm = Literal["batch", "instance", "group", "none"]
@@ -73,7 +73,8 @@ class DataConfig:
     test_studies: list[str] = field(default_factory=list)
     normalize: Normalize = "max"
     pad_bins: PadBins = "zero"
-    fill: Fill = "zero"  # gaps in the network input: zeros, or linear (radial interpolation, then corrected)
+    fill: Fill = "zero"  # gaps in the network input: zeros, linear (radial interpolation), or reproject
+    fill_iters: int = 4  # data.fill=reproject: OSEM iterations (x 4 subsets) of the plane before projecting
     nonneg: bool = True  # counts >= 0: predictions, baselines floored at 0 (false: e.g. randoms-subtracted)
     pad_multiple: int = 0  # 0 = from the model (2**depth)
     stage_to: str = ""  # node-local dir (e.g. /raid/$USER) to copy shards to before epoch 0
@@ -433,7 +434,7 @@ def _pair(ok: Callable[[float, float], bool], what: str) -> Rule:
 # Ranges of single fields. Choices come from the Literal types, finiteness from the float types.
 RANGES: dict[str, Rule] = {
     "data.context": _ge(0), "data.batch_size": _ge(1), "data.workers": _ge(0), "data.run_length": _ge(1),
-    "data.shuffle_buffer": _ge(0), "data.pad_multiple": _ge(0), "data.seed": _ge(0),
+    "data.shuffle_buffer": _ge(0), "data.pad_multiple": _ge(0), "data.seed": _ge(0), "data.fill_iters": _ge(1),
     "data.split": ((lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0),
                    "three fractions (train, val, test) >= 0 with a positive sum"),
     "corrupt.dead_blocks": _ge(0),

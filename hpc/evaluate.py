@@ -27,6 +27,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -68,7 +69,7 @@ class Options:
     baselines: list[str]
     slices: int = 0  # evenly spaced slices per study (0 = all)
     batch: int = 8
-    reproject_iters: int = DEFAULT_REPROJECT_ITERS
+    reproject_iters: int = 0  # 0: the count the checkpoint's validation chose, else DEFAULT_REPROJECT_ITERS
     images: bool = True
     quiet: bool = False
 
@@ -170,7 +171,8 @@ def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: 
     out = []
     for a in range(0, len(planes), batch):
         ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
-        out.append(model_output(rep, data["input"][ids], w[ids]))
+        aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}  # data.fill=reproject models them
+        out.append(model_output(rep, data["input"][ids], w[ids], aux))
     return np.concatenate(out)
 
 
@@ -345,6 +347,8 @@ def _pool(results: dict[str, StudyResult]) -> StudyResult:
 def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
     """Score every study; write report.md, metrics.json and panels/. Returns ``{"results": {study |
     "overall": {method: {metric_ref: value}}}, "images": {...}, "times": {...}, "panels", "report"}``."""
+    if not opts.reproject_iters:
+        opts = dataclasses.replace(opts, reproject_iters=checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS)
     results, panels = {}, []
     setup = sum(warm_projectors(sc) for sc in {geometry(rep, st.layout) for st in studies} - {None})
     with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
@@ -388,8 +392,7 @@ def checkpoint_reproject_iters(rep: Repairer) -> int:
     """The reproject iteration count chosen by the checkpoint's validation, or 0."""
     from hpc.checkpoint import load
 
-    base = load(rep.path).get("baselines") or {}
-    return int((base.get("reproject") or {}).get("iters", 0) or 0)
+    return int((load(rep.path).get("metrics") or {}).get("reproject_iters", 0) or 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,8 +411,7 @@ def run(args: argparse.Namespace) -> int:
         studies = simulation_studies(args.simulation, [s for s in args.studies.split(",") if s])
     else:
         studies = [open_study(*parse_study_args(items)) for items in args.study]
-    iters = args.reproject_iters or checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS
-    opts = Options(baselines, args.slices, args.batch, iters, not args.no_images, args.quiet)
+    opts = Options(baselines, args.slices, args.batch, args.reproject_iters, not args.no_images, args.quiet)
     out = Path(args.output)
     summary = evaluate(rep, studies, out, opts)
     print(sino_table(summary["results"], summary["times"]), end="")

@@ -57,6 +57,9 @@ def example_inputs(rep: Repairer, shape: tuple[int, int], batch: int = 2) -> tup
 
 def export(rep: Repairer, fmt: str, path: Path, shape: tuple[int, int]) -> tuple[Path, Path]:
     """Write the model and its JSON sidecar atomically; returns both paths."""
+    if rep.cfg.data.fill == "reproject":  # a sparse-matrix reconstruction inside: not traceable to ONNX
+        raise InputError(f"{rep.path}: data.fill=reproject runs an OSEM reconstruction before the network; "
+                         f"export supports data.fill=zero|linear models only")
     module = CountsModel(rep).cpu().eval()
     inputs = example_inputs(rep, shape)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     model.to(device).eval()
     shape = tuple(int(v) for v in data["slice_shape"]) if data.get("slice_shape") else None
     scanner = str(cfg.corrupt.scanner or data.get("scanner") or "")
-    return Repairer(path, cfg, model, Preprocess(cfg, scale=float(data.get("scale", 1.0))), device,
+    return Repairer(path, cfg, model, Preprocess(cfg, scale=float(data.get("scale", 1.0)), scanner=scanner), device,
                     shape, scanner)
 
 
@@ -130,6 +131,7 @@ def _scanner(name: str, where: Path | str):
 
 
 # ---------------------------------------------------------------- masks
+AUX = ("mult", "randoms")  # what data.fill=reproject models (hpc.recon.ReprojectFill)
 MaskFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) uint8, 1 = measured
 
 
@@ -221,12 +223,15 @@ def stack_bounds(spec: SinogramSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None,
+                 aux: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Model output in counts, float64 (B, V, X), for context stacks ``raw`` (B, C, V, X) with gap
-    masks ``m`` (B, C, V, X) 1 = measured (None: no gaps)."""
+    masks ``m`` (B, C, V, X) 1 = measured (None: no gaps); ``aux``: their ``mult`` / ``randoms``
+    (B, C, V, X), which data.fill=reproject models when given."""
     x = torch.from_numpy(raw.astype(np.float32)).to(rep.device)
     mask = torch.ones_like(x) if m is None else torch.from_numpy(m.astype(np.float32)).to(rep.device)
-    x, state = rep.pre.forward(rep.pre.gaps(x, mask))  # gaps in every channel, as in training
+    extra = {k: torch.from_numpy(np.asarray(v, np.float32)).to(rep.device) for k, v in (aux or {}).items()}
+    x, state = rep.pre.forward(rep.pre.gaps(x, mask, extra))  # gaps in every channel, as in training
     k = raw.shape[1] // 2
     y = rep.model(x, rep.pre.pad_mask(mask[:, k:k + 1], state))  # (B, 1, V', X')
     return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()
@@ -239,9 +244,11 @@ def windows(rep: Repairer, spec: SinogramSpec, centres: np.ndarray) -> np.ndarra
 
 
 def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], mask: MaskFn | None,
-           write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None) -> Counts:
+           write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None,
+           aux: dict[str, Callable[[int, int], np.ndarray]] | None = None) -> Counts:
     """Repair every slice of ``spec`` in canonical order, ``batch`` centre slices at a time;
-    ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) in the source dtype)``."""
+    ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) in the source dtype)``;
+    ``aux``: readers of the study's mult / randoms (data.fill=reproject models them)."""
     counts = Counts()
     for a in range(0, spec.num_slices, batch):
         b = min(a + batch, spec.num_slices)
@@ -249,7 +256,8 @@ def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndar
         r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
         slab = read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
         mslab = mask(r0, r1) if mask is not None else None
-        pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0])
+        extra = {k: f(r0, r1)[ids - r0] for k, f in (aux or {}).items()}
+        pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0], extra)
         src = slab[a - r0:b - r0]
         if mslab is None:
             out = to_dtype(pred, spec.dtype, counts)
@@ -287,14 +295,22 @@ def open_input(path: str | Path, raw: RawLayout | None = None, mask: bool = Fals
 
 
 def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
-                 batch: int, quiet: bool = False) -> tuple[Path, Counts]:
-    """Repair one input file into ``output`` (same format as the source, or HDF5)."""
-    with SinogramReader(spec) as reader:
-        return predict_study(rep, spec, reader.read, output, fmt, mask, batch, quiet)
+                 batch: int, quiet: bool = False, aux: dict[str, SinogramSpec] | None = None) -> tuple[Path, Counts]:
+    """Repair one input file into ``output`` (same format as the source, or HDF5); ``aux``: the
+    study's mult / randoms files (data.fill=reproject models them)."""
+    readers = {k: SinogramReader(s) for k, s in (aux or {}).items()}
+    try:
+        with SinogramReader(spec) as reader:
+            return predict_study(rep, spec, reader.read, output, fmt, mask, batch, quiet,
+                                 {k: r.read for k, r in readers.items()})
+    finally:
+        for r in readers.values():
+            r.close()
 
 
 def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], output: Path,
-                  fmt: str, mask: MaskFn | None, batch: int, quiet: bool = False) -> tuple[Path, Counts]:
+                  fmt: str, mask: MaskFn | None, batch: int, quiet: bool = False,
+                  aux: dict[str, Callable[[int, int], np.ndarray]] | None = None) -> tuple[Path, Counts]:
     """Repair the slices ``read`` gives (layout ``spec``) into ``output``; nothing appears there
     unless every slice was written."""
     if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
@@ -302,7 +318,7 @@ def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], 
     comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
     writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
     with writer, Progress(spec.num_slices, "slices", f"predict {output.name}", enabled=not quiet) as bar:
-        counts = repair(rep, spec, read, mask, writer.write, batch, bar)
+        counts = repair(rep, spec, read, mask, writer.write, batch, bar, aux)
         return writer.commit(), counts
 
 
@@ -313,6 +329,7 @@ class Job:
     open: Callable[[], tuple[Callable[[int, int], np.ndarray], MaskFn | None, Callable[[], None]]]  # read, mask, close
     output: Path
     fmt: str
+    aux: dict[str, Callable[[], object]] = field(default_factory=dict)  # role -> opener of a reader (.read, .close)
 
 
 def study_layout(ds, info) -> SinogramSpec:
@@ -372,18 +389,22 @@ def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: l
 
             return src.read, mask, close
 
-        jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5"))
+        aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if d.fill == "reproject" else {}
+        jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5", aux))
     return jobs
 
 
 def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[str] | None = None,
               fmt: str = "source", raw: RawLayout | None = None, dead_blocks: list[int] | None = None,
-              scanner: str = "") -> list[Job]:
+              scanner: str = "", aux: dict[str, list[str]] | None = None) -> list[Job]:
     """One input -> the file ``output``; several -> ``output/<input's name>`` each. ``masks``: one
-    gap-mask file per input (else ``dead_blocks``, else no gaps)."""
-    masks = masks or []
-    if masks and len(masks) != len(inputs):
-        raise InputError(f"--mask: {len(masks)} mask(s) for {len(inputs)} input(s); give one per input")
+    gap-mask file per input (else ``dead_blocks``, else no gaps); ``aux``: {mult|randoms: one file per
+    input} for data.fill=reproject."""
+    masks, aux = masks or [], {k: v for k, v in (aux or {}).items() if v}
+    for flag, files in (("mask", masks), *aux.items()):
+        if files and len(files) != len(inputs):
+            what = "mask(s)" if flag == "mask" else "file(s)"
+            raise InputError(f"--{flag}: {len(files)} {what} for {len(inputs)} input(s); give one per input")
     jobs = []
     for i, path in enumerate(inputs):
         spec = open_input(path, raw)
@@ -391,12 +412,18 @@ def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[
         mask_spec = open_input(masks[i], raw, mask=True) if masks else None
         mask = gap_mask(rep, spec, mask_spec, dead_blocks, scanner)  # every input checked before any write
         out = Path(output) if len(inputs) == 1 else Path(output) / Path(path).name
+        extra = {}
+        for role, files in aux.items():
+            other = open_input(files[i], raw)
+            if (other.num_slices, other.slice_shape) != (spec.num_slices, spec.slice_shape):
+                raise InputError(f"{other.source}: {role} does not match {spec.source} in shape")
+            extra[role] = partial(SinogramReader, other)
 
         def opener(spec=spec, mask=mask):
             reader = SinogramReader(spec)
             return reader.read, mask, reader.close
 
-        jobs.append(Job(spec, opener, out, fmt))
+        jobs.append(Job(spec, opener, out, fmt, extra))
     seen: dict[Path, str] = {}
     for job in jobs:
         if job.output in seen:

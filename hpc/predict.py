@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
     gaps.add_argument("--dead-blocks", metavar="IDS", help="comma-separated dead block ids (needs a scanner)")
     p.add_argument("--scanner", default="", help="geometry preset for --dead-blocks (default: the checkpoint's)")
+    p.add_argument("--mult", metavar="FILE", nargs="+", default=[],
+                   help="data.fill=reproject models: multiplicative factors (efficiency x attenuation), one per INPUT")
+    p.add_argument("--randoms", metavar="FILE", nargs="+", default=[],
+                   help="data.fill=reproject models: expected randoms, one per INPUT")
     ds = p.add_argument_group("a converted dataset as INPUT (default: every study)")
     ds.add_argument("--studies", default="", help="comma-separated study ids")
     ds.add_argument("--split", choices=("train", "val", "test"), help="the checkpoint's own split of the studies")
@@ -116,7 +120,7 @@ def _jobs(args: argparse.Namespace, rep) -> list:
         raise InputError("--studies/--split: INPUT must be a converted dataset directory")
     if not is_dataset:
         return file_jobs(rep, args.inputs, args.output, args.mask, args.format or "source", _raw_layout(args),
-                         blocks, args.scanner)
+                         blocks, args.scanner, {"mult": args.mult, "randoms": args.randoms})
     if args.format == "source":
         raise InputError(f"{args.inputs[0]}: a converted dataset is written as HDF5 (--format h5)")
     studies = [v.strip() for v in args.studies.split(",") if v.strip()] if args.studies else None
@@ -138,9 +142,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"kept {job.output} (exists)", flush=True)
             continue
         read, mask, close = job.open()
+        aux = {k: f() for k, f in job.aux.items()}  # mult / randoms readers (data.fill=reproject)
         try:
-            out, counts = predict_study(rep, job.spec, read, job.output, job.fmt, mask, args.batch, args.quiet)
+            out, counts = predict_study(rep, job.spec, read, job.output, job.fmt, mask, args.batch, args.quiet,
+                                        {k: r.read for k, r in aux.items()})
         finally:
             close()
+            for r in aux.values():
+                r.close()
         print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
     return 0

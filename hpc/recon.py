@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from hpc import geometry as G
-from hpc.projector import ImageGrid, Projector, cached_projector, default_grid
+from hpc.projector import ImageGrid, Projector, cached_projector, default_grid, one_thread
 
 EPS = 1e-12
 
@@ -50,7 +49,13 @@ def osem(sc: G.Scanner, y: torch.Tensor, iters: int, subsets: int = 1, *, weight
          callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Images (B, ny, nx) from sinograms ``y`` (B, V, X) or TOF (B, T, V, X); ``weight``, ``mult``,
     ``add`` broadcast to ``y`` (see module doc). ``callback(iteration, x)`` after each iteration
-    (1-based), e.g. to score several iteration counts in one run. Float32 unless ``y`` is float64."""
+    (1-based), e.g. to score several iteration counts in one run. Float32 unless ``y`` is float64.
+    On the CPU it runs with one intra-op thread (hpc.projector.one_thread)."""
+    with one_thread(y.device):
+        return _osem(sc, y, iters, subsets, weight, mult, add, grid, callback)
+
+
+def _osem(sc, y, iters, subsets, weight, mult, add, grid, callback) -> torch.Tensor:
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     grid = grid or default_grid(sc)
     tof = y.dim() == 4
@@ -109,23 +114,31 @@ def reproject(sc: G.Scanner, y: torch.Tensor, weight: torch.Tensor, iters: int, 
     return repair_with(y, w, model_counts(sc, x, mult=mult, add=add, grid=grid, tof=y.dim() == 4), valid)
 
 
+def reproject_path(sc: G.Scanner, y: torch.Tensor, weight: torch.Tensor, iterations: Sequence[int],
+                   subsets: int = 1, *, valid: torch.Tensor | None = None, mult: torch.Tensor | None = None,
+                   add: torch.Tensor | None = None, grid: ImageGrid | None = None) -> dict[int, torch.Tensor]:
+    """``reproject`` after each of ``iterations``, from one OSEM run: {iterations: repaired (B, V, X)}."""
+    w = weight.expand_as(y).float() * (1 if valid is None else valid.float())
+    keep, out = set(iterations), {}
+
+    def record(it: int, x: torch.Tensor) -> None:
+        if it in keep:
+            out[it] = repair_with(y, w, model_counts(sc, x, mult=mult, add=add, grid=grid), valid)
+
+    osem(sc, y.float(), max(iterations), subsets, weight=w, mult=mult, add=add, grid=grid, callback=record)
+    return out
+
+
 def reproject_scores(sc: G.Scanner, y: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                      iterations: Sequence[int], subsets: int = 1, *, valid: torch.Tensor | None = None,
+                     mult: torch.Tensor | None = None, add: torch.Tensor | None = None,
                      grid: ImageGrid | None = None) -> dict[int, tuple[float, float]]:
     """(sum of squared in-gap errors, in-gap target energy) against ``target`` for each of
     ``iterations``, from one OSEM run: what choosing the iteration count on validation data sums."""
-    w = weight.expand_as(y).float() * (1 if valid is None else valid.float())
-    gap = (w < 1) & (valid.bool() if valid is not None else True)
-    keep, out = set(iterations), {}
+    gap = (weight.expand_as(y) < 1) & (valid.bool() if valid is not None else True)
     energy = float((target.double() ** 2)[gap].sum())
-
-    def score(it: int, x: torch.Tensor) -> None:
-        if it in keep:
-            rep = repair_with(y, w, model_counts(sc, x, grid=grid), valid)
-            out[it] = (float(((rep.double() - target.double()) ** 2)[gap].sum()), energy)
-
-    osem(sc, y.float(), max(iterations), subsets, weight=w, grid=grid, callback=score)
-    return out
+    path = reproject_path(sc, y, weight, iterations, subsets, valid=valid, mult=mult, add=add, grid=grid)
+    return {it: (float(((rep.double() - target.double()) ** 2)[gap].sum()), energy) for it, rep in path.items()}
 
 
 def best_iterations(scores: Sequence[dict[int, tuple[float, float]]]) -> tuple[int, dict[int, float]]:
@@ -136,5 +149,24 @@ def best_iterations(scores: Sequence[dict[int, tuple[float, float]]]) -> tuple[i
     return min(its, key=lambda it: (nmse[it], it)), nmse
 
 
-def as_tensor(a: np.ndarray | torch.Tensor | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
-    return None if a is None else torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, device=device)
+class ReprojectFill:
+    """data.fill=reproject: the gaps of every slice (..., V, X) filled by ``reproject`` (``iters`` OSEM
+    iterations of 4 subsets), batched on the slices' device; the network then learns the correction.
+    ``aux`` may hold ``mult`` and ``randoms`` shaped like the slices (modelled when given); LORs through
+    virtual crystals are left out of the likelihood (mult = 0 there, else the scanner's gap mask)."""
+
+    def __init__(self, sc: G.Scanner, iters: int, subsets: int = 4):
+        self.scanner, self.iters, self.subsets = sc, int(iters), int(subsets)
+        self.valid = torch.as_tensor(G.gap_mask(sc) > 0)  # (V, X)
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+        sc, shape = self.scanner, x.shape
+        if tuple(shape[-2:]) != (sc.views, sc.bins):
+            raise ValueError(f"the reproject fill (data.fill): slices {tuple(shape[-2:])} are not scanner "
+                             f"{sc.name!r}'s ({sc.views}, {sc.bins})")
+        flat = {k: v.float().expand(shape).reshape(-1, sc.views, sc.bins) for k, v in aux.items()}
+        valid = (flat["mult"] > 0) if "mult" in flat else self.valid.to(x.device)
+        out = reproject(sc, x.float().reshape(-1, sc.views, sc.bins), mask.float().expand(shape).reshape(
+            -1, sc.views, sc.bins).clamp(0, 1), self.iters, self.subsets, valid=valid, mult=flat.get("mult"),
+            add=flat.get("randoms"))
+        return out.reshape(shape)

@@ -4,7 +4,7 @@ the interpolation baselines on the same gaps.
     validator = Validator(cfg, val_loader, centre=model.centre)
     net.eval()
     metrics, panels = validator(forward)      # forward(batch) -> (pred (B,1,V',X'), loss)
-    validator.baselines                       # {"linear": {...}, "biharmonic": {...}}
+    validator.baselines                       # {"linear": {...}, "biharmonic": {...}, "reproject": {..., "iters"}}
 
 Every rank scores its share of the split; the metrics are reduced across ranks as float64 sums
 (hpc.metrics.MetricAccumulator), so ranks never average averages. Predictions and baselines are
@@ -17,11 +17,15 @@ from collections.abc import Callable
 import torch
 
 from hpc import dist
-from hpc.augment import crop, floor_counts
+from hpc.augment import crop, denormalize, floor_counts, normalize
 from hpc.config import Config
 from hpc.metrics import MetricAccumulator, baseline_batch
 
 BASELINES = ("linear", "biharmonic")
+# reproject (hpc.recon): scored after each of these OSEM iteration counts (4 subsets) in one run on the
+# first validation pass; the count with the lowest in-gap NMSE is its score and is recorded as "iters"
+REPROJECT_ITERS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
+REPROJECT_SUBSETS = 4
 Forward = Callable[[object], tuple[torch.Tensor, torch.Tensor]]  # Batch -> (pred (B,1,V',X'), loss ())
 
 
@@ -31,6 +35,22 @@ class Validator:
         self.device = loader.device
         # the validation set is fixed: the baselines are scored on the first pass and kept
         self.baselines: dict[str, dict[str, float]] | None = None
+        self.scanner = _geometry(cfg, loader)  # reproject needs the projector's geometry
+
+    def _reproject(self, centre: torch.Tensor, t: torch.Tensor, m: torch.Tensor, batch,
+                   accs: dict[int, MetricAccumulator]) -> None:
+        """Score reproject after every REPROJECT_ITERS count (counts in, normalized scores out)."""
+        from hpc import geometry as G
+        from hpc.recon import reproject_path
+
+        mode, norm = self.cfg.data.normalize, batch.norm
+        y = denormalize(centre, mode, norm)[:, 0]  # (B, V, X) counts
+        aux = {k: v[:, 0].to(y.device) for k, v in batch.aux.items()}
+        valid = (aux["mult"] > 0) if "mult" in aux else torch.as_tensor(G.gap_mask(self.scanner) > 0, device=y.device)
+        path = reproject_path(self.scanner, y, m[:, 0].clamp(0, 1), REPROJECT_ITERS, REPROJECT_SUBSETS,
+                              valid=valid, mult=aux.get("mult"), add=aux.get("randoms"))
+        for it, rep in path.items():
+            accs[it].update(self._floor(normalize(rep[:, None].float(), mode, norm), norm), t, m)
 
     def _floor(self, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Counts cannot be negative (data.nonneg)."""
@@ -42,6 +62,7 @@ class Validator:
         reduced over all ranks (``loss`` included), panels the first sample's (V, X) images."""
         acc = MetricAccumulator()
         base = {name: MetricAccumulator() for name in BASELINES} if self.baselines is None else {}
+        rep = {it: MetricAccumulator() for it in REPROJECT_ITERS} if base and self.scanner is not None else {}
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of B * loss, sum of B)
         panels = None
         for j, batch in enumerate(self.loader):
@@ -55,17 +76,36 @@ class Validator:
             centre = crop(batch.input[:, self.centre : self.centre + 1], batch.pad)  # (B, 1, V, X) gaps zeroed
             for name, b in base.items():  # host round trip: the baselines run in numpy/scikit-image
                 b.update(self._floor(baseline_batch(name, centre, m), batch.norm), t, m)
+            if rep:
+                self._reproject(centre, t, m, batch, rep)
             if panels is None:
                 panels = {"input": centre[0, 0], "prediction": p[0, 0], "target": t[0, 0],
                           "error": (p - t)[0, 0].abs(), "mask": m[0, 0]}
-        return self._reduce(acc, base, loss_sum), panels
+        return self._reduce(acc, base, loss_sum, rep), panels
 
     def _reduce(self, acc: MetricAccumulator, base: dict[str, MetricAccumulator],
-                loss_sum: torch.Tensor) -> dict[str, float]:
+                loss_sum: torch.Tensor, rep: dict[int, MetricAccumulator]) -> dict[str, float]:
         """Sum the accumulators over ranks (collectives: every rank calls this) and turn the sums
         into metrics; host sync (the metrics are Python floats)."""
         metrics = acc.compute(dist.all_reduce_sum(acc.state(self.device)))
         metrics["loss"] = float(dist.all_reduce_sum(loss_sum)[0] / loss_sum[1].clamp_min(1))
         if base:
             self.baselines = {n: b.compute(dist.all_reduce_sum(b.state(self.device))) for n, b in base.items()}
+        if rep:  # the iteration count is chosen here, on validation data, and recorded with its score
+            scores = {it: a.compute(dist.all_reduce_sum(a.state(self.device))) for it, a in rep.items()}
+            best = min(scores, key=lambda it: (scores[it]["nmse_gap"], it))
+            self.baselines["reproject"] = {**scores[best], "iters": best}
+        if (self.baselines or {}).get("reproject"):  # saved with the metrics in every checkpoint (hpc evaluate)
+            metrics["reproject_iters"] = self.baselines["reproject"]["iters"]
         return metrics
+
+
+def _geometry(cfg: Config, loader):
+    """The scanner preset of the validation data when its (views, bins) match the slices, else None."""
+    from hpc import geometry as G
+
+    try:
+        sc = G.get_scanner(cfg.corrupt.scanner or loader.index.ds.scanner)
+    except (ValueError, AttributeError):
+        return None
+    return sc if (sc.views, sc.bins) == tuple(loader.index.ds.slice_shape) else None

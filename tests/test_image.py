@@ -7,10 +7,8 @@ buildah, as apptainer would (no apptainer package in Debian 12). In both images,
 `hpc --version` answers and a tiny `hpc train` runs on a bind-mounted dataset. The user step works
 whether or not the base already has uid 1000 (NGC on Ubuntu 24.04 has `ubuntu`).
 
-Slow the first time on a machine (debootstrap + PyPI downloads, ~13 min); cached afterwards in
-$HPC_CI_CACHE (default /var/cache/hpc-ci) and buildah's storage: a rerun takes about a minute, or
-~5 min when hpc/ changed (the .def build has no layer cache, like apptainer's). Sessions of several
-checkouts on one machine take turns (a lock in the cache directory).
+Slow the first time on a machine (debootstrap + PyPI downloads, ~10 min); cached afterwards in
+$HPC_CI_CACHE (default /var/cache/hpc-ci) and buildah's storage, so a rerun takes about a minute.
 """
 from __future__ import annotations
 
@@ -80,19 +78,13 @@ def _base() -> str:
 
 
 @pytest.fixture(scope="module")
-def base():
-    """The base image's tag. Holds the cache's lock for the whole module: test sessions of other
-    checkouts on this machine build and remove images of the same names, one at a time."""
-    import fcntl
-
+def base() -> str:
     if os.geteuid() != 0:
         require("buildah (as root)", False, "buildah bud/run need root here")
     missing = [t for t in ("buildah", "debootstrap") if shutil.which(t, path=os.environ["PATH"] + ":/usr/sbin") is None]
     require("container tools", not missing, f"missing {', '.join(missing)}: bash tests/cluster/install-system.sh")
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield _base()
+    return _base()
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,8 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
     workers = max(1, cfg.data.workers)
     reader.set_plan(plan, stride=workers)
     names = ["target", "ids", "flip", "bytes"] + ["input"] * cfg.corrupt.paired + ["mask"] * cfg.corrupt.use_stored_mask
-    layouts = {"target": "CHW", "input": "CHW", "mask": "CHW"}
+    names += list(reader.spec.aux)  # mult / randoms: mirrored with the data they belong to
+    layouts = {n: "CHW" for n in ("target", "input", "mask", *reader.spec.aux)}
     gpu = device.type == "cuda"
 
     def mirror(node, flags, bins: int):
@@ -82,7 +83,7 @@ def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: C
                                   num_outputs=len(names), parallel=True, batch=True, batch_info=True,
                                   layout=[layouts.get(n, "") for n in names])
         outs = dict(zip(names, outs, strict=True))
-        for n in ("target", "input", "mask"):
+        for n in ("target", "input", "mask", *reader.spec.aux):
             if n in outs:
                 node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device
                 outs[n] = mirror(fn.cast(node, dtype=types.FLOAT), outs["flip"], bins)  # masks: fractions

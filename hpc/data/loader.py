@@ -24,6 +24,16 @@ from hpc.io.shards import Dataset
 
 
 
+def aux_datasets(cfg: Config, ds: Dataset, split: str) -> tuple[str, ...]:
+    """The mult / randoms datasets to read: those every study stores, when data.fill=reproject models
+    them (any split) or the validation's reproject baseline does (val)."""
+    from hpc.data.transform import AUX
+
+    if cfg.data.fill != "reproject" and split != "val":
+        return ()
+    return tuple(n for n in AUX if all(n in s.truth for s in ds.studies))
+
+
 class Loader:
     def __init__(self, cfg: Config, ds: Dataset, split: str, rank: int, world: int, device: torch.device):
         d = cfg.data
@@ -41,7 +51,8 @@ class Loader:
             ds = Dataset.open(stage_to(ds.root, d.stage_to, self.studies))
         self.index = SliceIndex(ds)
         self.runs = self.index.runs([ids.index(s) for s in self.studies], d.run_length, d.context)
-        spec = ReadSpec(d.context, d.edge, cfg.corrupt.paired, cfg.corrupt.use_stored_mask)
+        spec = ReadSpec(d.context, d.edge, cfg.corrupt.paired, cfg.corrupt.use_stored_mask,
+                        aux_datasets(cfg, ds, split))
         self.reader = BatchReader(self.index, self.runs, spec)
         self.transform = DeviceTransform(cfg, self.index, device, self.train)
         self.lanes = max(1, d.workers)  # fixed by the plan; restored by load_state_dict

@@ -29,13 +29,15 @@ class ReadSpec:
     edge: str
     paired: bool  # stored `input`
     stored_mask: bool  # stored `mask`
+    aux: tuple[str, ...] = ()  # optional float32 datasets of every study (mult, randoms: hpc.recon)
 
 
 class BatchReader:
     """``read(j) -> dict`` of numpy arrays for batch j of ``plan`` (a list of (b, 2) arrays of
     (run, centre)): ``target`` (b, C, V, X) in the stored dtype (the context
     stack; converted to float on the device: half the bytes to move for uint16 counts), ``ids`` (b, C) slice ids,
-    optional ``input`` (b, C, V, X) and ``mask`` (b, C, V, X) uint8, and ``bytes`` read from disk for it."""
+    optional ``input`` (b, C, V, X), ``mask`` (b, C, V, X) uint8 and the ``aux`` datasets (b, C, V, X)
+    float32, and ``bytes`` read from disk for it."""
 
     def __init__(self, index: SliceIndex, runs: list[Run], spec: ReadSpec):
         self.index, self.runs, self.spec = index, runs, spec
@@ -72,7 +74,7 @@ class BatchReader:
         """Slices [read_lo, read_hi) of the run's study, across shard boundaries."""
         study = self.index.ds.studies[run.study]
         base = int(self.index.offsets[run.study])
-        names = ["target"] + ["input"] * self.spec.paired + ["mask"] * self.spec.stored_mask
+        names = ["target"] + ["input"] * self.spec.paired + ["mask"] * self.spec.stored_mask + list(self.spec.aux)
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         lo, hi = run.read_lo - base, run.read_hi - base
         for shard in study.shards:

@@ -5,7 +5,7 @@ epoch replays the same batches and validation corrupts a slice the same way ever
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ class Batch:
     index: torch.Tensor  # (B,) int64 global slice ids of the centre slices
     norm: torch.Tensor  # (B,) normalization divisor per sample (Preprocess.inverse)
     pad: tuple[int, int, int, int]  # view before/after, bin left/right (crop back with augment.crop)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # centre slices' mult/randoms (B, 1, V, X), counts
 
     def state(self) -> A.PreState:
         return A.PreState(self.norm, self.pad)
@@ -66,13 +67,16 @@ class BlockGeometry:
         return m.view(b, c, *m.shape[-2:])
 
 
+AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.recon)
+
+
 class DeviceTransform:
     """``__call__(raw, epoch, j) -> Batch`` for a batch ``raw`` already on the device:
     ``target`` (B, C, V, X) context stack, ``ids`` (B, C), optional ``input``, ``mask``."""
 
     def __init__(self, cfg: Config, index: SliceIndex, device: torch.device, train: bool):
         self.cfg, self.device, self.train = cfg, device, train
-        self.pre = A.Preprocess(cfg, scale=index.ds.scale)
+        self.pre = A.Preprocess(cfg, scale=index.ds.scale, scanner=index.ds.scanner)
         c = cfg.corrupt
         self.geometry = None
         if c.dead_blocks > 0 and not c.use_stored_mask:
@@ -107,7 +111,8 @@ class DeviceTransform:
                 mask = A.flip_bins(mask, flipped)
         else:
             mask = torch.ones_like(stack)
-        return self.pre.gaps(inp, mask), mask
+        aux = {k: raw[k].float() for k in AUX if k in raw}  # mult / randoms (B, C, V, X) when read
+        return self.pre.gaps(inp, mask, aux), mask
 
     def __call__(self, raw: dict[str, torch.Tensor], epoch: int, j: int,
                  flipped: torch.Tensor | None = None) -> Batch:
@@ -123,5 +128,6 @@ class DeviceTransform:
             inp, target = A.apply_augment(inp, prm), A.apply_augment(target, prm)
             mask = A.apply_augment(mask, prm, is_mask=True)
         x, st = self.pre.forward(inp)
+        aux = {} if self.train else {n: raw[n][:, k:k + 1].float() for n in AUX if n in raw}  # validation's reproject
         return Batch(x, self.pre.like(target, st), self.pre.pad_mask(mask, st),
-                     raw["ids"][:, k].clone(), st.norm, st.pad)
+                     raw["ids"][:, k].clone(), st.norm, st.pad, aux)
