@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from hpc import __version__
+from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text
 from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
@@ -338,14 +338,6 @@ def balance(sizes: list[int], parts: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _mpi_env() -> tuple[int, int]:
-    """(rank, size) from the launcher's environment: a plain run never imports MPI."""
-    for size_var, rank_var in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")):
-        if os.environ.get(size_var):
-            return int(os.environ.get(rank_var, "0")), int(os.environ[size_var])
-    return 0, 1
-
-
 _QUEUE = None  # per worker process: where progress counts go
 
 
@@ -463,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--shard-slices must be >= 0, --shard-mb > 0 and --workers >= 1")
     out = Path(args.output)
     opts = Options(args.compression, args.shard_slices, args.shard_mb, args.resume)
-    rank, size = _mpi_env()
+    world = mpi_world()  # under mpirun: ranks split the studies (a plain run never imports MPI)
+    rank, size = (world.rank, world.world) if world else (0, 1)
     try:
         studies = plan(args)  # every rank parses the headers: cheap, and the same everywhere
     except HpcError:

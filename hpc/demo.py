@@ -102,11 +102,11 @@ def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list
 
 
 def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], checkpoint: str):
+    from hpc.distributed.device import resolve_device
     from hpc.evaluate import DEFAULT_BASELINES, Options, evaluate, log_wandb, simulation_studies
     from hpc.inference import load_repairer
-    from hpc.predict import pick_device
 
-    rep = load_repairer(checkpoint, pick_device("auto"))
+    rep = load_repairer(checkpoint, resolve_device("auto"))
     studies = simulation_studies(sim, [s["id"] for s in held_out])
     summary = evaluate(rep, studies, out / "eval", Options(list(DEFAULT_BASELINES), plan.eval_slices, quiet=True))
     mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)

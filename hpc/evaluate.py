@@ -40,12 +40,12 @@ import torch
 
 from hpc import baselines as B
 from hpc import recon as R
+from hpc.distributed.device import DEVICES, resolve_device
 from hpc.errors import InputError
 from hpc.eval_report import log_wandb, save_panel, write_report  # noqa: F401  (log_wandb: used by demo)
 from hpc.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
 from hpc.io.shards import TRUTH, ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
-from hpc.predict import pick_device
 from hpc.progress import Progress
 from hpc.scoring import ImageScore, SinoScore, lesion_rois
 
@@ -381,7 +381,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-images", action="store_true", help="skip the image-domain evaluation")
     p.add_argument("--slices", type=int, default=0, help="evenly spaced slices per study (0 = all)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                    help="also log to W&B (WANDB_MODE overrides)")
     p.add_argument("--project", default="hpc", help="W&B project")
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(DEFAULT_BASELINES)}")
     if args.batch < 1 or args.reproject_iters < 0:
         raise InputError("--batch must be >= 1 and --reproject-iters >= 0")
-    rep = load_repairer(args.checkpoint, pick_device(args.device))
+    rep = load_repairer(args.checkpoint, resolve_device(args.device, what="--device"))
     if args.dataset:
         studies = dataset_studies(rep, args.dataset, args.split)
     elif args.simulation:

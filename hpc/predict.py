@@ -25,24 +25,17 @@ repairs every WORLD_SIZE-th study on its own GPU (LOCAL_RANK); a single study ru
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from hpc.errors import ConfigError, InputError
+from hpc.distributed.device import DEVICES, resolve_device
+from hpc.distributed.launcher import setup_torch_env, torch_ranks
+from hpc.errors import InputError
 from hpc.inference import RawLayout, dataset_jobs, file_jobs, load_repairer, predict_study
 
 FORMATS = ("source", "h5")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist (they are complete: outputs appear atomically)")
     p.add_argument("--batch", type=int, default=16, help="slices per forward pass (bounds memory)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     raw = p.add_argument_group("raw files (no header); --mask raw files share them")
     raw.add_argument("--shape", help="T,S,V,X (TOF bins, sinograms, views, bins) or S,V,X")
@@ -81,15 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def rank_device(name: str) -> tuple[int, int, torch.device]:
     """(rank, world, device) under torchrun / srun / mpirun (ranks split the studies; no
     collectives are needed), or (0, 1, device) alone. Each rank takes the GPU LOCAL_RANK."""
-    from hpc.launch.env import setup_torch_env
-
     setup_torch_env()
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return rank, world, device
+    rank, world, local = torch_ranks()
+    return rank, world, resolve_device(name, local, what="--device")
 
 
 def _ints(flag: str, text: str) -> list[int]:

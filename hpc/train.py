@@ -6,7 +6,7 @@ the current step, writes a checkpoint and exits with code 75 (requeue me).
 
 Reading order: `Trainer.run` (the loop), `train_step`, then the components it drives: TrainState
 (hpc.train_state: what a checkpoint holds), Validator (hpc.validate: metrics and baselines),
-hpc.dist (every collective), hpc.checkpoint (files).
+hpc.distributed.dist (every collective), hpc.checkpoint (files).
 
 example:
   hpc train --config configs/tiny.yaml data.path=data/demo train.run_dir=runs/tiny optim.lr=3e-4
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from hpc import checkpoint as ck
-from hpc import dist
 from hpc.config import Config, OptimConfig, dump, load_config, validate
+from hpc.distributed import dist
 from hpc.errors import EXIT_REQUEUE, ConfigError, HpcError
 from hpc.train_state import TrainState, training_data
 from hpc.validate import Validator
@@ -292,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Launcher env -> train -> clean distributed shutdown (docs/ARCHITECTURE.md) with the run's exit code."""
-    from hpc.launch.env import setup_torch_env
+    from hpc.distributed.launcher import setup_torch_env
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

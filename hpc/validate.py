@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from hpc import dist
+from hpc.distributed import dist
 from hpc.augment import crop, denormalize, floor_counts, normalize
 from hpc.config import Config
 from hpc.metrics import MetricAccumulator, baseline_batch

@@ -16,7 +16,7 @@ from torch import nn
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))  # the repo root, when run as a worker script
 
-from hpc import dist  # noqa: E402
+from hpc.distributed import dist  # noqa: E402
 from hpc.config import DistConfig  # noqa: E402
 
 UNION = 8  # samples in the union batch; each of W ranks gets UNION // W
@@ -41,7 +41,7 @@ def reference_grads() -> dict[str, torch.Tensor]:
 
 
 def worker(mode: str, out: str) -> None:
-    from hpc.launch.env import setup_torch_env
+    from hpc.distributed.launcher import setup_torch_env
 
     launcher = setup_torch_env()
     ctx = dist.init(DistConfig(timeout_s=5 if mode == "hang" else 120), "cpu")

@@ -1,4 +1,4 @@
-"""hpc.dist: a plain process, and 2-process gloo DDP (launched by torchrun and by mpirun) giving the
+"""hpc.distributed.dist: a plain process, and 2-process gloo DDP (launched by torchrun and by mpirun) giving the
 same gradients as one process on the union batch (also with 2 accumulated micro-batches per rank);
 a hung rank ends the job within dist.timeout_s.
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_worker import HERE, check_grads, tiny_model
-from hpc import dist
+from hpc.distributed import dist
 from hpc.config import DistConfig
 from hpc.errors import ConfigError
 

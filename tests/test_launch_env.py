@@ -1,5 +1,6 @@
-"""Launcher env -> torch env: Slurm node lists, srun variables, submitit's JobEnvironment, and a
-real `mpirun -np 2` (mpi4py broadcast of rank 0's host and port)."""
+"""Launcher env -> torch env (hpc.distributed.launcher): which launcher (one precedence rule), srun
+variables, submitit's JobEnvironment, the MPI detector, and a real `mpirun -np 2` (mpi4py broadcast
+of rank 0's host and port). Node lists: tests/test_nodelist.py."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,12 @@ import pytest
 
 from helpers import ROOT, mpirun_cmd
 from hpc.errors import ConfigError
-from hpc.launch import env as E
+from hpc.distributed import launcher as E
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",
-               "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")
+               "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+               "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")
 
 
 @pytest.fixture
@@ -31,21 +33,6 @@ def clean_env(monkeypatch):
 
 def torch_env() -> tuple:
     return tuple(os.environ.get(v) for v in E.TORCH_VARS)
-
-
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node7", ["node7"]),
-    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
-    ("a[9-10],b2,c[008]", ["a9", "a10", "b2", "c008"]),
-    ("dgx-[1-2]", ["dgx-1", "dgx-2"]),
-])
-def test_expand_nodelist(nodelist, hosts):
-    assert E.expand_nodelist(nodelist) == hosts
-
-
-def test_bad_nodelist_names_the_variable():
-    with pytest.raises(ConfigError, match=r"SLURM_JOB_NODELIST='n\[a-b\]'"):
-        E.expand_nodelist("n[a-b]")
 
 
 def test_plain_process_sets_nothing(clean_env):
@@ -85,7 +72,55 @@ def test_submitit_local_job_environment(clean_env):
     assert addr  # submitit's own host list (this machine)
 
 
-WRITE_ENV = ("import json, os, sys; from hpc.launch.env import setup_torch_env, TORCH_VARS; "
+@pytest.mark.parametrize("env, launcher", [
+    ({}, "none"),
+    ({"RANK": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1",
+      "OMPI_COMM_WORLD_SIZE": "2"}, "torch"),
+    ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "submitit"),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     "srun"),  # today's rule; issue 16 makes MPI win over inherited SLURM_* (PRECEDENCE)
+    ({"SLURM_PROCID": "1"}, "none"),  # half an srun step is none
+    ({"PMI_RANK": "3", "PMI_SIZE": "4"}, "mpi"),
+    ({"OMPI_COMM_WORLD_RANK": "", "OMPI_COMM_WORLD_SIZE": "2"}, "none"),
+])
+def test_detect_launcher_is_the_one_precedence_rule(env, launcher):
+    assert E.detect_launcher(env) == launcher
+    assert [name for name, _ in E.PRECEDENCE] == ["torch", "submitit", "srun", "mpi"]
+
+
+def test_mpi_world_is_the_one_mpi_detector():
+    assert E.mpi_world({}) is None
+    assert E.mpi_world({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                        "OMPI_COMM_WORLD_LOCAL_RANK": "0"}) == (2, 4, 0)
+    assert E.mpi_world({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}) == E.Ranks(1, 2, 1)
+    with pytest.raises(ConfigError, match="PMI_SIZE='two' is not an integer"):
+        E.mpi_world({"PMI_RANK": "1", "PMI_SIZE": "two"})
+
+
+def test_torch_ranks_checked(clean_env):
+    assert E.torch_ranks() == (0, 1, 0)
+    assert E.torch_ranks({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
+    with pytest.raises(ConfigError, match=r"RANK=2 must be in \[0, WORLD_SIZE=2\)"):
+        E.torch_ranks({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_srun_with_an_infiniband_node_list(clean_env):
+    """The first host of `dgx[01-02]-ib` (a list Slurm 22.05's scontrol refuses) is dgx01-ib."""
+    for k, v in dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NODELIST="dgx[01-02]-ib",
+                     SLURM_JOB_NODELIST="other[1-4]").items():
+        clean_env.setenv(k, v)
+    assert E.setup_torch_env() == "srun"
+    assert os.environ["MASTER_ADDR"] == "dgx01-ib"  # the step's own list wins over the job's
+
+
+def test_bad_srun_variables_name_the_variable(clean_env):
+    clean_env.setenv("SLURM_PROCID", "x")
+    clean_env.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(ConfigError, match="SLURM_PROCID='x' is not an integer"):
+        E.setup_torch_env()
+
+
+WRITE_ENV = ("import json, os, sys; from hpc.distributed.launcher import setup_torch_env, TORCH_VARS; "
              "name = setup_torch_env(); row = [name] + [os.environ[v] for v in TORCH_VARS]; "
              "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(json.dumps(row))")
 
@@ -100,3 +135,28 @@ def test_mpirun_two_ranks_agree_on_master(tmp_path):
     assert [row[:4] for row in rows] == [["mpi", "0", "2", "0"], ["mpi", "1", "2", "1"]]
     assert rows[0][4:] == rows[1][4:]  # same MASTER_ADDR and MASTER_PORT on both ranks
     assert int(rows[0][5]) > 0
+
+
+def imports(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_layering():
+    """No library module imports the launch package (the CLI's verb table names it as strings), and
+    only hpc/distributed/dist.py imports torch.distributed."""
+    for path in sorted((ROOT / "hpc").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        found = imports(path)
+        if not rel.startswith("hpc/launch/"):
+            assert not {n for n in found if n == "hpc.launch" or n.startswith("hpc.launch.")}, rel
+        if rel != "hpc/distributed/dist.py":
+            assert not {n for n in found if n.startswith("torch.distributed")}, rel

@@ -1,5 +1,5 @@
 """On the real single-node Slurm cluster (tests/cluster/harness.py): `srun -n 2` DDP gives the
-union-batch gradients (hpc.launch.env maps SLURM_* to torch's variables), and `srun -n 2 hpc train`
+union-batch gradients (hpc.distributed.launcher maps SLURM_* to torch's variables), and `srun -n 2 hpc train`
 trains to the end with one checkpoint holding both ranks' RNG states."""
 from __future__ import annotations
 

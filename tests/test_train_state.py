@@ -13,7 +13,7 @@ from hpc.config import load_config
 from hpc.metrics import MetricAccumulator, baseline_batch
 from hpc.train import Trainer
 from hpc.train_state import KEYS
-from helpers import ROOT, make_dataset
+from helpers import TINY, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def trainer(dataset: Path, run_dir: Path, *overrides: str) -> Trainer:
-    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+    cfg = load_config(TINY,
                       [f"data.path={dataset}", f"train.run_dir={run_dir}", "checkpoint.resume=false", *overrides])
     return Trainer(cfg)
 

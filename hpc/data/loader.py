@@ -19,6 +19,7 @@ from hpc.config import Config, check_dataset
 from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
 from hpc.data.transform import Batch, DeviceTransform
+from hpc.distributed.device import resolve_device
 from hpc.errors import ConfigError
 from hpc.io.shards import Dataset
 
@@ -120,12 +121,6 @@ class Loader:
         served = self._windows * per_slice
         return {"bytes_read": self._bytes, "bytes_served": served,
                 "amplification": self._bytes / served if served else float("nan")}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,

@@ -1,1 +1,1 @@
-"""Launch layer: launcher env -> torch env (env.py), `hpc submit`, `hpc sweep`, `hpc sbatch`."""
+"""Launch layer: `hpc submit`, `hpc sweep`, `hpc sbatch` (it uses hpc.distributed; no library module imports it)."""

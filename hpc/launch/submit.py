@@ -86,7 +86,7 @@ def _shutdown_unless_failed() -> None:
     """atexit: barrier -> flush -> os._exit(0), unless the interpreter is exiting on an unhandled
     exception (sys.last_value is set then), whose non-zero status must reach Slurm."""
     if getattr(sys, "last_value", None) is None:
-        from hpc import dist
+        from hpc.distributed import dist
 
         dist.shutdown(0)
 
@@ -103,7 +103,7 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict:
-        from hpc.launch.env import setup_torch_env
+        from hpc.distributed.launcher import setup_torch_env
         from hpc.train import train
 
         setup_torch_env()
@@ -111,7 +111,7 @@ class TrainJob:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # submitit pickles `result` after this returns, then the interpreter exits, where gloo
             # aborts ~1 run in 8 (docs/ARCHITECTURE.md, "Shutting down"): leave through
-            # hpc.dist.shutdown instead
+            # hpc.distributed.dist.shutdown instead
             atexit.register(_shutdown_unless_failed)
         return result
 

@@ -1,8 +1,8 @@
 """The one module that calls torch.distributed (docs/ARCHITECTURE.md, "Distributed").
 
-It reads only torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); the
-launch layer (hpc.launch.env) maps srun / submitit / MPI onto them. With none set, everything runs
-as one plain process and every collective is a no-op.
+It reads only torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
+hpc.distributed.launcher maps torchrun / srun / submitit / MPI onto them. With none set, everything
+runs as one plain process and every collective is a no-op.
 
     ctx = init(cfg.dist, device)          # nccl on GPU, gloo on CPU, timeout from cfg
     model = wrap(model, cfg.dist, ctx, compile=False)
@@ -24,6 +24,8 @@ import torch.distributed as tdist
 from torch import nn
 
 from hpc.config import DistConfig
+from hpc.distributed.device import resolve_device
+from hpc.distributed.launcher import torch_ranks
 from hpc.errors import ConfigError
 
 
@@ -39,33 +41,9 @@ class Context:
         return self.world > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment: {name}={raw!r} is not an integer") from None
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """auto -> cuda:<local_rank> when a GPU is visible, else cpu (``name``: hpc.config.Device)."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("data.device=cuda but no CUDA device is visible")
-    dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
-    return dev
-
-
 def init(cfg: DistConfig, device_name: str = "auto") -> Context:
     """Join the process group described by torch's env variables (or run alone without them)."""
-    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    local = _env_int("LOCAL_RANK", 0)
-    if not 0 <= rank < world:
-        raise ConfigError(f"environment: RANK={rank} must be in [0, WORLD_SIZE={world})")
+    rank, world, local = torch_ranks()
     device = resolve_device(device_name, local)
     if world > 1 and not tdist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
