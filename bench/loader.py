@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hpc.config import Config  # noqa: E402
 from hpc.data import build_loader  # noqa: E402
+from hpc.distributed.device import DEVICES, resolve_device  # noqa: E402
 from hpc.io.atomic import atomic_write_text  # noqa: E402
 from hpc.io.shards import Dataset, ShardWriter  # noqa: E402
 
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--context", type=int, default=2)
     ap.add_argument("--run-length", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per configuration; the first is untimed")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     ap.add_argument("--model", default="", help="also time a training step of this preset (badblock|unet|light)")
     ap.add_argument("--base", type=int, default=64, help="model width for --model")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps for --model")
@@ -103,7 +104,7 @@ def config(args: argparse.Namespace, root: Path, backend: str, workers: int) -> 
 
 
 def time_loader(cfg: Config, epochs: int) -> dict:
-    loader = build_loader(cfg, "train", 0, 1, torch.device(cfg.data.device))
+    loader = build_loader(cfg, "train", 0, 1, resolve_device(cfg.data.device))
     rate = 0.0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -121,7 +122,7 @@ def time_step(cfg: Config, shape: list[int], steps: int) -> float:
     """Training-step samples/s (forward, L1, backward, AdamW) on a batch of the loader's shape."""
     from hpc.models import build_model
 
-    device = torch.device(cfg.data.device)
+    device = resolve_device(cfg.data.device)
     model = build_model(cfg.model, shape[1]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(shape, device=device)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.data or synthetic(Path(tmp) / "synthetic", args.studies, args.slices, views, bins,
                                       args.compression)
         base = baseline(root)
-        print(f"dataset {root}: sequential h5py pass {base:,.0f} slices/s; device {args.device}")
+        print(f"dataset {root}: sequential h5py pass {base:,.0f} slices/s; device {resolve_device(args.device)}")
         rows = []
         for backend in args.backends.split(","):
             for workers in (int(w) for w in args.workers.split(",")):

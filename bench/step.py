@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from hpc.config import LossConfig, ModelConfig  # noqa: E402
+from hpc.distributed.device import DEVICES, resolve_device  # noqa: E402
 from hpc.losses import build_loss  # noqa: E402
 from hpc.models import MODELS, build_model, required_multiple  # noqa: E402
 
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=1024, help="upper bound of the batch search")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens here)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the peak for every mode")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -82,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.views, args.bins = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         ap.error(f"--size: expected VIEWSxBINS like 168x400, got {args.size!r}")
-    if args.device == "cpu" and args.batch == 0:
+    args.device = resolve_device(args.device, what="--device")  # the trainer's own resolver
+    if args.device.type == "cpu" and args.batch == 0:
         ap.error("--batch: give a batch size on the CPU (the search for the largest batch is GPU-only)")
     return args
 
@@ -232,7 +234,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     who = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
