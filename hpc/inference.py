@@ -370,28 +370,32 @@ def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: l
         if dead_blocks is not None and key not in geometry:  # checked before anything is written
             geometry[key] = gap_mask(rep, layout, dead_blocks=dead_blocks, scanner=scanner)
 
-        blocks = geometry.get(key)
-
-        def opener(info=info, blocks=blocks):
-            src = ShardArray(info, "input" if info.has_input else "target")
-            if blocks is not None:
-                mask, stored = blocks, None
-            elif info.has_mask:
-                stored = ShardArray(info, "mask")
-                mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
-            else:
-                mask, stored = None, None
-
-            def close():
-                src.close()
-                if stored is not None:
-                    stored.close()
-
-            return src.read, mask, close
-
+        opener = partial(_open_study, info, geometry.get(key))
         aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if d.fill == "reproject" else {}
         jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5", aux))
     return jobs
+
+
+def _open_study(info, blocks: MaskFn | None):
+    """(read, mask, close) of a converted study: its stored ``input`` (paired) or ``target``; gaps
+    from ``blocks`` (dead blocks), else its stored ``mask``, else none."""
+    from hpc.io.shards import ShardArray
+
+    src = ShardArray(info, "input" if info.has_input else "target")
+    if blocks is not None:
+        mask, stored = blocks, None
+    elif info.has_mask:
+        stored = ShardArray(info, "mask")
+        mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
+    else:
+        mask, stored = None, None
+
+    def close():
+        src.close()
+        if stored is not None:
+            stored.close()
+
+    return src.read, mask, close
 
 
 def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[str] | None = None,
