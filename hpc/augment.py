@@ -158,26 +158,18 @@ def choose_blocks(seed: int, ids: torch.Tensor, n_blocks: int, count: int) -> to
     return hash_uniform(seed, ids, n_blocks).argsort(dim=1)[:, :count]
 
 
-def dead_block_masks(tmasks: torch.Tensor, blocks_a: torch.Tensor, blocks_b: torch.Tensor,
-                     dead: torch.Tensor, n_trans: int) -> torch.Tensor:
-    """Measured-pixel masks (N, V, X) float (1 = measured) for N sinogram planes.
-
-    tmasks (T, 2, V, X) bool: LORs whose end a / end b lies in transaxial block t.
-    blocks_a, blocks_b (N,): axial block of each plane's ring a / ring b.
-    dead (N, D): dead block ids ``axial_block * n_trans + trans_block`` for each plane's sample.
-    An LOR is lost when the block at either of its ends is dead.
-    """
-    d_ax, d_tr = torch.div(dead, n_trans, rounding_mode="floor"), dead.remainder(n_trans)
-    end_a = tmasks[d_tr, 0] & (d_ax == blocks_a.view(-1, 1)).view(*dead.shape, 1, 1)  # (N, D, V, X)
-    end_b = tmasks[d_tr, 1] & (d_ax == blocks_b.view(-1, 1)).view(*dead.shape, 1, 1)
-    return (~(end_a | end_b).any(dim=1)).float()
-
-
 def thin(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Binomial thinning: each count kept with probability ``p`` in (0, 1] (an exact lower-dose
     acquisition)."""
     counts = x.round().clamp_min(0)
     return torch.binomial(counts, torch.full_like(counts, p), generator=generator)
+
+
+def thin_fraction(x: torch.Tensor, fraction: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Binomial thinning of counts x by a per-pixel probability (the measured fraction of a
+    span-compressed bin whose other LORs a dead block lost: Poisson statistics stay exact)."""
+    counts = x.round().clamp_min(0)
+    return torch.binomial(counts, fraction.clamp(0, 1).expand_as(counts).contiguous(), generator=generator)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -255,12 +247,14 @@ def apply_augment(x: torch.Tensor, prm: AugmentParams, is_mask: bool = False) ->
 
 # ---------------------------------------------------------------- gaps
 
-def fill_radial(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Gap pixels (mask < 0.5) linearly interpolated along the radial bins (last axis) between the
-    nearest measured bins of the same row; beyond the outermost measured bin its value is held, a
-    row with nothing measured is 0. Measured pixels are returned unchanged. x, mask: (..., X); the
-    batched twin of hpc.metrics.linear_interp_radial."""
-    m = (mask > 0.5).expand_as(x)
+def fill_radial(x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Gap pixels (measured fraction ``mask`` 0) linearly interpolated along the radial bins (last
+    axis) between the nearest fully measured bins (mask 1, valid) of the same row; beyond the
+    outermost one its value is held, a row with none is 0. Measured and partly measured pixels are
+    returned unchanged, invalid ones (virtual crystals) as 0. x, mask, valid: (..., X); for gaps the
+    batched twin of hpc.baselines.linear_interp_radial."""
+    ok = torch.ones_like(x, dtype=torch.bool) if valid is None else (valid > 0.5).expand_as(x)
+    m = (mask >= 1).expand_as(x) & ok
     n = x.shape[-1]
     idx = torch.arange(n, device=x.device).expand_as(x)
     # No cummax (ONNX has none): the k-th measured bin of a row is pos[k], and cumsum counts them.
@@ -274,23 +268,27 @@ def fill_radial(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     vl, vr = x.gather(-1, left), x.gather(-1, right)
     w = (idx - left).to(x.dtype) / (right - left).clamp(min=1).to(x.dtype)
     fill = torch.where(has_l & has_r, vl + (vr - vl) * w, torch.where(has_l, vl, torch.where(has_r, vr, 0.0)))
-    return torch.where(m, x, fill)
+    return torch.where(ok, torch.where((mask <= 0).expand_as(x), fill, x), 0.0)
 
 
 def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str, reproject=None,
-              aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The network's view of a gapped input (data.fill): gaps zeroed, pre-filled radially, or filled
-    by the reconstruction of the measured bins projected into the gaps (``reproject``: an
-    hpc.recon.ReprojectFill; ``aux`` its optional ``mult`` / ``randoms``, shaped like x), so the
-    network learns a correction to interpolation or to physics instead of the whole value."""
+              aux: dict[str, torch.Tensor] | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's view of a gapped input (data.fill): gaps (measured fraction 0) zeroed,
+    pre-filled radially, or filled by the reconstruction of the measured bins projected into the
+    gaps (``reproject``: an hpc.recon.ReprojectFill; ``aux`` its optional ``mult`` / ``randoms``,
+    shaped like x), so the network learns a correction to interpolation or to physics instead of
+    the whole value. Partly measured bins keep their counts (the mask channel says what fraction
+    they hold); pixels without a real LOR (``valid`` 0: virtual crystals) are 0."""
     if mode == "zero":
-        return x * mask
+        out = torch.where(mask > 0, x, 0.0)
+        return out if valid is None else out * (valid > 0.5)
     if mode == "reproject":
         if reproject is None:
             raise ValueError("the reproject fill (data.fill) needs the scanner geometry")
-        return reproject(x, mask, aux or {})
+        out = reproject(x, mask, aux or {})
+        return out if valid is None else out * (valid > 0.5)
     assert mode == "linear", mode  # hpc.config.Fill
-    return fill_radial(x, mask)
+    return fill_radial(x, mask, valid)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -345,10 +343,13 @@ class Preprocess:
         state = PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
         return self.like(raw, state), state
 
-    def gaps(self, raw: torch.Tensor, mask: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Gap pixels (mask 0) of ``raw`` as the network was trained to see them (``data.fill``);
-        ``aux``: the slices' ``mult`` / ``randoms`` (counts, like raw) when data.fill=reproject has them."""
-        return fill_gaps(raw.float(), mask.float(), self.fill, self.reproject, aux)
+    def gaps(self, raw: torch.Tensor, mask: torch.Tensor, aux: dict[str, torch.Tensor] | None = None,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Gap pixels (measured fraction 0) of ``raw`` as the network was trained to see them
+        (``data.fill``); ``aux``: the slices' ``mult`` / ``randoms`` (counts, like raw) when
+        data.fill=reproject has them; invalid pixels (``valid`` 0: virtual crystals) 0."""
+        return fill_gaps(raw.float(), mask.float(), self.fill, self.reproject, aux,
+                         None if valid is None else valid.float())
 
     def like(self, t: torch.Tensor, state: PreState) -> torch.Tensor:
         return self._pad(normalize(t.float(), self.mode, state.norm), state.pad)

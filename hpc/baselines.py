@@ -114,12 +114,13 @@ ALL = ("reproject", "axial3d", "biharmonic", "linear")
 def baseline_batch(name: str, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Apply 2-D baseline ``name`` to each slice: x (B, 1, V, X) corrupted centre slices, mask (B, 1, V, X)
-    measured fractions, valid (V, X) or None -> (B, 1, V, X) with x's dtype and device (computed on
+    measured fractions, valid (V, X), (B, 1, V, X) or None -> (B, 1, V, X) with x's dtype and device (computed on
     the CPU in float64)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
     xs = x.detach().double().cpu().numpy()
     ms = mask.detach().expand_as(x).double().cpu().numpy()
-    vs = None if valid is None else valid.detach().cpu().numpy()
-    out = np.stack([BASELINES[name](xs[b, 0], ms[b, 0], vs)[None] for b in range(xs.shape[0])])
+    vs = None if valid is None else valid.detach().cpu().numpy()  # (V, X), or (B, 1, V, X) per sample
+    per = vs is not None and vs.ndim == 4
+    out = np.stack([BASELINES[name](xs[b, 0], ms[b, 0], vs[b, 0] if per else vs)[None] for b in range(xs.shape[0])])
     return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)

@@ -32,7 +32,7 @@ from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text
 from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
-from hpc.io.sinogram import SinogramReader, SinogramSpec, raw_spec, read_header
+from hpc.io.sinogram import MaskReader, SinogramReader, SinogramSpec, raw_spec, read_header
 from hpc.progress import Progress
 
 SLAB_BYTES = 8 << 20  # read/write a few slices at a time: memory stays flat whatever the file size
@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+# `scan data type description` of a Siemens file's second data set: randoms measured as delayed coincidences
+DELAYED_NAMES = ("randoms", "delayed", "delays")
+
+
 @dataclass(frozen=True)
 class Study:
     id: str
@@ -80,8 +84,16 @@ class Study:
     truth: tuple[tuple[str, SinogramSpec], ...] = ()  # (role in TRUTH, spec)
 
     @property
+    def delayed(self) -> SinogramSpec | None:
+        """The randoms data set of the target's own file (Siemens prompts + randoms: delayed
+        coincidences, counts), if it has one; stored as `delayed` (`randoms` are expected randoms)."""
+        name = next((n for n, _ in self.target.datasets if n in DELAYED_NAMES), None)
+        return self.target.dataset(name) if name else None
+
+    @property
     def specs(self) -> dict[str, SinogramSpec]:
-        pairs = (("target", self.target), ("input", self.input), ("mask", self.mask), *self.truth)
+        pairs = (("target", self.target), ("input", self.input), ("mask", self.mask), *self.truth,
+                 ("delayed", self.delayed))
         return {k: s for k, s in pairs if s}
 
     @property
@@ -130,7 +142,7 @@ def _study_id(path: Path, taken: set[str]) -> str:
 
 
 def _check_pair(target: SinogramSpec, other: SinogramSpec, role: str) -> None:
-    counts = (target.num_slices, 1) if role == "mask" else (target.num_slices,)
+    counts = (target.num_slices, target.planes, 1) if role == "mask" else (target.num_slices,)
     if other.slice_shape != target.slice_shape or other.num_slices not in counts:
         raise InputError(f"{other.source}: {role} shape {other.num_slices}x{other.views}x{other.bins} "
                          f"does not match {target.source} ({target.num_slices}x{target.views}x{target.bins})")
@@ -190,12 +202,13 @@ def _shard_attrs(study: Study, sums: dict[str, str], first: int, count: int, opt
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "axes": "slice,view,bin",
              "source": t.source.name, "source_sha256": sums["target"], "study": study.id,
              "first_slice": first, "study_num_slices": t.num_slices, "source_kind": t.kind,
-             "source_dtype": t.dtype.str, "scanner": t.fields.get("originating system", ""),
+             "source_dtype": t.dtype.str, "scanner": t.scanner or t.fields.get("originating system", ""),
              "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
-             "compression": opts.compression}
+             "ring_diffs": json.dumps(t.ring_diffs), "compression": opts.compression}
     for role in ("input", "mask", *TRUTH):
         if role in sums:
             attrs[f"{role}_source"], attrs[f"{role}_sha256"] = study.specs[role].source.name, sums[role]
+    attrs["has_delayed"] = study.delayed is not None  # from the target's own file (same sha256)
     attrs.update({f"header:{k}": t.fields[k] for k in HEADER_ATTRS if k in t.fields})
     # what makes a finished shard reusable by --resume: same sources, range and encoding
     key = {k: attrs.get(k) for k in ("source_sha256", "input_sha256", "mask_sha256", "first_slice",
@@ -234,31 +247,40 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
     arrays = {"target": ((count, v, x), t.dtype)}
     if study.input:
         arrays["input"] = ((count, v, x), study.input.dtype)
-    if study.mask:
-        arrays["mask"] = ((v, x) if mask_2d else (count, v, x), np.uint8)
+    if study.delayed:
+        arrays["delayed"] = ((count, v, x), study.delayed.dtype)
+    if study.mask:  # 0/1 masks as uint8; measured fractions (a float mask file) as float32
+        arrays["mask"] = ((v, x) if mask_2d else (count, v, x), mask_dtype(study.mask))
     arrays.update({role: ((count, v, x), np.float32) for role, _ in study.truth})
     arrays.update({k: ((count,), np.int32) for k in ("tof", "segment", "axial")})
     meta = dict(zip(("tof", "segment", "axial"), t.meta(), strict=True))
     slab = max(1, SLAB_BYTES // (study.nbytes // t.num_slices))
     with ShardWriter(path, arrays, opts.compression, attrs) as w:
         if mask_2d:
-            w.write(0, mask=readers["mask"].read(0, 1)[0] != 0)
+            w.write(0, mask=readers["mask"].read(0, 1)[0].astype(arrays["mask"][1]))
         for k in range(first, first + count, slab):
             stop = min(k + slab, first + count)
             slabs = {role: r.read(k, stop) for role, r in readers.items() if not (role == "mask" and mask_2d)}
             for role in ("target", "input", *TRUTH):
                 if role in slabs:
                     _finite(slabs[role], study.specs[role], k)
-            if "mask" in slabs:
-                slabs["mask"] = slabs["mask"] != 0
+            if "mask" in slabs:  # fractions: uint8 0/1 for integer masks, float32 for float ones
+                slabs["mask"] = slabs["mask"].astype(arrays["mask"][1])
             w.write(k - first, **slabs, **{m: a[k:stop] for m, a in meta.items()})
             report(stop - k)
         return w.commit()
 
 
+def mask_dtype(spec: SinogramSpec) -> np.dtype:
+    """How a mask is stored: uint8 0/1 from an integer mask file, float32 measured fractions in
+    [0, 1] from a float one (span-compressed data: a bin partly lost)."""
+    return np.dtype(np.float32) if spec.dtype.kind == "f" else np.dtype(np.uint8)
+
+
 def hash_sources(study: Study) -> dict[str, str]:
     """role -> SHA-256 of its data file (recorded in every shard; --resume compares it)."""
-    return {role: sha256_file(spec.data_path) for role, spec in study.specs.items()}
+    return {role: sha256_file(spec.data_path) for role, spec in study.specs.items()
+            if role != "delayed"}  # the delayed share the target's data file
 
 
 def shard_ranges(study: Study, opts: Options) -> list[tuple[int, int]]:
@@ -276,7 +298,8 @@ def convert_shard(study: Study, sums: dict[str, str], k: int, first: int, count:
     if info is not None:
         report(count)
     else:
-        readers = {role: SinogramReader(spec) for role, spec in study.specs.items()}
+        readers = {role: MaskReader(spec, study.target) if role == "mask" else SinogramReader(spec)
+                   for role, spec in study.specs.items()}
         try:
             info = _write_shard(study, readers, out / rel, first, count, attrs, opts, report)
         finally:
@@ -300,9 +323,11 @@ def _study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict
     entry = {"id": study.id, "source": str(t.source.resolve()), "kind": t.kind, "sha256": sums["target"],
              "num_slices": t.num_slices, "slice_shape": list(t.slice_shape), "dtype": t.dtype.newbyteorder("=").name,
              "tof_bins": t.tof_bins, "segments": list(t.segments), "axial_counts": list(t.axial_counts),
+             "ring_diffs": [list(r) for r in t.ring_diffs] if t.ring_diffs else None,
              "has_input": study.input is not None, "has_mask": study.mask is not None,
              **{f"has_{role}": True for role, _ in study.truth},
-             "scanner": t.fields.get("originating system", ""), "max": vmax, "shards": shards}
+             "has_delayed": study.delayed is not None,
+             "scanner": t.scanner or t.fields.get("originating system", ""), "max": vmax, "shards": shards}
     for role in ("input", "mask", *TRUTH):
         if role in sums:
             entry[f"{role}_source"] = str(study.specs[role].source.resolve())

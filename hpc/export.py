@@ -2,7 +2,8 @@
 
 The exported graph takes counts, not network values: ``repaired = model(raw, mask)`` with raw
 (B, 2k+1, V, X) float32 context stacks (the slice and its k neighbours each side in the same
-segment, edges replicated as `hpc predict` does) and mask (B, 2k+1, V, X) float32 (1 = measured).
+segment, edges replicated as `hpc predict` does) and mask (B, 2k+1, V, X) float32 measured fractions
+(1 = measured, 0 = gap, in between a partly lost span-compressed bin: its counts + (1 - mask) x model).
 It zeroes the gaps, normalizes, pads, runs the network, crops, denormalizes and returns
 (B, 1, V, X) float32 counts in which measured pixels are the input's own values. The batch size is
 free; V and X are fixed to the training slice size (or --slice-shape). FILE.json beside the model
@@ -42,7 +43,9 @@ class CountsModel(nn.Module):
         x, state = self.pre.forward(self.pre.gaps(raw, mask))  # (B, C, V', X')
         y = self.model(x, self.pre.pad_mask(mask[:, c:c + 1], state))
         out = self.pre.inverse(y, state)  # (B, 1, V, X) counts
-        return torch.where(mask[:, c:c + 1] > 0.5, raw[:, c:c + 1], out)
+        m, r = mask[:, c:c + 1], raw[:, c:c + 1]
+        # measured kept bitwise, gaps from the model, a partly measured bin: its counts + the lost fraction
+        return torch.where(m >= 1, r, torch.where(m > 0, r + (1 - m) * out, out))
 
 
 def example_inputs(rep: Repairer, shape: tuple[int, int], batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError, OutputError
 from hpc.io.shards import RepairedH5Writer
-from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
+from hpc.io.sinogram import MaskReader, SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
 from hpc.progress import Progress
 
 
@@ -106,9 +106,10 @@ def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
         raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} (views x bins) but "
                          f"checkpoint {rep.path} was trained on {rep.slice_shape[0]}x{rep.slice_shape[1]}")
     sc = _known_scanner(rep.scanner)
-    if sc is not None and (sc.views, sc.bins) != tuple(spec.slice_shape):
+    if sc is not None and (sc.views % spec.views or spec.bins > sc.bins):
         raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
-                         f"{rep.path} was trained on scanner {sc.name!r} ({sc.views}x{sc.bins})")
+                         f"{rep.path} was trained on scanner {sc.name!r} ({sc.views} views, mashed by an "
+                         f"integer, x up to {sc.bins} bins)")
 
 
 def _known_scanner(name: str):
@@ -132,38 +133,61 @@ def _scanner(name: str, where: Path | str):
 
 # ---------------------------------------------------------------- masks
 AUX = ("mult", "randoms")  # what data.fill=reproject models (hpc.recon.ReprojectFill)
-MaskFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) uint8, 1 = measured
+MaskFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) float32 measured fraction, 1 = measured
+ValidFn = Callable[[int, int], np.ndarray]  # (start, stop) -> (n, V, X) bool, False = no line of response
 
 
 def file_mask(spec: SinogramSpec, mask_spec: SinogramSpec) -> MaskFn:
-    """A mask file of the same layout as the input (or a single (V, X) slice for all)."""
-    if mask_spec.slice_shape != spec.slice_shape or mask_spec.num_slices not in (1, spec.num_slices):
-        raise InputError(f"{mask_spec.source}: mask is {mask_spec.num_slices}x{mask_spec.views}x"
-                         f"{mask_spec.bins}, input {spec.source} is {spec.num_slices}x{spec.views}x{spec.bins}")
-    reader = SinogramReader(mask_spec)
-    if mask_spec.num_slices == 1:
-        one = (reader.read(0, 1) > 0).astype(np.uint8)
-        return lambda a, b: np.broadcast_to(one, (b - a, *one.shape[1:]))
-    return lambda a, b: (reader.read(a, b) > 0).astype(np.uint8)
+    """A mask file for the input's slices: one slice per slice, per plane (shared by the TOF bins)
+    or one for all; measured fractions in [0, 1] (integer masks: 1 where non-zero)."""
+    return MaskReader(mask_spec, spec).read
+
+
+def spec_layout(spec: SinogramSpec, scanner: str = ""):
+    """The input's hpc.projdata.Layout on ``scanner`` (default: its header's), or None if unknown."""
+    from hpc.projdata import layout_for
+
+    for name in (spec.scanner, scanner):  # the file's own scanner first
+        try:
+            return layout_for(name, spec.segments, spec.axial_counts, spec.views, spec.bins, spec.tof_bins,
+                              spec.ring_diffs) if name else None
+        except ValueError:
+            continue
+    return None
+
+
+def valid_fn(spec: SinogramSpec, scanner: str = "") -> ValidFn | None:
+    """Which pixels of each slice are lines of response (virtual crystals and rings are not), from
+    the layout on ``scanner`` (or the header's); None when the geometry is unknown."""
+    lay = spec_layout(spec, scanner)
+    if lay is None:
+        return None
+    return lambda a, b: lay.valid(np.arange(a, b) % lay.planes)
 
 
 def dead_block_mask(spec: SinogramSpec, scanner: str, blocks: list[int]) -> MaskFn:
-    """Gaps of the listed dead blocks, from the scanner geometry, for every slice of ``spec``."""
-    from hpc import geometry as G
+    """Measured fractions under the listed dead blocks, from the layout of ``spec`` on ``scanner``:
+    0/1 for span-1 unmashed data, fractions where a plane sums ring pairs or views."""
+    from hpc.projdata import DeadBlockTables, dead_fractions, layout_for
 
     sc = _scanner(scanner, spec.source)
-    if (sc.views, sc.bins) != tuple(spec.slice_shape):
-        raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but scanner {scanner!r} "
-                         f"has {sc.views}x{sc.bins} (views x bins)")
     try:
-        planes = G.dead_block_mask(sc, blocks, segments=list(spec.segments))  # (planes, V, X)
+        lay = layout_for(sc, spec.segments, spec.axial_counts, spec.views, spec.bins, spec.tof_bins, spec.ring_diffs)
+        tables = DeadBlockTables(lay)
+        hit = np.flatnonzero(tables.hit_planes(blocks))
+        fractions = dead_fractions(lay, blocks, hit, tables)  # (H, V, X): only planes a dead block reaches
     except ValueError as exc:
-        raise InputError(f"--dead-blocks {blocks}: {exc}") from None
-    if len(planes) != spec.planes:
-        raise InputError(f"{spec.source}: {spec.planes} planes per TOF bin, scanner {scanner!r} "
-                         f"gives {len(planes)} for segments {list(spec.segments)}")
-    # canonical order repeats the planes for each TOF bin: index instead of tiling (bounded memory)
-    return lambda a, b: planes[np.arange(a, b) % spec.planes]
+        raise InputError(f"{spec.source}: --dead-blocks {blocks} on scanner {scanner!r}: {exc}") from None
+    row = np.full(lay.planes, -1)
+    row[hit] = np.arange(hit.size)
+
+    def read(a: int, b: int) -> np.ndarray:
+        out = np.ones((b - a, *spec.slice_shape), np.float32)
+        k = row[np.arange(a, b) % spec.planes]  # canonical order repeats the planes for each TOF bin
+        out[k >= 0] = fractions[k[k >= 0]]
+        return out
+
+    return read
 
 
 def gap_mask(rep: Repairer, spec: SinogramSpec, mask_spec: SinogramSpec | None = None,
@@ -193,9 +217,11 @@ class Counts:
     clipped_high: int = 0
     nonfinite: int = 0  # NaN/inf predictions (written as 0)
     slices: int = 0
+    modelled: int = 0  # slices that had gaps and went through the model (the others were copied)
 
     def summary(self) -> str:
-        return (f"{self.slices} slices, {self.replaced} pixels predicted; {self.rounded} rounded to "
+        return (f"{self.slices} slices ({self.modelled} with gaps through the model), {self.replaced} pixels "
+                f"predicted; {self.rounded} rounded to "
                 f"integers, {self.clipped_low} clipped low, {self.clipped_high} clipped high, "
                 f"{self.nonfinite} non-finite set to 0")
 
@@ -224,14 +250,15 @@ def stack_bounds(spec: SinogramSpec) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def model_output(rep: Repairer, raw: np.ndarray, m: np.ndarray | None,
-                 aux: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """Model output in counts, float64 (B, V, X), for context stacks ``raw`` (B, C, V, X) with gap
-    masks ``m`` (B, C, V, X) 1 = measured (None: no gaps); ``aux``: their ``mult`` / ``randoms``
-    (B, C, V, X), which data.fill=reproject models when given."""
+                 aux: dict[str, np.ndarray] | None = None, v: np.ndarray | None = None) -> np.ndarray:
+    """Model output in counts, float64 (B, V, X), for context stacks ``raw`` (B, C, V, X) with
+    measured fractions ``m`` (B, C, V, X) (None: no gaps); ``aux``: their ``mult`` / ``randoms``
+    (B, C, V, X), which data.fill=reproject models when given; ``v``: lines of response (None: all)."""
     x = torch.from_numpy(raw.astype(np.float32)).to(rep.device)
     mask = torch.ones_like(x) if m is None else torch.from_numpy(m.astype(np.float32)).to(rep.device)
-    extra = {k: torch.from_numpy(np.asarray(v, np.float32)).to(rep.device) for k, v in (aux or {}).items()}
-    x, state = rep.pre.forward(rep.pre.gaps(x, mask, extra))  # gaps in every channel, as in training
+    extra = {k: torch.from_numpy(np.asarray(a, np.float32)).to(rep.device) for k, a in (aux or {}).items()}
+    valid = None if v is None else torch.from_numpy(v.astype(np.float32)).to(rep.device)
+    x, state = rep.pre.forward(rep.pre.gaps(x, mask, extra, valid))  # gaps in every channel, as in training
     k = raw.shape[1] // 2
     y = rep.model(x, rep.pre.pad_mask(mask[:, k:k + 1], state))  # (B, 1, V', X')
     return rep.pre.inverse(y.float(), state)[:, 0].double().cpu().numpy()
@@ -243,34 +270,76 @@ def windows(rep: Repairer, spec: SinogramSpec, centres: np.ndarray) -> np.ndarra
     return window_ids(centres, lo[centres], hi[centres], rep.context, rep.cfg.data.edge)
 
 
+def needs_repair(spec: SinogramSpec, mask: MaskFn | None, valid: ValidFn | None, step: int = 64) -> np.ndarray:
+    """(N,) bool: the slices with a gap or a partly measured pixel on a real LOR (every slice when
+    there is no mask: the model rewrites them all)."""
+    n = spec.num_slices
+    if mask is None:
+        return np.ones(n, bool)
+    todo = np.zeros(n, bool)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        lost = mask(a, b) < 1
+        if valid is not None:
+            lost &= valid(a, b)
+        todo[a:b] = lost.reshape(b - a, -1).any(1)
+    return todo
+
+
+def compose(src: np.ndarray, pred: np.ndarray, m: np.ndarray | None, v: np.ndarray | None, dtype: np.dtype,
+            counts: Counts) -> np.ndarray:
+    """The repaired slices: measured pixels (fraction 1) keep the input's bytes, gaps are the model,
+    a partly measured bin its counts plus the lost fraction of the model, c + (1 - m) pred; pixels
+    without a line of response (``v`` False) 0. Predictions are rounded/clipped for integer files."""
+    out = src.copy()
+    change = np.ones(src.shape, bool) if m is None else m < 1
+    if v is not None:
+        change &= v
+    value = pred[change] if m is None else np.where(m[change] > 0, src[change] + (1 - m[change]) * pred[change],
+                                                    pred[change])
+    out[change] = to_dtype(value, dtype, counts)
+    counts.replaced += int(change.sum())
+    if v is not None:
+        out[~v] = 0
+    return out
+
+
 def repair(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], mask: MaskFn | None,
            write: Callable[[int, np.ndarray], None], batch: int, progress: Progress | None = None,
-           aux: dict[str, Callable[[int, int], np.ndarray]] | None = None) -> Counts:
-    """Repair every slice of ``spec`` in canonical order, ``batch`` centre slices at a time;
-    ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) in the source dtype)``;
-    ``aux``: readers of the study's mult / randoms (data.fill=reproject models them)."""
+           aux: dict[str, Callable[[int, int], np.ndarray]] | None = None, valid: ValidFn | None = None,
+           todo: np.ndarray | None = None) -> Counts:
+    """Repair every slice of ``spec`` in canonical order: the slices in ``todo`` (default:
+    :func:`needs_repair`) through the model, ``batch`` centre slices at a time; the others are
+    copied. ``read(start, stop) -> (n, V, X)`` the input, ``write(start, out (n, V, X) source dtype)``;
+    ``aux``: readers of the study's mult / randoms (data.fill=reproject models them); ``progress``
+    counts the slices that need the model."""
     counts = Counts()
-    for a in range(0, spec.num_slices, batch):
-        b = min(a + batch, spec.num_slices)
-        ids = windows(rep, spec, np.arange(a, b))  # (n, 2k+1) global ids
-        r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
-        slab = read(r0, r1)  # (r1 - r0, V, X) source dtype, native byte order
-        mslab = mask(r0, r1) if mask is not None else None
-        extra = {k: f(r0, r1)[ids - r0] for k, f in (aux or {}).items()}
-        pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0], extra)
-        src = slab[a - r0:b - r0]
-        if mslab is None:
-            out = to_dtype(pred, spec.dtype, counts)
-            counts.replaced += out.size
-        else:
-            gap = mslab[a - r0:b - r0] == 0
-            out = src.copy()  # measured values: the input's own bytes
-            out[gap] = to_dtype(pred[gap], spec.dtype, counts)
-            counts.replaced += int(gap.sum())
+    todo = needs_repair(spec, mask, valid) if todo is None else todo
+    work = np.flatnonzero(todo)
+    for a in range(0, spec.num_slices, max(batch, 256)):  # copies move in big chunks, the model in batches
+        b = min(a + max(batch, 256), spec.num_slices)
+        out = read(a, b)
+        if valid is not None:
+            out[~valid(a, b)] = 0  # no counts where there is no line of response
+        mine = work[(work >= a) & (work < b)]
+        for c in range(0, mine.size, batch):
+            centres = mine[c:c + batch]
+            ids = windows(rep, spec, centres)  # (n, 2k+1) global ids
+            r0, r1 = int(ids.min()), int(ids.max()) + 1  # one contiguous read covers every window
+            slab = read(r0, r1)
+            mslab = mask(r0, r1) if mask is not None else None
+            vslab = valid(r0, r1) if valid is not None else None
+            extra = {k: f(r0, r1)[ids - r0] for k, f in (aux or {}).items()}
+            pred = model_output(rep, slab[ids - r0], None if mslab is None else mslab[ids - r0], extra,
+                                None if vslab is None else vslab[ids - r0])
+            k = centres - r0
+            out[centres - a] = compose(slab[k], pred, None if mslab is None else mslab[k],
+                                       None if vslab is None else vslab[k], spec.dtype, counts)
+            counts.modelled += centres.size
+            if progress is not None:
+                progress.update(centres.size)
         counts.slices += b - a
         write(a, out.astype(spec.dtype.newbyteorder("=")))
-        if progress is not None:
-            progress.update(b - a)
     return counts
 
 
@@ -316,9 +385,11 @@ def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], 
     if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
         raise OutputError(f"{output}: the output would overwrite the input")
     comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
+    valid = valid_fn(spec, rep.scanner)
+    todo = needs_repair(spec, mask, valid)  # progress counts the slices that need the model
     writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
-    with writer, Progress(spec.num_slices, "slices", f"predict {output.name}", enabled=not quiet) as bar:
-        counts = repair(rep, spec, read, mask, writer.write, batch, bar, aux)
+    with writer, Progress(int(todo.sum()), "slices", f"predict {output.name}", enabled=not quiet) as bar:
+        counts = repair(rep, spec, read, mask, writer.write, batch, bar, aux, valid, todo)
         return writer.commit(), counts
 
 
@@ -336,7 +407,8 @@ def study_layout(ds, info) -> SinogramSpec:
     """A layout-only spec of a converted study (windows and checks need the slice layout, never a
     data path): TOF bins, segments and axial counts from the manifest."""
     return SinogramSpec(ds.root, np.dtype(info.dtype), 0, info.tof_bins, info.segments, info.axial_counts,
-                        *info.slice_shape, header_path=ds.root / "manifest.json")
+                        *info.slice_shape, header_path=ds.root / "manifest.json", ring_diffs=info.ring_diffs,
+                        scanner=info.scanner)
 
 
 def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: list[str] | None = None,

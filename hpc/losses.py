@@ -69,18 +69,27 @@ def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.T
 
 
 class Loss:
-    """Callable ``(pred, target, mask) -> (total, {term: detached value})``."""
+    """Callable ``(pred, target, mask, valid=None) -> (total, {term: detached value})``. ``mask`` is
+    the measured fraction (1 measured, 0 a gap, in between a partly lost span-compressed bin);
+    ``valid`` 0 marks pixels that are no line of response (virtual crystals): no term counts them.
+    With ``gaps_only`` each pixel weighs its lost fraction ``1 - mask``."""
 
     def __init__(self, weights: dict[str, float], gaps_only: bool):
         self.weights = weights
         self.gaps_only = gaps_only
 
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor,
-                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if pred.shape != target.shape:
             raise ValueError(f"loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         p, t = pred.float(), target.float()
-        gap = (mask < 0.5).expand_as(t).float() if self.gaps_only else None  # 1 = missing
+        ok = None if valid is None else (valid > 0.5).expand_as(t).float()
+        gap = None  # per-pixel weight: None = every pixel alike
+        if self.gaps_only:
+            gap = (1 - mask.float()).clamp(0, 1).expand_as(t)  # 1 = missing, a partial bin its lost fraction
+            gap = gap if ok is None else gap * ok
+        elif ok is not None:
+            gap = ok
         # float32 even inside a bf16 autocast region: SSIM's E[x^2] - E[x]^2 cancels badly in bf16
         with torch.autocast(p.device.type, enabled=False):
             terms = {name: self._term(name, p, t, mask, gap) for name in self.weights}
@@ -97,8 +106,8 @@ class Loss:
             rate = p.clamp_min(0) + POISSON_EPS
             return _weighted_mean(rate - t * torch.log(rate), gap)
         # msssim
-        if gap is not None:
-            p = torch.where(mask > 0.5, t, p)
+        if self.gaps_only:
+            p = torch.where(mask >= 1, t, p)
         return 1.0 - ms_ssim(p, t, t.flatten(1).amax(1)).mean()
 
 

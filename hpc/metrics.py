@@ -1,6 +1,8 @@
 """Validation metrics that reduce exactly across ranks, and the "no learning" baselines.
 
-Definitions (pred and target are (B, 1, V, X); mask 1 = measured, 0 = missing = "gap"):
+Definitions (pred and target are (B, 1, V, X); mask = the measured fraction, 1 measured, 0 missing
+= "gap", in between a partly lost span-compressed bin, which counts in the gap sums with weight
+1 - mask; pixels with ``valid`` 0 (virtual crystals: no line of response) count nowhere):
 - NMSE = sum (pred - target)^2 / sum target^2, summed over every pixel of every sample seen
   (``nmse_gap``: the same sums restricted to gap pixels).
 - PSNR = mean over samples of 10 log10(peak^2 / MSE), peak = that sample's target maximum, MSE over
@@ -93,28 +95,33 @@ class MetricAccumulator:
         self._sums = None
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """pred, target: (B, 1, V, X) (crop any padding first); mask broadcastable, 1 = measured."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               valid: torch.Tensor | None = None) -> None:
+        """pred, target: (B, 1, V, X) (crop any padding first); mask broadcastable, the measured
+        fraction (1 measured, 0 a gap); valid broadcastable or None, 0 = no line of response
+        (virtual crystals): such pixels count nowhere. A gap pixel weighs its lost fraction 1 - mask."""
         if pred.shape != target.shape or pred.dim() != 4:
             raise ValueError(f"metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
                              f"must be the same (B, C, V, X) shape")
         p, t = pred.detach().double(), target.detach().double()
-        gap = (mask < 0.5).expand_as(t).double()  # 1 = missing
+        ok = torch.ones_like(t) if valid is None else (valid > 0.5).expand_as(t).double()
+        gap = (1 - mask.double()).clamp(0, 1).expand_as(t) * ok  # 1 = missing
         err = (p - t) ** 2
-        sse, sse_gap = err.flatten(1).sum(1), (err * gap).flatten(1).sum(1)  # (B,)
-        n_pix, n_gap = t[0].numel(), gap.flatten(1).sum(1)
+        sse, sse_gap = (err * ok).flatten(1).sum(1), (err * gap).flatten(1).sum(1)  # (B,)
+        n_pix, n_gap = ok.flatten(1).sum(1), gap.flatten(1).sum(1)
         peak = t.flatten(1).amax(1)
         has_peak = peak > 0
         has_gap = has_peak & (n_gap > 0)
-        psnr = torch.where(has_peak, _psnr(peak, sse / n_pix), 0.0)
+        psnr = torch.where(has_peak, _psnr(peak, sse / n_pix.clamp_min(1)), 0.0)
         psnr_gap = torch.where(has_gap, _psnr(peak, sse_gap / n_gap.clamp_min(1)), 0.0)
         ssim, _ = ssim_maps(p, t, peak)
         r = (SSIM_WIN - 1) // 2
         gap_c = gap[..., r : gap.shape[-2] - r, r : gap.shape[-1] - r]  # window centres in gaps
+        ok_c = ok[..., r : ok.shape[-2] - r, r : ok.shape[-1] - r]  # window centres on real LORs
         sums = [
-            sse.sum(), (t * t).sum(), sse_gap.sum(), (t * t * gap).sum(),
+            sse.sum(), (t * t * ok).sum(), sse_gap.sum(), (t * t * gap).sum(),
             psnr.sum(), has_peak.sum(), psnr_gap.sum(), has_gap.sum(),
-            ssim.sum(), t.new_tensor(ssim.numel()), (ssim * gap_c).sum(), gap_c.sum(),
+            (ssim * ok_c).sum(), ok_c.sum(), (ssim * gap_c).sum(), gap_c.sum(),
             t.new_tensor(t.shape[0]),
         ]  # in FIELDS order
         row = torch.stack([v.double() for v in sums])

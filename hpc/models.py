@@ -180,12 +180,13 @@ class LightNet(nn.Module):
 
 
 def inpaint(pred: torch.Tensor, x_centre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x_centre*mask + pred*(1-mask)`` for a 0/1 mask, written as a select so measured pixels
-    are copied bitwise (no rounding, no NaN from ``inf*0``) and get no gradient from ``pred``.
+    """Fully measured pixels (measured fraction 1) copied bitwise from ``x_centre`` (no rounding, no
+    NaN from ``inf*0``, no gradient from ``pred``); gaps and partly measured bins are ``pred``, the
+    full-count estimate (``hpc predict`` adds the lost fraction of it to the measured counts).
 
     pred, x_centre, mask: (B, 1, V, X); the result has the promoted dtype (fp32 under bf16 autocast).
     """
-    return torch.where(mask > 0.5, x_centre, pred)
+    return torch.where(mask >= 1, x_centre, pred)
 
 
 class SinogramModel(nn.Module):

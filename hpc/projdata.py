@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike
 
 from hpc import geometry as G
@@ -218,6 +217,21 @@ class Layout:
         """(n, V, X) bool for plane storage indices ``planes``: the pixel holds a real LOR."""
         return self.valid_planes[np.asarray(planes)][:, None, None] & self.valid_bins[None]
 
+    @cached_property
+    def pair_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(axial block of ring_a, of ring_b, 1.0 if both rings are real) per plane and ring pair,
+        each (P, K) with K the most pairs of any plane; unused slots -1, -1, 0."""
+        sc = self.scanner
+        plane, ra, rb = self.ring_pairs
+        k = np.bincount(plane, minlength=self.planes).max()
+        slot = np.arange(plane.size) - np.searchsorted(plane, plane)  # position within its plane
+        blk_a = np.full((self.planes, k), -1, np.int64)
+        blk_b = np.full((self.planes, k), -1, np.int64)
+        real = np.zeros((self.planes, k), np.float32)
+        blk_a[plane, slot], blk_b[plane, slot] = G.axial_block(sc, ra), G.axial_block(sc, rb)
+        real[plane, slot] = ~(G.virtual_ring(sc, ra) | G.virtual_ring(sc, rb))
+        return blk_a, blk_b, real
+
 
 def _transaxial(sc: G.Scanner, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """(transaxial block masks (T, 2, U, X), real-crystal LORs (U, X)) for ``bins`` stored bins
@@ -260,6 +274,8 @@ def span1_layout(sc: G.Scanner, segments: Sequence[int], views: int | None = Non
                  tof_bins: int = 1) -> Layout:
     """Span-1 layout whose segment numbers are ring differences (hpc's v1 datasets, simulate)."""
     segs = tuple(int(s) for s in segments)
+    if views and sc.views % views:
+        raise ValueError(f"{views} views: not the {sc.views} views of {sc.name!r} mashed by an integer factor")
     for s in segs:
         if abs(s) >= sc.rings:
             raise ValueError(f"segment {s}: scanner {sc.name!r} has ring differences below {sc.rings}")
@@ -283,16 +299,11 @@ class DeadBlockTables:
     are real, plus the transaxial block masks. Shared by the loader (batched, on the GPU),
     ``hpc simulate`` and ``hpc predict``."""
 
-    def __init__(self, layout: Layout, device: torch.device | str = "cpu"):
+    def __init__(self, layout: Layout, device="cpu"):
+        import torch  # late: hpc simulate and the header readers never need it
+
         sc = layout.scanner
-        plane, ra, rb = layout.ring_pairs
-        k = np.bincount(plane, minlength=layout.planes).max()
-        slot = np.arange(plane.size) - np.searchsorted(plane, plane)  # position within its plane
-        blk_a = np.full((layout.planes, k), -1, np.int64)
-        blk_b = np.full((layout.planes, k), -1, np.int64)
-        real = np.zeros((layout.planes, k), np.float32)
-        blk_a[plane, slot], blk_b[plane, slot] = G.axial_block(sc, ra), G.axial_block(sc, rb)
-        real[plane, slot] = ~(G.virtual_ring(sc, ra) | G.virtual_ring(sc, rb))
+        blk_a, blk_b, real = layout.pair_table
         tm, tvalid = _transaxial(sc, layout.bins)
         dev = torch.device(device)
         self.layout, self.n_trans, self.n_blocks = layout, *G.block_counts(sc)
@@ -302,45 +313,103 @@ class DeadBlockTables:
         self.tmasks = torch.as_tensor(tm, device=dev).flatten(2).float()  # (T, 2, U*X)
         self.tvalid = torch.as_tensor(tvalid, device=dev).flatten().float()  # (U*X,)
 
-    def fractions(self, planes: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def fractions(self, planes, dead):
         """Measured fractions (N, V, X) float32 of planes ``planes`` (N,) with dead blocks ``dead``
         (N, D) (ids ``axial_block * n_trans + trans_block``; -1 = none)."""
         lay = self.layout
-        d_ax = torch.div(dead, self.n_trans, rounding_mode="floor")
+        d_ax = dead.div(self.n_trans, rounding_mode="floor")
         d_tr = dead.remainder(self.n_trans)
         on = (dead >= 0).float()  # (N, D)
         a, b, real = self.block_a[planes], self.block_b[planes], self.real[planes]  # (N, K)
         hit_a = (a[:, :, None] == d_ax[:, None, :]).float() * on[:, None, :]  # (N, K, D)
         hit_b = (b[:, :, None] == d_ax[:, None, :]).float() * on[:, None, :]
         ends = self.tmasks[d_tr]  # (N, D, 2, U*X): the dead blocks' LORs by end
-        lost = torch.bmm(hit_a, ends[:, :, 0]) + torch.bmm(hit_b, ends[:, :, 1])  # (N, K, U*X) > 0: lost
+        lost = hit_a.bmm(ends[:, :, 0]) + hit_b.bmm(ends[:, :, 1])  # (N, K, U*X) > 0: lost
         alive = ((lost == 0).float() * real[:, :, None]).sum(1) * self.tvalid  # (N, U*X) surviving LORs
         total = real.sum(1, keepdim=True) * self.tvalid  # (N, U*X) real LORs
         shape = (len(planes), lay.views, lay.view_mashing, lay.bins)
         alive, total = alive.view(shape).sum(2), total.view(shape).sum(2)  # mashed views add up
-        return torch.where(total > 0, alive / total.clamp_min(1.0), torch.ones_like(alive))
+        return (alive / total.clamp_min(1.0)).where(total > 0, 1.0)
 
     def hit_planes(self, blocks: ArrayLike) -> np.ndarray:
         """(P,) bool: planes with a ring pair in an axial block of ``blocks``."""
-        ax = torch.as_tensor(np.unique(np.asarray(blocks, np.int64) // self.n_trans), device=self.block_a.device)
-        hit = torch.isin(self.block_a, ax) | torch.isin(self.block_b, ax)
-        return hit.any(1).cpu().numpy()
+        return hit_planes(self.layout, blocks)
+
+
+def hit_planes(layout: Layout, blocks: ArrayLike) -> np.ndarray:
+    """(P,) bool: planes with a ring pair in an axial block of ``blocks``."""
+    ax = np.unique(np.asarray(blocks, np.int64) // G.block_counts(layout.scanner)[0])
+    a, b, _ = layout.pair_table
+    return (np.isin(a, ax) | np.isin(b, ax)).any(1)
 
 
 def dead_fractions(layout: Layout, blocks: ArrayLike, planes: ArrayLike | None = None,
                    tables: DeadBlockTables | None = None) -> np.ndarray:
     """(n, V, X) float32 measured fractions of planes ``planes`` (storage indices; None: all) with the
-    listed blocks dead: 1 = measured, 0 = a gap, in between partially measured (span, mashing)."""
+    listed blocks dead: 1 = measured, 0 = a gap, in between partially measured (span, mashing).
+
+    The same blocks for every plane: only the LORs with an end in a dead block (a few % of them)
+    are looked at, and ring pairs whose ends meet the dead blocks' axial blocks the same way share
+    one lost-LOR map. (``tables``: unused, kept for callers; the batched per-sample form is
+    :meth:`DeadBlockTables.fractions`.)"""
     sc = layout.scanner
-    blocks = G.check_blocks(sc, blocks)
+    blocks = np.unique(G.check_blocks(sc, blocks))
     planes = np.arange(layout.planes) if planes is None else np.asarray(planes, np.int64).reshape(-1)
-    tables = tables or DeadBlockTables(layout)
     out = np.ones((planes.size, *layout.slice_shape), np.float32)
     if blocks.size == 0 or planes.size == 0:
         return out
-    hit = np.flatnonzero(tables.hit_planes(blocks)[planes])
-    for i in range(0, hit.size, 64):  # bounded memory: (64, K, U*X) at a time
-        sel = hit[i:i + 64]
-        dead = torch.as_tensor(np.broadcast_to(blocks, (sel.size, blocks.size)).copy())
-        out[sel] = tables.fractions(torch.as_tensor(planes[sel]), dead).numpy()
+    d_ax, d_tr = np.divmod(blocks, G.block_counts(sc)[0])
+    tm, tvalid = _transaxial(sc, layout.bins)  # (T, 2, U, X), (U, X)
+    ends = np.concatenate([tm[d_tr, 0], tm[d_tr, 1]]).reshape(2 * blocks.size, -1)  # (2D, U*X): by end
+    valid = tvalid.reshape(-1)
+    cols = np.flatnonzero(ends.any(0) & valid)  # the only LORs a dead block can touch
+    ends = ends[:, cols]
+    blk_a, blk_b, real = layout.pair_table
+    rows = np.flatnonzero(hit_planes(layout, blocks)[planes])
+    for i in range(0, rows.size, 256):  # bounded memory
+        sel = planes[rows[i:i + 256]]
+        a, b, r = blk_a[sel], blk_b[sel], real[sel]  # (n, K)
+        bits = np.concatenate([a[..., None] == d_ax, b[..., None] == d_ax], -1)  # (n, K, 2D): end meets block
+        codes = bits.astype(np.int64) @ (1 << np.arange(bits.shape[-1]))  # (n, K)
+        uniq, inv = np.unique(codes, return_inverse=True)
+        kept = np.ones((uniq.size, cols.size), np.float32)  # per code: 1 where the LOR survives
+        for c, code in enumerate(uniq):
+            for j in np.flatnonzero((code >> np.arange(bits.shape[-1])) & 1):
+                kept[c] *= ~ends[j]
+        weight = np.zeros((sel.size, uniq.size), np.float32)
+        np.add.at(weight, (np.repeat(np.arange(sel.size), r.shape[1]), inv.reshape(-1)), r.reshape(-1))
+        total = np.outer(r.sum(1), valid).astype(np.float32)  # (n, U*X) real LORs per pair-sum
+        alive = total.copy()
+        alive[:, cols] = weight @ kept
+        shape = (sel.size, layout.views, layout.view_mashing, layout.bins)
+        alive, total = alive.reshape(shape).sum(2), total.reshape(shape).sum(2)  # mashed views add up
+        out[rows[i:i + 256]] = np.where(total > 0, alive / np.maximum(total, 1), 1.0)
     return out
+
+
+def layout_for(scanner: str | G.Scanner, segments: Sequence[int], axial_counts: Sequence[int], views: int, bins: int,
+               tof_bins: int = 1, ring_diffs: Sequence[tuple[int, int]] | None = None) -> Layout:
+    """The layout of a file from what its header says: with ring differences per segment (STIR
+    headers, or derived from a Siemens `%axial compression`) they are used as they are; without, a
+    span-1 reading (segment = ring difference) when the axial counts fit it, else the first span
+    (the scanner's own first) whose STIR layout has these axial counts. ValueError when none fits."""
+    sc = scanner if isinstance(scanner, G.Scanner) else G.get_scanner(scanner)
+    segs, counts = tuple(int(s) for s in segments), tuple(int(c) for c in axial_counts)
+    if views <= 0 or sc.views % views:
+        raise ValueError(f"{views} views: not the {sc.views} views of {sc.name!r} mashed by an integer factor")
+    if ring_diffs is not None:
+        lo, hi = zip(*ring_diffs, strict=True) if ring_diffs else ((), ())
+        return from_ring_differences(sc, segs, lo, hi, counts, views, bins, tof_bins)
+    if all(abs(s) < sc.rings and c == sc.rings - abs(s) for s, c in zip(segs, counts, strict=True)):
+        return span1_layout(sc, segs, views, bins, tof_bins)
+    top = max(abs(s) for s in segs)
+    for span in dict.fromkeys([sc.span, *range(3, 2 * sc.rings, 2)]):
+        for mrd in dict.fromkeys([sc.max_ring_diff if sc.max_ring_diff >= 0 else sc.rings - 1, sc.rings - 1]):
+            try:
+                lay = cti_layout(sc, span, mrd, max_segment=top)
+            except ValueError:
+                continue
+            if lay.segments == segs and lay.axial_counts == counts:
+                return Layout(sc, segs, lay.min_rd, lay.max_rd, counts, sc.views // views, bins, tof_bins)
+    raise ValueError(f"axial counts {list(counts)} of segments {list(segs)} fit no span on {sc.name!r} "
+                     f"({sc.rings} rings); the header should give ring differences or %axial compression")

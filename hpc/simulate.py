@@ -16,8 +16,12 @@ Files per study in DIR: <id>.s + <id>.s.hdr (prompts, the training target); <id>
 noise-free expected prompts), <id>_randoms (float32 expected randoms) and <id>_mult (float32
 efficiency x attenuation factors, what a reconstruction multiplies its projection by), unless
 --no-truth; --low-dose F adds <id>_low (each count kept with probability F); --dead-blocks K adds
-<id>_gaps (the LORs of K random dead blocks zeroed) and <id>_mask (uint8, 1 = measured). --format
-stir writes STIR .hs headers. studies.json lists ids, seeds, variants, counts, dead blocks and the
+<id>_gaps (the counts the LORs of K random dead blocks leave: binomial thinning by the surviving
+fraction of each bin's LORs) and <id>_mask (the measured fraction: uint8 0/1, float32 where span or
+view mashing make bins partly lost). The layout is the scanner's own (mMR span 11, mCT TOF with
+view mashing; hpc.projdata, hpc.sim_layout) unless --span etc. say otherwise. --format stir writes
+STIR .hs headers; both kinds of header are valid STIR input.
+studies.json lists ids, seeds, variants, counts, dead blocks and the
 lesions (centre x, y in mm, z in mm from the first ring's centre, semi-axes, contrast = lesion to
 background activity at its centre). Headers record `originating system`, so `hpc convert` knows
 the scanner.
@@ -27,7 +31,9 @@ examples:
   hpc simulate -o data/clin --studies 8 --test-studies 2 --counts clinical --randoms 0.3 --dead-blocks 2
   hpc convert data/sim/s00{0..5}.s.hdr --mask data/sim/s00{0..5}_mask.s.hdr -o data/sim-ds
   hpc simulate -o data/mmr --studies 1 --scanner mmr --counts 2e7 --png mmr.png
-  hpc simulate -o data/mct --studies 1 --scanner mct --max-ring-diff 2 --format stir
+  hpc simulate -o data/mct --studies 1 --scanner mct --format stir     # 621 x 168 x 400 x 13 TOF
+  hpc simulate -o data/t --scanner mmr --span 1 --max-segment 2 --dead-blocks 2   # span 1, 5 segments
+  hpc simulate -o data/ci --scanner mct --max-segment 0 --planes 4 --randoms 0    # real size, 4 planes
 """
 from __future__ import annotations
 
@@ -217,10 +223,12 @@ def plane_integrals(sc: G.Scanner, ph: Phantom, ring_a: np.ndarray, ring_b: np.n
     chord = 2 * np.sqrt(np.maximum(sc.radius_mm ** 2 - s ** 2, 1e-9))
     sections = sections or ellipses_at
     out = np.empty((sc.tof_bins, len(ring_a), sc.views, sc.bins))
-    for p, (a, b) in enumerate(zip(ring_a, ring_b, strict=True)):
-        z = ph.z0 + (a + b) / 2 * sc.ring_spacing_mm
-        tilt = np.sqrt(1 + ((b - a) * sc.ring_spacing_mm / chord) ** 2)
-        out[:, p] = project(sc, sections(ph, z), phi, s) * tilt
+    ring_a, ring_b = np.asarray(ring_a), np.asarray(ring_b)
+    for total in np.unique(ring_a + ring_b):  # ring pairs of one mid-point share its projection (span)
+        flat = project(sc, sections(ph, ph.z0 + total / 2 * sc.ring_spacing_mm), phi, s)
+        for p in np.flatnonzero(ring_a + ring_b == total):
+            tilt = np.sqrt(1 + ((ring_b[p] - ring_a[p]) * sc.ring_spacing_mm / chord) ** 2)
+            out[:, p] = flat * tilt
     # clip the ~1e-16 rounding residue of the TOF split where there is no activity at all
     return np.maximum(out, 0)
 
@@ -247,27 +255,43 @@ class Means:
     mult: np.ndarray  # (P, V, X) efficiency product x attenuation factor (0 through virtual crystals)
 
 
-def study_means(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...], counts: float | str,
-                phys: Physics = Physics()) -> Means:
+def efficiencies(sc: G.Scanner, phys: Physics) -> np.ndarray:
+    return P.crystal_efficiencies(sc) if phys.normalisation else P.crystal_efficiencies(sc, 0.0, 0.0)
+
+
+def single_rates(sc: G.Scanner, ph: Phantom, phys: Physics) -> np.ndarray:
+    """(rings, N) singles of the study (from its attenuated direct-plane trues): what randoms follow."""
+    flat = dataclasses.replace(sc, tof_bins=1, tof_mashing=1)
+    rings = np.arange(sc.rings)
+    direct = plane_integrals(flat, ph, rings, rings)[0]
+    if phys.attenuation:
+        direct = direct * np.exp(-plane_integrals(flat, ph, rings, rings, mu_at)[0])
+    return P.singles(sc, direct, efficiencies(sc, phys))
+
+
+def study_means(sc: G.Scanner, ph: Phantom, segments: tuple[int, ...], counts: float | str | None,
+                phys: Physics = Physics(), pairs: tuple[np.ndarray, np.ndarray] | None = None,
+                singles: np.ndarray | None = None) -> Means:
     """Expected prompts of a phantom: counts = total expected prompts, or a count level
-    (hpc.physics.COUNT_LEVELS: mean prompts per LOR through the body)."""
-    ra, rb = G.plane_list(sc, segments)
+    (hpc.physics.COUNT_LEVELS: mean prompts per LOR through the body); None: unscaled. ``pairs``
+    (ring_a, ring_b) instead of the span-1 planes of ``segments`` and precomputed ``singles``: how
+    hpc.sim_layout builds compressed planes from their ring pairs, a few at a time."""
+    ra, rb = G.plane_list(sc, segments) if pairs is None else pairs
     trues = plane_integrals(sc, ph, ra, rb)  # (T, P, V, X) geometric
-    flat = dataclasses.replace(sc, tof_bins=1)  # attenuation and singles do not depend on TOF
+    flat = dataclasses.replace(sc, tof_bins=1, tof_mashing=1)  # attenuation and singles do not depend on TOF
     acf = np.exp(-plane_integrals(flat, ph, ra, rb, mu_at)[0]) if phys.attenuation else np.ones(trues.shape[1:])
-    eff = P.crystal_efficiencies(sc) if phys.normalisation else P.crystal_efficiencies(sc, 0.0, 0.0)
+    eff = efficiencies(sc, phys)
     mult = P.lor_product(sc, eff, ra, rb) * acf * G.gap_mask(sc)  # (P, V, X)
     trues = trues * mult
     randoms = np.zeros_like(trues)
     if phys.randoms > 0:
-        rings = np.arange(sc.rings)
-        direct = plane_integrals(flat, ph, rings, rings)[0]
-        if phys.attenuation:
-            direct = direct * np.exp(-plane_integrals(flat, ph, rings, rings, mu_at)[0])
-        shape = P.randoms_shape(sc, P.singles(sc, direct, eff), ra, rb)  # (P, V, X)
+        rates = single_rates(sc, ph, phys) if singles is None else singles
+        shape = P.randoms_shape(sc, rates, ra, rb)  # (P, V, X)
         total = phys.randoms / (1 - phys.randoms) * trues.sum()
         randoms = np.broadcast_to(shape * (total / shape.sum() / sc.tof_bins), trues.shape)
     expected = trues + randoms
+    if counts is None:
+        return Means(expected, randoms, mult)
     k = P.body_scale(sc, counts, expected.sum(axis=0), trues.sum(axis=0) > 0)  # per LOR, TOF bins summed
     return Means(expected * k, randoms * k, mult)
 
@@ -287,25 +311,39 @@ class Study:
     seed: int
     full: np.ndarray  # (T, P, V, X) uint16 Poisson counts (prompts)
     low: np.ndarray | None  # binomially thinned twin
-    mask: np.ndarray | None  # (P, V, X) uint8, 1 = measured
+    mask: np.ndarray | None  # (P, V, X) measured fraction: uint8 0/1, float32 where compression makes partial bins
     dead: list[int]
     means: Means | None = None  # noise-free expected prompts, randoms, multiplicative factors
     lesions: list[dict] = field(default_factory=list)  # positions (mm, z from ring 0's centre), contrasts
     variant: str = "train"
+    gaps: np.ndarray | None = None  # (T, P, V, X) the counts the dead blocks leave (binomial thinning)
 
 
 def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str, segments: tuple[int, ...],
                    dead_blocks: int = 0, low_dose: float = 0.0, phys: Physics = Physics(),
-                   variant: str = "train") -> Study:
-    """One study, a function of ``seed`` (and the physics and variant) only."""
+                   variant: str = "train", layout=None, planes: int | None = None) -> Study:
+    """One study, a function of ``seed`` (and the physics, variant and layout) only. ``layout``
+    (hpc.projdata.Layout; default: span 1 with ``segments``): compressed planes, mashed views and
+    TOF; ``planes``: only the first planes get counts (hpc.sim_layout)."""
+    from hpc import sim_layout as SL
+    from hpc.projdata import span1_layout
+
+    layout = layout or span1_layout(sc, segments, tof_bins=sc.tof_bins)
     rng = np.random.default_rng(seed)
     ph = random_phantom(sc, rng, variant)
-    means = study_means(sc, ph, segments, counts, phys)
-    full = to_uint16(rng.poisson(means.expected), study_id)
+    if SL.plain(layout, planes):
+        means = study_means(sc, ph, layout.segments, counts, phys)
+        full = to_uint16(rng.poisson(means.expected), study_id)
+    else:
+        means, full = SL.sample(layout, ph, counts, phys, planes, rng, study_id)
     low = rng.binomial(full, low_dose).astype(np.uint16) if low_dose > 0 else None
     dead = G.random_blocks(sc, dead_blocks, rng) if dead_blocks > 0 else np.zeros(0, np.int64)
-    mask = G.dead_block_mask(sc, dead, segments) if dead_blocks > 0 else None
-    return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant)
+    gaps = mask = None
+    if dead_blocks > 0:
+        gaps, mask = SL.thin_dead_blocks(layout, full, dead, rng)
+        if np.isin(mask, (0.0, 1.0)).all():
+            mask = mask.astype(np.uint8)
+    return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant, gaps)
 
 
 def study_seeds(seed: int, n: int) -> list[int]:
@@ -314,25 +352,29 @@ def study_seeds(seed: int, n: int) -> list[int]:
 
 
 def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[int, ...],
-                truth: bool = True) -> dict[str, str]:
-    """Write the study's files through hpc.io.sinogram; returns {role: header name}."""
+                truth: bool = True, layout=None) -> dict[str, str]:
+    """Write the study's files through hpc.io.sinogram in ``layout`` (default: span 1 with
+    ``segments``), headers STIR reads; returns {role: header name}."""
     from hpc.io.sinogram import write_sinogram
+    from hpc.projdata import span1_layout
+    from hpc.sim_layout import storage_tof
 
-    kw = dict(fmt=fmt, segments=list(segments), axial_counts=list(G.axial_counts(sc, segments)),
-              fields={"originating system": sc.name})
-    files = {"target": write_sinogram(out / f"{st.id}.s", st.full, **kw)}
+    layout = layout or span1_layout(sc, segments, tof_bins=st.full.shape[0])
+
+    def write(name: str, data: np.ndarray) -> Path:  # TOF axis ascending -> the file's storage order
+        return write_sinogram(out / f"{st.id}{name}.s", storage_tof(data, fmt), fmt, layout=layout)
+
+    files = {"target": write("", st.full)}
     if st.low is not None:
-        files["input"] = write_sinogram(out / f"{st.id}_low.s", st.low, **kw)
+        files["input"] = write("_low", st.low)
     if st.mask is not None:
-        files["gaps"] = write_sinogram(out / f"{st.id}_gaps.s", st.full * st.mask, **kw)
-        mask = np.broadcast_to(st.mask, st.full.shape)  # one mask slice per data slice (TOF too)
-        files["mask"] = write_sinogram(out / f"{st.id}_mask.s", mask, **kw)
+        files["gaps"] = write("_gaps", st.gaps if st.gaps is not None else st.full * st.mask)
+        files["mask"] = write("_mask", np.broadcast_to(st.mask, st.full.shape))  # a mask slice per data slice
     if truth and st.means is not None:  # float32, same layout: what evaluation scores against
         m = st.means
-        files["expected"] = write_sinogram(out / f"{st.id}_expected.s", m.expected.astype(np.float32), **kw)
-        files["randoms"] = write_sinogram(out / f"{st.id}_randoms.s", m.randoms.astype(np.float32), **kw)
-        mult = np.broadcast_to(m.mult.astype(np.float32), st.full.shape)
-        files["mult"] = write_sinogram(out / f"{st.id}_mult.s", mult, **kw)
+        files["expected"] = write("_expected", m.expected.astype(np.float32))
+        files["randoms"] = write("_randoms", m.randoms.astype(np.float32))
+        files["mult"] = write("_mult", np.broadcast_to(m.mult.astype(np.float32), st.full.shape))
     return {role: path.name for role, path in files.items()}
 
 
@@ -390,8 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dead blocks per study: adds <id>_gaps and <id>_mask files")
     p.add_argument("--low-dose", type=float, default=0.0, metavar="F",
                    help="adds <id>_low, each count kept with probability F in (0, 1)")
-    p.add_argument("--max-ring-diff", type=int, default=0,
-                   help="oblique segments up to this ring difference (span 1; needs --format stir)")
+    from hpc.sim_layout import add_layout_arguments
+    add_layout_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (each study derives its own)")
     p.add_argument("--format", choices=("siemens", "stir"), default="siemens",
                    help="Siemens .s.hdr (default) or STIR .hs headers")
@@ -421,10 +463,7 @@ def _check_args(args: argparse.Namespace) -> G.Scanner:
               (0 <= args.test_studies <= args.studies, f"--test-studies must be in [0, {args.studies}]"),
               (0 <= args.randoms < 1, f"--randoms must be in [0, 1), got {args.randoms}"),
               (0 <= args.dead_blocks <= n_blocks, f"--dead-blocks must be in [0, {n_blocks}] on {sc.name}"),
-              (0 <= args.low_dose < 1, f"--low-dose must be in (0, 1) (0 = none), got {args.low_dose}"),
-              (0 <= args.max_ring_diff < sc.rings, f"--max-ring-diff must be in [0, {sc.rings})"),
-              (args.max_ring_diff == 0 or args.format == "stir",
-               "--max-ring-diff > 0 needs --format stir: Siemens headers do not record segment numbers")]
+              (0 <= args.low_dose < 1, f"--low-dose must be in (0, 1) (0 = none), got {args.low_dose}")]
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
@@ -434,18 +473,21 @@ def _check_args(args: argparse.Namespace) -> G.Scanner:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hpc.sim_layout import layout_from_args
+
     sc = _check_args(args)
+    layout = layout_from_args(args, sc)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    segments = G.segment_sequence(args.max_ring_diff)
+    segments = layout.segments
     phys = Physics(not args.no_attenuation, not args.no_normalisation, args.randoms)
     records, first = [], None
     with Progress(total=args.studies, unit="studies", desc="simulate") as bar:
         for i, seed in enumerate(study_seeds(args.seed, args.studies)):
             variant = "test" if i >= args.studies - args.test_studies else "train"
             st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose,
-                                phys, variant)
-            files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth)
+                                phys, variant, layout, args.planes)
+            files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth, layout=layout)
             records.append({"id": st.id, "seed": seed, "variant": variant, "counts": int(st.full.sum(dtype=np.int64)),
                             "randoms": float(st.means.randoms.sum()), "max": int(st.full.max()),
                             "dead_blocks": st.dead, "lesions": st.lesions, "files": files})
@@ -453,6 +495,9 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
     meta = {"scanner": sc.name, "format": args.format, "seed": args.seed, "counts": args.counts,
             "physics": dataclasses.asdict(phys), "low_dose": args.low_dose, "segments": list(segments),
+            "layout": {"span": layout.span, "min_rd": list(layout.min_rd), "max_rd": list(layout.max_rd),
+                       "axial_counts": list(layout.axial_counts), "views": layout.views,
+                       "view_mashing": layout.view_mashing, "tof_bins": layout.tof_bins, "planes": args.planes},
             "shape": list(first.full.shape), "studies": records}
     atomic_write_text(out / "studies.json", json.dumps(meta, indent=1) + "\n")
     if args.png:

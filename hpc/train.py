@@ -190,7 +190,7 @@ class Trainer:
         x = batch.input.contiguous(memory_format=self.fmt)  # (B, C, V', X')
         with torch.autocast(self.ctx.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             pred = self.net(x, batch.mask)
-        return pred, self.loss(pred, batch.target, batch.mask)[0]
+        return pred, self.loss(pred, batch.target, batch.mask, batch.valid)[0]
 
     def train_step(self, batches) -> float:
         """One optimizer step over `accumulate` micro-batches; returns the mean loss (this rank)."""

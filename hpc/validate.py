@@ -71,11 +71,12 @@ class Validator:
             pred, loss = forward(batch)  # (B, 1, V', X'), ()
             loss_sum += torch.stack([loss.double() * len(pred), loss.new_tensor(len(pred)).double()])
             p, t, m = (crop(a.float(), batch.pad) for a in (pred, batch.target, batch.mask))  # (B, 1, V, X)
+            v = crop(batch.valid.float(), batch.pad) if batch.valid is not None else None  # virtual crystals: 0
             p = self._floor(p, batch.norm)
-            acc.update(p, t, m)
+            acc.update(p, t, m, v)
             centre = crop(batch.input[:, self.centre : self.centre + 1], batch.pad)  # (B, 1, V, X) gaps zeroed
             for name, b in base.items():  # host round trip: the baselines run in numpy/scikit-image
-                b.update(self._floor(baseline_batch(name, centre, m), batch.norm), t, m)
+                b.update(self._floor(baseline_batch(name, centre, m, v), batch.norm), t, m, v)
             if rep:
                 self._reproject(centre, t, m, batch, rep)
             if panels is None:

@@ -140,23 +140,6 @@ def test_pad_multiple_from_model():
     assert A.pad_multiple(cfg) == 5
 
 
-def test_dead_block_masks_match_brute_force():
-    # 3 transaxial blocks, 2 axial blocks; LOR (v, x) has end a in block (v + x) % 3, end b in v % 3
-    v, nx, n_trans = 4, 5, 3
-    ends = torch.stack(torch.meshgrid(torch.arange(v), torch.arange(nx), indexing="ij"))  # (2, V, X)
-    ta, tb = (ends[0] + ends[1]) % n_trans, ends[0] % n_trans
-    tmasks = torch.stack([torch.stack([ta == t, tb == t]) for t in range(n_trans)])  # (T, 2, V, X)
-    blocks_a, blocks_b = torch.tensor([0, 1, 1]), torch.tensor([1, 1, 0])
-    dead = torch.tensor([[0, 5], [4, 2], [3, 3]])  # ids axial * 3 + trans
-    got = A.dead_block_masks(tmasks, blocks_a, blocks_b, dead, n_trans)
-    for p in range(3):
-        dead_set = {(int(d) // n_trans, int(d) % n_trans) for d in dead[p]}
-        for i in range(v):
-            for j in range(nx):
-                lost = (int(blocks_a[p]), int(ta[i, j])) in dead_set or (int(blocks_b[p]), int(tb[i, j])) in dead_set
-                assert got[p, i, j] == (0.0 if lost else 1.0)
-
-
 def test_hash_blocks_and_thinning():
     ids = torch.tensor([5, 9, 5])
     b = A.choose_blocks(7, ids, 10, 3)

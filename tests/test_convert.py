@@ -54,7 +54,7 @@ def test_raw_round_trip_offset_big_endian(tmp_path, capsys):
     assert ds.manifest["options"]["raw"] == {"shape": f"2,5,{V},{X}", "dtype": "uint16", "endian": "big", "offset": 16}
     with h5py.File(ds.studies[0].shards[0].path, "r") as f:
         assert f["target"].chunks == (1, V, X) and f.attrs["format"] == "hpc-sinogram"
-        assert f.attrs["format_version"] == 1 and f.attrs["axes"] == "slice,view,bin"
+        assert f.attrs["format_version"] == 2 and f.attrs["axes"] == "slice,view,bin"
         assert f.attrs["source_sha256"] == hashlib.sha256((tmp_path / "scan.raw").read_bytes()).hexdigest()
 
 

@@ -122,7 +122,7 @@ def test_cli_files_read_back_to_the_simulated_arrays(tmp_path):
         st = S.simulate_study(DEMO, rec["id"], seed, 2e5, (0,), 2, 0.25)
         assert rec["seed"] == seed and rec["dead_blocks"] == st.dead and rec["counts"] == int(st.full.sum())
         spec = read_header(out / rec["files"]["target"])
-        assert spec.fields["originating system"] == "demo" and G.get_scanner(spec.fields["originating system"])
+        assert spec.scanner == "hpc demo" and G.get_scanner(spec.scanner) is DEMO  # STIR-style name
         assert spec.slice_shape == (DEMO.views, DEMO.bins) and spec.dtype == np.dtype("<u2")
         np.testing.assert_array_equal(_read(out / rec["files"]["target"]), st.full[0])
         np.testing.assert_array_equal(_read(out / rec["files"]["input"]), st.low[0])
@@ -155,7 +155,10 @@ def test_cli_stir_with_oblique_segments_and_tof(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"max_ring_diff": 1}, "--max-ring-diff > 0 needs --format stir"),
+    ({"max_ring_diff": 8}, "--span/--max-ring-diff/--view-mashing/--tof-mashing on demo: span 1 with maximum ring "
+                           "difference 8 is impossible on 8 rings"),
+    ({"view_mashing": 3}, "view mashing 3 must divide the 64 views"),
+    ({"planes": 0}, "--planes must be >= 1"),
     ({"dead_blocks": 33}, r"--dead-blocks must be in \[0, 32\] on demo"),
     ({"low_dose": 1.5}, r"--low-dose must be in \(0, 1\)"),
     ({"scanner": "petra"}, "--scanner: unknown scanner 'petra'; valid: test, demo, mmr, mct"),

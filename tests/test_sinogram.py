@@ -57,7 +57,7 @@ def test_siemens_tof_and_segment_table(tmp_path):
     assert np.array_equal(_read_all(spec), data.reshape(-1, V, X))
     tof, seg, axial = spec.meta()
     assert tof.tolist() == [0] * 9 + [1] * 9 + [2] * 9
-    assert seg[:9].tolist() == [0] * 5 + [1] * 2 + [2] * 2 and axial[5:9].tolist() == [0, 1, 0, 1]
+    assert seg[:9].tolist() == [0] * 5 + [-1] * 2 + [1] * 2 and axial[5:9].tolist() == [0, 1, 0, 1]  # STIR numbers
 
 
 def test_siemens_mhdr_follows_its_data_set(tmp_path):

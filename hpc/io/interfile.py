@@ -2,9 +2,11 @@
 
 An Interfile header is text, one ``key := value`` per line; ``;`` starts a comment line. Keys are
 matched case- and whitespace-insensitively, with the ``!`` (required) and ``%`` (vendor) prefixes
-dropped, so ``!matrix size[1]``, ``%Matrix Size [1]`` and ``matrix size [1]`` are the same key.
-Lists are written ``{ 12,13,14 }``. This module knows the syntax and the number formats; the
-meaning of the keys (layout, segments, TOF) is in :mod:`hpc.io.sinogram`.
+dropped and underscores read as blanks (as STIR does), so ``!matrix size[1]``, ``%Matrix Size [1]``
+and ``matrix_size [1]`` are the same key. Lists are written ``{ 12,13,14 }``. A number is read as
+STIR reads it, up to what cannot be part of it: ``!matrix size [3] := 126 ; 252`` is 126 (an inline
+comment). This module knows the syntax, the number formats and what kind of data a header
+describes; the meaning of the keys (layout, segments, TOF) is in :mod:`hpc.io.headers`.
 """
 from __future__ import annotations
 
@@ -32,18 +34,26 @@ _DEFAULT_BYTES = {"float": 4, "short float": 4, "long float": 8}
 
 
 def normalize_key(key: str) -> str:
-    """``' !Matrix  Size[1] '`` -> ``'matrix size [1]'``."""
-    key = key.strip().lstrip("!%").strip().lower()
+    """``' !Matrix  Size[1] '`` -> ``'matrix size [1]'`` (``_`` is a blank, as in STIR)."""
+    key = key.strip().lstrip("!%").strip().lower().replace("_", " ")
     key = _INDEX_RE.sub(r" [\1]", key)
     return " ".join(key.split())
 
 
-def parse_list(value: str) -> list[str]:
-    """``'{ 12,13, 14 }'`` -> ``['12', '13', '14']``; a bare value is a list of one."""
+def strip_comment(value: str) -> str:
+    """The value before an inline ``;`` comment (for numbers and names: STIR stops reading a number
+    at the first character that cannot belong to it)."""
+    return value.split(";", 1)[0].strip()
+
+
+def parse_list(value: str, keep_empty: bool = False) -> list[str]:
+    """``'{ 12,13, 14 }'`` -> ``['12', '13', '14']``; a bare value is a list of one. With
+    ``keep_empty`` items keep their positions: ``'{0,,x.s}'`` -> ``['0', '', 'x.s']``."""
     value = value.strip()
-    if value.startswith("{") and value.endswith("}"):
-        value = value[1:-1]
-    return [item.strip() for item in value.split(",") if item.strip()]
+    if value.startswith("{") and "}" in value:
+        value = value[1:value.index("}")]
+    items = [item.strip() for item in value.split(",")]
+    return items if keep_empty else [item for item in items if item]
 
 
 @dataclass
@@ -65,6 +75,7 @@ class Header:
 
     def integer(self, key: str, default: int | None = None) -> int:
         value = self.get(key) if default is not None else self.require(key)
+        value = None if value is None else strip_comment(value)
         if value is None or value == "":
             return int(default)  # type: ignore[arg-type]
         try:
@@ -73,16 +84,32 @@ class Header:
             raise InputError(f"{self.path}: key {key!r} should be an integer, got {value!r}") from None
 
     def integers(self, key: str) -> list[int]:
-        items = parse_list(self.require(key))
+        items = parse_list(strip_comment(self.require(key)))
         try:
             return [int(v) for v in items]
         except ValueError:
             raise InputError(f"{self.path}: key {key!r} should be a list of integers, got "
                              f"{self.get(key)!r}") from None
 
+    def number(self, key: str, default: float | None = None) -> float:
+        value = self.get(key) if default is not None else self.require(key)
+        value = None if value is None else strip_comment(value)
+        if value is None or value == "":
+            return float(default)  # type: ignore[arg-type]
+        try:
+            return float(value)
+        except ValueError:
+            raise InputError(f"{self.path}: key {key!r} should be a number, got {value!r}") from None
+
+    def text(self, key: str) -> str:
+        """A value without an inline comment ("" when absent)."""
+        return strip_comment(self.get(key) or "")
+
     def resolve(self, name: str) -> Path:
-        """A file named in the header; relative names are relative to the header's directory."""
-        p = Path(name.strip().strip('"'))
+        """A file named in the header; relative names are relative to the header's directory, and
+        Windows separators (``..\\LM-00\\x.s.hdr``, as Siemens consoles write them) are read as ``/``."""
+        name = name.strip().strip('"').replace("\\", "/")
+        p = Path(name)
         return p if p.is_absolute() else self.path.parent / p
 
 
@@ -161,3 +188,29 @@ def rewrite_header(header: Header, replace: dict[str, str], comment: str) -> str
         out.append(line)
     out.insert(1, f"; {comment}")
     return "\n".join(out) + "\n"
+
+
+def data_kind(h: Header) -> str | None:
+    """What a header describes when it is not emission projection data (None: an emission
+    sinogram, or a header that does not say): "an image", "normalisation data", "list mode data",
+    "SPECT data", "transmission data", ... From the keys STIR and Siemens write (`!PET data type`,
+    `!type of data`, `data format`, `%SMS-MI header name space`, axis labels) and the file name."""
+    name = h.path.name.lower()
+    pet = h.text("pet data type").lower().replace(" ", "")
+    of_data = h.text("type of data").lower()
+    space = h.text("sms-mi header name space").lower()
+    fmt = h.text("data format").lower().replace(" ", "")
+    labels = {h.text(f"matrix axis label [{k}]").lower() for k in (1, 2, 3)}
+    if of_data in ("tomographic", "spect") or h.text("imaging modality").lower() == "nm" \
+            or h.get("spect study (general)") is not None:
+        return "SPECT data"
+    if pet == "image" or {"x", "y"} <= labels or name.endswith((".hv", ".v.hdr", ".i.hdr")):
+        return "an image"
+    if pet.startswith(("normali", "norm")) or "normalization" in space or name.endswith(".n.hdr"):
+        return "normalisation data"
+    if fmt.startswith("coincidencelist") or "listmode" in fmt or name.endswith(".l.hdr") \
+            or "raw data" in space:
+        return "list mode data"
+    if pet in ("transmission", "blank", "attenuationcorrection"):
+        return {"attenuationcorrection": "attenuation correction factors"}.get(pet, f"{pet} data")
+    return None

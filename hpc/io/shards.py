@@ -24,13 +24,14 @@ from hpc.errors import InputError, OutputError
 from hpc.io.atomic import AtomicFile, output_error
 
 FORMAT = "hpc-sinogram"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: STIR segment numbers for Siemens sources too, ring differences, optional
+READABLE_VERSIONS = (1, 2)  # `randoms`, float32 measured-fraction masks (docs/FORMAT.md)
 COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
 # Optional float32 (N, V, X) datasets with the noise-free truth and the physics of a study, when known
 # (hpc simulate writes them; hpc convert --expected/--randoms/--mult): expected counts of the target,
 # the randoms part of them, the multiplicative factors (efficiencies x attenuation).
 TRUTH = ("expected", "randoms", "mult")
-DATASETS = ("target", "input", "mask", *TRUTH, "tof", "segment", "axial")
+DATASETS = ("target", "input", "mask", "delayed", *TRUTH, "tof", "segment", "axial")
 
 
 def compression_kwargs(name: str) -> dict:
@@ -198,9 +199,18 @@ class StudyInfo:
     scanner: str  # the header's `originating system`, "" if unknown
     max: float  # largest target value of the study
     tof_bins: int
-    segments: tuple[int, ...]
+    segments: tuple[int, ...]  # STIR segment numbers in storage order
     axial_counts: tuple[int, ...]
     truth: tuple[str, ...] = ()  # which of TRUTH the study stores
+    ring_diffs: tuple[tuple[int, int], ...] | None = None  # (min, max) per segment when the source stated them
+    has_delayed: bool = False  # `delayed`: a Siemens file's second data set (randoms = delayed coincidences)
+
+    def layout(self, scanner: str = ""):
+        """The study's :class:`hpc.projdata.Layout` on ``scanner`` (default: its own); ValueError if
+        the scanner is unknown or cannot have this layout."""
+        from hpc.projdata import layout_for
+        return layout_for(scanner or self.scanner, self.segments, self.axial_counts, *self.slice_shape,
+                          self.tof_bins, self.ring_diffs)
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -248,9 +258,9 @@ class Dataset:
             m = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: invalid JSON: {exc}") from None
-        if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{path}: expected format {FORMAT} v{FORMAT_VERSION}, got "
-                             f"{m.get('format')} v{m.get('format_version')}")
+        if m.get("format") != FORMAT or m.get("format_version") not in READABLE_VERSIONS:
+            raise InputError(f"{path}: expected format {FORMAT} v{' or v'.join(map(str, READABLE_VERSIONS))}, "
+                             f"got {m.get('format')} v{m.get('format_version')}")
         try:
             studies = tuple(_study(root, s) for s in m["studies"])
             return cls(root, studies, tuple(m["slice_shape"]), m["dtype"], m.get("scanner", ""),
@@ -262,10 +272,16 @@ class Dataset:
 def _study(root: Path, s: dict) -> StudyInfo:
     shards = tuple(ShardInfo(root / sh["path"], sh["first_slice"], sh["num_slices"], sh["sha256"])
                    for sh in s["shards"])
+    segments = tuple(s["segments"])
+    if s.get("kind") == "siemens" and "ring_diffs" not in s:  # v1: a Siemens file's storage indices
+        from hpc.projdata import segment_storage_order
+        segments = segment_storage_order(len(segments))
+    rd = s.get("ring_diffs")
     return StudyInfo(s["id"], s["source"], s["sha256"], s["num_slices"], tuple(s["slice_shape"]),
                      s["dtype"], shards, s["has_input"], s["has_mask"], s.get("scanner", ""),
-                     float(s["max"]), s["tof_bins"], tuple(s["segments"]), tuple(s["axial_counts"]),
-                     tuple(r for r in TRUTH if s.get(f"has_{r}")))
+                     float(s["max"]), s["tof_bins"], segments, tuple(s["axial_counts"]),
+                     tuple(r for r in TRUTH if s.get(f"has_{r}")), tuple(tuple(r) for r in rd) if rd else None,
+                     bool(s.get("has_delayed", False)))
 
 
 class ShardArray:

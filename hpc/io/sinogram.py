@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from hpc.errors import InputError, OutputError
 from hpc.io.atomic import AtomicFile, atomic_open, atomic_write_text, output_error
-from hpc.io.interfile import (Header, format_header, normalize_key, number_format, numpy_dtype,
-                              parse_header, parse_list, rewrite_header)
+from hpc.io.interfile import format_header, normalize_key, parse_header, rewrite_header
 
 
 
 def stir_segment_sequence(n: int) -> tuple[int, ...]:
-    """STIR's default storage order of ``n`` segments: 0, -1, +1, -2, +2, ..."""
-    return tuple((k + 1) // 2 * (-1 if k % 2 else 1) for k in range(n))
+    """STIR's default storage order of ``n`` segments: 0, -1, +1, -2, +2, ... (hpc.projdata)."""
+    from hpc.projdata import segment_storage_order
+    return segment_storage_order(n)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class SinogramSpec:
     kind: str = "raw"  # raw | stir | siemens
     header_path: Path | None = None
     fields: dict[str, str] = field(default_factory=dict, compare=False)  # parsed header keys
+    ring_diffs: tuple[tuple[int, int], ...] | None = None  # (min, max) ring difference per segment, if stated
+    scanner: str = ""  # the header's `originating system`
+    datasets: tuple[tuple[str, int], ...] = ()  # other data sets of the data file: (name, byte offset)
 
     @property
     def planes(self) -> int:
@@ -67,6 +70,20 @@ class SinogramSpec:
         """The file a user named: the header, or the raw data file."""
         return self.header_path or self.data_path
 
+    def layout(self, scanner: str = ""):
+        """The :class:`hpc.projdata.Layout` of the slices on ``scanner`` (default: the header's
+        `originating system`); ValueError for an unknown scanner or a layout it cannot have."""
+        from hpc.projdata import layout_for
+        return layout_for(scanner or self.scanner, self.segments, self.axial_counts, self.views, self.bins,
+                          self.tof_bins, self.ring_diffs)
+
+    def dataset(self, name: str) -> SinogramSpec:
+        """The spec of another data set of the same file (e.g. ``randoms``): same layout, its offset."""
+        offsets = dict(self.datasets)
+        if name not in offsets:
+            raise KeyError(f"{self.source}: no data set {name!r} (has {', '.join(offsets) or 'none'})")
+        return replace(self, offset=offsets[name], datasets=())
+
     def meta(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tof, segment, axial) of every slice in canonical order, each ``(num_slices,)`` int32."""
         seg = np.concatenate([np.full(a, s, np.int32) for s, a in zip(self.segments, self.axial_counts, strict=True)])
@@ -83,7 +100,7 @@ def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
     if not spec.data_path.is_file():
         raise InputError(f"{spec.source}: data file not found: {spec.data_path}")
     size = spec.data_path.stat().st_size
-    need = spec.offset + spec.nbytes
+    need = max([spec.offset] + [o for _, o in spec.datasets]) + spec.nbytes  # the last data set ends the file
     what = f"{dims} {spec.dtype.name} from offset {spec.offset} = {need} bytes"
     if size < need:
         raise InputError(f"{spec.data_path}: data file is truncated: expected {what}, file has {size}")
@@ -112,85 +129,14 @@ def raw_spec(data_path: str | os.PathLike, shape: tuple[int, ...], dtype: str | 
     return _check_data_file(spec)
 
 
-def _offset(h: Header) -> int:
-    if h.get("data offset in bytes [1]") is not None:
-        return h.integer("data offset in bytes [1]")
-    if h.get("data offset in bytes") is not None:
-        return h.integer("data offset in bytes")
-    return 2048 * h.integer("data starting block", 0)  # Interfile 3.3 blocks of 2048 bytes
-
-
-def _stir_segment_numbers(h: Header, n: int) -> tuple[int, ...]:
-    """Segment numbers in storage order. With ring differences (as STIR writes them) the segment
-    holding ring difference 0 is segment 0 and the others are numbered by their ring differences;
-    without them, STIR's default storage sequence 0, -1, +1, -2, +2, ..."""
-    if h.get("minimum ring difference per segment") is None:
-        return stir_segment_sequence(n)
-    lo = h.integers("minimum ring difference per segment")
-    hi = h.integers("maximum ring difference per segment")
-    if len(lo) != n or len(hi) != n:
-        raise InputError(f"{h.path}: ring differences list {len(lo)}/{len(hi)} segments, "
-                         f"matrix size says {n}")
-    zero = [k for k in range(n) if lo[k] <= 0 <= hi[k]]
-    if len(zero) != 1:
-        raise InputError(f"{h.path}: exactly one segment must contain ring difference 0")
-    rank = np.argsort(np.argsort(lo, kind="stable"), kind="stable")
-    return tuple(int(r - rank[zero[0]]) for r in rank)
-
-
-def _stir_spec(h: Header) -> SinogramSpec:
-    ndim = h.integer("number of dimensions", 4)
-    labels = {k: " ".join(h.require(f"matrix axis label [{k}]").lower().split()) for k in range(1, ndim + 1)}
-    axes = tuple(labels[k] for k in sorted(labels, reverse=True))  # slowest first
-    known = {("segment", "view", "axial coordinate", "tangential coordinate"): "view",
-             ("segment", "axial coordinate", "view", "tangential coordinate"): "sinogram"}
-    tof = 1
-    if ndim == 5 and axes[0] == "timing positions":
-        tof, axes = h.integer("matrix size [5]"), axes[1:]
-    if axes not in known:
-        raise InputError(f"{h.path}: unsupported matrix axis labels {', '.join(axes)} (expected segment, "
-                         "view|axial coordinate, axial coordinate|view, tangential coordinate)")
-    order = known[axes]
-    k_axial, k_view = (2, 3) if order == "view" else (3, 2)
-    n_seg = h.integer("matrix size [4]")
-    axial = [int(v) for v in parse_list(h.require(f"matrix size [{k_axial}]"))]
-    if len(axial) != n_seg:
-        raise InputError(f"{h.path}: matrix size [{k_axial}] lists {len(axial)} axial counts for {n_seg} segments")
-    return SinogramSpec(
-        data_path=h.resolve(h.require("name of data file")), dtype=numpy_dtype(h, "bigendian"),
-        offset=_offset(h), tof_bins=tof, segments=_stir_segment_numbers(h, n_seg),
-        axial_counts=tuple(axial), views=h.integer(f"matrix size [{k_view}]"),
-        bins=h.integer("matrix size [1]"), order=order, kind="stir", header_path=h.path,
-        fields=dict(h.fields))
-
-
-def _siemens_spec(h: Header) -> SinogramSpec:
-    planes = h.integer("matrix size [3]")
-    table = h.integers("segment table") if h.get("segment table") is not None else [planes]
-    if sum(table) != planes:
-        raise InputError(f"{h.path}: segment table sums to {sum(table)} sinograms, matrix size [3] is {planes}")
-    tof_default = h.integer("matrix size [4]") if h.integer("number of dimensions", 3) == 4 else 1
-    return SinogramSpec(
-        data_path=h.resolve(h.require("name of data file")), dtype=numpy_dtype(h, "littleendian"),
-        offset=_offset(h), tof_bins=h.integer("number of tof time bins", tof_default),
-        segments=tuple(range(len(table))), axial_counts=tuple(table),
-        views=h.integer("matrix size [2]"), bins=h.integer("matrix size [1]"), order="sinogram",
-        kind="siemens", header_path=h.path, fields=dict(h.fields))
-
-
 def read_header(path: str | os.PathLike) -> SinogramSpec:
-    """Parse a STIR or Siemens Interfile header (auto-detected) and check its data file."""
-    h = parse_header(path)
-    if h.get("matrix size [1]") is None and h.get("data set [1]") is not None:
-        # Siemens main header (.mhdr): the layout is in the first data set's sub-header.
-        items = parse_list(h.require("data set [1]"))
-        if len(items) < 2:
-            raise InputError(f"{h.path}: data set [1] should be {{type,header,data}}, got {items}")
-        sub = parse_header(h.resolve(items[1]))
-        h = Header(sub.path, {**h.fields, **sub.fields}, sub.lines)
-    labels = [v.lower().strip() for k, v in h.fields.items() if k.startswith("matrix axis label")]
-    spec = _stir_spec(h) if "segment" in labels else _siemens_spec(h)
-    return _check_data_file(spec)
+    """Parse a STIR or Siemens Interfile header (auto-detected) and check its data file
+    (:func:`hpc.io.headers.read_header`)."""
+    from hpc.io.headers import read_header as read
+    return read(path)
+
+
+check_data_file = _check_data_file
 
 
 def _blocks(spec: SinogramSpec, buf) -> list[tuple[int, np.ndarray]]:
@@ -270,51 +216,22 @@ def _stem(path: Path) -> Path:
     return path
 
 
-def _siemens_items(spec: SinogramSpec) -> list[tuple[str, object]]:
-    fmt, size, order = number_format(spec.dtype)
-    return [
-        ("!INTERFILE", ""), ("!name of data file", spec.data_path.name),
-        ("number format", fmt), ("!number of bytes per pixel", size), ("imagedata byte order", order),
-        ("number of dimensions", 3),
-        ("matrix axis label [1]", "sinogram projections"), ("matrix size [1]", spec.bins),
-        ("matrix axis label [2]", "sinogram views"), ("matrix size [2]", spec.views),
-        ("matrix axis label [3]", "number of sinograms"), ("matrix size [3]", spec.planes),
-        ("%number of TOF time bins", spec.tof_bins), ("%number of segments", len(spec.segments)),
-        ("%segment table", list(spec.axial_counts)), ("%total number of sinograms", spec.planes),
-        ("data offset in bytes [1]", 0),
-    ]
-
-
-def _stir_items(spec: SinogramSpec) -> list[tuple[str, object]]:
-    fmt, size, order = number_format(spec.dtype)
-    tof = [("number of dimensions", 5), ("matrix axis label [5]", "timing positions"),
-           ("!matrix size [5]", spec.tof_bins)] if spec.tof_bins > 1 else [("number of dimensions", 4)]
-    return [
-        ("!INTERFILE", ""), ("name of data file", spec.data_path.name), ("!GENERAL DATA", ""),
-        ("!GENERAL IMAGE DATA", ""), ("!type of data", "PET"), ("imagedata byte order", order),
-        ("!PET STUDY (General)", ""), ("!PET data type", "Emission"),
-        ("!number format", fmt), ("!number of bytes per pixel", size), *tof,
-        ("matrix axis label [4]", "segment"), ("!matrix size [4]", len(spec.segments)),
-        ("matrix axis label [3]", "view"), ("!matrix size [3]", spec.views),
-        ("matrix axis label [2]", "axial coordinate"), ("!matrix size [2]", list(spec.axial_counts)),
-        ("matrix axis label [1]", "tangential coordinate"), ("!matrix size [1]", spec.bins),
-        # ring differences = segment numbers: a reader recovers the numbers from them
-        ("minimum ring difference per segment", list(spec.segments)),
-        ("maximum ring difference per segment", list(spec.segments)),
-        ("data offset in bytes [1]", 0), ("number of time frames", 1),
-    ]
-
-
 def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemens",
                    segments: list[int] | None = None, axial_counts: list[int] | None = None,
-                   fields: dict[str, object] | None = None) -> Path:
-    """Write ``data`` (T, S, V, X) or (S, V, X) in canonical order as an Interfile sinogram.
+                   fields: dict[str, object] | None = None, layout=None) -> Path:
+    """Write ``data`` (T, S, V, X) or (S, V, X) in canonical order (= the file's storage order: a
+    Siemens file's TOF bins are timing positions 0, +1, -1, ...) as an Interfile sinogram.
 
     Siemens: ``<stem>.s`` + ``<stem>.s.hdr`` (sinogram-major); STIR: ``<stem>.s`` + ``<stem>.hs``
-    (view-major, STIR's default). The dtype and byte order of ``data`` are kept. ``fields`` are
-    extra header keys (e.g. ``{"originating system": "demo"}``). Data first, then the header, each
-    atomically. Returns the header path.
+    (view-major, STIR's default). With ``layout`` (:class:`hpc.projdata.Layout`) the header holds
+    what STIR needs to read the file back: STIR's scanner name as `originating system`, ring
+    differences (STIR) or span and maximum ring difference (Siemens), the scanner parameters.
+    Without it, ``segments`` / ``axial_counts`` (STIR: span 1, ring difference = segment number).
+    The dtype and byte order of ``data`` are kept; ``fields`` are extra header keys. Data first,
+    then the header, each atomically. Returns the header path.
     """
+    from hpc.io.headers import check_siemens_layout, siemens_items, stir_items
+
     if fmt not in ("siemens", "stir"):
         raise ValueError(f"write_sinogram: fmt must be 'siemens' or 'stir', got {fmt!r}")
     data = np.asarray(data)
@@ -323,18 +240,27 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     if data.ndim != 4:
         raise ValueError(f"write_sinogram: data must be (T, S, V, X) or (S, V, X), got {data.shape}")
     t, s, v, x = data.shape
+    ring_diffs = None
+    if layout is not None:
+        if (t, s, v, x) != (layout.tof_bins, layout.planes, *layout.slice_shape):
+            raise ValueError(f"write_sinogram: data {data.shape} is not the layout's "
+                             f"{(layout.tof_bins, layout.planes, *layout.slice_shape)}")
+        if fmt == "siemens":
+            check_siemens_layout(layout)
+        segments, axial_counts = list(layout.segments), list(layout.axial_counts)
+        ring_diffs = tuple(zip(layout.min_rd, layout.max_rd, strict=True))
     axial = tuple(axial_counts or (s,))
     if sum(axial) != s:
         raise ValueError(f"write_sinogram: axial_counts {axial} sum to {sum(axial)}, data has {s} sinograms")
-    segs = tuple(segments) if segments is not None else (
-        stir_segment_sequence(len(axial)) if fmt == "stir" else tuple(range(len(axial))))
+    segs = tuple(segments) if segments is not None else stir_segment_sequence(len(axial))
     if len(segs) != len(axial):
         raise ValueError(f"write_sinogram: {len(segs)} segments but {len(axial)} axial counts")
     stem = _stem(Path(path))
     header = stem.with_name(stem.name + (".s.hdr" if fmt == "siemens" else ".hs"))
     order = "sinogram" if fmt == "siemens" else "view"
-    spec = SinogramSpec(data_name(header), data.dtype, 0, t, segs, axial, v, x, order, fmt, header)
-    items = _siemens_items(spec) if fmt == "siemens" else _stir_items(spec)
+    spec = SinogramSpec(data_name(header), data.dtype, 0, t, segs, axial, v, x, order, fmt, header,
+                        ring_diffs=ring_diffs)
+    items = siemens_items(spec, layout) if fmt == "siemens" else stir_items(spec, layout)
     layout_keys = {normalize_key(k) for k, _ in items}
     clash = [k for k in (fields or {}) if normalize_key(k) in layout_keys]
     if clash:
@@ -349,6 +275,18 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     items += [(k, val) for k, val in (fields or {}).items()] + [("!END OF INTERFILE", "")]
     atomic_write_text(header, format_header(items))
     return header
+
+
+def _copy_around(spec: SinogramSpec, fd: int, chunk: int = 8 << 20) -> None:
+    """Copy every byte of the source data file outside the data set ``spec`` describes (a vendor
+    preamble, the randoms of a prompts + randoms file) to the same place in ``fd``: the source's
+    header then describes the output unchanged."""
+    size = spec.data_path.stat().st_size
+    with open(spec.data_path, "rb") as src:
+        for lo, hi in ((0, spec.offset), (spec.offset + spec.nbytes, size)):
+            for pos in range(lo, hi, chunk):
+                src.seek(pos)
+                os.pwrite(fd, src.read(min(chunk, hi - pos)), pos)
 
 
 class SinogramWriter:
@@ -372,11 +310,9 @@ class SinogramWriter:
         self._out = AtomicFile(self.data_path)
         self._mm = None
         try:
-            if spec.offset:  # keep whatever precedes the samples (e.g. a vendor preamble)
-                with open(spec.data_path, "rb") as src:
-                    os.write(self._out.fd, src.read(spec.offset))
             # reserve the space now: a full disk is an error here, not a SIGBUS in write()
             os.posix_fallocate(self._out.fd, 0, spec.offset + spec.nbytes)
+            _copy_around(spec, self._out.fd)  # a vendor preamble, the randoms of prompts + randoms
             self._mm = mmap.mmap(self._out.fd, 0, access=mmap.ACCESS_WRITE)
         except OSError as exc:
             self._out.abort()
@@ -429,3 +365,41 @@ class SinogramWriter:
     def __exit__(self, *exc) -> None:
         self._close()
         self._out.abort()
+
+
+class MaskReader:
+    """A gap mask file for the slices of ``target``: ``read(start, stop) -> (n, V, X)`` float32
+    measured fractions (integer masks: 1 where non-zero; float masks must lie in [0, 1]). The mask
+    has a slice per data slice, one per plane shared by every TOF bin, or a single slice for all."""
+
+    def __init__(self, mask: SinogramSpec, target: SinogramSpec):
+        counts = (target.num_slices, target.planes, 1)
+        if mask.slice_shape != target.slice_shape or mask.num_slices not in counts:
+            raise InputError(f"{mask.source}: mask is {mask.num_slices}x{mask.views}x{mask.bins}, input "
+                             f"{target.source} is {target.num_slices}x{target.views}x{target.bins} (a mask has a "
+                             f"slice per data slice, one per plane ({target.planes}) or one for all)")
+        self.spec, self.period = mask, mask.num_slices
+        self.reader = SinogramReader(mask)
+
+    def _values(self, raw: np.ndarray, first: int) -> np.ndarray:
+        if self.spec.dtype.kind != "f":
+            return (raw != 0).astype(np.float32)
+        bad = np.flatnonzero(~((raw >= 0) & (raw <= 1)).reshape(len(raw), -1).all(1))
+        if bad.size:
+            raise InputError(f"{self.spec.source}: mask slice {first + int(bad[0])} has values outside [0, 1] "
+                             "(a mask is the measured fraction of each bin)")
+        return raw.astype(np.float32)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Fractions of slices [start, stop): slice i uses mask slice i mod (mask slices)."""
+        idx = np.arange(start, stop) % self.period
+        out = np.empty((stop - start, *self.spec.slice_shape), np.float32)
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1  # where the index wraps to the next TOF bin
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, idx.size], strict=True):
+            if lo < hi:
+                a, b = int(idx[lo]), int(idx[hi - 1]) + 1
+                out[lo:hi] = self._values(self.reader.read(a, b), a)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
