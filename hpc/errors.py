@@ -23,5 +23,11 @@ class OutputError(HpcError):
     """Output cannot be written (exists, disk full, ...). Nothing partial is left visible."""
 
 
+class DistributedError(HpcError):
+    """Another rank of a distributed run went away (crashed, killed): this rank stops too."""
+
+    exit_code = 1
+
+
 class HpcWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints one line)."""

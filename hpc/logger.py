@@ -147,7 +147,7 @@ class RunLogger:
             print(f"hpc train: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if not self.main:
+        if not self.main or self._jsonl.closed:  # closing twice (a failure after close) is a no-op
             return
         self.bar.close()
         self._jsonl.close()

@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -29,7 +30,7 @@ import torch
 from hpc import checkpoint as ck
 from hpc.config import Config, OptimConfig, dump, load_config, validate
 from hpc.distributed import dist
-from hpc.errors import EXIT_REQUEUE, ConfigError, HpcError
+from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError
 from hpc.train_state import TrainState, training_data
 from hpc.validate import Validator
 
@@ -278,8 +279,25 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train to cfg.train.samples (resuming if a checkpoint exists); the final metrics and paths.
-    Raises SystemExit(EXIT_REQUEUE) after checkpointing on SIGUSR2/SIGTERM."""
-    return Trainer(cfg).run()
+    Raises SystemExit(EXIT_REQUEUE) after checkpointing on SIGUSR2/SIGTERM, and (no checkpoint: the
+    process group is broken) when a collective got no answer within dist.timeout_s; DistributedError
+    when another rank went away. Each rank then prints one line naming itself."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except RuntimeError as exc:
+        failure = dist.collective_failure(exc, cfg.dist.timeout_s)
+        if failure is None:
+            raise
+        message, code = failure
+        if trainer is not None:
+            trainer.log.close()  # rank 0: the W&B run and metrics.jsonl end cleanly
+        where = f"rank {dist.rank()} ({socket.gethostname()})"
+        if code != EXIT_REQUEUE:
+            raise DistributedError(f"{where}: {message}") from None
+        print(f"hpc train: error: {where}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     except HpcError as exc:
         print(f"hpc train: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except Exception:  # e.g. a collective timed out because a peer died
+    except Exception:  # a bug: the traceback is the useful message
         traceback.print_exc()
         code = 1
     dist.shutdown(code)

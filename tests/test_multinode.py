@@ -125,3 +125,61 @@ def test_hpc_predict_ranks_on_two_nodes_split_the_studies(slurm2, tmp_path):
     for a, b in zip(one, two, strict=True):
         with h5py.File(a) as fa, h5py.File(b) as fb:
             np.testing.assert_array_equal(fa["repaired"][:], fb["repaired"][:])
+
+
+def _config_file(path: Path, overrides: list[str]) -> Path:
+    """A config YAML holding `section.key=value` overrides (what a user's config file would)."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.slow
+def test_a_cut_link_ends_the_attempt_within_the_timeout_and_the_job_requeues(slurm2, dataset, tmp_path):
+    """node2's link goes down mid-training for dist.timeout_s + 5 s (a network partition that heals,
+    as after a switch reboot). The ranks' next collective gets no answer: within dist.timeout_s each
+    prints one line naming the timeout and exits 75, the plain template's requeue policy applies
+    (`scontrol requeue`, at most launch.max_requeues times), and the next attempt resumes from the
+    newest checkpoint to the exact final count. Nothing hangs."""
+    from cluster.tiny_data import train_overrides
+
+    timeout_s, samples = 15, 2048
+    _config_file(tmp_path / "c.yaml", [*train_overrides(dataset, samples), "checkpoint.every=128", "log.every=32",
+                                       f"dist.timeout_s={timeout_s}"])
+    r = run_hpc("sbatch", "-t", "plain", "--config", "c.yaml", "--nodes", "2", "--tasks-per-node", "1",
+                "--cpus-per-task", "1", "--time", "10", "train.run_dir=runs/cut", check=True, env=job_env(slurm2),
+                cwd=tmp_path)
+    job = r.stdout.split()[2].rstrip(":")
+    run_dir, log_file = tmp_path / "runs" / "cut", tmp_path / "runs" / "slurm" / f"cut-{job}.out"
+    deadline = time.monotonic() + 180
+    while not list((run_dir / "checkpoints").glob("step-*.pt")) or max(
+            (rec["step"] for rec in _records(run_dir) if rec["kind"] == "train"), default=0) < 256:
+        assert time.monotonic() < deadline, f"job {job} is not training: {slurm2.states(job)}"
+        time.sleep(0.3)
+    down = time.monotonic()
+    slurm2.link("node2", up=False)
+    try:
+        seen = None
+        while time.monotonic() < down + timeout_s + 5:
+            if seen is None and "hpc train: error: rank 0" in log_file.read_text():
+                seen = time.monotonic() - down
+            time.sleep(0.2)
+    finally:
+        slurm2.link("node2", up=True)
+    assert slurm2.wait(job, timeout=300) == "COMPLETED", log_file.read_text()[-3000:]
+    log = log_file.read_text()
+    assert seen is not None and seen < timeout_s + 10, (seen, log[-3000:])  # not a hang: the timeout ended it
+    errors = [ln for ln in log.splitlines() if "hpc train: error: rank" in ln]
+    assert {ln.split("rank ")[1].split()[0] for ln in errors} == {"0", "1"}, log[-3000:]
+    assert all(f"dist.timeout_s={timeout_s}" in ln for ln in errors), errors
+    assert "requeueing job" in log and "attempt 1" in log
+    recs = _records(run_dir)
+    assert max(rec["step"] for rec in recs) == samples
+    resumed = next(ln for ln in log.splitlines() if "resum" in ln.lower())
+    assert "step" in resumed, resumed

@@ -26,7 +26,7 @@ from torch import nn
 from hpc.config import DistConfig
 from hpc.distributed.device import resolve_device
 from hpc.distributed.launcher import torch_ranks
-from hpc.errors import ConfigError
+from hpc.errors import EXIT_REQUEUE, ConfigError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,29 @@ def no_sync(model: nn.Module, skip: bool):
     if skip and isinstance(inner, nn.parallel.DistributedDataParallel):
         return inner.no_sync()
     return contextlib.nullcontext()
+
+
+# What a collective's exception says when the other ranks did not answer in time (gloo: "Timed out
+# waiting 15000ms for recv", NCCL's watchdog: "collective operation timeout") or went away.
+_TIMEOUT_WORDS = ("timed out", "timeout")
+_GONE_WORDS = ("closed by peer", "reset by peer", "broken pipe", "connection refused", "was aborted")
+
+
+def collective_failure(exc: BaseException, timeout_s: int) -> tuple[str, int] | None:
+    """(one-line message, exit code) when ``exc`` is a collective of this process group that failed
+    because the other ranks did not answer within ``timeout_s`` (a node or its link is down, or a
+    rank hangs: EXIT_REQUEUE, the job is requeued and resumes) or went away (a rank crashed or was
+    killed: 1); None for any other error, and always in a single process."""
+    if not tdist.is_initialized() or not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    if any(w in text.lower() for w in _TIMEOUT_WORDS):
+        return (f"no answer from the other ranks within dist.timeout_s={timeout_s} (a node or its network "
+                f"link is down, or a rank hangs); exiting with {EXIT_REQUEUE} to be requeued: {text[:200]}",
+                EXIT_REQUEUE)
+    if any(w in text.lower() for w in _GONE_WORDS):
+        return f"another rank went away (it crashed or was killed): {text[:200]}", 1
+    return None
 
 
 def shutdown(code: int) -> None:
