@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import string
 import subprocess
@@ -38,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import netns  # noqa: E402  (a sibling module; this file also runs as a script)
+import netns  # noqa: E402  (sibling modules; this file also runs as a script)
+from daemons import SBIN_PATH, StartError, free_ports, port_open, running, spawn, terminate, wait_for  # noqa: E402
 
 ROOT_DIR = Path(os.environ.get("HPC_SLURM_DIR", "/tmp/hpc-slurm"))
 # the tests' 2-node cluster, next to the single-node one (never the same directory)
@@ -46,11 +46,6 @@ MULTI_DIR = Path(os.environ.get("HPC_SLURM_MULTI_DIR", str(ROOT_DIR) + "-multi")
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # start order
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-
-
-class StartError(RuntimeError):
-    """A daemon did not come up; the message ends with the tail of its log."""
 
 
 @dataclass
@@ -136,7 +131,7 @@ class Cluster:
 
     # --- lifetime ------------------------------------------------------------------------------
     def alive(self) -> bool:
-        if set(self.pids) != set(self.daemons) or not all(_running(p, _name(d)) for d, p in self.pids.items()):
+        if set(self.pids) != set(self.daemons) or not all(running(p, _name(d)) for d, p in self.pids.items()):
             return False
         return self.run(["scontrol", "ping"], check=False, timeout=20).returncode == 0
 
@@ -154,7 +149,7 @@ class Cluster:
     def stop(self) -> None:
         """Cancel jobs, then stop the daemons by PID in reverse start order (TERM, then KILL); on a
         multi-node cluster then end what is left in the node namespaces and remove them and the bridge."""
-        if "slurmctld" in self.pids and _running(self.pids["slurmctld"], "slurmctld"):
+        if "slurmctld" in self.pids and running(self.pids["slurmctld"], "slurmctld"):
             jobs = self.run(["squeue", "-h", "-o", "%A"], check=False).stdout.split()
             if jobs:
                 self.run(["scancel", *jobs], check=False)
@@ -164,7 +159,7 @@ class Cluster:
                     time.sleep(0.5)
         for daemon in reversed(self.daemons):
             if daemon in self.pids:
-                _terminate(self.pids[daemon], _name(daemon))
+                terminate(self.pids[daemon], _name(daemon))
         self.pids.clear()
         if self.nodes:
             netns.teardown(self.root)
@@ -191,85 +186,6 @@ def _name(daemon: str) -> str:
     return daemon.split(":")[0]
 
 
-def _running(pid: int, name: str) -> bool:
-    """pid is a live (not zombie) process whose command line mentions `name` (guards PID reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and name in cmdline
-
-
-def _terminate(pid: int, name: str, grace: float = 15) -> None:
-    if not _running(pid, name):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _running(pid, name):
-            return
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no {path})"
-
-
-def _spawn(root: Path, name: str, cmd: list[str], pidfile: Path, timeout: float = 30,
-           log_name: str = "") -> int:
-    """Start a daemon in the foreground under `setsid --fork` (so it is re-parented to init and
-    never a zombie child of pytest), fds > 2 closed, output to log/<log_name or name>.out; returns
-    its PID from the daemon's own pid file."""
-    log_name = log_name or name
-    out = root / "log" / f"{log_name}.out"
-    with open(out, "ab") as log:
-        subprocess.run(["setsid", "--fork", *cmd], stdin=subprocess.DEVNULL, stdout=log,
-                       stderr=subprocess.STDOUT, close_fds=True, check=True,
-                       env={**os.environ, "PATH": SBIN_PATH, "SLURM_CONF": str(root / "etc" / "slurm.conf")})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid = int(pidfile.read_text().split()[0])
-            if _running(pid, name):
-                return pid
-        except (OSError, ValueError, IndexError):
-            pass
-        time.sleep(0.2)
-    raise StartError(f"{name} did not start within {timeout:.0f} s:\n{_tail(out, 15)}"
-                     f"\n{_tail(root / 'log' / f'{log_name}.log', 15)}")
-
-
-def _wait_for(what: str, ok, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        time.sleep(0.3)
-    raise StartError(f"{what} not ready within {timeout:.0f} s:\n{_tail(log, 20)}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # --- starting ------------------------------------------------------------------------------------
 def _render(template: str, dest: Path, values: dict, mode: int = 0o644) -> None:
     dest.write_text(string.Template((HERE / template).read_text()).substitute(values))
@@ -281,13 +197,13 @@ def _mariadb(root: Path, port: int, password: str) -> int:
     subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
                     "--auth-root-authentication-method=socket", "--skip-test-db"],
                    capture_output=True, check=True, env={**os.environ, "PATH": SBIN_PATH})
-    pid = _spawn(root, "mariadbd", [
+    pid = spawn(root, "mariadbd", [
         "mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={sock}", f"--port={port}",
         "--bind-address=127.0.0.1", "--skip-name-resolve", "--user=root",
         f"--pid-file={root / 'run' / 'mariadbd.pid'}", f"--log-error={root / 'log' / 'mariadbd.log'}",
         "--innodb-buffer-pool-size=64M"], root / "run" / "mariadbd.pid")
     client = ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot"]
-    _wait_for("MariaDB", lambda: subprocess.run([*client, "-e", "SELECT 1"], capture_output=True)
+    wait_for("MariaDB", lambda: subprocess.run([*client, "-e", "SELECT 1"], capture_output=True)
               .returncode == 0, 60, root / "log" / "mariadbd.log")
     sql = (f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}';"
            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
@@ -308,8 +224,8 @@ def stop_orphans(root: Path) -> list[str]:
             pid = int(pidfile.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-        if _running(pid, daemon):
-            _terminate(pid, daemon)
+        if running(pid, daemon):
+            terminate(pid, daemon)
             stopped.append(daemon)
     if shutil.which("ip", path=SBIN_PATH) and os.geteuid() == 0:
         netns.teardown(root)
@@ -323,7 +239,7 @@ def _configure(root: Path, n_nodes: int, cpus: int, gpus: int) -> tuple[Cluster,
     for sub in ("etc", "munge", "mysql", "state", "spool", "run", "log", "dev", "users"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "munge").chmod(0o700)  # munged refuses a socket/key dir that others can write
-    mysql_port, dbd_port, ctld_port, slurmd_port = _free_ports(4)
+    mysql_port, dbd_port, ctld_port, slurmd_port = free_ports(4)
     host = socket.gethostname().split(".")[0]
     nodes = [f"node{i + 1}" for i in range(n_nodes)] if n_nodes > 1 else []
     c = Cluster(root=root, node=nodes[0] if nodes else host, cpus=cpus, gpus=gpus, nodes=nodes,
@@ -363,10 +279,10 @@ def _start_slurmds(c: Cluster) -> None:
     root, net = c.root, c.net
     for node in c.node_names:
         if net is None:
-            c.pids["slurmd"] = _spawn(root, "slurmd", ["slurmd", "-D", "-N", node], root / "run" / "slurmd.pid")
+            c.pids["slurmd"] = spawn(root, "slurmd", ["slurmd", "-D", "-N", node], root / "run" / "slurmd.pid")
         else:
             cmd = net.node_cmd(node, root / "etc" / "hosts", ["slurmd", "-D", "-N", node])
-            c.pids[f"slurmd:{node}"] = _spawn(root, "slurmd", cmd, root / "run" / f"slurmd-{node}.pid",
+            c.pids[f"slurmd:{node}"] = spawn(root, "slurmd", cmd, root / "run" / f"slurmd-{node}.pid",
                                               log_name=f"slurmd-{node}")
     want = sorted(c.node_names)
 
@@ -376,23 +292,23 @@ def _start_slurmds(c: Cluster) -> None:
         return [n for n, _ in rows] == want and all(st == "idle" for _, st in rows)
 
     log = root / "log" / ("slurmd.log" if net is None else f"slurmd-{want[-1]}.log")
-    _wait_for(f"slurmd ({len(want)} node(s) idle)", all_idle, 60, log)
+    wait_for(f"slurmd ({len(want)} node(s) idle)", all_idle, 60, log)
 
 
 def _start(root: Path, n_nodes: int, cpus: int, gpus: int) -> Cluster:
     c, values = _configure(root, n_nodes, cpus, gpus)
     try:
         key = root / "munge" / "munge.key"
-        c.pids["munged"] = _spawn(root, "munged", [
+        c.pids["munged"] = spawn(root, "munged", [
             "munged", "--foreground", "--force", f"--socket={root / 'munge' / 'munge.sock'}",
             f"--key-file={key}", f"--log-file={root / 'log' / 'munged.log'}",
             f"--pid-file={root / 'run' / 'munged.pid'}", f"--seed-file={root / 'munge' / 'seed'}"],
             root / "run" / "munged.pid")
         c.pids["mariadbd"] = _mariadb(root, c.ports["mysql"], values["db_password"])
-        c.pids["slurmdbd"] = _spawn(root, "slurmdbd", ["slurmdbd", "-D"], root / "run" / "slurmdbd.pid")
-        _wait_for("slurmdbd", lambda: _port_open(c.ports["slurmdbd"]), 60, root / "log" / "slurmdbd.log")
-        c.pids["slurmctld"] = _spawn(root, "slurmctld", ["slurmctld", "-D"], root / "run" / "slurmctld.pid")
-        _wait_for("slurmctld", lambda: c.run(["scontrol", "ping"], check=False).returncode == 0, 60,
+        c.pids["slurmdbd"] = spawn(root, "slurmdbd", ["slurmdbd", "-D"], root / "run" / "slurmdbd.pid")
+        wait_for("slurmdbd", lambda: port_open(c.ports["slurmdbd"]), 60, root / "log" / "slurmdbd.log")
+        c.pids["slurmctld"] = spawn(root, "slurmctld", ["slurmctld", "-D"], root / "run" / "slurmctld.pid")
+        wait_for("slurmctld", lambda: c.run(["scontrol", "ping"], check=False).returncode == 0, 60,
                   root / "log" / "slurmctld.log")
         _start_slurmds(c)
     except BaseException:
