@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "submit": ("hpc.launch.submit", "submit one training job to Slurm (submitit)"),
     "sweep": ("hpc.launch.sweep", "hyperparameter sweep as a Slurm job array; `sweep status DIR`"),
     "sbatch": ("hpc.launch.sbatch", "render an sbatch template (dgx, pyxis, singularity, plain)"),
+    "env": ("hpc.launch.rankenv", "the rank/world/rendezvous this process resolves (run it like the job)"),
     "demo": ("hpc.demo", "the whole pipeline on synthetic PET data, in minutes on a CPU"),
 }
 

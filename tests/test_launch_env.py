@@ -77,15 +77,21 @@ def test_submitit_local_job_environment(clean_env):
     ({"RANK": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1",
       "OMPI_COMM_WORLD_SIZE": "2"}, "torch"),
     ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "submitit"),
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
-     "srun"),  # today's rule; issue 16 makes MPI win over inherited SLURM_* (PRECEDENCE)
+    # mpirun inside an allocation: the ranks inherit their daemon's step (one task per node); MPI wins
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, "mpi"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),
+    ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "PMI_RANK": "1", "PMI_SIZE": "2"},
+     "mpi"),
+    # equal numbers too (rank 0 of `sbatch --wrap "mpirun -np 2"`; srun --mpi=pmi2): every rank picks MPI
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "PMI_RANK": "1", "PMI_SIZE": "2"}, "mpi"),
     ({"SLURM_PROCID": "1"}, "none"),  # half an srun step is none
     ({"PMI_RANK": "3", "PMI_SIZE": "4"}, "mpi"),
     ({"OMPI_COMM_WORLD_RANK": "", "OMPI_COMM_WORLD_SIZE": "2"}, "none"),
 ])
 def test_detect_launcher_is_the_one_precedence_rule(env, launcher):
     assert E.detect_launcher(env) == launcher
-    assert [name for name, _ in E.PRECEDENCE] == ["torch", "submitit", "srun", "mpi"]
+    assert [name for name, _ in E.PRECEDENCE] == ["torch", "mpi", "submitit", "srun"]
 
 
 def test_mpi_world_is_the_one_mpi_detector():
@@ -160,3 +166,58 @@ def test_layering():
             assert not {n for n in found if n == "hpc.launch" or n.startswith("hpc.launch.")}, rel
         if rel != "hpc/distributed/dist.py":
             assert not {n for n in found if n.startswith("torch.distributed")}, rel
+
+
+# --- `hpc env`: the one line a user runs first when a job hangs --------------------------------------
+def _env_lines(stdout: str) -> list[dict[str, str]]:
+    rows = [dict(kv.split("=", 1) for kv in ln.split()) for ln in stdout.splitlines() if ln.startswith("RANK=")]
+    return sorted(rows, key=lambda row: int(row["RANK"]))
+
+
+def _no_launcher_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k not in E.TORCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI", "SUBMITIT_"))}
+
+
+def test_hpc_env_alone_and_under_torchrun():
+    from helpers import hpc_cmd
+
+    r = subprocess.run(hpc_cmd("env"), capture_output=True, text=True, env=_no_launcher_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout == \
+        "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=- MASTER_PORT=- LAUNCHER=none\n", r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "hpc", "env"], capture_output=True, text=True, env=_no_launcher_env(), timeout=120)
+    rows = _env_lines(r.stdout)
+    assert r.returncode == 0 and [(x["RANK"], x["LOCAL_RANK"], x["WORLD_SIZE"], x["LAUNCHER"]) for x in rows] \
+        == [("0", "0", "2", "torch"), ("1", "1", "2", "torch")], r.stderr[-2000:]
+    assert len({(x["MASTER_ADDR"], x["MASTER_PORT"]) for x in rows}) == 1
+
+
+def test_hpc_env_bad_variables_are_one_line():
+    from helpers import hpc_cmd
+
+    r = subprocess.run(hpc_cmd("env"), capture_output=True, text=True, env=_no_launcher_env() | {"RANK": "3",
+                       "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "1"}, timeout=60)
+    assert r.returncode == 2 and r.stderr == "hpc env: error: environment: RANK=3 must be in [0, WORLD_SIZE=2)\n"
+
+
+@pytest.mark.mpi
+def test_hpc_env_under_mpirun():
+    from helpers import hpc_cmd
+
+    r = subprocess.run([*mpirun_cmd(2), *hpc_cmd("env")], capture_output=True, text=True, env=_no_launcher_env(),
+                       timeout=120, cwd=ROOT)
+    rows = _env_lines(r.stdout)
+    assert r.returncode == 0 and [(x["RANK"], x["WORLD_SIZE"], x["LAUNCHER"]) for x in rows] \
+        == [("0", "2", "mpi"), ("1", "2", "mpi")], r.stderr[-2000:]
+
+
+@pytest.mark.slurm
+def test_hpc_env_under_srun(slurm):
+    from helpers import hpc_cmd
+
+    r = slurm.srun(["-n", "2", *hpc_cmd("env")], env=_no_launcher_env() | {"SLURM_CONF": str(slurm.conf)}, cwd=ROOT)
+    rows = _env_lines(r.stdout)
+    assert r.returncode == 0 and [(x["RANK"], x["WORLD_SIZE"], x["LOCAL_RANK"], x["LAUNCHER"]) for x in rows] \
+        == [("0", "2", "0", "srun"), ("1", "2", "1", "srun")], r.stderr[-2000:]
+    assert {x["MASTER_ADDR"] for x in rows} == {slurm.node}

@@ -5,10 +5,12 @@ MASTER_PORT), which is all the trainer reads (docs/ARCHITECTURE.md, "Distributed
     rank, world, local = torch_ranks()
 
 `detect_launcher()` alone decides which launcher started this process (`PRECEDENCE`, first match
-wins): torch's own variables (torchrun), a submitit job (JobEnvironment), an srun step
-(SLURM_PROCID/NTASKS/LOCALID, first host of the step's node list), MPI (Open MPI / PMI ranks, rank
-0's hostname and a free port broadcast with mpi4py). `setup_torch_env()` then exports that
-launcher's view. Nothing here imports torch, so `hpc convert` can use `mpi_world()`.
+wins): torch's own variables (torchrun), MPI (Open MPI / PMI ranks, rank 0's hostname and a free
+port broadcast with mpi4py), a submitit job (JobEnvironment), an srun step (SLURM_PROCID/NTASKS/
+LOCALID, first host of the step's node list). MPI comes before srun: mpirun inside an allocation
+starts its daemons with srun, so its ranks inherit the daemons' SLURM_PROCID/NTASKS (one task per
+node). `setup_torch_env()` then exports that launcher's view. Nothing here imports torch, so
+`hpc convert` can use `mpi_world()`.
 """
 from __future__ import annotations
 
@@ -84,14 +86,18 @@ def _is_mpi(env: Mapping[str, str]) -> bool:
     return mpi_world(env) is not None
 
 
-# First match wins. An srun step's variables are inherited by everything started inside the job
-# (mpirun in an sbatch script too): issue 16 moves "mpi" before "srun"; this order is the one rule.
+# First match wins; this order is the one rule. An srun step's variables are inherited by everything
+# started inside the job, mpirun's ranks too (sbatch --wrap "mpirun ...", salloc ... mpirun): MPI's
+# variables come first whenever they are set. Never compare them with SLURM_*: under `sbatch --wrap
+# "mpirun -np 2"` rank 0 (started by mpirun itself) inherits the batch step's SLURM_PROCID=0/NTASKS=2,
+# which equal its MPI rank and size, while rank 1 has its daemon's step: a comparison would make the
+# two ranks pick different launchers and hang.
 PRECEDENCE: tuple[tuple[str, Callable[[Mapping[str, str]], bool]], ...] = (
-    ("torch", _is_torch), ("submitit", _is_submitit), ("srun", _is_srun), ("mpi", _is_mpi))
+    ("torch", _is_torch), ("mpi", _is_mpi), ("submitit", _is_submitit), ("srun", _is_srun))
 
 
 def detect_launcher(env: Mapping[str, str] = os.environ) -> str:
-    """The launcher that started this process: torch | submitit | srun | mpi | none."""
+    """The launcher that started this process: torch | mpi | submitit | srun | none."""
     return next((name for name, present in PRECEDENCE if present(env)), "none")
 
 
