@@ -458,7 +458,7 @@ def _open_study(info, blocks: MaskFn | None):
         mask, stored = blocks, None
     elif info.has_mask:
         stored = ShardArray(info, "mask")
-        mask = lambda a, b: (stored.read(a, b) > 0).astype(np.uint8)  # noqa: E731
+        mask = lambda a, b: stored.read(a, b).astype(np.float32)  # noqa: E731  (uint8 0/1 or float fractions)
     else:
         mask, stored = None, None
 

@@ -81,3 +81,31 @@ def test_file_jobs_with_a_raw_layout(tmp_path):
     with SinogramReader(I.open_input(path, raw)) as r:
         out = r.read(0, sum(AXIAL))
     np.testing.assert_array_equal(out[gaps == 1], data[gaps == 1])
+
+
+def test_stored_float_mask_keeps_its_measured_fractions(tmp_path):
+    """A converted study's float32 mask (span-compressed bins that lost part of their LORs) reaches
+    the repair as the measured fraction itself, not thresholded to 0/1 (a bin measured at 0.4 keeps
+    0.6 of the network's prediction, not none)."""
+    import h5py
+
+    from hpc.io.shards import Dataset
+    from helpers import make_dataset
+
+    root = make_dataset(tmp_path / "d", studies=1, mask=True)
+    rng = np.random.default_rng(3)
+    info = Dataset.open(root).studies[0]
+    want = []
+    for sh in info.shards:
+        with h5py.File(sh.path, "r+") as f:
+            frac = rng.choice(np.array([0.0, 0.4, 1.0], np.float32), size=f["mask"].shape)
+            del f["mask"]
+            f.create_dataset("mask", data=frac)
+            want.append(frac)
+    read, mask, close = I._open_study(info, None)
+    try:
+        got = mask(0, info.num_slices)
+    finally:
+        close()
+    np.testing.assert_array_equal(got, np.concatenate(want))
+    assert got.dtype == np.float32
