@@ -10,6 +10,9 @@ reads it (nothing is unpickled). The keys are defined once, in hpc.train_state (
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import pickle
 import random
 import re
 import shutil
@@ -21,10 +24,16 @@ import numpy as np
 import torch
 
 import hpc
-from hpc.errors import InputError
+from hpc.errors import HpcError, InputError
 from hpc.io.atomic import atomic_open
 
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+class NonFiniteError(HpcError):
+    """Training produced NaN/inf (loss or weights): the run stops with exit 2, nothing written."""
+
+
 REQUIRED = ("model", "optim", "step", "epoch", "config")
 
 
@@ -68,20 +77,76 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ---------------------------------------------------------------- integrity
+def payload_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every plain
+    value, walked in a fixed order (dict keys sorted). Stored under ``checksum`` by `save` and
+    recomputed by `load`: a bit flipped on disk that still unzips and unpickles is caught."""
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=lambda k: (type(k).__name__, str(k))):
+                h.update(f"K{type(k).__name__}:{k}".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{type(x).__name__}:{x!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def nonfinite(state: dict, keys: tuple[str, ...] = ("model",)) -> str | None:
+    """Name of the first tensor under ``keys`` holding NaN or inf (``model.net.0.weight``), or None."""
+    def walk(x, name: str) -> str | None:
+        if torch.is_tensor(x):
+            return name if x.is_floating_point() and not bool(torch.isfinite(x).all()) else None
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+        return next((bad for k, v in items if (bad := walk(v, f"{name}.{k}"))), None)
+
+    return next((bad for key in keys if key in state and (bad := walk(state[key], key))), None)
+
+
 # ---------------------------------------------------------------- files
 def load(path: str | Path) -> dict:
-    """A checkpoint's state dict (weights_only, on the CPU); InputError naming the file if unreadable."""
+    """A checkpoint's state dict (weights_only, on the CPU); InputError naming the file if unreadable,
+    not an hpc checkpoint, or its content differs from the checksum it was written with."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never do that
+        raise InputError(f"{path}: refused: it holds Python objects, not only tensors and plain values "
+                         "(unpickling them could run code); hpc loads weights only") from None
     except Exception as exc:  # truncated zip, bad pickle opcode, foreign object...
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         raise InputError(f"{path}: not an hpc checkpoint (missing {', '.join(missing)})")
+    want = state.pop("checksum", None)  # absent in checkpoints written before it existed
+    if want is not None and payload_digest(state) != want:
+        raise InputError(f"{path}: payload checksum mismatch (the file changed after it was written)")
+    return state
+
+
+def require_finite(state: dict, path: str | Path) -> dict:
+    """``state``, or an InputError when its model weights hold NaN/inf (a diverged run)."""
+    bad = nonfinite(state)
+    if bad is not None:
+        raise InputError(f"{path}: weights are not finite ({bad} holds NaN or inf: the run diverged); "
+                         "use an earlier checkpoint")
     return state
 
 
@@ -105,27 +170,45 @@ class Checkpointer:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
-        """Write step-<step>.pt atomically (tmp -> fsync -> rename), copy it to best.pt when
-        ``is_best``, then delete all but the newest ``keep`` step files."""
+        """Write step-<step>.pt atomically (tmp -> fsync -> rename) with the checksum of its
+        payload, copy it to best.pt when ``is_best``, then delete all but the newest ``keep`` step
+        files. Weights or optimizer moments with NaN/inf are never written (NonFiniteError), so the
+        file just written, always kept, is the newest finite checkpoint."""
+        bad = nonfinite(state, ("model", "optim"))
+        if bad is not None:
+            raise NonFiniteError(f"{self.dir}: step {step}: {bad} holds NaN or inf; checkpoint not written "
+                                 f"(newest finite: {self.list()[0].name if self.list() else 'none'})")
         target = self.path(step)
         with atomic_open(target) as fh:
-            torch.save(state, fh)
+            torch.save({**state, "checksum": payload_digest(state)}, fh)
         if is_best:
             with atomic_open(self.best_path) as fh, open(target, "rb") as src:
                 shutil.copyfileobj(src, fh, 8 << 20)
         for old in self.list()[self.keep:]:
-            old.unlink(missing_ok=True)
+            if old != target:  # after a fallback a higher-numbered file may sort before it
+                old.unlink(missing_ok=True)
         return target
 
     def resume(self, report=None) -> tuple[dict | None, Path | None]:
-        """The newest checkpoint that loads; each unreadable newer one is reported (one line on
-        stderr by default) and skipped. (None, None) when there is none."""
+        """The newest checkpoint that loads, passes its checksum and has finite weights; each newer
+        one that does not is reported (one line on stderr by default) and renamed to
+        ``<name>.bad`` (kept for a post-mortem, out of the rotation). (None, None) when there is none."""
         report = report or (lambda msg: print(f"hpc train: {msg}", file=sys.stderr, flush=True))
-        for p in self.list():
+        found = self.list()
+        skipped = []
+        for p in found:
             try:
-                return load(p), p
+                state = require_finite(load(p), p)
             except InputError as exc:
                 report(f"skipping {exc}; trying the previous checkpoint")
+                skipped.append(p)
+                continue
+            for bad in skipped:  # every rank resumes: another may have moved it already
+                with contextlib.suppress(OSError):
+                    bad.replace(bad.with_name(bad.name + ".bad"))
+            return state, p
+        if found:
+            report(f"no usable checkpoint in {self.dir} ({len(found)} unreadable): starting fresh")
         return None, None
 
 

@@ -253,14 +253,11 @@ def parse_yaml(text: str) -> Any:
 
 
 def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError):
-    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing or invalid."""
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{p}: {what} file not found")
-    try:
-        return parse_yaml(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{p}: invalid YAML: {exc}") from None
+    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing, not a
+    regular file, invalid, or too big (size and alias expansion bounded: hpc.io.yamlsafe)."""
+    from hpc.io.yamlsafe import read_yaml_file
+
+    return read_yaml_file(path, what, error, parse_yaml) or {}
 
 
 # ---------------------------------------------------------------- types
@@ -354,10 +351,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. optim.lr=3e-4)")
         dotted, raw = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        try:
-            value = parse_yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+        from hpc.io.yamlsafe import load_yaml
+
+        value = load_yaml(raw, f"override {item[:80]!r}", ConfigError, parse_yaml) if raw.strip() else ""
         sec = getattr(cfg, section, None)
         tp = _section_types(type(sec)).get(key) if section in SECTIONS else None
         if _is_text(tp) and isinstance(value, (bool, int, float)):

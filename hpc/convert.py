@@ -17,9 +17,11 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 from hpc import __version__
 from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
-from hpc.io.atomic import atomic_write_text
+from hpc.io.atomic import atomic_write_text, output_error
 from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
 from hpc.io.sinogram import MaskReader, SinogramReader, SinogramSpec, raw_spec, read_header
 from hpc.progress import Progress
@@ -172,20 +174,67 @@ def plan(args: argparse.Namespace) -> list[Study]:
     return studies
 
 
+MARKER = ".hpc-dataset"  # written first into every output directory: "this tool writes here"
+
+
+def is_ours(out: Path) -> bool:
+    """A directory hpc convert wrote: its marker, or (older datasets) an hpc manifest.json."""
+    if (out / MARKER).is_file():
+        return True
+    try:
+        return json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_hpc_shard(path: Path) -> bool:
+    """An HDF5 file this tool wrote (root attribute format = hpc-sinogram): the only .h5 files
+    --overwrite and a smaller re-conversion may delete."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
+        return False
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty directory unless resuming/overwriting; hide any old manifest first, so
-    the directory is never a valid dataset while shards change."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise OutputError(f"{out}: output directory is not empty (use --resume to continue or --overwrite to replace)")
-    (out / "manifest.json").unlink(missing_ok=True)
-    shards = out / "shards"
-    if shards.is_dir():  # temporary shards of a killed run go; --overwrite also drops finished ones
-        for f in shards.iterdir():
-            if TMP_NAME.match(f.name) or (overwrite and f.suffix == ".h5"):
+    """Refuse a non-empty directory unless resuming/overwriting a dataset this tool wrote (a user's
+    own files are never deleted); hide any old manifest first, so the directory is never a valid
+    dataset while shards change."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not (resume or overwrite):
+                raise OutputError(f"{out}: output directory is not empty (use --resume to continue or "
+                                  "--overwrite to replace)")
+            if not is_ours(out):  # the user's own directory: never resume into it, never replace their files
+                clash = [p.name for p in (out / "manifest.json", out / "shards") if p.exists()]
+                if resume or clash:
+                    raise OutputError(f"{out}: not a dataset written by hpc convert (no {MARKER} or hpc "
+                                      f"manifest.json){' and it has ' + clash[0] if clash else ''}; refusing to "
+                                      f"{'resume' if resume else 'overwrite'} into it (nothing changed)")
+        shards = out / "shards"
+        shards.mkdir(parents=True, exist_ok=True)
+        if not (out / MARKER).is_file():
+            atomic_write_text(out / MARKER, json.dumps({"created_by": f"hpc {__version__}", "format": FORMAT}) + "\n")
+        (out / "manifest.json").unlink(missing_ok=True)
+        for f in shards.iterdir():  # temporary shards of a killed run go; --overwrite also drops finished ones
+            if TMP_NAME.match(f.name) or (overwrite and f.suffix == ".h5" and is_hpc_shard(f)):
                 f.unlink()
-    shards.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc, "nothing converted") or \
+            OutputError(f"{out}: cannot write the dataset: {exc.strerror or exc}") from None
+
+
+def sweep_temporaries(out: Path) -> None:
+    """Remove the hidden temporary shards left by workers that were stopped (interrupt, error)."""
+    with contextlib.suppress(OSError):
+        for f in (out / "shards").iterdir():
+            if TMP_NAME.match(f.name):
+                f.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, block: int = 8 << 20) -> str:
@@ -314,10 +363,10 @@ def convert_study(study: Study, out: Path, opts: Options, report: Report) -> dic
     sums = hash_sources(study)
     shards = [convert_shard(study, sums, k, first, count, out, opts, report)
               for k, (first, count) in enumerate(shard_ranges(study, opts))]
-    return _study_entry(study, sums, shards)
+    return study_entry(study, sums, shards)
 
 
-def _study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict:
+def study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict:
     t = study.target
     vmax = max(sh.pop("max") for sh in shards)
     entry = {"id": study.id, "source": str(t.source.resolve()), "kind": t.kind, "sha256": sums["target"],
@@ -348,7 +397,7 @@ def write_manifest(out: Path, entries: list[dict], options: dict) -> Path:
     }
     listed = set(manifest["shards"])
     for f in (out / "shards").glob("*.h5"):  # shards of an earlier run that this one does not use
-        if f"shards/{f.name}" not in listed:
+        if f"shards/{f.name}" not in listed and is_hpc_shard(f):
             f.unlink()
     return atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
@@ -363,59 +412,6 @@ def balance(sizes: list[int], parts: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-_QUEUE = None  # per worker process: where progress counts go
-
-
-def _init_worker(queue) -> None:
-    global _QUEUE
-    _QUEUE = queue
-
-
-def _shard_task(*args) -> dict:
-    return convert_shard(*args, _QUEUE.put)
-
-
-def _drain(queue, bar: Progress) -> None:
-    while not queue.empty():
-        bar.update(queue.get())
-
-
-def _gather(pool, queue, bar: Progress, futures: list) -> list:
-    """Results of ``futures`` in order, feeding the progress bar; the first error cancels the rest."""
-    from concurrent.futures import FIRST_EXCEPTION, wait
-
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-        _drain(queue, bar)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise failed[0].exception()
-    _drain(queue, bar)
-    return [f.result() for f in futures]
-
-
-def _run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar: Progress) -> list[dict]:
-    """Worker processes share the shards of all studies (one big file is converted in parallel
-    too): first the source checksums, then every shard, largest study first."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("spawn")  # fresh interpreters: no inherited HDF5 state
-    queue = ctx.Queue()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        sums = _gather(pool, queue, bar, [pool.submit(hash_sources, s) for s in studies])
-        tasks = [(i, k, first, count) for i in sorted(range(len(studies)), key=lambda i: -studies[i].nbytes)
-                 for k, (first, count) in enumerate(shard_ranges(studies[i], opts))]
-        futures = [pool.submit(_shard_task, studies[i], sums[i], k, first, count, out, opts)
-                   for i, k, first, count in tasks]
-        shards: dict[int, list] = {i: [] for i in range(len(studies))}
-        for (i, _, _, _), entry in zip(tasks, _gather(pool, queue, bar, futures), strict=True):
-            shards[i].append(entry)  # tasks of one study are in shard order
-        while bar.n < sum(s.target.num_slices for s in studies):  # counts may trail the results
-            bar.update(queue.get(timeout=10))
-    return [_study_entry(s, sums[i], shards[i]) for i, s in enumerate(studies)]
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -475,6 +471,31 @@ def _run_mpi(studies: list[Study], out: Path, opts: Options, args: argparse.Name
     return 0 if error is None else HpcError.exit_code
 
 
+class Interrupt:
+    """Ctrl-C (SIGINT) only sets a flag; ``check()``, called between slabs and while waiting for
+    workers, raises KeyboardInterrupt (exit 130 from the CLI) from ordinary code. Raised from the
+    handler itself it could land inside a weakref or h5py callback, where Python prints "Exception
+    ignored" and carries on (the conversion then finished with exit 0), or between an mmap's views
+    and its close (BufferError). A second Ctrl-C raises at once."""
+
+    def __enter__(self) -> Interrupt:
+        self.hit = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.shard_slices < 0 or args.shard_mb <= 0 or args.workers < 1:
         raise InputError("--shard-slices must be >= 0, --shard-mb > 0 and --workers >= 1")
@@ -492,11 +513,18 @@ def run(args: argparse.Namespace) -> int:
         return _run_mpi(studies, out, opts, args)
     t0 = time.perf_counter()
     prepare_output(out, args.resume, args.overwrite)
-    with _progress(studies, args.quiet, "convert") as bar:
+    with Interrupt() as stop, _progress(studies, args.quiet, "convert") as bar:
+        def report(n: int) -> None:  # after every slab
+            stop.check()
+            bar.update(n)
+
         if args.workers > 1:
-            entries = _run_pool(studies, out, opts, args.workers, bar)
+            from hpc.convert_pool import run_pool
+
+            entries = run_pool(studies, out, opts, args.workers, bar, stop.check)
         else:
-            entries = [convert_study(s, out, opts, bar.update) for s in studies]
-    write_manifest(out, entries, _options(args))
+            entries = [convert_study(s, out, opts, report) for s in studies]
+        stop.check()  # never a manifest after Ctrl-C
+        write_manifest(out, entries, _options(args))
     print(_summary(out, entries, time.perf_counter() - t0), flush=True)
     return 0

@@ -79,11 +79,11 @@ def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, set
                  f"the damaged data reconstructed as it is (gaps as zero counts); `full`: the data without dead "
                  f"blocks (its distance from `true` is the noise floor).\n\n" + image_table(image))
     text += "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels)
-    report = atomic_write_text(out_dir / "report.md", text)
     summary = {"checkpoint": str(rep.path), "reproject_iters": opts.reproject_iters, "setup_s": setup_s,
                "reproject_subsets": REPROJECT_SUBSETS, "image_recon": recon, "results": sino, "images": image,
                "times": times}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
+    report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
     return {**summary, "panels": panels, "report": str(report)}
 
 
@@ -126,8 +126,7 @@ def save_panel(p: dict | None, study: str, path: Path) -> Path:
     fig.suptitle(f"{study}, slice {p['slice']} (most gap pixels); errors against the "
                  f"{'noise-free' if p['expected'] is not None else 'target'} counts", fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.25)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # creates panels/ when needed
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path

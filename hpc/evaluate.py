@@ -41,7 +41,7 @@ import torch
 from hpc import baselines as B
 from hpc import recon as R
 from hpc.distributed.device import DEVICES, resolve_device
-from hpc.errors import InputError
+from hpc.errors import InputError, OutputError
 from hpc.eval_report import log_wandb, save_panel, write_report  # noqa: F401  (log_wandb: used by demo)
 from hpc.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
 from hpc.io.shards import TRUTH, ShardArray
@@ -298,6 +298,7 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
             if planes.size == 0:
                 continue
             data = {role: r.read(lo, hi).astype(np.float64) for role, r in readers.items()}
+            _finite_mask(data["mask"], readers["mask"], st, lo)
             w = np.clip(data["mask"], 0, 1)
             data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
             valid = _valid(sc, data, w.shape)
@@ -318,6 +319,22 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
         for r in readers.values():
             r.close()
     return res
+
+
+def _finite_mask(mask: np.ndarray, reader, st: Study, lo: int) -> None:
+    """NaN/inf in a float mask file is an error naming the file and slice, never "measured"."""
+    bad = np.flatnonzero(~np.isfinite(mask).reshape(len(mask), -1).all(axis=1))
+    if bad.size:
+        where = reader.spec.source if hasattr(reader, "spec") else f"study {st.id} mask"
+        raise InputError(f"{where}: mask slice {lo + int(bad[0])} contains NaN or inf (a mask holds 1 = measured, "
+                         "0 = gap)")
+
+
+def check_output_dir(out: Path) -> None:
+    """-o must be a directory (or not exist yet): never an existing file."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory (evaluate writes report.md, metrics.json "
+                          "and panels/ into a directory)")
 
 
 def _panel(data: dict, w: np.ndarray, valid: np.ndarray, sel: np.ndarray, keep: np.ndarray, lo: int,
@@ -347,6 +364,7 @@ def _pool(results: dict[str, StudyResult]) -> StudyResult:
 def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
     """Score every study; write report.md, metrics.json and panels/. Returns ``{"results": {study |
     "overall": {method: {metric_ref: value}}}, "images": {...}, "times": {...}, "panels", "report"}``."""
+    check_output_dir(out_dir)
     if not opts.reproject_iters:
         opts = dataclasses.replace(opts, reproject_iters=checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS)
     results, panels = {}, []
@@ -356,9 +374,15 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
         for st in studies:
             check_compatible(rep, st.layout)
             results[st.id] = evaluate_study(rep, st, opts, bar)
+    try:  # outputs only once every study is scored: a bad study leaves no panels without a report
+        for st in studies:
             panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
-    results["overall"] = _pool(results)
-    return write_report(rep, results, panels, out_dir, opts, setup)
+        results["overall"] = _pool(results)
+        return write_report(rep, results, panels, out_dir, opts, setup)
+    except BaseException:
+        for p in panels:
+            Path(p).unlink(missing_ok=True)
+        raise
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -404,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(DEFAULT_BASELINES)}")
     if args.batch < 1 or args.reproject_iters < 0:
         raise InputError("--batch must be >= 1 and --reproject-iters >= 0")
+    check_output_dir(Path(args.output))
     rep = load_repairer(args.checkpoint, resolve_device(args.device, what="--device"))
     if args.dataset:
         studies = dataset_studies(rep, args.dataset, args.split)

@@ -27,6 +27,9 @@ from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.inference import Repairer, load_repairer
 
 FORMATS = ("torchscript", "onnx")
+# Bounds for --slice-shape: the largest sinograms (e.g. a Vision 600: 399 views x 520 bins) are far
+# below; the example inputs are (2, C, V, X) float32 twice, plus the network's activations.
+MAX_SIDE, MAX_PIXELS = 4096, 1 << 22
 OPSET = 18
 
 
@@ -65,7 +68,6 @@ def export(rep: Repairer, fmt: str, path: Path, shape: tuple[int, int]) -> tuple
                          f"export supports data.fill=zero|linear models only")
     module = CountsModel(rep).cpu().eval()
     inputs = example_inputs(rep, shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), atomic_path(path) as tmp:
         if fmt == "torchscript":
             torch.jit.trace(module, inputs, check_trace=False).save(str(tmp))
@@ -104,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
             shape = ()
         if len(shape) != 2 or min(shape) < 1:
             raise InputError(f"--slice-shape: expected V,X positive integers, got {args.slice_shape!r}")
+        if max(shape) > MAX_SIDE or shape[0] * shape[1] > MAX_PIXELS:
+            raise InputError(f"--slice-shape {shape[0]},{shape[1]}: larger than any scanner's sinogram "
+                             f"(at most {MAX_SIDE} per side and {MAX_PIXELS} pixels); tracing it would "
+                             "allocate tens of GB")
     elif rep.slice_shape is not None:
         shape = rep.slice_shape
     else:

@@ -20,6 +20,7 @@ or a converted dataset's studies) are `Job`s.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError, OutputError
 from hpc.io.shards import RepairedH5Writer
-from hpc.io.sinogram import MaskReader, SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header
+from hpc.io.sinogram import (MaskReader, SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header,
+                              writer_paths)
 from hpc.progress import Progress
 
 
@@ -76,11 +78,11 @@ def training_data(cfg: Config, ckpt: dict) -> dict:
 def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     """Load an hpc.train checkpoint (weights_only): the model from ``model`` + ``config``, the
     preprocessing from the config and the training set's scale."""
-    from hpc.checkpoint import load
+    from hpc.checkpoint import load, require_finite
     from hpc.models import build_model
 
     path = Path(path)
-    ckpt = load(path)
+    ckpt = require_finite(load(path), path)  # a diverged run's NaN weights would repair nothing
     cfg = from_stored(ckpt["config"], origin=f"{path}: config")  # older code's keys: a warning
     data = training_data(cfg, ckpt)
     if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
@@ -382,8 +384,7 @@ def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], 
                   aux: dict[str, Callable[[int, int], np.ndarray]] | None = None) -> tuple[Path, Counts]:
     """Repair the slices ``read`` gives (layout ``spec``) into ``output``; nothing appears there
     unless every slice was written."""
-    if output.resolve() in {spec.source.resolve(), spec.data_path.resolve()}:
-        raise OutputError(f"{output}: the output would overwrite the input")
+    check_outputs([Job(spec, lambda: None, output, fmt)], [spec.source, spec.data_path])
     comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
     valid = valid_fn(spec, rep.scanner)
     todo = needs_repair(spec, mask, valid)  # progress counts the slices that need the model
@@ -403,6 +404,45 @@ class Job:
     aux: dict[str, Callable[[], object]] = field(default_factory=dict)  # role -> opener of a reader (.read, .close)
 
 
+def output_files(job: Job) -> list[Path]:
+    """Every file a job writes (a header and its data file, or one HDF5/raw file)."""
+    return [job.output] if job.fmt == "h5" else writer_paths(job.spec, job.output)
+
+
+def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    """(real path: symlinks, `..` and `./` resolved; (device, inode) when it exists: hard links)."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def check_outputs(jobs: list[Job], protected: list[Path], inside: Path | None = None) -> None:
+    """Refuse, before anything is written, an output file that is (resolves to, or is a hard link
+    of) an input, a mask or another job's output, or lies inside the directory ``inside`` (a
+    converted dataset). No option overrides this: repairing must never destroy its own input."""
+    owners: dict[object, str] = {}  # real path or (device, inode) -> whose file it is
+    for p in protected:
+        real, inode = _identity(Path(p))
+        owners[real] = f"the input {p}"
+        if inode is not None:
+            owners[inode] = owners[real]
+    banned = os.path.realpath(inside) if inside is not None else None
+    for job in jobs:
+        for out in output_files(job):
+            real, inode = _identity(out)
+            clash = owners.get(real) or (owners.get(inode) if inode is not None else None)
+            if clash:
+                raise OutputError(f"{out}: would overwrite {clash} (both are {real}); choose another output")
+            if banned is not None and (real == banned or real.startswith(banned + os.sep)):
+                raise OutputError(f"{out}: inside the input dataset {inside}; write the repaired studies elsewhere")
+            owners[real] = f"the output {out} of {job.spec.source}"
+            if inode is not None:
+                owners[inode] = owners[real]
+
+
 def study_layout(ds, info) -> SinogramSpec:
     """A layout-only spec of a converted study (windows and checks need the slice layout, never a
     data path): TOF bins, segments and axial counts from the manifest."""
@@ -420,8 +460,6 @@ def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: l
     from hpc.io.shards import Dataset, ShardArray
 
     ds, d = Dataset.open(root), rep.cfg.data
-    if Path(output).resolve() == ds.root.resolve():
-        raise OutputError(f"{output}: write the repaired studies next to the dataset, not into it")
     ids = [s.id for s in ds.studies]
     if studies is not None:
         chosen = studies
@@ -445,6 +483,7 @@ def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: l
         opener = partial(_open_study, info, geometry.get(key))
         aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if d.fill == "reproject" else {}
         jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5", aux))
+    check_outputs(jobs, [], inside=ds.root)
     return jobs
 
 
@@ -481,7 +520,7 @@ def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[
         if files and len(files) != len(inputs):
             what = "mask(s)" if flag == "mask" else "file(s)"
             raise InputError(f"--{flag}: {len(files)} {what} for {len(inputs)} input(s); give one per input")
-    jobs = []
+    jobs, protected = [], []
     for i, path in enumerate(inputs):
         spec = open_input(path, raw)
         check_compatible(rep, spec)
@@ -494,16 +533,19 @@ def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[
             if (other.num_slices, other.slice_shape) != (spec.num_slices, spec.slice_shape):
                 raise InputError(f"{other.source}: {role} does not match {spec.source} in shape")
             extra[role] = partial(SinogramReader, other)
+            protected += [other.source, other.data_path]  # never overwritten either
 
         def opener(spec=spec, mask=mask):
             reader = SinogramReader(spec)
             return reader.read, mask, reader.close
 
         jobs.append(Job(spec, opener, out, fmt, extra))
+        protected += [spec.source, spec.data_path] + ([mask_spec.source, mask_spec.data_path] if mask_spec else [])
     seen: dict[Path, str] = {}
     for job in jobs:
         if job.output in seen:
             raise InputError(f"{seen[job.output]} and {job.spec.source} both write {job.output}; "
                              "give inputs distinct file names")
         seen[job.output] = str(job.spec.source)
+    check_outputs(jobs, protected)
     return jobs

@@ -34,8 +34,10 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _verify_status(path: Path, expected: dict | None, verify: bool) -> str:
-    from hpc.io.shards import verify_shard
+def _verify_status(path: Path, expected: dict | None, verify: bool, shard=None) -> str:
+    """ok / not checked / MISSING / BAD (why). With the manifest's ``shard`` entry also its slice
+    count and first slice against the shard's own datasets and attributes."""
+    from hpc.io.shards import open_shard, verify_shard
 
     if not path.is_file():
         return "MISSING"
@@ -45,13 +47,28 @@ def _verify_status(path: Path, expected: dict | None, verify: bool) -> str:
     if not ok:
         return f"BAD ({why})"
     if expected is not None:
-        import h5py
-
-        with h5py.File(path, "r") as f:
+        with open_shard(path) as f:
             stored = {name: d.attrs["sha256"] for name, d in f.items()}
+            n, first = len(f["target"]), f.attrs.get("first_slice")
         if stored != expected:
             return "BAD (checksums differ from manifest.json)"
+        if shard is not None and n != shard.num_slices:
+            return f"BAD (manifest.json lists {shard.num_slices} slices, the shard holds {n})"
+        if shard is not None and first is not None and int(first) != shard.first_slice:
+            return f"BAD (manifest.json says first slice {shard.first_slice}, the shard {int(first)})"
     return "ok"
+
+
+def _layout_problems(study) -> list[str]:
+    """The manifest's own arithmetic: shards tile the study's slices in order, without gaps."""
+    problems, expect = [], 0
+    for sh in study.shards:
+        if sh.first_slice != expect or sh.num_slices < 1:
+            problems.append(f"shard {sh.path.name} starts at slice {sh.first_slice}, expected {expect}")
+        expect = sh.first_slice + sh.num_slices
+    if expect != study.num_slices:
+        problems.append(f"shards hold {expect} slices, the study lists {study.num_slices}")
+    return problems
 
 
 def inspect_dataset(root: Path, verify: bool) -> tuple[str, int]:
@@ -73,7 +90,8 @@ def inspect_dataset(root: Path, verify: bool) -> tuple[str, int]:
     ]
     bad = 0
     for s in ds.studies:
-        status = [_verify_status(sh.path, sh.sha256, verify) for sh in s.shards]
+        status = [_verify_status(sh.path, sh.sha256, verify, sh) for sh in s.shards]
+        status += [f"BAD ({p})" for p in _layout_problems(s)] if verify else []
         worst = next((st for st in status if st != "ok" and st != "not checked"), status[0])
         bad += sum(st.startswith(("BAD", "MISSING")) for st in status)
         lines.append(f"  {s.id:<20} {s.num_slices:>7} {len(s.shards):>6} {s.tof_bins:>4} {len(s.segments):>4}  "
@@ -109,10 +127,12 @@ def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
 
 def _read(f, k: int, data: dict[str, list], label: str) -> None:
     """Append slice ``k`` of an open shard's target/input/mask and its title to ``data``."""
+    from hpc.io.shards import read_slab
+
     for role in ("target", "input", "mask"):
         if role in f:
             d = f[role]
-            data.setdefault(role, []).append(d[k] if d.ndim == 3 else d[()])
+            data.setdefault(role, []).append(read_slab(d, k, k + 1, f.filename)[0] if d.ndim == 3 else d[()])
     data["label"].append(f"{label}\n(tof {f['tof'][k]}, seg {f['segment'][k]}, ax {f['axial'][k]})")
 
 
@@ -123,9 +143,7 @@ def _spaced(n_total: int, n: int) -> list[int]:
 def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], str]:
     """``n`` evenly spaced slices of a dataset's study (or of one shard): role -> list of (V, X)
     arrays, "label" -> panel titles; and a figure title."""
-    import h5py
-
-    from hpc.io.shards import Dataset
+    from hpc.io.shards import Dataset, open_shard
 
     data: dict[str, list] = {"label": []}
     if path.is_dir():
@@ -133,10 +151,10 @@ def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], 
         study = ds.study(study_id) if study_id else ds.studies[0]
         for i in _spaced(study.num_slices, n):
             shard, k = study.locate(i)
-            with h5py.File(shard.path, "r") as f:
+            with open_shard(shard.path) as f:
                 _read(f, k, data, f"{study.id} slice {i}")
         return data, f"{path.name}: study {study.id}, {study.num_slices} slices of {study.slice_shape}"
-    with h5py.File(path, "r") as f:
+    with open_shard(path) as f:
         sid, first = f.attrs.get("study", "?"), int(f.attrs.get("first_slice", 0))
         for k in _spaced(len(f["target"]), n):
             _read(f, k, data, f"{sid} slice {first + k}")

@@ -30,7 +30,8 @@ import torch
 from hpc import checkpoint as ck
 from hpc.config import Config, OptimConfig, dump, load_config, validate
 from hpc.distributed import dist
-from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError
+from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError, OutputError
+from hpc.runlock import RunLock
 from hpc.train_state import TrainState, training_data
 from hpc.validate import Validator
 
@@ -95,7 +96,8 @@ class LRSchedule:
 
 
 class Preemption:
-    """SIGUSR2 / SIGTERM set a flag; the loop checks it (agreed across ranks) after each step."""
+    """SIGUSR2 / SIGTERM set a flag; the loop checks it (agreed across ranks) after each step
+    (Trainer._agree)."""
 
     def __init__(self):
         self.signal = 0
@@ -105,9 +107,6 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def requested(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.signal != 0)], device=device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
 
 
 def set_numerics(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -133,15 +132,24 @@ class Trainer:
     a TrainState that checkpoints them, and a Validator; `run()` is the loop."""
 
     def __init__(self, cfg: Config):
+        validate(cfg)  # configs built in code (tests, submitit) get the same checks as loaded ones
+        self.cfg = cfg
+        self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
+        self.ctx = dist.init(cfg.dist, cfg.data.device)
+        self.lock = self._lock()  # before anything is read from or written to the run dir
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self) -> None:
         from hpc.data import build_loader
         from hpc.logger import RunLogger
         from hpc.losses import build_loss
         from hpc.models import build_model
 
-        validate(cfg)  # configs built in code (tests, submitit) get the same checks as loaded ones
-        self.cfg = cfg
-        self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
-        self.ctx = ctx = dist.init(cfg.dist, cfg.data.device)
+        cfg, ctx = self.cfg, self.ctx
         dist.seed_everything(cfg.train.seed, ctx.rank)
         self.amp = set_numerics(cfg, ctx.device)
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -161,6 +169,26 @@ class Trainer:
         self.val_step = -1  # step of the last validation
         self.lr = 0.0  # of the last optimizer step
 
+    # ------------------------------------------------------------ run dir
+    def _lock(self) -> RunLock | None:
+        """Rank 0 locks the run dir (hpc.runlock); every rank learns whether that worked."""
+        lock, error = (RunLock(self.cfg.train.run_dir), None) if self.ctx.rank == 0 else (None, None)
+        if lock is not None:
+            try:
+                lock.acquire()
+            except HpcError as exc:
+                error = exc
+        refused = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=self.ctx.device))
+        if error is not None:
+            raise error
+        if float(refused[0]) > 0:
+            raise OutputError(f"{self.cfg.train.run_dir}: run directory locked by another trainer (see rank 0)")
+        return lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> Path | None:
         """Restore the newest readable checkpoint in the run dir (None: a fresh run)."""
@@ -175,7 +203,13 @@ class Trainer:
         return path
 
     def _save(self, is_best: bool = False) -> Path | None:
-        """Every rank contributes its RNG state (a collective); rank 0 alone writes."""
+        """Every rank contributes its RNG state (a collective); rank 0 alone writes. Non-finite
+        weights or optimizer moments are never written: every rank checks its own (identical under
+        DDP) copy, so all of them stop together with exit 2."""
+        bad = ck.nonfinite({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}, ("model", "optim"))
+        if bad is not None:
+            raise ck.NonFiniteError(f"{self.cfg.train.run_dir}: step {self.state.step}: {bad} holds NaN or inf; "
+                                    f"no checkpoint written ({self._newest()})")
         rng = dist.gather_objects(ck.rng_state())
         path = self.ckpt.save(self.state.state_dict(rng), self.state.step, is_best) if self.ctx.rank == 0 else None
         dist.barrier()  # nobody runs ahead (or exits) before the file is in place
@@ -239,9 +273,13 @@ class Trainer:
             self.log.progress(per_step, f"loss {loss:.4g}")
             if _crossed(before, st.step, cfg.log.every):
                 window = self._log_train(loss, window)
+            preempted, diverged = self._agree(loss)  # host sync: every rank stops at the same step
+            if diverged:
+                raise ck.NonFiniteError(f"{cfg.train.run_dir}: step {st.step}: training loss is "
+                                        f"{loss if not math.isfinite(loss) else 'non-finite on another rank'}; "
+                                        f"stopped, no checkpoint written ({self._newest()})")
             is_best = self.validator is not None and _crossed(before, st.step, cfg.train.val_every) \
                 and self._validate()
-            preempted = self.stop.requested(self.ctx.device)  # host sync: every rank stops at the same step
             if preempted or is_best or _crossed(before, st.step, cfg.checkpoint.every):
                 path = self._save(is_best)
             if preempted:
@@ -250,6 +288,16 @@ class Trainer:
                 self.log.close()
                 raise SystemExit(EXIT_REQUEUE)
         return self._finish()
+
+    def _agree(self, loss: float) -> tuple[bool, bool]:
+        """(preempted, diverged) on any rank, in one all-reduce: a signal, a non-finite loss."""
+        flags = torch.tensor([float(self.stop.signal != 0), float(not math.isfinite(loss))], device=self.ctx.device)
+        flags = dist.all_reduce_sum(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _newest(self) -> str:
+        found = self.ckpt.list()
+        return f"newest finite checkpoint: {found[0]}" if found else "no checkpoint yet"
 
     def _log_train(self, loss: float, window: tuple[float, int]) -> tuple[float, int]:
         """Log the loss averaged over ranks (a collective) and the throughput since ``window``
@@ -298,6 +346,9 @@ def train(cfg: Config) -> dict:
             raise DistributedError(f"{where}: {message}") from None
         print(f"hpc train: error: {where}: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_REQUEUE) from None
+    finally:
+        if trainer is not None:
+            trainer.release()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

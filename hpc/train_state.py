@@ -63,8 +63,10 @@ class TrainState:
         self.step, self.best, self.metrics = int(state["step"]), float(state["best"]), dict(state["metrics"])
 
     def improved(self, value: float) -> bool:
-        """True when ``value`` of train.best_metric beats the best so far (which it then becomes, if finite)."""
+        """True when ``value`` of train.best_metric is finite and beats the best so far (which it then
+        becomes): a non-finite metric is never "best" (issue 12)."""
         better = value < self.best if self.cfg.train.best_mode == "min" else value > self.best
-        if better and math.isfinite(value):
+        better = better and math.isfinite(value)  # NaN never compares better; +inf would in max mode
+        if better:
             self.best = value
         return better

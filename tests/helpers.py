@@ -136,7 +136,8 @@ def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,),
             with h5py.File(root / rel, "w") as f:
                 f.attrs.update(format="hpc-sinogram", format_version=1, axes="slice,view,bin", study=f"s{s}")
                 for name, a in arrays.items():
-                    d = f.create_dataset(name, data=a, chunks=(1, views, bins) if a.ndim == 3 else None)
+                    per_slice = {"chunks": (1, views, bins), "fletcher32": True} if a.ndim == 3 else {}
+                    d = f.create_dataset(name, data=a, **per_slice)
                     d.attrs["sha256"] = _sha(a)
             shards.append({"path": rel, "first_slice": lo, "num_slices": hi - lo,
                            "sha256": {name: _sha(a) for name, a in arrays.items()},
@@ -330,3 +331,28 @@ def def_sections(path: Path) -> dict[str, str]:
         else:
             sections[name].append(line)
     return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def flip_chunk_byte(shard: Path, name: str = "target", index: int = 0, offset: int | None = None) -> None:
+    """Flip one byte of the stored chunk ``index`` of ``shard``'s dataset ``name`` (its bytes on
+    disk: compressed data, or raw data for an uncompressed shard), as a failing disk would."""
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        info = f[name].id.get_chunk_info(index)
+    at = info.byte_offset + (info.size // 2 if offset is None else offset)
+    with open(shard, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x5A]))
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``roots`` (path -> digest): sources must be byte-identical after."""
+    out = {}
+    for root in roots:
+        for p in sorted([root] if root.is_file() else root.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -179,7 +179,7 @@ def test_dataset_input_equals_the_source_files(tmp_path):
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", "nope", "-o", tmp_path / "fixed")
     assert r.returncode == 2 and "no study nope" in r.stderr
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "-o", ds)
-    assert r.returncode == 2 and "not into it" in r.stderr
+    assert r.returncode == 2 and "inside the input dataset" in r.stderr
     r = run_hpc("predict", "--checkpoint", ckpt, ds, "--studies", ids[1], "-o", tmp_path / "fixed", "--quiet")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == [f"{ids[1]}_repaired.h5"]

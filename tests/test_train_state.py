@@ -74,7 +74,7 @@ def test_improved_follows_best_mode(dataset, tmp_path):
     assert t.state.best == -math.inf
     assert t.state.improved(0.5) and t.state.best == 0.5
     assert not t.state.improved(0.4) and t.state.best == 0.5
-    assert t.state.improved(math.inf) and t.state.best == 0.5  # better, but never a non-finite best
+    assert not t.state.improved(math.inf) and t.state.best == 0.5  # never a non-finite best (issue 12)
     t.log.close()
 
 

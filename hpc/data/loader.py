@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
 from hpc.data.transform import Batch, DeviceTransform
 from hpc.distributed.device import resolve_device
-from hpc.errors import ConfigError
+from hpc.errors import ConfigError, HpcError, InputError, OutputError
 from hpc.io.shards import Dataset
 
 
@@ -104,7 +105,7 @@ class Loader:
         plan, start = self.plan(self.epoch), self.position if self.train else 0
         if start == 0:
             self._bytes = self._windows = 0
-        for j, (raw, flipped) in enumerate(self._raw(plan, start), start):
+        for j, (raw, flipped) in enumerate(_one_line_errors(self._raw(plan, start)), start):
             self._bytes += int(raw.pop("bytes").sum())
             self._windows += len(plan[j])
             batch = self.transform(raw, self.epoch, j, flipped)
@@ -121,6 +122,27 @@ class Loader:
         served = self._windows * per_slice
         return {"bytes_read": self._bytes, "bytes_served": served,
                 "amplification": self._bytes / served if served else float("nan")}
+
+
+_WORKER_ERROR = re.compile(r"(?:hpc\.errors\.)?(InputError|ConfigError|OutputError): (.+)")
+
+
+def _one_line_errors(batches: Iterator) -> Iterator:
+    """Re-raise an hpc error from a reader worker as the one line it was: DataLoader wraps it in
+    "Caught InputError in DataLoader worker process 0. Original Traceback ...", DALI in a
+    RuntimeError carrying the worker's traceback."""
+    try:
+        yield from batches
+    except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, HpcError) and "\n" not in text:
+            raise
+        found = _WORKER_ERROR.findall(text)
+        if not found:
+            raise
+        kind, message = found[-1]
+        raise {"InputError": InputError, "ConfigError": ConfigError, "OutputError": OutputError}[kind](
+            message.strip()) from None
 
 
 def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,

@@ -16,6 +16,7 @@ import numpy as np
 
 from hpc.data.index import Run, SliceIndex, window_ids
 from hpc.errors import InputError
+from hpc.io.shards import open_shard, read_slab
 
 # Bound on cached runs per process, only reached if a backend hands this process batches outside
 # its lane (then runs are re-read rather than held until their planned last use).
@@ -64,10 +65,7 @@ class BatchReader:
         if self._pid != os.getpid():  # forked: never reuse the parent's handles
             self._files, self._pid = {}, os.getpid()
         if path not in self._files:
-            try:
-                self._files[path] = h5py.File(path, "r")
-            except OSError as exc:
-                raise InputError(f"{path}: cannot open shard: {exc}") from None
+            self._files[path] = open_shard(path)
         return self._files[path]
 
     def _read_run(self, run: Run) -> dict[str, np.ndarray]:
@@ -85,7 +83,8 @@ class BatchReader:
             sl = slice(a - shard.first_slice, b - shard.first_slice)
             for name in names:
                 d = f[name]
-                arr = d[sl] if d.ndim == 3 else np.broadcast_to(d[()], (b - a, *d.shape))
+                arr = read_slab(d, sl.start, sl.stop, shard.path, shard.first_slice) if d.ndim == 3 \
+                    else np.broadcast_to(d[()], (b - a, *d.shape))
                 self.bytes_read += arr.nbytes if d.ndim == 3 else 0
                 parts[name].append(arr)
         return {n: np.concatenate(p) for n, p in parts.items()}

@@ -10,8 +10,10 @@ describes; the meaning of the keys (layout, segments, TOF) is in :mod:`hpc.io.he
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable
@@ -78,18 +80,21 @@ class Header:
         value = None if value is None else strip_comment(value)
         if value is None or value == "":
             return int(default)  # type: ignore[arg-type]
-        try:
-            return int(float(value))
-        except ValueError:
-            raise InputError(f"{self.path}: key {key!r} should be an integer, got {value!r}") from None
+        return self._int(key, value)
 
     def integers(self, key: str) -> list[int]:
-        items = parse_list(strip_comment(self.require(key)))
+        return [self._int(key, v) for v in parse_list(strip_comment(self.require(key)))]
+
+    def _int(self, key: str, value: str) -> int:
+        """An integer value ("12", "12.0", "1.2e1"), bounded: inf, nan, 1e400 and 12.5 are refused
+        here, before they become sizes (OverflowError, multi-GB allocations)."""
         try:
-            return [int(v) for v in items]
+            number = float(value)
         except ValueError:
-            raise InputError(f"{self.path}: key {key!r} should be a list of integers, got "
-                             f"{self.get(key)!r}") from None
+            number = math.nan
+        if not math.isfinite(number) or not number.is_integer() or abs(number) > MAX_INT:
+            raise InputError(f"{self.path}: key {key!r} should be an integer up to {MAX_INT}, got {value!r}")
+        return int(number)
 
     def number(self, key: str, default: float | None = None) -> float:
         value = self.get(key) if default is not None else self.require(key)
@@ -97,9 +102,12 @@ class Header:
         if value is None or value == "":
             return float(default)  # type: ignore[arg-type]
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise InputError(f"{self.path}: key {key!r} should be a number, got {value!r}") from None
+            number = math.nan
+        if not math.isfinite(number):  # inf/nan sizes or spacings would poison every later computation
+            raise InputError(f"{self.path}: key {key!r} should be a finite number, got {value!r}")
+        return number
 
     def text(self, key: str) -> str:
         """A value without an inline comment ("" when absent)."""
@@ -113,15 +121,51 @@ class Header:
         return p if p.is_absolute() else self.path.parent / p
 
 
+MAX_HEADER_BYTES = 1 << 20  # real headers are a few KB; anything bigger is refused unread
+MAX_INT = 2**48  # no dimension, offset (a Vision prompts + randoms file: > 2**31 bytes) or count is larger
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bounded(path: Path, what: str, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """The bytes of a small regular file, read only after checking that it is one: a FIFO or a
+    device (/dev/zero) would block or never end, and a multi-GB data file given by mistake must not
+    be read into memory. Opened non-blocking, so even a FIFO swapped in after the check cannot hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: {file_kind(st.st_mode)}, not a {what} file")
+        if st.st_size > limit:
+            raise InputError(f"{path}: {st.st_size} bytes is too large for a {what} (limit {limit}): "
+                             "is this the data file?")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def parse_header(path: str | os.PathLike) -> Header:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: header file not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read header: {exc.strerror}") from None
-    if b"\0" in raw[:4096]:
+    raw = read_bounded(path, "header")
+    if b"\0" in raw:
         raise InputError(f"{path}: binary file, not an Interfile header (raw data needs --shape/--dtype)")
     lines = raw.decode("latin-1").splitlines()
     fields: dict[str, str] = {}

@@ -13,8 +13,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the blosc filter for reading and writing)
@@ -54,6 +55,22 @@ def dataset_kwargs(shape: tuple[int, ...], compression: str) -> dict:
     if len(shape) != 3:
         return {}
     return {"chunks": (1, *shape[1:]), "fletcher32": True, **compression_kwargs(compression)}
+
+
+def fletcher32(data: bytes) -> bytes:
+    """HDF5's Fletcher-32 of ``data`` as its filter stores it after a chunk (4 bytes): for writers
+    that bypass the filter pipeline (``write_direct_chunk``) and must append it themselves.
+    16-bit big-endian words (an odd last byte is the high byte of a final word), both sums kept
+    modulo 65535 with 0xFFFF in place of 0 for non-zero data, ``sum2 << 16 | sum1`` little-endian."""
+    a = np.frombuffer(data, np.uint8)
+    if a.size % 2:
+        a = np.concatenate([a, np.zeros(1, np.uint8)])
+    words = (a[0::2].astype(np.uint64) << np.uint64(8)) | a[1::2].astype(np.uint64)  # (n,)
+    n = words.size
+    s1 = int(words.sum())
+    s2 = int((words * (np.uint64(n) - np.arange(n, dtype=np.uint64))).sum()) if n else 0  # word i counts n-i times
+    fold = lambda x: 0 if x == 0 else (x - 1) % 65535 + 1  # noqa: E731  (HDF5 never folds a non-zero sum to 0)
+    return int(fold(s2) << 16 | fold(s1)).to_bytes(4, "little")
 
 
 def _le(a: np.ndarray) -> np.ndarray:
@@ -154,6 +171,46 @@ class ShardWriter:
         self.abort()
 
 
+def corrupt_reason(exc: OSError, dset) -> str:
+    """Why a chunk failed to read. HDF5 reports every filter failure alike ("filter returned
+    failure during read"); fletcher32 is the first filter on the read path, so in a dataset that has
+    it a failing filter is a checksum mismatch."""
+    text = str(exc)
+    if "filter" in text.lower() or "fletcher32" in text.lower():
+        if dset.fletcher32:
+            return "checksum mismatch (fletcher32): its bytes on disk changed"
+        return "cannot be decoded (corrupt compressed chunk)"
+    return f"unreadable ({text.splitlines()[0][:120] if text else type(exc).__name__})"
+
+
+def read_slab(dset, lo: int, hi: int, path: str | os.PathLike, first_slice: int = 0) -> np.ndarray:
+    """``dset[lo:hi]`` of a shard dataset; a chunk that fails its fletcher32 checksum or does not
+    decode is an InputError naming the shard, the dataset and the slice (and the slice within its
+    study, ``first_slice + k``). Finding the slice rereads one chunk at a time, only after a failure."""
+    try:
+        return dset[lo:hi]
+    except OSError as exc:
+        reason, bad = corrupt_reason(exc, dset), lo
+        for k in range(lo, hi):
+            try:
+                dset[k]
+            except OSError:
+                bad = k
+                break
+        raise InputError(f"{path}: dataset {dset.name.lstrip('/')!r} slice {bad} (study slice {first_slice + bad}) "
+                         f"{reason}; restore the shard or convert again") from None
+
+
+def open_shard(path: str | os.PathLike):
+    """An h5py File open for reading; a file that is not HDF5 (or is damaged) is an InputError."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError(f"{path}: shard not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open shard: {str(exc).splitlines()[0][:160]}") from None
+
+
 def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
     """Re-read every dataset and compare with its stored ``sha256``. Returns (ok, problem)."""
     try:
@@ -165,15 +222,17 @@ def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
                 if want is None:
                     return False, f"dataset {name!r} has no sha256"
                 h = hashlib.sha256()
-                if dset.ndim == 3 and len(dset) > slab:  # bounded memory for big shards
+                if dset.ndim == 3:  # bounded memory for big shards
                     for k in range(0, len(dset), slab):
-                        h.update(_le(dset[k:k + slab]))
+                        h.update(_le(read_slab(dset, k, min(k + slab, len(dset)), path)))
                 else:
                     h.update(_le(dset[()]))
                 if h.hexdigest() != want:
-                    return False, f"dataset {name!r}: checksum mismatch"
+                    return False, f"dataset {name!r}: checksum mismatch"  # of its values (sha256)
+    except InputError as exc:
+        return False, str(exc).removeprefix(f"{path}: ")
     except (OSError, KeyError) as exc:
-        return False, f"unreadable: {exc}"
+        return False, f"unreadable: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
     return True, ""
 
 
@@ -246,7 +305,7 @@ class Dataset:
         for s in self.studies:
             if s.id == study_id:
                 return s
-        raise KeyError(f"{self.root}: no study {study_id!r} (have {', '.join(s.id for s in self.studies)})")
+        raise InputError(f"{self.root}: no study {study_id!r} (have {', '.join(s.id for s in self.studies)})")
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Dataset:
@@ -269,8 +328,23 @@ class Dataset:
             raise InputError(f"{path}: malformed manifest ({exc!r})") from None
 
 
+STUDY_ID = re.compile(r"[A-Za-z0-9._-]+")  # what convert writes (no "/"): ids become output file names
+
+
+def shard_path(root: Path, rel: str) -> Path:
+    """``root / rel`` for a manifest's shard path, which must stay inside the dataset directory:
+    relative, no ``..`` (a manifest must not make hpc open ``/etc/passwd`` or another dataset)."""
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    if p is None or not p.parts or p.is_absolute() or ".." in p.parts or "\\" in rel:
+        raise InputError(f"{root / 'manifest.json'}: shard path {rel!r} is outside the dataset directory")
+    return root / p
+
+
 def _study(root: Path, s: dict) -> StudyInfo:
-    shards = tuple(ShardInfo(root / sh["path"], sh["first_slice"], sh["num_slices"], sh["sha256"])
+    if not isinstance(s["id"], str) or not STUDY_ID.fullmatch(s["id"]) or s["id"] in (".", ".."):
+        raise InputError(f"{root / 'manifest.json'}: study id {s['id']!r} is not a plain name "
+                         "(letters, digits, . _ -)")
+    shards = tuple(ShardInfo(shard_path(root, sh["path"]), sh["first_slice"], sh["num_slices"], sh["sha256"])
                    for sh in s["shards"])
     segments = tuple(s["segments"])
     if s.get("kind") == "siemens" and "ring_diffs" not in s:  # v1: a Siemens file's storage indices
@@ -298,11 +372,11 @@ class ShardArray:
             lo, hi = max(start, sh.first_slice), min(stop, sh.first_slice + sh.num_slices)
             if lo < hi:
                 if sh.path not in self.files:
-                    self.files[sh.path] = h5py.File(sh.path, "r")
+                    self.files[sh.path] = open_shard(sh.path)
                 f = self.files[sh.path]
                 d = f[self.name]  # (N, V, X), or (V, X) for a mask shared by every slice
                 parts.append(np.broadcast_to(d[()], (hi - lo, *d.shape)) if d.ndim == 2
-                             else d[lo - sh.first_slice:hi - sh.first_slice])
+                             else read_slab(d, lo - sh.first_slice, hi - sh.first_slice, sh.path, sh.first_slice))
         return np.concatenate(parts)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from hpc.errors import InputError, OutputError
 from hpc.io.atomic import AtomicFile, atomic_open, atomic_write_text, output_error
-from hpc.io.interfile import format_header, normalize_key, parse_header, rewrite_header
+from hpc.io.interfile import file_kind, format_header, normalize_key, parse_header, rewrite_header
 
 
 
@@ -95,11 +96,21 @@ class SinogramSpec:
 def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
     """The data file must exist and hold exactly what the header describes."""
     dims = f"{spec.tof_bins}x{spec.planes}x{spec.views}x{spec.bins}"
-    if spec.num_slices <= 0 or spec.views <= 0 or spec.bins <= 0 or spec.offset < 0:
-        raise InputError(f"{spec.source}: empty or invalid layout ({dims}, offset {spec.offset})")
-    if not spec.data_path.is_file():
-        raise InputError(f"{spec.source}: data file not found: {spec.data_path}")
-    size = spec.data_path.stat().st_size
+    # each factor positive: -2 TOF bins x -3 planes must not pass as 6 slices
+    if min(spec.tof_bins, spec.views, spec.bins, *spec.axial_counts, 1) < 1 or not spec.axial_counts \
+            or spec.offset < 0:
+        raise InputError(f"{spec.source}: empty or invalid layout ({dims}, axial counts "
+                         f"{list(spec.axial_counts)}, offset {spec.offset})")
+    try:
+        st = spec.data_path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{spec.source}: data file not found: {spec.data_path}") from None
+    except OSError as exc:
+        raise InputError(f"{spec.source}: cannot read data file {spec.data_path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # /dev/zero or a FIFO would be read forever or block
+        where = f"{spec.source}: data file {spec.data_path}" if spec.header_path else f"{spec.data_path}: data file"
+        raise InputError(f"{where} is {file_kind(st.st_mode)}, not a regular file")
+    size = st.st_size
     need = max([spec.offset] + [o for _, o in spec.datasets]) + spec.nbytes  # the last data set ends the file
     what = f"{dims} {spec.dtype.name} from offset {spec.offset} = {need} bytes"
     if size < need:
@@ -189,7 +200,10 @@ class SinogramReader:
         if self._mm.closed:
             return
         self._blocks = []  # drop the views before unmapping (they export the buffer)
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # a view still alive (an interrupted read's frame): unmapped when it goes
+            pass
         self._file.close()
 
     def __enter__(self) -> SinogramReader:
@@ -289,6 +303,13 @@ def _copy_around(spec: SinogramSpec, fd: int, chunk: int = 8 << 20) -> None:
                 os.pwrite(fd, src.read(min(chunk, hi - pos)), pos)
 
 
+def writer_paths(spec: SinogramSpec, out_header: str | os.PathLike) -> list[Path]:
+    """The files ``SinogramWriter(spec, out_header)`` writes: the header and its data file (one raw
+    file for a raw source)."""
+    out = Path(out_header)
+    return [out] if spec.kind == "raw" else [out, data_name(out)]
+
+
 class SinogramWriter:
     """Stream slices into a new file with the layout, dtype, byte order and header of ``spec``.
 
@@ -384,9 +405,11 @@ class MaskReader:
     def _values(self, raw: np.ndarray, first: int) -> np.ndarray:
         if self.spec.dtype.kind != "f":
             return (raw != 0).astype(np.float32)
-        bad = np.flatnonzero(~((raw >= 0) & (raw <= 1)).reshape(len(raw), -1).all(1))
+        bad = np.flatnonzero(~((raw >= 0) & (raw <= 1)).reshape(len(raw), -1).all(1))  # NaN fails both
         if bad.size:
-            raise InputError(f"{self.spec.source}: mask slice {first + int(bad[0])} has values outside [0, 1] "
+            k = int(bad[0])
+            what = "contains NaN or inf" if not np.isfinite(raw[k]).all() else "has values outside [0, 1]"
+            raise InputError(f"{self.spec.source}: mask slice {first + k} {what} "
                              "(a mask is the measured fraction of each bin)")
         return raw.astype(np.float32)
 

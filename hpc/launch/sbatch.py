@@ -72,6 +72,21 @@ def sbatch_options(cfg: Config, name: str, workdir: str) -> str:
     return "\n".join(lines)
 
 
+def check_staging(data_path: str, stage_to: str, workdir: str) -> None:
+    """Refuse, when rendering, a staging that rsync --delete could turn destructive: no dataset
+    (an empty data.path would copy "/"), the root as source or target, or one inside the other."""
+    if not data_path:
+        raise ConfigError("--stage-to: data.path is not set (staging would copy the filesystem root)")
+    src = os.path.realpath(os.path.join(workdir, data_path))
+    dst = os.path.realpath(os.path.join(workdir, stage_to))
+    for name, p in (("data.path", src), ("--stage-to", dst)):
+        if p == os.sep:
+            raise ConfigError(f"{name}: {p!r} is the filesystem root; refusing to stage from or to it")
+    if src == dst or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise ConfigError(f"--stage-to {stage_to}: overlaps data.path {data_path}; stage to a separate "
+                          "node-local directory")
+
+
 def render(template: str, cfg: Config, job: Job) -> str:
     """Fill `{{key}}` values and `{{> partial}}` includes (templates/partials/NAME.sh). Every value
     but the #SBATCH block is shell-quoted."""
@@ -82,6 +97,8 @@ def render(template: str, cfg: Config, job: Job) -> str:
         raise InputError(f"{path}: template not found ({hint})")
     if template in ("pyxis", "singularity") and not job.image:
         raise ConfigError(f"template {template}: --image is required (.sqsh/.sif file or registry image)")
+    if job.stage_to:
+        check_staging(cfg.data.path, job.stage_to, job.workdir)
     q = shlex.quote
     values = {
         "sbatch_options": sbatch_options(cfg, job.name, job.workdir), "workdir": q(job.workdir),
