@@ -33,8 +33,8 @@ test: $(STAMP) system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/convert.py && $(BIN)/python bench/loader.py && $(BIN)/python bench/step.py && \
-		$(BIN)/python bench/fletcher32.py
+	$(BIN)/python bench/codecs.py && $(BIN)/python bench/convert.py && $(BIN)/python bench/loader.py && \
+		$(BIN)/python bench/step.py && $(BIN)/python bench/ddp.py && $(BIN)/python bench/fletcher32.py
 
 clean-env:
 	rm -rf $(VENV)

@@ -50,6 +50,7 @@ BestMode = Literal["min", "max"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 WandbMode = Literal["online", "offline", "disabled"]
 Cluster = Literal["slurm", "local", "debug"]
+GradCompression = Literal["none", "bf16"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -166,8 +167,11 @@ class DistConfig:
     backend: DistBackend = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 300  # a dead or hung rank ends the job after this
     sync_bn: bool = False
-    bucket_mb: int = 25
+    bucket_mb: int = 0  # DDP gradient bucket; 0 = from the parameter count (hpc.distributed.dist.bucket_mb_for)
     find_unused: bool = False
+    static_graph: bool = False  # DDP static_graph: the same parameters get gradients every step
+    grad_compression: GradCompression = "none"  # bf16: gradients all-reduced in bfloat16 (half the bytes)
+    preempt_every: int = 10  # steps between the ranks' agreement on a signal and a non-finite loss (a host sync)
 
 
 @dataclass
@@ -449,7 +453,7 @@ RANGES: dict[str, Rule] = {
     "optim.patience": _ge(0), "optim.clip_grad": _ge(0), "optim.accumulate": _ge(1),
     "train.run_dir": ((lambda v: bool(v.strip())), "a directory (not empty)"),
     "train.samples": _ge(1), "train.val_every": _ge(0), "train.val_batches": _ge(0), "train.seed": _ge(0),
-    "dist.timeout_s": _ge(1), "dist.bucket_mb": _ge(1),
+    "dist.timeout_s": _ge(1), "dist.bucket_mb": _ge(0), "dist.preempt_every": _ge(1),
     "checkpoint.every": _ge(0), "checkpoint.keep": _ge(1),
     "log.every": _ge(1),
     "launch.nodes": _ge(1), "launch.gpus_per_node": _ge(0), "launch.tasks_per_node": _ge(0),
@@ -516,6 +520,8 @@ def _check_rules(cfg: Config) -> None:
             raise _fail(f"data.{b}_studies", lists[b], f"shares {shared} with data.{a}_studies")
     if d.device == "cpu" and cfg.dist.sync_bn:
         raise _fail("dist.sync_bn", True, "needs GPU ranks (data.device=cpu)")
+    if cfg.dist.grad_compression == "bf16" and (d.device == "cpu" or cfg.dist.backend == "gloo"):
+        raise _fail("dist.grad_compression", "bf16", "needs NCCL ranks (not data.device=cpu or dist.backend=gloo)")
     if la.cluster != "slurm" and la.nodes != 1:
         raise _fail("launch.nodes", la.nodes, f"must be 1 with launch.cluster={la.cluster} (one machine)")
     if la.signal_delay_s >= 60 * la.time_min:

@@ -1,4 +1,4 @@
-"""Convert raw / Interfile sinograms into chunked HDF5 shards (shard format v1, docs/FORMAT.md).
+"""Convert raw / Interfile sinograms into chunked HDF5 shards (shard format v2, docs/FORMAT.md).
 
 Inputs are Interfile headers (STIR `.hs`, Siemens `.s.hdr`/`.mhdr`) or, with --shape/--dtype, raw
 files. Each input file is one study; --input/--mask add a paired acquisition and a gap mask to the
@@ -9,7 +9,7 @@ name, verified, renamed); manifest.json is written last, so a dataset is complet
 
 examples:
   hpc convert scans/*.s.hdr -o data/scans
-  hpc convert big.s.hdr -o data/big --compression blosc --workers 8     # 4x faster than lzf
+  hpc convert big.s.hdr -o data/big --workers 8                         # 8 compressing threads
   hpc convert full1.hs full2.hs --input low1.hs low2.hs --mask gap1.s.hdr gap2.s.hdr -o data/paired
   hpc convert study.raw --shape 1,837,252,344 --dtype uint16 --endian big -o data/raw
   mpirun -np 4 hpc convert scans/*.s.hdr -o data/scans --resume
@@ -20,9 +20,11 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -33,7 +35,8 @@ from hpc import __version__
 from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text, output_error
-from hpc.io.shards import COMPRESSIONS, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
+from hpc.io.chunks import HashLane
+from hpc.io.shards import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT, FORMAT_VERSION, TRUTH, ShardWriter, verify_shard
 from hpc.io.sinogram import MaskReader, SinogramReader, SinogramSpec, raw_spec, read_header
 from hpc.progress import Progress
 
@@ -63,13 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     raw.add_argument("--offset", type=int, default=0, help="bytes to skip at the start of each file")
     p.add_argument("--shard-slices", type=int, default=0, help="slices per shard (overrides --shard-mb)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="approximate uncompressed shard size")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="lzf",
-                   help="lzf (default: any h5py reads it), blosc (faster, smaller; readers need "
-                        "hdf5plugin), gzip, none")
+    p.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
+                   help=f"chunk codec (default {DEFAULT_COMPRESSION}: blosc lz4 + byte shuffle, about half the raw "
+                        "size of Poisson counts and the fastest to read; readers need `import hdf5plugin`); "
+                        "lzf and gzip need only h5py (docs/FORMAT.md)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep verified shards, redo the rest")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    p.add_argument("--workers", type=int, default=1, help="processes when not under mpirun")
+    p.add_argument("--workers", type=int, default=available_cores(),
+                   help="threads compressing chunks (default: the cores this process may use)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes sharing the shards of all files, without mpirun (each with --workers threads)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -109,12 +116,21 @@ class Options:
     shard_slices: int
     shard_mb: float
     resume: bool
+    workers: int = 1  # chunk-encoding threads per process
 
     def per_shard(self, study: Study) -> int:
         if self.shard_slices > 0:
             return self.shard_slices
         per_slice = study.nbytes // study.target.num_slices
         return max(1, int(self.shard_mb * 1e6) // per_slice)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: a Slurm task's share, not the node's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _open_source(path: str, args: argparse.Namespace) -> SinogramSpec:
@@ -288,42 +304,76 @@ def _finite(slab: np.ndarray, spec: SinogramSpec, start: int) -> None:
             raise InputError(f"{spec.source}: slice {start + int(bad[0])} contains NaN or inf")
 
 
-def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, first: int, count: int,
-                 attrs: dict, opts: Options, report: Report) -> dict:
+def _arrays(study: Study, count: int) -> dict:
     t = study.target
     v, x = t.slice_shape
-    mask_2d = study.mask is not None and study.mask.num_slices == 1
     arrays = {"target": ((count, v, x), t.dtype)}
     if study.input:
         arrays["input"] = ((count, v, x), study.input.dtype)
     if study.delayed:
         arrays["delayed"] = ((count, v, x), study.delayed.dtype)
     if study.mask:  # 0/1 masks as uint8; measured fractions (a float mask file) as float32
-        arrays["mask"] = ((v, x) if mask_2d else (count, v, x), mask_dtype(study.mask))
+        arrays["mask"] = ((v, x) if _mask_2d(study) else (count, v, x), mask_dtype(study.mask))
     arrays.update({role: ((count, v, x), np.float32) for role, _ in study.truth})
     arrays.update({k: ((count,), np.int32) for k in ("tof", "segment", "axial")})
+    return arrays
+
+
+def _mask_2d(study: Study) -> bool:
+    return study.mask is not None and study.mask.num_slices == 1
+
+
+def _fill_shard(study: Study, readers: dict[str, SinogramReader], w: ShardWriter, first: int, count: int,
+                report: Report, digests: dict | None = None) -> None:
+    """Slabs [first, first + count) of every role into ``w``; ``digests`` (role -> hashlib object)
+    are fed the source files' bytes by the same reads."""
+    t, mask_2d, digests = study.target, _mask_2d(study), digests or {}
     meta = dict(zip(("tof", "segment", "axial"), t.meta(), strict=True))
     slab = max(1, SLAB_BYTES // (study.nbytes // t.num_slices))
-    with ShardWriter(path, arrays, opts.compression, attrs) as w:
-        if mask_2d:
-            w.write(0, mask=readers["mask"].read(0, 1)[0].astype(arrays["mask"][1]))
-        for k in range(first, first + count, slab):
-            stop = min(k + slab, first + count)
-            slabs = {role: r.read(k, stop) for role, r in readers.items() if not (role == "mask" and mask_2d)}
-            for role in ("target", "input", *TRUTH):
-                if role in slabs:
-                    _finite(slabs[role], study.specs[role], k)
-            if "mask" in slabs:  # fractions: uint8 0/1 for integer masks, float32 for float ones
-                slabs["mask"] = slabs["mask"].astype(arrays["mask"][1])
-            w.write(k - first, **slabs, **{m: a[k:stop] for m, a in meta.items()})
-            report(stop - k)
-        return w.commit()
+    mask_type = mask_dtype(study.mask) if study.mask else None
+    if mask_2d:
+        w.write(0, mask=readers["mask"].read(0, 1)[0].astype(mask_type))
+    for k in range(first, first + count, slab):
+        stop = min(k + slab, first + count)
+        slabs = {role: r.read(k, stop, digest=digests.get(role)) for role, r in readers.items()
+                 if not (role == "mask" and mask_2d)}
+        for role in ("target", "input", *TRUTH):
+            if role in slabs:
+                _finite(slabs[role], study.specs[role], k)
+        if "mask" in slabs:  # fractions: uint8 0/1 for integer masks, float32 for float ones
+            slabs["mask"] = slabs["mask"].astype(mask_type)
+        w.write(k - first, **slabs, **{m: a[k:stop] for m, a in meta.items()})
+        report(stop - k)
 
 
 def mask_dtype(spec: SinogramSpec) -> np.dtype:
     """How a mask is stored: uint8 0/1 from an integer mask file, float32 measured fractions in
     [0, 1] from a float one (span-compressed data: a bin partly lost)."""
     return np.dtype(np.float32) if spec.dtype.kind == "f" else np.dtype(np.uint8)
+
+
+def _readers(study: Study) -> dict[str, SinogramReader | MaskReader]:
+    return {role: MaskReader(spec, study.target) if role == "mask" else SinogramReader(spec)
+            for role, spec in study.specs.items()}
+
+
+def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, first: int, count: int,
+                 attrs: dict, opts: Options, report: Report) -> dict:
+    with ShardWriter(path, _arrays(study, count), opts.compression, attrs, _pool(opts)) as w:
+        _fill_shard(study, readers, w, first, count, report)
+        return w.commit()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(opts: Options) -> ThreadPoolExecutor | None:
+    """This process's chunk-encoding threads (numcodecs' blosc and zlib release the GIL)."""
+    if opts.workers <= 1:
+        return None
+    if opts.workers not in _POOLS:
+        _POOLS[opts.workers] = ThreadPoolExecutor(opts.workers, thread_name_prefix="hpc-encode")
+    return _POOLS[opts.workers]
 
 
 def hash_sources(study: Study) -> dict[str, str]:
@@ -347,8 +397,7 @@ def convert_shard(study: Study, sums: dict[str, str], k: int, first: int, count:
     if info is not None:
         report(count)
     else:
-        readers = {role: MaskReader(spec, study.target) if role == "mask" else SinogramReader(spec)
-                   for role, spec in study.specs.items()}
+        readers = _readers(study)
         try:
             info = _write_shard(study, readers, out / rel, first, count, attrs, opts, report)
         finally:
@@ -359,11 +408,64 @@ def convert_shard(study: Study, sums: dict[str, str], k: int, first: int, count:
 
 
 def convert_study(study: Study, out: Path, opts: Options, report: Report) -> dict:
-    """All shards of a study, one after the other. Returns the study's manifest entry."""
+    """All shards of a study, one after the other. Returns the study's manifest entry.
+
+    Each source file is read once: its SHA-256 is fed from the slabs the shards are written from
+    (``convert_study_fused``). With --resume, or a file whose slice order is not its byte order
+    (STIR view-major), the sources are hashed first (resume compares the checksums before deciding
+    which shards to keep), then converted shard by shard."""
+    readers = _readers(study)
+    try:
+        if not opts.resume and all(r.contiguous for r in readers.values()):
+            return convert_study_fused(study, readers, out, opts, report)
+    finally:
+        for r in readers.values():
+            r.close()
     sums = hash_sources(study)
     shards = [convert_shard(study, sums, k, first, count, out, opts, report)
               for k, (first, count) in enumerate(shard_ranges(study, opts))]
     return study_entry(study, sums, shards)
+
+
+def convert_study_fused(study: Study, readers: dict[str, SinogramReader], out: Path, opts: Options,
+                        report: Report) -> dict:
+    """One pass over the sources: every shard is written and kept open (a hidden temporary), the
+    sources' checksums grow with the reads, and once they are complete every shard gets them (its
+    ``source_sha256`` and ``convert_key``), is verified and renamed into place. A run killed before
+    that leaves only temporaries, which the next run removes."""
+    # a file whose slices are read once in order is hashed by those reads; a mask repeated per
+    # plane or for every slice is a small file, hashed on its own; the delayed share the target's file
+    digests = {role: HashLane(hashlib.sha256()) for role, r in readers.items()
+               if role != "delayed" and getattr(r, "streams", True)}
+    pending = {role: "" for role in study.specs if role != "delayed"}  # checksums not known yet
+    writers, shards = [], []
+    try:
+        for k, (first, count) in enumerate(shard_ranges(study, opts)):
+            rel = f"shards/{study.id}-{k:04d}.h5"
+            w = ShardWriter(out / rel, _arrays(study, count), opts.compression,
+                            _shard_attrs(study, pending, first, count, opts), _pool(opts))
+            writers.append(w)
+            _fill_shard(study, readers, w, first, count, report, digests)
+            w.finish()  # closed until the checksums are known: memory stays flat in the file size
+            shards.append((rel, first, count))
+        sums = {}
+        for role in pending:
+            if role in digests:
+                readers[role].digest_rest(digests[role])
+                sums[role] = digests[role].hexdigest()
+            else:  # a mask of one slice or one per plane: a small file, hashed on its own
+                sums[role] = sha256_file(study.specs[role].data_path)
+        infos = [w.commit(_shard_attrs(study, sums, first, count, opts))
+                 for w, (_, first, count) in zip(writers, shards, strict=True)]
+    finally:
+        for w in writers:
+            w.__exit__(None, None, None)  # removes the temporary of a shard that was not committed
+        for lane in digests.values():
+            lane.close()
+    entries = [{"path": rel, "first_slice": first, "num_slices": count, "sha256": info["sha256"],
+                "bytes": info["bytes"], "max": info["max"].get("target", 0.0)}
+               for (rel, first, count), info in zip(shards, infos, strict=True)]
+    return study_entry(study, sums, entries)
 
 
 def study_entry(study: Study, sums: dict[str, str], shards: list[dict]) -> dict:
@@ -497,10 +599,10 @@ class Interrupt:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.shard_slices < 0 or args.shard_mb <= 0 or args.workers < 1:
-        raise InputError("--shard-slices must be >= 0, --shard-mb > 0 and --workers >= 1")
+    if args.shard_slices < 0 or args.shard_mb <= 0 or args.workers < 1 or args.processes < 1:
+        raise InputError("--shard-slices must be >= 0, --shard-mb > 0, --workers and --processes >= 1")
     out = Path(args.output)
-    opts = Options(args.compression, args.shard_slices, args.shard_mb, args.resume)
+    opts = Options(args.compression, args.shard_slices, args.shard_mb, args.resume, args.workers)
     world = mpi_world()  # under mpirun: ranks split the studies (a plain run never imports MPI)
     rank, size = (world.rank, world.world) if world else (0, 1)
     try:
@@ -518,10 +620,10 @@ def run(args: argparse.Namespace) -> int:
             stop.check()
             bar.update(n)
 
-        if args.workers > 1:
+        if args.processes > 1:
             from hpc.convert_pool import run_pool
 
-            entries = run_pool(studies, out, opts, args.workers, bar, stop.check)
+            entries = run_pool(studies, out, opts, args.processes, bar, stop.check)
         else:
             entries = [convert_study(s, out, opts, report) for s in studies]
         stop.check()  # never a manifest after Ctrl-C

@@ -168,6 +168,8 @@ class Trainer:
         self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.state.step)
         self.val_step = -1  # step of the last validation
         self.lr = 0.0  # of the last optimizer step
+        self._steps, self._shown = 0, ""  # optimizer steps of this process; the bar's last logged loss
+        self._bad = torch.zeros((), dtype=torch.bool, device=ctx.device)  # a non-finite loss was seen
 
     # ------------------------------------------------------------ run dir
     def _lock(self) -> RunLock | None:
@@ -227,8 +229,9 @@ class Trainer:
             pred = self.net(x, batch.mask)
         return pred, self.loss(pred, batch.target, batch.mask, batch.valid)[0]
 
-    def train_step(self, batches) -> float:
-        """One optimizer step over `accumulate` micro-batches; returns the mean loss (this rank)."""
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over `accumulate` micro-batches; returns the mean loss (this rank) as a
+        device tensor: nothing in a step waits for the device (read it at log time)."""
         self.net.train()
         n = self.cfg.optim.accumulate
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # summed on the device
@@ -242,7 +245,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total) / n  # host sync: once per step, for the progress line
+        return total / n
 
     def _validate(self) -> bool:
         """Validate, log (with the baselines), step the plateau schedule; True when a new best."""
@@ -270,17 +273,27 @@ class Trainer:
             before = st.step
             loss = self.train_step(batches)
             st.step += per_step
-            self.log.progress(per_step, f"loss {loss:.4g}")
+            self._steps += 1
+            self._bad = self._bad | ~torch.isfinite(loss)  # on the device: no sync
+            self.log.progress(per_step, self._shown)  # the last logged loss: no sync for the bar
             if _crossed(before, st.step, cfg.log.every):
                 window = self._log_train(loss, window)
-            preempted, diverged = self._agree(loss)  # host sync: every rank stops at the same step
-            if diverged:
-                raise ck.NonFiniteError(f"{cfg.train.run_dir}: step {st.step}: training loss is "
-                                        f"{loss if not math.isfinite(loss) else 'non-finite on another rank'}; "
-                                        f"stopped, no checkpoint written ({self._newest()})")
-            is_best = self.validator is not None and _crossed(before, st.step, cfg.train.val_every) \
-                and self._validate()
-            if preempted or is_best or _crossed(before, st.step, cfg.checkpoint.every):
+            validate = self.validator is not None and _crossed(before, st.step, cfg.train.val_every)
+            save = _crossed(before, st.step, cfg.checkpoint.every)
+            preempted = False
+            # The ranks agree on a signal and a non-finite loss (a collective and a host sync) every
+            # dist.preempt_every steps and before anything is validated or saved (so a NaN is never
+            # saved), at the same steps on every rank; one process also as soon as it is signalled.
+            if (self._steps % cfg.dist.preempt_every == 0 or validate or save or st.step >= cfg.train.samples
+                    or (self.ctx.world == 1 and self.stop.signal != 0)):
+                preempted, diverged = self._agree()
+                if diverged:
+                    value = float(loss)
+                    raise ck.NonFiniteError(f"{cfg.train.run_dir}: step {st.step}: training loss is "
+                                            f"{value if not math.isfinite(value) else 'non-finite on another rank'}; "
+                                            f"stopped, no checkpoint written ({self._newest()})")
+            is_best = validate and self._validate()
+            if preempted or is_best or save:
                 path = self._save(is_best)
             if preempted:
                 self.log.message(f"signal {self.stop.signal or 'on another rank'}: checkpoint {path or ''} "
@@ -289,10 +302,11 @@ class Trainer:
                 raise SystemExit(EXIT_REQUEUE)
         return self._finish()
 
-    def _agree(self, loss: float) -> tuple[bool, bool]:
-        """(preempted, diverged) on any rank, in one all-reduce: a signal, a non-finite loss."""
-        flags = torch.tensor([float(self.stop.signal != 0), float(not math.isfinite(loss))], device=self.ctx.device)
-        flags = dist.all_reduce_sum(flags)
+    def _agree(self) -> tuple[bool, bool]:
+        """(preempted, diverged) on any rank, in one all-reduce: a signal, a non-finite loss since
+        the start (``self._bad``, kept on the device)."""
+        signal = torch.tensor([float(self.stop.signal != 0)], device=self.ctx.device)
+        flags = dist.all_reduce_sum(torch.cat([signal, self._bad.float().reshape(1)]))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _newest(self) -> str:
@@ -303,7 +317,8 @@ class Trainer:
         """Log the loss averaged over ranks (a collective) and the throughput since ``window``
         (time, step); returns the next window."""
         now, step = time.perf_counter(), self.state.step
-        mean_loss = dist.all_reduce_sum(torch.tensor([loss], device=self.ctx.device))[0] / self.ctx.world
+        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))[0] / self.ctx.world  # host sync
+        self._shown = f"loss {float(mean_loss):.4g}"
         values = {"loss": float(mean_loss), "lr": self.lr, "samples_per_s": (step - window[1]) / (now - window[0]),
                   "epoch": self.loader.epoch}
         if self.ctx.device.type == "cuda":

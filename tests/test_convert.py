@@ -283,7 +283,7 @@ def test_workers_pool_equals_serial(tmp_path, capsys):
                for k in range(3)]
     opts = ["--shard-slices", "2", "--compression", "gzip"]  # gzip: byte-reproducible (lzf is not)
     assert convert(capsys, *sources, "-o", tmp_path / "serial", *opts)[0] == 0
-    assert convert(capsys, *sources, "-o", tmp_path / "pool", *opts, "--workers", "2")[0] == 0
+    assert convert(capsys, *sources, "-o", tmp_path / "pool", *opts, "--processes", "2")[0] == 0
     assert shard_differences(tmp_path / "pool", tmp_path / "serial") == []
     m = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("serial", "pool")]
     assert m[0]["studies"] == m[1]["studies"] and [s["id"] for s in m[0]["studies"]] == ["s0", "s1", "s2"]
@@ -324,7 +324,7 @@ def test_progress_reports_slices_and_throughput_in_logs(tmp_path):
 
 def test_workers_progress_counts_every_slice(tmp_path):
     sources = [write_sinogram(tmp_path / f"s{k}", np.zeros((9, V, X), "<u2")) for k in range(2)]
-    r = run_hpc("convert", *sources, "-o", tmp_path / "ds", "--workers", "2", "--shard-slices", "2", check=True)
+    r = run_hpc("convert", *sources, "-o", tmp_path / "ds", "--processes", "2", "--shard-slices", "2", check=True)
     assert "18/18 slices (100%)" in r.stderr.strip().splitlines()[-1]
 
 

@@ -502,16 +502,19 @@ def wait_until(cond, timeout: float = 90) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_during_convert_exits_130_with_no_partial_output(tmp_path, workers):
+@pytest.mark.parametrize("pool", [("--workers", "1"), ("--workers", "2"), ("--processes", "2")],
+                         ids=["threads-1", "threads-2", "processes-2"])
+def test_ctrl_c_during_convert_exits_130_with_no_partial_output(tmp_path, pool):
     """Was sometimes exit 0 (swallowed), sometimes `BufferError: cannot close exported pointers
-    exist`. Always 130, one line, no manifest, no temporary shard, no worker left running."""
+    exist`. Always 130, one line, no manifest, no temporary shard, no worker left running
+    (compressing threads: --workers; worker processes: --processes)."""
     sources = big_sources(tmp_path)
     before = snapshot(*[s.parent for s in sources])
     out = tmp_path / "ds"
-    proc = start_convert(sources, out, "--workers", workers)
-    wait_until(lambda: list((out / "shards").glob("*.h5")) if out.exists() else False)
-    workers_seen = children(proc.pid) if workers == "2" else []
+    proc = start_convert(sources, out, *pool)
+    # shards appear as hidden temporaries first (one pass writes a study's shards, then renames them)
+    wait_until(lambda: list((out / "shards").glob("*.h5*")) if out.exists() else False)
+    workers_seen = children(proc.pid) if pool[0] == "--processes" else []
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -525,7 +528,7 @@ def test_ctrl_c_during_convert_exits_130_with_no_partial_output(tmp_path, worker
 def test_kill_9_of_convert_takes_its_workers_with_it(tmp_path):
     """Issue 12.8: workers were re-parented and kept writing after `kill -9` of hpc convert."""
     out = tmp_path / "ds"
-    proc = start_convert(big_sources(tmp_path, 3), out, "--workers", "2")
+    proc = start_convert(big_sources(tmp_path, 3), out, "--processes", "2")
     wait_until(lambda: len(children(proc.pid)) >= 3)  # the resource tracker and two workers
     wait_until(lambda: list((out / "shards").glob(".*.tmp")) if out.exists() else False)
     workers = children(proc.pid)

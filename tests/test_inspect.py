@@ -38,7 +38,7 @@ def test_dataset_summary_and_verify(dataset, capsys):
     assert main(["inspect", str(dataset / "ds"), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "2 studies, 18 slices of (24, 32) uint16" in out and "scanner demo" in out
-    assert "compression lzf, 5 shards" in out
+    assert "compression blosc, 5 shards" in out  # the default codec
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("p0")}
     assert rows["p01"][1:4] == ["12", "3", "2"] and rows["p01"][-1] == "ok"
     assert rows["p02"][1] == "6" and rows["p02"][5] == "yes"  # has input
@@ -67,7 +67,7 @@ def test_blosc_shard_summary(tmp_path, capsys):
 def test_shard_summary(dataset, capsys):
     assert main(["inspect", str(dataset / "ds" / "shards" / "p01-0000.h5"), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "/target: (5, 24, 32) uint16 chunks=(1, 24, 32) filters=lzf" in out
+    assert "/target: (5, 24, 32) uint16 chunks=(1, 24, 32) filters=blosc" in out
     assert "study = p01" in out and "checksums: ok" in out
 
 

@@ -26,76 +26,109 @@ from hpc.data.transform import batch_generator
 
 
 class _Source:
-    """Picklable batch callable for DALI's worker processes."""
+    """Picklable batch callable for DALI's (spawned) worker processes. A pipeline serves consecutive
+    passes: DALI's ``epoch_idx`` counts them, pass p is epoch ``epoch + p`` (from ``start`` for the
+    first), and each worker computes an epoch's plan itself from the picklable ``planner``."""
 
-    def __init__(self, reader: BatchReader, plan: list[np.ndarray], start: int, names: list[str],
-                 cfg: Config, epoch: int, train: bool):
-        self.reader, self.plan, self.start, self.names = reader, plan, start, names
-        self.aug, self.seed, self.epoch, self.train = cfg.augment, cfg.augment.seed, epoch, train
+    def __init__(self, reader: BatchReader, planner, epoch: int, start: int, names: list[str], cfg: Config,
+                 train: bool, stride: int):
+        self.reader, self.planner, self.epoch0, self.start, self.names = reader, planner, epoch, start, names
+        self.aug, self.seed, self.train, self.stride = cfg.augment, cfg.augment.seed, train, stride
+        self._epoch, self._plan = None, []
 
-    def flips(self, j: int, b: int, views: int) -> np.ndarray:
+    def flips(self, epoch: int, j: int, b: int, views: int) -> np.ndarray:
         """The torch backend's flip draws for batch j (same generator, same order)."""
         if not (self.train and self.aug.enabled and self.aug.flip_bins):
             return np.zeros(b, np.int32)
-        gen = batch_generator(self.seed, self.epoch, j, torch.device("cpu"))
+        gen = batch_generator(self.seed, epoch, j, torch.device("cpu"))
         return A.draw_augment(self.aug, b, views, gen, torch.device("cpu")).flip.numpy().astype(np.int32)
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
-        j = self.start + info.iteration
-        if j >= len(self.plan):
+        epoch = self.epoch0 + info.epoch_idx
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, self.planner(epoch=epoch)
+            self.reader.set_plan(self._plan, stride=self.stride)
+        j = (self.start if info.epoch_idx == 0 else 0) + info.iteration
+        if j >= len(self._plan):
             raise StopIteration
         raw = self.reader.read(j)
         b = len(raw["ids"])
-        raw["flip"] = self.flips(j, b, raw["target"].shape[2])
+        raw["flip"] = self.flips(epoch, j, b, raw["target"].shape[2])
         raw["bytes"] = np.array([raw["bytes"]] + [0] * (b - 1), np.int64)  # the batch's bytes in sample 0
         return tuple([np.ascontiguousarray(a) for a in raw[n]] for n in self.names)
 
 
-def dali_batches(reader: BatchReader, plan: list[np.ndarray], start: int, cfg: Config, rank: int,
-                 world: int, device: torch.device, train: bool,
-                 epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """(raw batch on ``device``, per-sample flip flags already applied) for batches start.. of plan."""
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+def _mirror(fn, node, flags, bins: int):
+    """hpc.augment.flip_bins in DALI: flip (z = x + [bin 0]) and keep X bins maps i -> X - i for
+    i >= 1 and keeps bin 0 (even X); an odd X is a plain flip."""
+    if bins % 2:
+        return fn.flip(node, horizontal=flags)
+    wide = fn.cat(node, fn.slice(node, start=[0], shape=[1], axis_names="W"), axis_name="W")
+    return fn.slice(fn.flip(wide, horizontal=flags), start=[0], shape=[bins], axis_names="W")
 
-    workers = max(1, cfg.data.workers)
-    reader.set_plan(plan, stride=workers)
-    names = ["target", "ids", "flip", "bytes"] + ["input"] * cfg.corrupt.paired + ["mask"] * cfg.corrupt.use_stored_mask
-    names += list(reader.spec.aux)  # mult / randoms: mirrored with the data they belong to
-    layouts = {n: "CHW" for n in ("target", "input", "mask", *reader.spec.aux)}
-    gpu = device.type == "cuda"
 
-    def mirror(node, flags, bins: int):
-        """hpc.augment.flip_bins in DALI: flip (z = x + [bin 0]) and keep X bins maps i -> X - i for
-        i >= 1 and keeps bin 0 (even X); an odd X is a plain flip."""
-        if bins % 2:
-            return fn.flip(node, horizontal=flags)
-        wide = fn.cat(node, fn.slice(node, start=[0], shape=[1], axis_names="W"), axis_name="W")
-        return fn.slice(fn.flip(wide, horizontal=flags), start=[0], shape=[bins], axis_names="W")
+class DaliBatches:
+    """One DALI pipeline for consecutive passes of a loader (built again only when a pass does not
+    continue the previous one: a resumed position, or a pass left early).
 
-    bins = int(reader.index.ds.slice_shape[1])
+    - Workers are spawned, not forked: by the time the loader runs, the trainer has initialised CUDA,
+      and DALI refuses to fork a process that has.
+    - ``prefetch_queue_depth`` = workers: with DALI's default of 1 the parallel source keeps one
+      batch in flight and extra workers add nothing (7.5 vs 22 batches/s measured with 4 workers).
+    """
 
-    @pipeline_def(batch_size=cfg.data.batch_size, num_threads=2, py_num_workers=workers,
-                  py_start_method="fork", device_id=(device.index or 0) if gpu else None,
-                  seed=cfg.data.seed + 7919 * rank)
-    def pipeline():
-        outs = fn.external_source(source=_Source(reader, plan, start, names, cfg, epoch, train),
-                                  num_outputs=len(names), parallel=True, batch=True, batch_info=True,
-                                  layout=[layouts.get(n, "") for n in names])
-        outs = dict(zip(names, outs, strict=True))
-        for n in ("target", "input", "mask", *reader.spec.aux):
-            if n in outs:
-                node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device
-                outs[n] = mirror(fn.cast(node, dtype=types.FLOAT), outs["flip"], bins)  # masks: fractions
-        return tuple(outs[n] for n in names)
+    def __init__(self, reader: BatchReader, planner, cfg: Config, rank: int, device: torch.device, train: bool):
+        self.reader, self.planner, self.cfg, self.rank, self.device, self.train = \
+            reader, planner, cfg, rank, device, train
+        self.pipe = self.it = None
+        self.next: tuple[int, int] | None = None  # the (epoch, start) this pipeline serves next
+        self.names = ["target", "ids", "flip", "bytes"] + ["input"] * cfg.corrupt.paired + \
+            ["mask"] * cfg.corrupt.use_stored_mask
+        self.names += list(reader.spec.aux)  # mult / randoms: mirrored with the data they belong to
 
-    pipe = pipeline()
-    it = DALIGenericIterator([pipe], output_map=names, last_batch_policy=LastBatchPolicy.PARTIAL,
-                             auto_reset=False, prepare_first_batch=False)
-    try:
-        for (out,) in it:
-            raw = {n: t if n == "bytes" else t.to(device, non_blocking=True) for n, t in out.items()}
+    def _build(self, epoch: int, start: int) -> None:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.close()
+        cfg, names, gpu = self.cfg, self.names, self.device.type == "cuda"
+        workers = max(1, cfg.data.workers)
+        data = ("target", "input", "mask", *self.reader.spec.aux)
+        layouts = {n: "CHW" for n in data}
+        bins = int(self.reader.index.ds.slice_shape[1])
+        source = _Source(self.reader, self.planner, epoch, start, names, cfg, self.train, workers)
+
+        @pipeline_def(batch_size=cfg.data.batch_size, num_threads=2, py_num_workers=workers,
+                      py_start_method="spawn", device_id=(self.device.index or 0) if gpu else None,
+                      seed=cfg.data.seed + 7919 * self.rank)
+        def pipeline():
+            outs = fn.external_source(source=source, num_outputs=len(names), parallel=True, batch=True,
+                                      batch_info=True, prefetch_queue_depth=workers,
+                                      layout=[layouts.get(n, "") for n in names])
+            outs = dict(zip(names, outs, strict=True))
+            for n in data:
+                if n in outs:
+                    node = outs[n].gpu() if gpu else outs[n]  # stored dtype over PCIe, float on the device
+                    outs[n] = _mirror(fn, fn.cast(node, dtype=types.FLOAT), outs["flip"], bins)  # masks: fractions
+            return tuple(outs[n] for n in names)
+
+        self.pipe = pipeline()
+        self.pipe.start_py_workers()  # spawned now, before this process touches DALI's GPU side
+        self.it = DALIGenericIterator([self.pipe], output_map=names, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                      auto_reset=False, prepare_first_batch=False)
+
+    def __call__(self, epoch: int, start: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(raw batch on the device, per-sample flip flags already applied) for one pass."""
+        if self.it is None or self.next != (epoch, start):
+            self._build(epoch, start)
+        else:
+            self.it.reset()
+        self.next = None  # unless this pass runs to its end
+        for (out,) in self.it:
+            raw = {n: t if n == "bytes" else t.to(self.device, non_blocking=True) for n, t in out.items()}
             flipped = raw.pop("flip").bool()
             yield raw, flipped
-    finally:
-        del it, pipe  # stops DALI's worker processes before the next epoch forks new ones
+        self.next = (epoch + 1, 0)
+
+    def close(self) -> None:
+        self.it = self.pipe = None  # DALI stops the pipeline's worker processes with it

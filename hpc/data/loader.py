@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 
@@ -60,14 +61,20 @@ class Loader:
         self.lanes = max(1, d.workers)  # fixed by the plan; restored by load_state_dict
         self.epoch, self.position = 0, 0
         self._plans: dict[int, list[np.ndarray]] = {}
+        self._torch = self._dali = None  # hpc.data.torch_backend.TorchBatches, dali_backend.DaliBatches
         self._bytes = self._windows = 0  # this epoch, for stats()
+
+    def planner(self) -> functools.partial:
+        """plan_epoch with everything but the epoch bound: picklable, so reader workers compute
+        each epoch's plan themselves."""
+        d = self.cfg.data
+        return functools.partial(plan_epoch, self.runs, seed=d.seed, rank=self.rank, world=self.world,
+                                 batch=d.batch_size, lanes=self.lanes, shuffle=self.train,
+                                 buffer=d.shuffle_buffer, drop_last=self.train)
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(
-                self.runs, epoch=epoch, seed=self.cfg.data.seed, rank=self.rank, world=self.world,
-                batch=self.cfg.data.batch_size, lanes=self.lanes, shuffle=self.train,
-                buffer=self.cfg.data.shuffle_buffer, drop_last=self.train)}
+            self._plans = {epoch: self.planner()(epoch=epoch)}
             if self.train and not self._plans[epoch]:
                 raise ConfigError(f"split {self.split!r}: too few slices for data.batch_size="
                                   f"{self.cfg.data.batch_size} on {self.world} rank(s)")
@@ -90,15 +97,18 @@ class Loader:
             raise ValueError(f"loader state is for split {state.get('split')!r} on {state.get('world')} "
                              f"rank(s), not {self.split!r} on {self.world}")
         self.epoch, self.position, self.lanes = int(state["epoch"]), int(state["position"]), int(state["lanes"])
-        self._plans = {}
+        self._plans, self._torch, self._dali = {}, None, None  # the workers' planner changes with the lanes
 
     def _raw(self, plan: list[np.ndarray], start: int):
         if self.cfg.data.backend == "dali":
-            from hpc.data.dali_backend import dali_batches
-            return dali_batches(self.reader, plan, start, self.cfg, self.rank, self.world, self.device,
-                                self.train, self.epoch)
-        from hpc.data.torch_backend import torch_batches
-        return ((raw, None) for raw in torch_batches(self.reader, plan, start, self.cfg.data.workers, self.device))
+            if self._dali is None:  # one pipeline for consecutive passes
+                from hpc.data.dali_backend import DaliBatches
+                self._dali = DaliBatches(self.reader, self.planner(), self.cfg, self.rank, self.device, self.train)
+            return self._dali(self.epoch, start)
+        if self._torch is None:  # persistent reader workers, started on first use
+            from hpc.data.torch_backend import TorchBatches
+            self._torch = TorchBatches(self.reader, self.planner(), self.cfg.data.workers, self.device)
+        return ((raw, None) for raw in self._torch(self.epoch, start, len(plan)))
 
     def __iter__(self) -> Iterator[Batch]:
         # Evaluation restarts every pass (a validation may stop early after train.val_batches).

@@ -55,6 +55,12 @@ class BatchReader:
                 raise InputError(f"{index.ds.root}: studies {missing} have no stored `{name}` "
                                  f"(needed by corrupt.{'paired' if name == 'input' else 'use_stored_mask'})")
 
+    def __getstate__(self) -> dict:
+        """Pickled for spawned reader processes (DALI): no open files, no cached runs."""
+        state = dict(self.__dict__)
+        state.update(_files={}, _pid=-1, _cache={}, _last_use={})
+        return state
+
     def set_plan(self, plan: list[np.ndarray], stride: int) -> None:
         """A new epoch plan; this process will read batches j, j + stride, ... (one lane)."""
         self.plan, self._stride = plan, max(1, stride)
@@ -96,7 +102,10 @@ class BatchReader:
             for r in np.unique(self.plan[jj][:, 0]):
                 self._last_use[int(r)] = jj
 
-    def read(self, j: int) -> dict[str, np.ndarray]:
+    def read(self, j: int, stacked: bool = True) -> dict[str, np.ndarray]:
+        """Batch j. ``stacked=False``: each slice once, ``target`` (U, V, X) (and ``input``/``mask``)
+        with ``window`` (b, C) positions into it, so the context stacks are built on the device
+        (a slice in 2k+1 windows crosses to the GPU once, not 2k+1 times)."""
         pairs = self.plan[j]  # (b, 2): run, centre
         before = self.bytes_read
         if int(pairs[0, 0]) not in self._last_use or self._last_use[int(pairs[0, 0])] < j:
@@ -104,18 +113,25 @@ class BatchReader:
         runs = [self.runs[int(r)] for r in pairs[:, 0]]
         ids = window_ids(pairs[:, 1], np.array([r.stack_lo for r in runs]),
                          np.array([r.stack_hi for r in runs]), self.spec.context, self.spec.edge)
-        out: dict[str, list[np.ndarray]] = {}
-        for (r, _), run, row in zip(pairs, runs, ids, strict=True):
+        for r, run in zip(pairs[:, 0], runs, strict=True):
             if int(r) not in self._cache:
                 while len(self._cache) >= MAX_CACHED_RUNS:
                     self._cache.pop(next(iter(self._cache)))  # the oldest
                 self._cache[int(r)] = self._read_run(run)
-            for name, arr in self._cache[int(r)].items():
-                out.setdefault(name, []).append(arr[row - run.read_lo])
+        if stacked:
+            batch = {name: np.stack([self._cache[int(r)][name][row - run.read_lo]
+                                     for (r, _), run, row in zip(pairs, runs, ids, strict=True)])
+                     for name in self._cache[int(pairs[0, 0])]}
+        else:
+            uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+            w, c = np.unravel_index(first, ids.shape)  # a window and channel holding each unique slice
+            batch = {name: np.stack([self._cache[int(pairs[i, 0])][name][ids[i, ch] - runs[i].read_lo]
+                                     for i, ch in zip(w, c, strict=True)])
+                     for name in self._cache[int(pairs[0, 0])]}
+            batch["window"] = inverse.reshape(ids.shape).astype(np.int64)
         for r in np.unique(pairs[:, 0]):
             if self._last_use.get(int(r), j) <= j:
                 self._cache.pop(int(r), None)
-        batch = {n: np.stack(v) for n, v in out.items()}
         batch["ids"] = ids.astype(np.int64)
         batch["bytes"] = np.int64(self.bytes_read - before)
         return batch

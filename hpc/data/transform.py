@@ -90,6 +90,31 @@ class LayoutGeometry:
 AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.recon)
 
 
+def stack_rows(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None) -> torch.Tensor:
+    """(U, V, X) unique slices -> (B, C, V, X) context stacks ``slices[window]``, with the view
+    rotation and radial mirror of ``prm`` (``apply_augment``'s result, bit for bit) folded into the
+    same gather of whole rows: rows come from ``slices`` or from its mirrored copy."""
+    dtype = slices.dtype
+    if dtype == torch.uint16:  # torch's CPU index and flip kernels lack uint16: move the same bits as int16
+        return stack_rows(slices.view(torch.int16), window, prm).view(dtype)
+    if prm is None or (prm.shift is None and prm.flip is None):
+        return slices[window]
+    u, v, x = slices.shape
+    b = window.shape[0]
+    src = torch.arange(v, device=slices.device).view(1, v).expand(b, v)  # (B, V): source view of each row
+    if prm.shift is not None:
+        src = src - prm.shift.view(b, 1)
+    mirrored = torch.div(src, v, rounding_mode="floor").remainder(2) == 1  # odd wraps past 180 degrees
+    if prm.flip is not None:
+        mirrored = mirrored ^ prm.flip.view(b, 1).bool()
+    rows = window.view(b, -1, 1) * v + src.remainder(v).view(b, 1, v)  # (B, C, V) source rows
+    out = slices.reshape(u * v, x).index_select(0, rows.view(-1))  # (B * C * V, X): whole rows, one copy
+    flip = mirrored.view(b, 1, v).expand(rows.shape).reshape(-1).nonzero().view(-1)  # rows to mirror
+    if len(flip):
+        out[flip] = A.mirror_bins(out[flip])
+    return out.view(*rows.shape, x)
+
+
 class DeviceTransform:
     """``__call__(raw, epoch, j) -> Batch`` for a batch ``raw`` already on the device:
     ``target`` (B, C, V, X) context stack, ``ids`` (B, C), optional ``input``, ``mask``."""
@@ -117,9 +142,31 @@ class DeviceTransform:
             return batch_generator(self.cfg.augment.seed, epoch, j, self.device)
         return batch_generator(self.cfg.data.seed, 0, j, self.device)  # the same every validation
 
-    def corrupt(self, raw: dict[str, torch.Tensor], epoch: int, gen: torch.Generator, flipped: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(input, per-channel measured fractions, valid or None), each (B, C, V, X), from the clean stack."""
+    def _foldable(self) -> bool:
+        """Whether the view rotation and mirror may move before the corruption, into the gather that
+        builds the stacks, with identical results: they are permutations of pixels, so they commute
+        with everything per pixel (dead-block fractions, valid LORs, stored masks, zeroed gaps), but
+        not with random draws from the batch's generator (dose thinning, the binomial thinning of a
+        stored mask on a clean input or of partly dead span/mashed bins: the draws would land on
+        other pixels, and draw_augment would come first), the radial interpolation of
+        data.fill=linear (its edge bins), the reconstruction of data.fill=reproject or the affine
+        option."""
+        a, c = self.cfg.augment, self.cfg.corrupt
+        if not (self.train and a.enabled and not a.affine and c.dose >= 1.0):
+            return False
+        if c.use_stored_mask and not c.paired:
+            return False
+        if self.dead is not None and self.dead.partial:
+            return False
+        has_mask = c.use_stored_mask or self.dead is not None
+        return self.pre.fill == "zero" or (self.pre.fill == "linear" and not has_mask)
+
+    def corrupt(self, raw: dict[str, torch.Tensor], epoch: int, gen: torch.Generator,
+                flipped: torch.Tensor | None, folded: A.AugmentParams | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(input, per-channel measured fractions or None when nothing is missing, valid or None),
+        each (B, C, V, X), from the clean stack. ``folded``: the stacks are already rotated/mirrored
+        by these draws; the masks made here from the geometry follow them."""
         c, stack = self.cfg.corrupt, raw["target"]
         inp = raw["input"].float() if c.paired else stack
         if c.dose < 1.0:
@@ -129,6 +176,8 @@ class DeviceTransform:
             valid = self.geometry.valid(raw["ids"])  # (B, C, V, X)
             if flipped is not None:  # the reader already mirrored these samples' data
                 valid = A.flip_bins(valid, flipped)
+            if folded is not None:
+                valid = A.apply_augment(valid, folded, is_mask=True)
         if c.use_stored_mask:  # fractions; the stored input (paired) already lost them, a clean one is thinned
             mask = raw["mask"].float()
             if not c.paired:
@@ -141,28 +190,43 @@ class DeviceTransform:
             mask = self.dead.masks(raw["ids"], dead)
             if flipped is not None:
                 mask = A.flip_bins(mask, flipped)
+            if folded is not None:
+                mask = A.apply_augment(mask, folded, is_mask=True)
             if self.dead.partial:  # a partly lost bin keeps each count with its surviving fraction
                 inp = A.thin_fraction(inp, mask, gen)
-        else:
+        elif valid is None and self.pre.fill != "reproject":
+            return inp, None, None  # nothing missing or invalid: gaps() would be the identity
+        else:  # the reproject fill runs even without gaps; virtual-crystal LORs are zeroed
             mask = torch.ones_like(stack)
         aux = {k: raw[k].float() for k in AUX if k in raw}  # mult / randoms (B, C, V, X) when read
         return self.pre.gaps(inp, mask, aux, valid), mask, valid
 
     def __call__(self, raw: dict[str, torch.Tensor], epoch: int, j: int,
                  flipped: torch.Tensor | None = None) -> Batch:
+        gen = self._generator(epoch, j)
+        prm = folded = None
+        if "window" in raw:  # the reader sent each slice once: build the context stacks here, on the device
+            window = raw.pop("window")  # (B, C) positions in the batch's unique slices
+            if self._foldable():  # view rotation + mirror ride along in the same row gather
+                v = raw["target"].shape[1]
+                folded = prm = A.draw_augment(self.cfg.augment, window.shape[0], v, gen, self.device)
+            for name in ("target", "input", "mask", *AUX):
+                if name in raw:
+                    raw[name] = stack_rows(raw[name], window, prm)  # (U, V, X) -> (B, C, V, X)
         stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
         k = stack.shape[1] // 2
-        gen = self._generator(epoch, j)
-        inp, mask_c, valid_c = self.corrupt(raw, epoch, gen, flipped)
-        target, mask = stack[:, k:k + 1], mask_c[:, k:k + 1]
-        valid = valid_c[:, k:k + 1] if valid_c is not None else torch.ones_like(mask)
-        if self.train and self.cfg.augment.enabled:
+        inp, mask_c, valid_c = self.corrupt(raw, epoch, gen, flipped, folded)
+        target = stack[:, k:k + 1].clone()  # its own memory: forward() may normalize `inp` in place
+        ones = torch.ones(1, 1, 1, 1, device=self.device).expand_as(target)  # a broadcast view, no memory
+        mask = mask_c[:, k:k + 1] if mask_c is not None else ones
+        valid = valid_c[:, k:k + 1] if valid_c is not None else ones
+        if self.train and self.cfg.augment.enabled and folded is None:
             prm = A.draw_augment(self.cfg.augment, stack.shape[0], stack.shape[2], gen, self.device)
             if flipped is not None:
                 prm.flip = None  # applied by the reader (DALI)
             inp, target = A.apply_augment(inp, prm), A.apply_augment(target, prm)
             mask, valid = A.apply_augment(mask, prm, is_mask=True), A.apply_augment(valid, prm, is_mask=True)
-        x, st = self.pre.forward(inp)
+        x, st = self.pre.forward(inp, inplace=True)  # `inp` is this batch's own tensor
         aux = {} if self.train else {n: raw[n][:, k:k + 1].float() for n in AUX if n in raw}  # validation's reproject
         return Batch(x, self.pre.like(target, st), self.pre.pad_mask(mask, st),
                      raw["ids"][:, k].clone(), st.norm, st.pad, aux, self.pre.pad_mask(valid, st))

@@ -25,7 +25,7 @@ from torch import nn
 
 from hpc.config import DistConfig
 from hpc.distributed.device import resolve_device
-from hpc.distributed.launcher import torch_ranks
+from hpc.distributed.launcher import local_world, torch_ranks
 from hpc.errors import EXIT_REQUEUE, ConfigError
 
 
@@ -45,6 +45,8 @@ def init(cfg: DistConfig, device_name: str = "auto") -> Context:
     """Join the process group described by torch's env variables (or run alone without them)."""
     rank, world, local = torch_ranks()
     device = resolve_device(device_name, local)
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(cpu_threads(local_world()))
     if world > 1 and not tdist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
@@ -108,6 +110,27 @@ def seed_everything(seed: int, rank_: int) -> None:
     torch.manual_seed(s)
 
 
+BUCKETS = 8  # gradient buckets per step: the first all-reduces start while backward still runs
+
+
+def bucket_mb_for(model: nn.Module) -> float:
+    """DDP bucket size giving about BUCKETS buckets for this model's gradients (1-25 MB). DDP
+    all-reduces a bucket as soon as its gradients are ready, so with one bucket (e.g. 100 MB for
+    badblock's 25 MB) communication only starts after the whole backward pass."""
+    grad_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    return float(min(25.0, max(1.0, grad_mb / BUCKETS)))
+
+
+def cpu_threads(local_world: int) -> int:
+    """torch threads for a CPU rank: the cores this process may run on (its affinity mask, which
+    srun/taskset set), shared by the ranks of the node when nothing bound them (torchrun); never
+    more threads than cores, which on a busy node made steps 5x slower (docs/BENCHMARKS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores >= (os.cpu_count() or cores) and local_world > 1:  # not bound: every rank sees the whole node
+        cores //= local_world
+    return max(1, cores)
+
+
 def wrap(model: nn.Module, cfg: DistConfig, ctx: Context, compile: bool = False) -> nn.Module:
     """SyncBatchNorm (optional) -> DDP (when distributed) -> torch.compile (optional)."""
     if ctx.distributed:
@@ -118,8 +141,12 @@ def wrap(model: nn.Module, cfg: DistConfig, ctx: Context, compile: bool = False)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, bucket_cap_mb=cfg.bucket_mb,
-            find_unused_parameters=cfg.find_unused, gradient_as_bucket_view=True)
+            model, device_ids=ids, bucket_cap_mb=cfg.bucket_mb or bucket_mb_for(model),
+            find_unused_parameters=cfg.find_unused, gradient_as_bucket_view=True, static_graph=cfg.static_graph)
+        if cfg.grad_compression == "bf16":  # half the bytes on the wire; the optimizer still sees fp32
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     if compile:
         model = torch.compile(model)
     return model

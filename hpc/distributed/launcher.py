@@ -60,6 +60,11 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         raise ConfigError(f"environment: {name}={raw!r} is not an integer") from None
 
 
+def local_world(env: Mapping[str, str] = os.environ) -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; 1 when unset): how many share its cores."""
+    return max(1, _int(env, "LOCAL_WORLD_SIZE", 1))
+
+
 def mpi_world(env: Mapping[str, str] = os.environ) -> Ranks | None:
     """(rank, size, local rank) from an MPI launcher's variables (mpirun / mpiexec), or None: the
     one MPI detector (a plain run never imports mpi4py)."""

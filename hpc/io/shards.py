@@ -1,4 +1,4 @@
-"""Shard format v1: HDF5 shards of sinogram slices plus ``manifest.json`` (spec in docs/FORMAT.md).
+"""Shard format v2 (v1 read): HDF5 shards of sinogram slices plus ``manifest.json`` (spec in docs/FORMAT.md).
 
 Writing: :class:`ShardWriter` fills a hidden temporary file slab by slab, records a SHA-256 of every
 dataset's values, re-reads and verifies it, then renames it into place. Reading:
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,11 +24,16 @@ import numpy as np
 
 from hpc.errors import InputError, OutputError
 from hpc.io.atomic import AtomicFile, output_error
+from hpc.io.chunks import ChunkCodec, HashLane, digest
 
 FORMAT = "hpc-sinogram"
 FORMAT_VERSION = 2  # 2: STIR segment numbers for Siemens sources too, ring differences, optional
 READABLE_VERSIONS = (1, 2)  # `randoms`, float32 measured-fraction masks (docs/FORMAT.md)
-COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
+# blosc*: hdf5plugin's Blosc filter (readers need `import hdf5plugin`): blosc = lz4 + byte shuffle,
+# blosc-bitshuffle = lz4 + bit shuffle, blosc-zstd = zstd level 1 + bit shuffle. The default is
+# chosen by measurement on Poisson counts (bench/codecs.py, docs/BENCHMARKS.md).
+COMPRESSIONS = ("none", "lzf", "gzip", "blosc", "blosc-bitshuffle", "blosc-zstd")
+DEFAULT_COMPRESSION = "blosc"
 # Optional float32 (N, V, X) datasets with the noise-free truth and the physics of a study, when known
 # (hpc simulate writes them; hpc convert --expected/--randoms/--mult): expected counts of the target,
 # the randoms part of them, the multiplicative factors (efficiencies x attenuation).
@@ -45,13 +51,17 @@ def compression_kwargs(name: str) -> dict:
         return {"compression": "gzip", "compression_opts": 4}
     if name == "blosc":
         return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    if name == "blosc-bitshuffle":
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    if name == "blosc-zstd":
+        return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
     raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
 
 
 def dataset_kwargs(shape: tuple[int, ...], compression: str) -> dict:
     """h5py ``create_dataset`` keywords of a shard dataset of ``shape``: per-slice arrays
-    ``(N, V, X)`` are chunked one slice per chunk with HDF5's fletcher32 checksum (verified by HDF5
-    on every read of the chunk) before the compression filter; other arrays are contiguous."""
+    ``(N, V, X)`` are chunked one slice per chunk, compressed, then checksummed by HDF5's fletcher32 (of the
+    compressed bytes; verified by HDF5 on every read of the chunk); other arrays are contiguous."""
     if len(shape) != 3:
         return {}
     return {"chunks": (1, *shape[1:]), "fletcher32": True, **compression_kwargs(compression)}
@@ -71,6 +81,14 @@ def fletcher32(data: bytes) -> bytes:
     s2 = int((words * (np.uint64(n) - np.arange(n, dtype=np.uint64))).sum()) if n else 0  # word i counts n-i times
     fold = lambda x: 0 if x == 0 else (x - 1) % 65535 + 1  # noqa: E731  (HDF5 never folds a non-zero sum to 0)
     return int(fold(s2) << 16 | fold(s1)).to_bytes(4, "little")
+class _Done:
+    """A finished result with a future's ``result()`` (encoding without a pool)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _le(a: np.ndarray) -> np.ndarray:
@@ -84,13 +102,19 @@ class ShardWriter:
     attributes. Leaving the ``with`` block without ``commit()`` removes the temporary file.
 
     How a shard is made (what another writer must reproduce, see FORMAT.md): per-slice datasets
-    ``(N, V, X)`` get chunks ``(1, V, X)`` and the filter pipeline fletcher32 then compression
-    (``compression_kwargs``), so each chunk's checksum is of its uncompressed bytes; ``(V, X)``
-    masks and ``(N,)`` metadata are contiguous (no filters); every dataset's ``sha256`` attribute is
-    of its whole little-endian values."""
+    ``(N, V, X)`` get chunks ``(1, V, X)`` and the filter pipeline compression then fletcher32
+    (``dataset_kwargs``: h5py adds the checksum last), so each stored chunk is the compressed bytes
+    plus the Fletcher-32 of those bytes; ``(V, X)`` masks and ``(N,)`` metadata are contiguous (no
+    filters); every dataset's ``sha256`` attribute is of its whole little-endian values.
+
+    Slices of datasets whose filters hpc.io.chunks implements are encoded by ``pool``'s threads and
+    written with ``write_direct_chunk`` (the bytes HDF5's own pipeline would store); each chunk's
+    xxh3 digest is kept, and after closing, the file's raw chunks are read back and compared with
+    them: the verification reads the compressed bytes once and decompresses nothing. Datasets
+    without such a codec (lzf) go through h5py and are verified by their values' SHA-256."""
 
     def __init__(self, path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 compression: str, attrs: dict):
+                 compression: str, attrs: dict, pool: ThreadPoolExecutor | None = None):
         self.path = Path(path)
         self._hash = {name: hashlib.sha256() for name in arrays}
         self._max: dict[str, float] = {}
@@ -100,13 +124,22 @@ class ShardWriter:
             # No chunk cache: each slice is one whole chunk, written once, so caching gains nothing,
             # and a write error (disk full) surfaces in write() instead of at some later close.
             self._file = h5py.File(self._out.path, "w", rdcc_nbytes=0)
-            for key, value in attrs.items():
-                self._file.attrs[key] = value
             for name, (shape, dtype) in arrays.items():
                 self._file.create_dataset(name, shape, np.dtype(dtype).newbyteorder("<"), track_times=False,
                                           **dataset_kwargs(shape, compression))
         except OSError as exc:
             self._fail(exc)
+        self._codecs = {name: codec for name, d in self._file.items()
+                        if d.ndim == 3 and (codec := ChunkCodec.for_dataset(d)) is not None}
+        self._digests: dict[str, list] = {name: [None] * self._file[name].shape[0] for name in self._codecs}
+        self._ids = {name: d.id for name, d in self._file.items()}  # h5py's group lookup is slow per chunk
+        # the slice datasets' SHA-256s run in their own threads (hashlib releases the GIL)
+        self._hash = {name: HashLane(h) if self._file[name].ndim == 3 else h for name, h in self._hash.items()}
+        self._pending: list = []  # (dataset, slice, future) encoded, not yet written
+        self._maxes: list = []  # (dataset, future of a slab's maximum)
+        self._pool = pool  # the caller's threads (None: encode in this thread)
+        self._attrs = dict(attrs)  # written by commit(): the same bytes whenever their values are known
+        self._sums: dict[str, str] | None = None  # set by finish()
 
     @property
     def tmp(self) -> Path:
@@ -118,36 +151,84 @@ class ShardWriter:
         Slabs must arrive in order (the checksums are computed as they stream). A dataset without
         a slice axis (a ``(V, X)`` mask) is written whole with ``start=0``."""
         try:
+            self._drain()  # the previous slab's chunks: encoded meanwhile by the pool
             for name, slab in slabs.items():
                 dset = self._file[name]
                 slab = np.ascontiguousarray(slab, dtype=dset.dtype)  # hash what is stored
-                if dset.ndim == 2:  # a (V, X) mask shared by all slices
+                if name in self._codecs:
+                    codec = self._codecs[name]
+                    for i, one in enumerate(slab):
+                        job = (self._pool.submit(codec.encode, one) if self._pool else _Done(codec.encode(one)))
+                        self._pending.append((name, start + i, job))
+                elif dset.ndim == 2:  # a (V, X) mask shared by all slices
                     dset[...] = slab
                 else:
                     dset[start:start + len(slab)] = slab
                 self._hash[name].update(slab)
-                if name in ("target", "input") and slab.size:
-                    self._max[name] = max(self._max.get(name, -np.inf), float(slab.max()))
+                if name in ("target", "input") and slab.size:  # (in a pool thread when there is one)
+                    self._maxes.append((name, self._pool.submit(slab.max) if self._pool else _Done(slab.max())))
         except OSError as exc:
             self._fail(exc)
 
-    def commit(self) -> dict:
-        """Close, verify, rename. Returns {"sha256": {name: hex}, "max": {name: value}, "bytes": n}."""
-        sums = {name: h.hexdigest() for name, h in self._hash.items()}
+    def _drain(self) -> None:
+        """Write the encoded chunks in order (h5py calls stay in this thread)."""
+        for name, job in self._maxes:
+            self._max[name] = max(self._max.get(name, -np.inf), float(job.result()))
+        self._maxes = []
+        for name, k, job in self._pending:
+            mask, chunk = job.result()
+            self._ids[name].write_direct_chunk((k, 0, 0), chunk, filter_mask=mask)
+            self._digests[name][k] = (mask, len(chunk), digest(chunk))
+        self._pending = []
+
+    def _verify_chunks(self) -> tuple[bool, str]:
+        """The closed file's stored chunks against the digests of what was written; other datasets
+        by their values' SHA-256 (verify_shard)."""
         try:
-            for name, value in sums.items():
+            with h5py.File(self._out.path, "r") as f:
+                for name, want in self._digests.items():
+                    dset = f[name]
+                    for k, (mask, size, dig) in enumerate(want):
+                        got_mask, chunk = dset.id.read_direct_chunk((k, 0, 0))
+                        if (got_mask, len(chunk), digest(chunk)) != (mask, size, dig):
+                            return False, f"dataset {name!r}: chunk {k} differs from what was written"
+        except (OSError, KeyError, TypeError) as exc:
+            return False, f"unreadable: {exc}"
+        return verify_shard(self._out.path, skip=set(self._digests))
+
+    def finish(self) -> None:
+        """Every slice is written: the datasets' checksum and maximum attributes, then the file is
+        closed (its HDF5 memory goes). A converter that learns the root attributes later (the
+        source's checksum) keeps many finished shards without holding them open."""
+        if self._sums is not None:
+            return
+        try:
+            self._drain()
+            self._sums = {name: h.hexdigest() for name, h in self._hash.items()}
+            for name, value in self._sums.items():
                 self._file[name].attrs["sha256"] = value
                 if name in self._max:
                     self._file[name].attrs["max"] = self._max[name]
             self._file.close()
         except OSError as exc:
             self._fail(exc)
-        ok, why = verify_shard(self._out.path)
+
+    def commit(self, attrs: dict | None = None) -> dict:
+        """Finish, add the root attributes (``attrs``: those known only now), verify, rename.
+        Returns {"sha256": {name: hex}, "max": {name: value}, "bytes": n}."""
+        self.finish()
+        try:
+            with h5py.File(self._out.path, "r+") as f:  # the same steps whenever the values are known
+                for key, value in {**self._attrs, **(attrs or {})}.items():
+                    f.attrs[key] = value
+        except OSError as exc:
+            self._fail(exc)
+        ok, why = self._verify_chunks()
         if not ok:
             self.abort()
             raise OutputError(f"{self.path}: verification after writing failed: {why}")
         self._out.commit()
-        return {"sha256": sums, "max": dict(self._max), "bytes": self.path.stat().st_size}
+        return {"sha256": self._sums, "max": dict(self._max), "bytes": self.path.stat().st_size}
 
     def _fail(self, exc: OSError) -> None:
         self.abort()
@@ -155,6 +236,13 @@ class ShardWriter:
             OutputError(f"{self.path}: cannot write shard: {str(exc).splitlines()[0]}") from None
 
     def abort(self) -> None:
+        for h in getattr(self, "_hash", {}).values():
+            if isinstance(h, HashLane):
+                h.close()
+        for _, _, job in getattr(self, "_pending", []):
+            if hasattr(job, "cancel"):
+                job.cancel()
+        self._pending = []
         if self._file is not None and self._file.id.valid:
             # Empty the file first: on a full disk HDF5's closing flush would fail again and
             # print tracebacks; with the space freed it closes cleanly, then the file goes.
@@ -211,13 +299,15 @@ def open_shard(path: str | os.PathLike):
         raise InputError(f"{path}: cannot open shard: {str(exc).splitlines()[0][:160]}") from None
 
 
-def verify_shard(path: str | os.PathLike, slab: int = 64) -> tuple[bool, str]:
-    """Re-read every dataset and compare with its stored ``sha256``. Returns (ok, problem)."""
+def verify_shard(path: str | os.PathLike, slab: int = 64, skip: set[str] = frozenset()) -> tuple[bool, str]:
+    """Re-read every dataset (but ``skip``) and compare with its stored ``sha256``. Returns (ok, problem)."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 return False, f"not an {FORMAT} shard"
             for name, dset in f.items():
+                if name in skip:
+                    continue
                 want = dset.attrs.get("sha256")
                 if want is None:
                     return False, f"dataset {name!r} has no sha256"

@@ -183,15 +183,47 @@ class SinogramReader:
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._blocks = _blocks(spec, self._mm)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    @property
+    def contiguous(self) -> bool:
+        """Canonical slice order is the file's byte order (Siemens, raw, STIR sinogram-major): a
+        pass over the slices in order is a pass over the file (``read(..., digest=h)``)."""
+        return self.spec.order == "sinogram"
+
+    def read(self, start: int, stop: int, digest=None) -> np.ndarray:
+        """Slices [start, stop). ``digest`` (an hpc.io.chunks.HashLane; contiguous files, slabs in
+        order from 0): also fed the file's bytes of these slices by this same read, so a file's
+        checksum costs no second read (``digest_rest`` adds the bytes after the data)."""
         _check_range(self.spec, start, stop)
         out = np.empty((stop - start, *self.spec.slice_shape), self.spec.dtype.newbyteorder("="))
+        if self.contiguous and self.spec.dtype.isnative:  # one pread: no page faults, no byte swaps
+            per = out[0].nbytes if len(out) else 0
+            view = memoryview(out).cast("B")
+            got = os.preadv(self._file.fileno(), [view], self.spec.offset + start * per)
+            if got != len(view):
+                raise InputError(f"{self.spec.data_path}: file ends inside slice {start + got // max(per, 1)}")
+            if digest is not None:
+                if start == 0:
+                    digest.update_now(memoryview(self._mm)[:self.spec.offset])  # bytes before the data
+                digest.update(out)  # the file's bytes: hashed later, off this thread
+            return out
         for first, block in self._blocks:
             lo, hi = max(start, first), min(stop, first + len(block))
             if lo < hi:
                 out[lo - start:hi - start] = block[lo - first:hi - first]  # byte-swaps if needed
+        if digest is not None:
+            if start == 0:
+                digest.update_now(memoryview(self._mm)[:self.spec.offset])  # bytes before the data
+            if self.spec.dtype.isnative:  # `out` holds the file's bytes: hashed later, off this thread
+                digest.update(out)
+            else:
+                per = int(np.prod(self.spec.slice_shape)) * self.spec.dtype.itemsize
+                digest.update_now(memoryview(self._mm)[self.spec.offset + start * per:self.spec.offset + stop * per])
         self._mm.madvise(mmap.MADV_DONTNEED)
         return out
+
+    def digest_rest(self, digest) -> None:
+        """After the last slice: the file's bytes after the data."""
+        digest.update_now(memoryview(self._mm)[self.spec.offset + self.spec.nbytes:])
 
     def meta(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.spec.meta()
@@ -401,6 +433,13 @@ class MaskReader:
                              f"slice per data slice, one per plane ({target.planes}) or one for all)")
         self.spec, self.period = mask, mask.num_slices
         self.reader = SinogramReader(mask)
+        # a slice per data slice: a pass over the data is one pass over the mask file (its checksum
+        # can be fed by the same reads, ``read(..., digest=h)``)
+        self.streams = mask.num_slices == target.num_slices > 1
+
+    @property
+    def contiguous(self) -> bool:
+        return self.reader.contiguous
 
     def _values(self, raw: np.ndarray, first: int) -> np.ndarray:
         if self.spec.dtype.kind != "f":
@@ -413,8 +452,13 @@ class MaskReader:
                              "(a mask is the measured fraction of each bin)")
         return raw.astype(np.float32)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Fractions of slices [start, stop): slice i uses mask slice i mod (mask slices)."""
+    def read(self, start: int, stop: int, digest=None) -> np.ndarray:
+        """Fractions of slices [start, stop): slice i uses mask slice i mod (mask slices).
+        ``digest``: as SinogramReader.read, when the mask ``streams``."""
+        if digest is not None:
+            if not self.streams:
+                raise ValueError(f"{self.spec.source}: a mask repeated over slices cannot be hashed by its reads")
+            return self._values(self.reader.read(start, stop, digest), start)
         idx = np.arange(start, stop) % self.period
         out = np.empty((stop - start, *self.spec.slice_shape), np.float32)
         cuts = np.flatnonzero(np.diff(idx) != 1) + 1  # where the index wraps to the next TOF bin
@@ -423,6 +467,9 @@ class MaskReader:
                 a, b = int(idx[lo]), int(idx[hi - 1]) + 1
                 out[lo:hi] = self._values(self.reader.read(a, b), a)
         return out
+
+    def digest_rest(self, digest) -> None:
+        self.reader.digest_rest(digest)
 
     def close(self) -> None:
         self.reader.close()
