@@ -79,21 +79,41 @@ CASES = {
     "dead blocks, reproject fill with mult/randoms (not folded)": dict(dead_blocks=2, fill="reproject", aux=True),
     "no gaps, reproject fill (not folded)": dict(fill="reproject", aux=True),
     "validation with mult/randoms": dict(dead_blocks=2, aux=True, split="val"),
+    "virtual crystals and rings, dead blocks": dict(dead_blocks=2, scanner="virtual"),
+    "virtual crystals, no dead blocks, linear fill": dict(fill="linear", scanner="virtual"),
+    "span 3, view mashing: partial bins thinned (not folded)": dict(dead_blocks=3, scanner="span3"),
 }
+# small scanners with virtual crystals (the first of each transaxial block) and a virtual ring per
+# axial block: `valid` has zeros, which the folded gather must move like the data
+_VIRTUAL = dict(rings=8, detectors_per_ring=48, block_trans=4, block_axial=4, bins=24, inner_radius_mm=150.0,
+                doi_mm=5.0, bin_size_mm=9.7, ring_spacing_mm=6.0, virtual_trans=1)
+
+
+def _scanner_layout(name: str, monkeypatch):
+    """(scanner name, segments, axial counts, views, bins) of a test dataset for the case's scanner."""
+    from hpc import geometry as G
+    from hpc import projdata as P
+
+    if name in ("virtual", "span3"):
+        sc = G.Scanner(f"fast-{name}", f"hpc fast {name}", virtual_axial=1 if name == "virtual" else 0, **_VIRTUAL)
+        monkeypatch.setitem(G.SCANNERS, sc.name, sc)
+        lay = (P.cti_layout(sc, span=1, max_ring_diff=1, view_mashing=1) if name == "virtual"
+               else P.cti_layout(sc, span=3, max_ring_diff=4, view_mashing=2))
+        return sc.stir_name, lay.segments, lay.axial_counts, lay.views, lay.bins
+    sc = G.get_scanner("test")
+    segs = G.segment_sequence(sc.rings - 1)
+    return "test", segs, G.axial_counts(sc, segs), sc.views, sc.bins
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_batches_built_on_the_device_equal_stacked_batches(tmp_path, case):
+def test_batches_built_on_the_device_equal_stacked_batches(tmp_path, case, monkeypatch):
     """The same planned batches read stacked on the host (the DALI path, and the old torch path)
     and read once per slice with the stacks built by the device transform: identical Batches."""
-    from hpc import geometry as G
-
     opts = CASES[case]
-    sc = G.get_scanner("test")
-    segs = G.segment_sequence(sc.rings - 1)
+    scanner, segs, axial, views, bins = _scanner_layout(opts.get("scanner", "test"), monkeypatch)
     stored = opts.get("stored", False)
-    root = make_dataset(tmp_path / "d", studies=2, segments=segs, axial=G.axial_counts(sc, segs), views=sc.views,
-                        bins=sc.bins, counts=True, scanner="test", shard_slices=7, paired=stored, mask=stored,
+    root = make_dataset(tmp_path / "d", studies=2, segments=segs, axial=axial, views=views,
+                        bins=bins, counts=True, scanner=scanner, shard_slices=7, paired=stored, mask=stored,
                         aux=opts.get("aux", False))
     cfg = loader_cfg(root, context=2, batch_size=5, fill=opts.get("fill", "zero"), normalize="max",
                      pad_multiple=8)
@@ -106,6 +126,9 @@ def test_batches_built_on_the_device_equal_stacked_batches(tmp_path, case):
     if split == "val":
         cfg.data.split = [0.5, 0.5, 0.0]
     loader = build_loader(cfg, split, 0, 1, torch.device("cpu"))
+    if opts.get("scanner"):  # the layout is known: virtual LORs exist, and the fold decision is the case's
+        assert loader.transform.geometry is not None and (loader.transform.geometry.valid_bins == 0).any()
+        assert loader.transform._foldable() == ("not folded" not in case)
     assert loader.reader.spec.aux == (("mult", "randoms") if opts.get("aux") else ())
     plan = loader.plan(1)
     loader.reader.set_plan(plan, 1)
@@ -116,7 +139,7 @@ def test_batches_built_on_the_device_equal_stacked_batches(tmp_path, case):
             raw.pop("bytes")
             batches.append(loader.transform(raw, 1, j))
         a, b = batches
-        for name in ("input", "target", "mask", "index", "norm"):
+        for name in ("input", "target", "mask", "valid", "index", "norm"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (case, j, name)
         assert a.pad == b.pad
         assert a.aux.keys() == b.aux.keys() == ({"mult", "randoms"} if split == "val" else set())
