@@ -154,13 +154,19 @@ def _hard_link(w, tmp):
     return [w / "in_siemens.s.hdr", "--mask", w / "mask_siemens.s.hdr", "-o", tmp / "hard.s.hdr"], "mask_siemens.s"
 
 
+def _onto_mult(w, tmp):  # --mult/--randoms files (data.fill=reproject) are inputs too
+    return [w / "in_siemens.s.hdr", "--mask", w / "mask_siemens.s.hdr", "--mult", w / "inb_siemens.s.hdr", "-o",
+            w / "inb_siemens.hs"], \
+        w / "inb_siemens.s"
+
+
 def _several_into_their_own_dir(w, tmp):
     return [w / "in_siemens.s.hdr", w / "inb_siemens.s.hdr", "--mask", w / "mask_siemens.s.hdr",
             w / "maskb_siemens.s.hdr", "-o", w], w / "in_siemens.s.hdr"
 
 
 @pytest.mark.parametrize("case", [_onto_data_via_other_header, _onto_mask_header, _onto_raw_mask, _through_symlink,
-                                  _through_dotdot, _hard_link, _several_into_their_own_dir])
+                                  _through_dotdot, _hard_link, _onto_mult, _several_into_their_own_dir])
 def test_predict_never_writes_onto_an_input_or_mask(world, tmp_path, capsys, case):
     """Issue 12.1: refused before anything is written, whatever path spelling leads there."""
     args, victim = case(world, tmp_path)
@@ -380,6 +386,18 @@ def test_convert_bad_sizes_are_one_line(tmp_path, capsys, fields, words):
     h = header(tmp_path, **fields)
     refuse(capsys, ["convert", "--quiet", h, "-o", tmp_path / "ds"], sources=[tmp_path], outputs=[tmp_path / "ds"],
            words=words)
+
+
+@pytest.mark.parametrize("extra,words", [
+    ("number of scan data types:=3000000000\n", ["number of scan data types", "3000000000"]),  # was a list per set
+    ("number of scan data types:=0\n", ["number of scan data types", "is 0"]),  # was IndexError
+    ("number of scan data types:=2\ndata offset in bytes[2]:=-48\n", ["invalid layout", "-48"]),
+])
+def test_convert_hostile_data_sets_are_one_line(tmp_path, capsys, extra, words):
+    h = header(tmp_path)  # a Siemens prompts + randoms file's keys (hpc.io.headers), one of them hostile
+    h.write_text(h.read_text().replace("!END OF INTERFILE", extra + "!END OF INTERFILE"))
+    refuse(capsys, ["convert", "--quiet", h, "-o", tmp_path / "ds"], sources=[tmp_path], outputs=[tmp_path / "ds"],
+           names=[h], words=words)
 
 
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])

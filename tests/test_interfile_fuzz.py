@@ -20,20 +20,27 @@ KEYS = ["!INTERFILE", "name of data file", "!name of data file", "number format"
         "matrix size [4]", "matrix size [5]", "matrix axis label [1]", "matrix axis label [2]",
         "matrix axis label [3]", "matrix axis label [4]", "matrix axis label [5]", "%segment table",
         "%number of TOF time bins", "data offset in bytes [1]", "data starting block", "data set [1]",
-        "minimum ring difference per segment", "maximum ring difference per segment", "originating system"]
+        "minimum ring difference per segment", "maximum ring difference per segment", "originating system",
+        # Siemens data sets (prompts + randoms), compression and kinds (hpc.io.headers)
+        "number of scan data types", "data offset in bytes [2]", "scan data type description [1]",
+        "scan data type description [2]", "%axial compression", "%maximum ring difference", "%TOF mashing factor",
+        "%compression", "!PET data type", "!type of data", "!imaging modality", "number of time frames"]
 HOSTILE = ["", "0", "-1", "-3", "1", "2", "3", "inf", "-inf", "nan", "1e400", "1.5", "2.0", "99999999999999999999",
            "{}", "{1,2}", "{ -1, 3 }", "{1,,2}", "{2,inf}", "{", "}", "LITTLEENDIAN", "BIGENDIAN", "middle",
            "float", "unsigned integer", "signed integer", "short float", "segment", "view", "axial coordinate",
            "tangential coordinate", "timing positions", "d.s", "/dev/zero", "../d.s", "missing.s", "{S,d.hs,d.s}",
-           "\x00", "é", "; comment", ":="]
+           "\x00", "é", "; comment", ":=", "prompts", "randoms", "emission", "image", "on", "off", "Siemens mMR"]
 values = st.one_of(st.sampled_from(HOSTILE), st.integers(-2**40, 2**40).map(str), st.text(max_size=12))
 free_line = st.one_of(st.tuples(st.sampled_from(KEYS), values).map(lambda kv: f"{kv[0]} := {kv[1]}"),
                       st.text(max_size=30))
 free_header = st.lists(free_line, max_size=25).map(lambda ls: "!INTERFILE :=\n" + "\n".join(ls) + "\n")
 
 
-def siemens(t, table, v, x):
-    return [("!INTERFILE", ""), ("!name of data file", "d.s"), ("number format", "unsigned integer"),
+def siemens(t, table, v, x, sets=1):
+    randoms = [("data offset in bytes [2]", str(t * sum(table) * v * x * 2)), ("number of scan data types", "2"),
+               ("scan data type description [1]", "prompts"), ("scan data type description [2]", "randoms")]
+    return [("!INTERFILE", ""), *(randoms if sets == 2 else []), ("!name of data file", "d.s"),
+            ("number format", "unsigned integer"),
             ("!number of bytes per pixel", "2"), ("number of dimensions", "3"), ("matrix size [1]", str(x)),
             ("matrix size [2]", str(v)), ("matrix size [3]", str(sum(table))),
             ("%number of TOF time bins", str(t)), ("%segment table", "{" + ",".join(map(str, table)) + "}"),
@@ -57,8 +64,9 @@ def structured(draw):
     t, v, x = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
     table = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
     kind = draw(st.sampled_from([siemens, stir]))
-    items = kind(t, table, v, x)
-    size = t * sum(table) * v * x * (2 if kind is siemens else 4)
+    sets = draw(st.sampled_from([1, 2])) if kind is siemens else 1  # 2: a prompts + randoms file
+    items = kind(t, table, v, x, sets) if kind is siemens else kind(t, table, v, x)
+    size = t * sum(table) * v * x * (2 if kind is siemens else 4) * sets
     if draw(st.booleans()):
         k = draw(st.integers(1, len(items) - 2))
         items[k] = (items[k][0], draw(values))
@@ -81,9 +89,11 @@ def check(d: Path, text: str, size: int) -> None:
         assert "\n" not in str(exc) and str(d) in str(exc), str(exc)
         return
     assert isinstance(spec, SinogramSpec)
-    assert spec.data_path.stat().st_size == spec.offset + spec.nbytes and spec.num_slices > 0
-    with SinogramReader(spec) as r:  # a spec that parses is readable, every slice
-        assert r.read(0, spec.num_slices).shape == (spec.num_slices, spec.views, spec.bins)
+    ends = [o + spec.nbytes for o in (spec.offset, *(o for _, o in spec.datasets))]  # every data set in the file
+    assert spec.data_path.stat().st_size == max(ends) and min(ends) >= spec.nbytes and spec.num_slices > 0
+    for one in (spec, *(spec.dataset(name) for name, _ in spec.datasets)):
+        with SinogramReader(one) as r:  # a spec that parses is readable, every slice of every data set
+            assert r.read(0, one.num_slices).shape == (one.num_slices, one.views, one.bins)
     assert np.all(np.asarray(spec.axial_counts) > 0) and spec.tof_bins > 0
 
 

@@ -66,6 +66,9 @@ def _follow_main_header(h: Header) -> Header:
     return Header(sub.path, {**h.fields, **sub.fields}, sub.lines)
 
 
+MAX_DATA_SETS = 8  # Siemens files hold 1 (prompts) or 2 (prompts + randoms) data sets
+
+
 def _offsets(h: Header, n: int) -> list[int]:
     if h.get("data offset in bytes [1]") is not None:
         return [h.integer(f"data offset in bytes [{k}]", 0) for k in range(1, n + 1)]
@@ -145,6 +148,9 @@ def _siemens_spec(h: Header) -> SinogramSpec:
         raise InputError(f"{h.path}: segment table sums to {sum(table)} sinograms, matrix size [3] is {planes}")
     tof_default = h.integer("matrix size [4]") if h.integer("number of dimensions", 3) == 4 else 1
     n_sets = h.integer("number of scan data types", 1)
+    if not 1 <= n_sets <= MAX_DATA_SETS:  # a list per data set is built below: bound it first
+        raise InputError(f"{h.path}: number of scan data types is {n_sets}; expected 1 to {MAX_DATA_SETS} "
+                         "(prompts, randoms)")
     names = [h.text(f"scan data type description [{k}]").lower() or ("prompts" if k == 1 else f"data set {k}")
              for k in range(1, n_sets + 1)]
     offsets = _offsets(h, n_sets)

@@ -98,9 +98,9 @@ def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
     dims = f"{spec.tof_bins}x{spec.planes}x{spec.views}x{spec.bins}"
     # each factor positive: -2 TOF bins x -3 planes must not pass as 6 slices
     if min(spec.tof_bins, spec.views, spec.bins, *spec.axial_counts, 1) < 1 or not spec.axial_counts \
-            or spec.offset < 0:
+            or min([spec.offset, *(o for _, o in spec.datasets)]) < 0:
         raise InputError(f"{spec.source}: empty or invalid layout ({dims}, axial counts "
-                         f"{list(spec.axial_counts)}, offset {spec.offset})")
+                         f"{list(spec.axial_counts)}, offsets {[spec.offset, *(o for _, o in spec.datasets)]})")
     try:
         st = spec.data_path.stat()
     except FileNotFoundError:
