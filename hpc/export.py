@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hpc.errors import InputError
-from hpc.io.atomic import atomic_path, atomic_write_text
+from hpc.io.atomic import atomic_path, atomic_write_text, refuse_onto
 from hpc.inference import Repairer, load_repairer
 
 FORMATS = ("torchscript", "onnx")
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         shape = rep.slice_shape
     else:
         raise InputError(f"{rep.path}: records no training slice size; give --slice-shape V,X")
-    model, sidecar = export(rep, args.format, Path(args.output), shape)
+    out = Path(args.output)
+    refuse_onto([out, out.with_name(out.name + ".json")], [Path(args.checkpoint)])  # -o m.pt on m.pt
+    model, sidecar = export(rep, args.format, out, shape)
     print(f"wrote {model} and {sidecar}")
     return 0

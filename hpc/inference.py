@@ -34,6 +34,7 @@ from hpc.augment import Preprocess
 from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError, OutputError
+from hpc.io.atomic import file_identity
 from hpc.io.shards import RepairedH5Writer
 from hpc.io.sinogram import (MaskReader, SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header,
                               writer_paths)
@@ -409,30 +410,20 @@ def output_files(job: Job) -> list[Path]:
     return [job.output] if job.fmt == "h5" else writer_paths(job.spec, job.output)
 
 
-def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
-    """(real path: symlinks, `..` and `./` resolved; (device, inode) when it exists: hard links)."""
-    try:
-        st = os.stat(path)
-        inode = (st.st_dev, st.st_ino)
-    except OSError:
-        inode = None
-    return os.path.realpath(path), inode
-
-
 def check_outputs(jobs: list[Job], protected: list[Path], inside: Path | None = None) -> None:
     """Refuse, before anything is written, an output file that is (resolves to, or is a hard link
     of) an input, a mask or another job's output, or lies inside the directory ``inside`` (a
     converted dataset). No option overrides this: repairing must never destroy its own input."""
     owners: dict[object, str] = {}  # real path or (device, inode) -> whose file it is
     for p in protected:
-        real, inode = _identity(Path(p))
+        real, inode = file_identity(Path(p))
         owners[real] = f"the input {p}"
         if inode is not None:
             owners[inode] = owners[real]
     banned = os.path.realpath(inside) if inside is not None else None
     for job in jobs:
         for out in output_files(job):
-            real, inode = _identity(out)
+            real, inode = file_identity(out)
             clash = owners.get(real) or (owners.get(inode) if inode is not None else None)
             if clash:
                 raise OutputError(f"{out}: would overwrite {clash} (both are {real}); choose another output")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc.errors import InputError
-from hpc.io.atomic import atomic_path
+from hpc.io.atomic import atomic_path, refuse_onto
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,6 +161,15 @@ def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], 
         return data, f"{path.name}: study {sid}, slices {first}..{first + len(f['target']) - 1}"
 
 
+def _inputs(path: Path) -> list[Path]:
+    """The files ``path`` (a shard, or a dataset: its manifest and shards) consists of."""
+    from hpc.io.shards import Dataset
+
+    if not path.is_dir():
+        return [path]
+    return [path / "manifest.json", *(sh.path for s in Dataset.open(path).studies for sh in s.shards)]
+
+
 def render_png(path: Path, png: Path, study_id: str, n: int) -> Path:
     """Rows: target / input / mask; columns: evenly spaced slices; a colorbar on every panel."""
     import matplotlib
@@ -168,6 +177,7 @@ def render_png(path: Path, png: Path, study_id: str, n: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    refuse_onto([png], _inputs(path))  # --png onto the shard (or manifest) it draws
     data, title = slices_for_png(path, study_id, n)
     roles = [r for r in ("target", "input", "mask") if r in data]
     cols = len(data["label"])

@@ -325,6 +325,14 @@ def test_inspect_png_of_an_unknown_study(world, tmp_path, capsys):
            names=[world / "ds-none"], words=["no study 'nope'"])
 
 
+@pytest.mark.parametrize("target", ["manifest", "shard", "shard itself"])
+def test_inspect_png_never_overwrites_what_it_draws(world, capsys, target):
+    ds = world / "ds-none"
+    shard = sorted((ds / "shards").rglob("*.h5"))[0]
+    what, png = {"manifest": (ds, ds / "manifest.json"), "shard": (ds, shard), "shard itself": (shard, shard)}[target]
+    refuse(capsys, ["inspect", what, "--png", png], sources=[world], names=[png], words=["would overwrite the input"])
+
+
 def test_inspect_png_into_a_read_only_directory(world, tmpfs, capsys):
     png = tmpfs("64k", readonly=True) / "p.png"
     refuse(capsys, ["inspect", world / "ds-none", "--png", png], sources=[world], outputs=[png], names=[png],
@@ -350,6 +358,14 @@ def test_export_huge_slice_shape_is_refused_before_allocating(world, tmp_path, c
     out = tmp_path / "m.onnx"
     refuse(capsys, ["export", "--checkpoint", world / "m.pt", "--format", "onnx", "-o", out, "--slice-shape",
                     "100000,100000"], sources=[world], outputs=[out], names=["100000,100000"], words=["larger than"])
+
+
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot"])
+def test_export_never_overwrites_its_checkpoint(world, tmp_path, capsys, spelling):
+    (tmp_path / "link.pt").symlink_to(world / "m.pt")
+    out = {"same": world / "m.pt", "symlink": tmp_path / "link.pt", "dotdot": Path(f"{world}/x/../m.pt")}[spelling]
+    refuse(capsys, ["export", "--checkpoint", world / "m.pt", "--format", "torchscript", "-o", out],
+           sources=[world], names=[out, world / "m.pt"], words=["would overwrite the input"])
 
 
 def test_export_into_a_read_only_directory(world, tmpfs, capsys):

@@ -181,6 +181,32 @@ class AtomicFile:
                 raise err from None
 
 
+def file_identity(path: str | os.PathLike) -> tuple[str, tuple[int, int] | None]:
+    """(real path: symlinks, `..` and `./` resolved; (device, inode) when it exists: hard links)."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def refuse_onto(outputs: list[Path], inputs: list[Path]) -> None:
+    """OutputError, before anything is written, if an output is (resolves to, or is a hard link of)
+    one of ``inputs``: a command never overwrites what it reads."""
+    owners: dict[object, Path] = {}
+    for p in inputs:
+        real, inode = file_identity(p)
+        owners[real] = p
+        if inode is not None:
+            owners[inode] = p
+    for out in outputs:
+        real, inode = file_identity(out)
+        src = owners.get(real) or (owners.get(inode) if inode is not None else None)
+        if src is not None:
+            raise OutputError(f"{out}: would overwrite the input {src} (both are {real}); choose another output")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a path naming a new temporary file beside ``target``; committed when the block ends
