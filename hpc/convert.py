@@ -337,7 +337,7 @@ def _fill_shard(study: Study, readers: dict[str, SinogramReader], w: ShardWriter
         stop = min(k + slab, first + count)
         slabs = {role: r.read(k, stop, digest=digests.get(role)) for role, r in readers.items()
                  if not (role == "mask" and mask_2d)}
-        for role in ("target", "input", *TRUTH):
+        for role in ("target", "input", "delayed", *TRUTH):
             if role in slabs:
                 _finite(slabs[role], study.specs[role], k)
         if "mask" in slabs:  # fractions: uint8 0/1 for integer masks, float32 for float ones

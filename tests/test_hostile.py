@@ -416,6 +416,19 @@ def test_convert_hostile_data_sets_are_one_line(tmp_path, capsys, extra, words):
            names=[h], words=words)
 
 
+def test_convert_nan_in_the_randoms_data_set(tmp_path, capsys):
+    """A float prompts + randoms file: NaN in the randoms (stored as `delayed`) is named, not stored."""
+    h = header(tmp_path, size=None)
+    h.write_text(h.read_text().replace("unsigned integer", "float").replace("pixel:=2", "pixel:=4")
+                 .replace("!END OF INTERFILE", "number of scan data types:=2\nscan data type description[1]:=prompts\n"
+                          "scan data type description[2]:=randoms\ndata offset in bytes[2]:=96\n!END OF INTERFILE"))
+    data = np.ones((2, 2, 3, 4), np.float32)  # (data set, slice, V, X)
+    data[1, 1, 2, 3] = np.nan
+    (tmp_path / "d.s").write_bytes(data.astype("<f4").tobytes())
+    refuse(capsys, ["convert", "--quiet", h, "-o", tmp_path / "ds"], sources=[h, tmp_path / "d.s"],
+           outputs=[tmp_path / "ds" / "manifest.json"], names=[h], words=["slice 1", "NaN"])
+
+
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
 def test_convert_header_that_is_not_a_regular_file(tmp_path, capsys, special):
     """A FIFO would block open() forever and /dev/zero never end: refused before reading."""
