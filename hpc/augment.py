@@ -385,10 +385,14 @@ class Preprocess:
             return x
         return pad_bins(pad_views_periodic(x, pad[0], pad[1]), pad[2], pad[3], self.bins_mode, fill)
 
+    def state(self, raw: torch.Tensor) -> PreState:
+        """The per-sample divisors and padding of ``raw`` (B, C, V, X) (``forward`` = state + like)."""
+        return PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
+
     def forward(self, raw: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, PreState]:
         """``inplace``: ``raw`` may be overwritten (the loader's own batch tensor)."""
         x = raw.float()
-        state = PreState(norm_scale(x, self.mode, self.scale), pad_amounts(*x.shape[-2:], self.multiple))
+        state = self.state(x)
         return self.like(x, state, inplace=inplace or x is not raw), state
 
     def gaps(self, raw: torch.Tensor, mask: torch.Tensor, aux: dict[str, torch.Tensor] | None = None,

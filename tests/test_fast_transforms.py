@@ -70,6 +70,28 @@ def test_stacks_with_folded_rotation_equal_stacking_then_augmenting(dtype):
     assert torch.equal(stack_rows(slices, window).float(), slices.float()[window])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint16, torch.uint8])
+@pytest.mark.parametrize("bins", [7, 8])
+def test_cpu_stack_copies_equal_the_gather_then_cast(dtype, bins):
+    """stack_rows_float (strided numpy copies, mirror by negative strides, cast fused, threads) ==
+    stack_rows(...).float() == apply_augment of the plain stacks, for shifts that wrap 0, 1 and 2
+    times either way and every flip, and with nothing to fold."""
+    from hpc.data.transform import stack_rows_float
+
+    g = torch.Generator().manual_seed(2)
+    top = 250 if dtype == torch.uint8 else 60000
+    slices = (torch.rand(11, 10, bins, generator=g) * top).to(dtype)  # (U, V, X)
+    window = torch.randint(0, 11, (7, 3), generator=g)  # (B, C)
+    prm = A.AugmentParams(torch.tensor([0, 4, -3, 10, 17, -23, 9]),
+                          torch.tensor([False, True, True, False, True, False, True]), None, None)
+    want = A.apply_augment(slices.float()[window], prm)
+    for p in (prm, A.AugmentParams(prm.shift, None, None, None), A.AugmentParams(None, prm.flip, None, None)):
+        got = stack_rows_float(slices, window, p)
+        assert got.dtype == torch.float32 and torch.equal(got, stack_rows(slices, window, p).float())
+    assert torch.equal(stack_rows_float(slices, window, prm), want)
+    assert torch.equal(stack_rows_float(slices, window), slices.float()[window])
+
+
 CASES = {
     "clean": dict(),
     "dead blocks": dict(dead_blocks=2),

@@ -5,6 +5,7 @@ epoch replays the same batches and validation corrupts a slice the same way ever
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,71 @@ class LayoutGeometry:
 
 
 AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.recon)
+
+
+def _segments(shift: int, v: int) -> list[tuple[int, int, int, bool]]:
+    """(first output row, end, first source row, mirrored by the wrap) of the at most two runs of
+    rows of ``rotate_views`` by ``shift``: output row r comes from row (r - shift) mod V, mirrored
+    for an odd number of wraps past 180 degrees."""
+    out, r = [], 0
+    while r < v:
+        src = r - shift
+        wraps, row = divmod(src, v)
+        n = min(v - r, v - row)
+        out.append((r, r + n, row, wraps % 2 == 1))
+        r += n
+    return out
+
+
+def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None
+                     ) -> torch.Tensor:
+    """``stack_rows(slices, window, prm).float()``, bit for bit, as float32 (B, C, V, X). On the CPU
+    it is one pass: strided copies of whole row runs with the cast fused in (numpy's negative
+    strides make the mirror a plain copy; torch's index_select + flip + scatter + cast made four
+    passes over the batch, the loader's largest cost on CPU)."""
+    if slices.device.type != "cpu":
+        return stack_rows(slices, window, prm).float()
+    src = slices.contiguous().numpy()  # (U, V, X)
+    u, v, x = src.shape
+    win = window.cpu().numpy()
+    b, c = win.shape
+    out = np.empty((b, c, v, x), np.float32)
+    shift = prm.shift.cpu().numpy() if prm is not None and prm.shift is not None else np.zeros(b, np.int64)
+    flip = prm.flip.cpu().numpy().astype(bool) if prm is not None and prm.flip is not None else np.zeros(b, bool)
+
+    def sample(i: int) -> None:
+        for r0, r1, s0, wrapped in _segments(int(shift[i]), v):
+            s1 = s0 + r1 - r0
+            for ch in range(c):
+                rows, dst = src[win[i, ch], s0:s1], out[i, ch, r0:r1]
+                if not (wrapped ^ flip[i]):
+                    dst[...] = rows
+                elif x % 2:  # odd X: a plain flip
+                    dst[...] = rows[:, ::-1]
+                else:  # even X: bin 0 stays, bins 1..X-1 reversed (hpc.augment.mirror_index)
+                    dst[:, 0] = rows[:, 0]
+                    dst[:, 1:] = rows[:, :0:-1]
+
+    pool = _copy_pool()
+    if pool is None or b < 2:
+        for i in range(b):
+            sample(i)
+    else:  # numpy's copies release the GIL: the samples are copied by torch's intra-op thread count
+        list(pool.map(sample, range(b)))
+    return torch.from_numpy(out)
+
+
+_POOL: tuple[int, ThreadPoolExecutor | None] = (0, None)
+
+
+def _copy_pool() -> ThreadPoolExecutor | None:
+    """Threads for the CPU stack copies: as many as torch's intra-op threads (the cores this
+    process owns, hpc.distributed.dist.cpu_threads), none for one."""
+    global _POOL
+    n = torch.get_num_threads()
+    if _POOL[0] != n:
+        _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="hpc-stack") if n > 1 else None)
+    return _POOL[1]
 
 
 def stack_rows(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None) -> torch.Tensor:
@@ -211,12 +277,12 @@ class DeviceTransform:
                 v = raw["target"].shape[1]
                 folded = prm = A.draw_augment(self.cfg.augment, window.shape[0], v, gen, self.device)
             for name in ("target", "input", "mask", *AUX):
-                if name in raw:
-                    raw[name] = stack_rows(raw[name], window, prm)  # (U, V, X) -> (B, C, V, X)
+                if name in raw:  # (U, V, X) -> (B, C, V, X) float32 (every use below casts to float)
+                    raw[name] = stack_rows_float(raw[name], window, prm)
         stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
         k = stack.shape[1] // 2
         inp, mask_c, valid_c = self.corrupt(raw, epoch, gen, flipped, folded)
-        target = stack[:, k:k + 1].clone()  # its own memory: forward() may normalize `inp` in place
+        target = stack[:, k:k + 1]  # (B, 1, V, X), normalized out of place by like()
         ones = torch.ones(1, 1, 1, 1, device=self.device).expand_as(target)  # a broadcast view, no memory
         mask = mask_c[:, k:k + 1] if mask_c is not None else ones
         valid = valid_c[:, k:k + 1] if valid_c is not None else ones
@@ -226,7 +292,9 @@ class DeviceTransform:
                 prm.flip = None  # applied by the reader (DALI)
             inp, target = A.apply_augment(inp, prm), A.apply_augment(target, prm)
             mask, valid = A.apply_augment(mask, prm, is_mask=True), A.apply_augment(valid, prm, is_mask=True)
-        x, st = self.pre.forward(inp, inplace=True)  # `inp` is this batch's own tensor
+        st = self.pre.state(inp)
+        target = self.pre.like(target, st)  # first: `target` may be a view of `inp`, normalized in place next
+        x = self.pre.like(inp, st, inplace=True)  # `inp` is this batch's own tensor: one pass less
         aux = {} if self.train else {n: raw[n][:, k:k + 1].float() for n in AUX if n in raw}  # validation's reproject
-        return Batch(x, self.pre.like(target, st), self.pre.pad_mask(mask, st),
+        return Batch(x, target, self.pre.pad_mask(mask, st),
                      raw["ids"][:, k].clone(), st.norm, st.pad, aux, self.pre.pad_mask(valid, st))

@@ -133,6 +133,11 @@ class ShardWriter:
                         if d.ndim == 3 and (codec := ChunkCodec.for_dataset(d)) is not None}
         self._digests: dict[str, list] = {name: [None] * self._file[name].shape[0] for name in self._codecs}
         self._ids = {name: d.id for name, d in self._file.items()}  # h5py's group lookup is slow per chunk
+        self._dsets = {name: self._file[name] for name in arrays}  # ... and per slab (0.6 s per GB converted)
+        self._dtypes = {name: d.dtype for name, d in self._dsets.items()}
+        # (N,) metadata gathered here and written once by finish(): a tiny h5py write per slab cost
+        # more than the slab's chunks
+        self._small = {name: np.zeros(d.shape, d.dtype) for name, d in self._dsets.items() if d.ndim == 1}
         # the slice datasets' SHA-256s run in their own threads (hashlib releases the GIL)
         self._hash = {name: HashLane(h) if self._file[name].ndim == 3 else h for name, h in self._hash.items()}
         self._pending: list = []  # (dataset, slice, future) encoded, not yet written
@@ -153,17 +158,18 @@ class ShardWriter:
         try:
             self._drain()  # the previous slab's chunks: encoded meanwhile by the pool
             for name, slab in slabs.items():
-                dset = self._file[name]
-                slab = np.ascontiguousarray(slab, dtype=dset.dtype)  # hash what is stored
+                slab = np.ascontiguousarray(slab, dtype=self._dtypes[name])  # hash what is stored
                 if name in self._codecs:
                     codec = self._codecs[name]
                     for i, one in enumerate(slab):
                         job = (self._pool.submit(codec.encode, one) if self._pool else _Done(codec.encode(one)))
                         self._pending.append((name, start + i, job))
-                elif dset.ndim == 2:  # a (V, X) mask shared by all slices
-                    dset[...] = slab
+                elif name in self._small:
+                    self._small[name][start:start + len(slab)] = slab
+                elif slab.ndim == 2:  # a (V, X) mask shared by all slices
+                    self._dsets[name][...] = slab
                 else:
-                    dset[start:start + len(slab)] = slab
+                    self._dsets[name][start:start + len(slab)] = slab
                 self._hash[name].update(slab)
                 if name in ("target", "input") and slab.size:  # (in a pool thread when there is one)
                     self._maxes.append((name, self._pool.submit(slab.max) if self._pool else _Done(slab.max())))
@@ -204,6 +210,8 @@ class ShardWriter:
             return
         try:
             self._drain()
+            for name, values in self._small.items():
+                self._dsets[name][...] = values
             self._sums = {name: h.hexdigest() for name, h in self._hash.items()}
             for name, value in self._sums.items():
                 self._file[name].attrs["sha256"] = value
