@@ -385,9 +385,15 @@ class Preprocess:
             return x
         return pad_bins(pad_views_periodic(x, pad[0], pad[1]), pad[2], pad[3], self.bins_mode, fill)
 
-    def state(self, raw: torch.Tensor) -> PreState:
-        """The per-sample divisors and padding of ``raw`` (B, C, V, X) (``forward`` = state + like)."""
-        return PreState(norm_scale(raw, self.mode, self.scale), pad_amounts(*raw.shape[-2:], self.multiple))
+    def state(self, raw: torch.Tensor, peak: torch.Tensor | None = None) -> PreState:
+        """The per-sample divisors and padding of ``raw`` (B, C, V, X) (``forward`` = state + like);
+        ``peak`` (B,) float32: each sample's maximum when the caller knows it (exactly
+        ``raw``'s: data.normalize=max then reads nothing)."""
+        if peak is not None and self.mode == "max":
+            norm = peak.to(raw.device) + EPS  # == norm_scale's amax(...).float() + EPS
+        else:
+            norm = norm_scale(raw, self.mode, self.scale)
+        return PreState(norm, pad_amounts(*raw.shape[-2:], self.multiple))
 
     def forward(self, raw: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, PreState]:
         """``inplace``: ``raw`` may be overwritten (the loader's own batch tensor)."""

@@ -89,11 +89,14 @@ def test_cpu_stack_copies_equal_the_gather_then_cast(dtype, bins):
         got = stack_rows_float(slices, window, p)
         assert got.dtype == torch.float32 and torch.equal(got, stack_rows(slices, window, p).float())
     assert torch.equal(stack_rows_float(slices, window, prm), want)
+    got, peak = stack_rows_float(slices, window, prm, with_max=True)
+    assert torch.equal(got, want) and torch.equal(peak, want.reshape(7, -1).amax(1))
     assert torch.equal(stack_rows_float(slices, window), slices.float()[window])
 
 
 CASES = {
     "clean": dict(),
+    "clean, no scanner (bench/loader.py's case: the maxima come with the copies)": dict(scanner="none"),
     "dead blocks": dict(dead_blocks=2),
     "dead blocks, linear fill (not folded)": dict(dead_blocks=2, fill="linear"),
     "thinning (not folded)": dict(dead_blocks=2, dose=0.5),
@@ -124,7 +127,7 @@ def _scanner_layout(name: str, monkeypatch):
         return sc.stir_name, lay.segments, lay.axial_counts, lay.views, lay.bins
     sc = G.get_scanner("test")
     segs = G.segment_sequence(sc.rings - 1)
-    return "test", segs, G.axial_counts(sc, segs), sc.views, sc.bins
+    return "" if name == "none" else "test", segs, G.axial_counts(sc, segs), sc.views, sc.bins
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -148,7 +151,9 @@ def test_batches_built_on_the_device_equal_stacked_batches(tmp_path, case, monke
     if split == "val":
         cfg.data.split = [0.5, 0.5, 0.0]
     loader = build_loader(cfg, split, 0, 1, torch.device("cpu"))
-    if opts.get("scanner"):  # the layout is known: virtual LORs exist, and the fold decision is the case's
+    if opts.get("scanner") == "none":  # nothing missing or invalid: the input is the stack itself
+        assert loader.transform.geometry is None and loader.transform._foldable()
+    elif opts.get("scanner"):  # the layout is known: virtual LORs exist, and the fold decision is the case's
         assert loader.transform.geometry is not None and (loader.transform.geometry.valid_bins == 0).any()
         assert loader.transform._foldable() == ("not folded" not in case)
     assert loader.reader.spec.aux == (("mult", "randoms") if opts.get("aux") else ())

@@ -105,23 +105,29 @@ def _segments(shift: int, v: int) -> list[tuple[int, int, int, bool]]:
     return out
 
 
-def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None
-                     ) -> torch.Tensor:
+def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None,
+                     with_max: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """``stack_rows(slices, window, prm).float()``, bit for bit, as float32 (B, C, V, X). On the CPU
     it is one pass: strided copies of whole row runs with the cast fused in (numpy's negative
     strides make the mirror a plain copy; torch's index_select + flip + scatter + cast made four
-    passes over the batch, the loader's largest cost on CPU)."""
+    passes over the batch, the loader's largest cost on CPU). ``with_max``: also each sample's
+    maximum (B,) float32 (rotation and mirror only permute pixels), taken from the slices while
+    they are in cache (None off the CPU)."""
     if slices.device.type != "cpu":
-        return stack_rows(slices, window, prm).float()
+        out = stack_rows(slices, window, prm).float()
+        return (out, None) if with_max else out
     src = slices.contiguous().numpy()  # (U, V, X)
     u, v, x = src.shape
     win = window.cpu().numpy()
     b, c = win.shape
     out = np.empty((b, c, v, x), np.float32)
+    peak = np.zeros(b, np.float32)
     shift = prm.shift.cpu().numpy() if prm is not None and prm.shift is not None else np.zeros(b, np.int64)
     flip = prm.flip.cpu().numpy().astype(bool) if prm is not None and prm.flip is not None else np.zeros(b, bool)
 
     def sample(i: int) -> None:
+        if with_max:
+            peak[i] = max(src[w].max() for w in win[i])
         for r0, r1, s0, wrapped in _segments(int(shift[i]), v):
             s1 = s0 + r1 - r0
             for ch in range(c):
@@ -140,7 +146,7 @@ def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentP
             sample(i)
     else:  # numpy's copies release the GIL: the samples are copied by torch's intra-op thread count
         list(pool.map(sample, range(b)))
-    return torch.from_numpy(out)
+    return (torch.from_numpy(out), torch.from_numpy(peak)) if with_max else torch.from_numpy(out)
 
 
 _POOL: tuple[int, ThreadPoolExecutor | None] = (0, None)
@@ -270,13 +276,14 @@ class DeviceTransform:
     def __call__(self, raw: dict[str, torch.Tensor], epoch: int, j: int,
                  flipped: torch.Tensor | None = None) -> Batch:
         gen = self._generator(epoch, j)
-        prm = folded = None
+        prm = folded = peak = None
         if "window" in raw:  # the reader sent each slice once: build the context stacks here, on the device
             window = raw.pop("window")  # (B, C) positions in the batch's unique slices
             if self._foldable():  # view rotation + mirror ride along in the same row gather
                 v = raw["target"].shape[1]
                 folded = prm = A.draw_augment(self.cfg.augment, window.shape[0], v, gen, self.device)
-            for name in ("target", "input", "mask", *AUX):
+            raw["target"], peak = stack_rows_float(raw["target"], window, prm, with_max=True)
+            for name in ("input", "mask", *AUX):
                 if name in raw:  # (U, V, X) -> (B, C, V, X) float32 (every use below casts to float)
                     raw[name] = stack_rows_float(raw[name], window, prm)
         stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
@@ -292,7 +299,7 @@ class DeviceTransform:
                 prm.flip = None  # applied by the reader (DALI)
             inp, target = A.apply_augment(inp, prm), A.apply_augment(target, prm)
             mask, valid = A.apply_augment(mask, prm, is_mask=True), A.apply_augment(valid, prm, is_mask=True)
-        st = self.pre.state(inp)
+        st = self.pre.state(inp, peak if inp is stack else None)  # the stack's maxima: one read less
         target = self.pre.like(target, st)  # first: `target` may be a view of `inp`, normalized in place next
         x = self.pre.like(inp, st, inplace=True)  # `inp` is this batch's own tensor: one pass less
         aux = {} if self.train else {n: raw[n][:, k:k + 1].float() for n in AUX if n in raw}  # validation's reproject
