@@ -107,10 +107,7 @@ def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
 def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
     """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
     root = Path(root)
-    try:
-        records = json.loads((root / "studies.json").read_text())["studies"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{root}: not an hpc simulate directory (studies.json: {exc})") from None
+    records = _simulation_records(root / "studies.json")
     test = [r for r in records if r.get("variant") == "test"]
     chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
     missing = sorted(set(ids or []) - {r["id"] for r in chosen})
@@ -125,6 +122,29 @@ def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[S
         out.append(open_study([str(root / files[k]) for k in ("gaps", "target", "mask")], truth, r["id"],
                               r.get("lesions", [])))
     return out
+
+
+def _simulation_records(path: Path) -> list[dict]:
+    """studies.json's records, checked: ids are plain names (they name the panels written under -o:
+    ``../x`` must not write outside it), files a role -> relative file name map."""
+    from hpc.io.interfile import read_bounded
+    from hpc.io.shards import STUDY_ID
+
+    if not path.exists():
+        raise InputError(f"{path.parent}: not an hpc simulate directory (no studies.json)")
+    text = read_bounded(path, "studies.json", 64 << 20)  # a FIFO or /dev/zero must not hang it
+    try:
+        records = json.loads(text)["studies"]
+        if not isinstance(records, list):
+            raise ValueError("'studies' is not a list")
+        for r in records:
+            if not (isinstance(r["id"], str) and STUDY_ID.fullmatch(r["id"]) and r["id"] not in (".", "..")):
+                raise ValueError(f"study id {r['id']!r} is not a plain name (letters, digits, . _ -)")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in r["files"].items()):
+                raise ValueError(f"study {r['id']}: files must map roles to file names")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: malformed studies.json ({exc})") from None
+    return records
 
 
 def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:

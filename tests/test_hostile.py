@@ -353,6 +353,28 @@ def test_evaluate_float_mask_with_nan(world, tmp_path, capsys):
            sources=[world], outputs=[out / "report.md"], names=[world / "evnan.s.hdr"], words=["NaN"])
 
 
+@pytest.mark.parametrize("studies,words", [
+    ([{"id": "../../escaped", "files": {}}], ["'../../escaped'", "not a plain name"]),  # panels/<id>.png outside -o
+    (5, ["not a list"]),
+    ([{"name": "s"}], ["malformed", "'id'"]),
+    ("fifo", ["named pipe"]),
+])
+def test_evaluate_simulation_with_a_hostile_studies_json(world, tmp_path, capsys, studies, words):
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    if studies == "fifo":
+        os.mkfifo(sim / "studies.json")
+    else:
+        for r in studies if isinstance(studies, list) else []:
+            r.setdefault("files", {}).update({"gaps": str(world / "ev.s.hdr"), "target": str(world / "ev.s.hdr"),
+                                              "mask": str(world / "evmask.s.hdr")})
+        (sim / "studies.json").write_text(json.dumps({"studies": studies}))
+    out = tmp_path / "a" / "b" / "ev"
+    refuse(capsys, ["evaluate", "--checkpoint", world / "ev.pt", "--quiet", "--device", "cpu", "--simulation", sim,
+                    "-o", out], sources=[world], outputs=[out, out.parent / "escaped.png"],  # out/panels/../../
+           names=[sim / "studies.json"], words=words)
+
+
 # ---------------------------------------------------------------- export
 def test_export_huge_slice_shape_is_refused_before_allocating(world, tmp_path, capsys):
     out = tmp_path / "m.onnx"
