@@ -346,6 +346,13 @@ def test_evaluate_output_is_an_existing_file(world, tmp_path, capsys):
            sources=[world, out], names=[out], words=["not a directory"])
 
 
+def test_evaluate_into_a_read_only_directory(world, tmpfs, capsys):
+    out = tmpfs("64k", readonly=True) / "ev"
+    refuse(capsys, ["evaluate", "--checkpoint", world / "ev.pt", "--quiet", "--device", "cpu", "--study",
+                    world / "ev.s.hdr", world / "ev.s.hdr", world / "evmask.s.hdr", "-o", out],
+           sources=[world], outputs=[out], names=[out], words=["read-only file system"])
+
+
 def test_evaluate_float_mask_with_nan(world, tmp_path, capsys):
     out = tmp_path / "eval"
     refuse(capsys, ["evaluate", "--checkpoint", world / "ev.pt", "--quiet", "--device", "cpu", "--study",
@@ -689,6 +696,16 @@ def train_data(tmp_path_factory) -> Path:
 
 def train_args(data: Path, run: Path, *overrides: str) -> list:
     return ["train", "--config", TINY, f"data.path={data}", f"train.run_dir={run}", *overrides]
+
+
+def test_training_into_a_read_only_run_directory(train_data, tmpfs):
+    run = tmpfs("64k", readonly=True) / "run"
+    r = subprocess.run(hpc_cmd(*train_args(train_data, run, "train.samples=16")), capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env={**os.environ, **QUIET_ENV})
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(run) in errors[0] and "read-only file system" in errors[0].lower(), errors[0]
+    assert not run.exists()
 
 
 def test_diverging_training_stops_with_exit_2_and_never_writes_nan(train_data, tmp_path):
