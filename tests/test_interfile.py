@@ -61,10 +61,15 @@ def test_unknown_number_format_names_file_and_format(tmp_path):
         numpy_dtype(h, "littleendian")
 
 
-def test_integer_format_without_bytes_per_pixel_is_a_missing_key(tmp_path):
-    h = _header(tmp_path, "number format := unsigned integer\n")
+@pytest.mark.parametrize("line", ["", "number of bytes per pixel :=\n", "number of bytes per pixel := ; 2\n"])
+def test_integer_format_without_bytes_per_pixel_is_a_missing_key(tmp_path, line):
+    """Absent, empty, or only an inline comment (found by the fuzz test: was a TypeError traceback)."""
+    h = _header(tmp_path, "number format := unsigned integer\n" + line)
     with pytest.raises(InputError, match="missing required key 'number of bytes per pixel'"):
         numpy_dtype(h, "littleendian")
+    with pytest.raises(InputError, match="missing required key 'number of bytes per pixel'"):
+        h.number("number of bytes per pixel")
+    assert h.integer("number of bytes per pixel", 4) == 4 and h.number("number of bytes per pixel", 0.5) == 0.5
 
 
 def test_not_an_interfile(tmp_path):

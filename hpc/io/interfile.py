@@ -75,12 +75,17 @@ class Header:
             raise InputError(f"{self.path}: missing required key {key!r}")
         return value
 
+    def _value(self, key: str, default: object) -> str:
+        """The value before any inline comment ('' when absent or empty); without a default a key whose
+        value is empty, or only a comment (``!number of bytes per pixel := ; 2``), is missing."""
+        value = strip_comment(self.get(key) or "")
+        if value == "" and default is None:
+            raise InputError(f"{self.path}: missing required key {key!r}")
+        return value
+
     def integer(self, key: str, default: int | None = None) -> int:
-        value = self.get(key) if default is not None else self.require(key)
-        value = None if value is None else strip_comment(value)
-        if value is None or value == "":
-            return int(default)  # type: ignore[arg-type]
-        return self._int(key, value)
+        value = self._value(key, default)
+        return self._int(key, value) if value else int(default)  # type: ignore[arg-type]
 
     def integers(self, key: str) -> list[int]:
         return [self._int(key, v) for v in parse_list(strip_comment(self.require(key)))]
@@ -97,9 +102,8 @@ class Header:
         return int(number)
 
     def number(self, key: str, default: float | None = None) -> float:
-        value = self.get(key) if default is not None else self.require(key)
-        value = None if value is None else strip_comment(value)
-        if value is None or value == "":
+        value = self._value(key, default)
+        if not value:
             return float(default)  # type: ignore[arg-type]
         try:
             number = float(value)
