@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hpc.errors import HpcError
@@ -99,6 +99,7 @@ def check(d: Path, text: str, size: int) -> None:
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=free_header, size=st.integers(0, 512))
+@example(text="!INTERFILE :=\n!matrix size [3] := ; comment\n", size=0)  # found by this test: int(None) TypeError
 def test_free_form_headers_parse_or_raise_hpc_error(scratch, text, size):
     check(scratch, text, size)
 
