@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -467,9 +468,23 @@ def _check_args(args: argparse.Namespace) -> G.Scanner:
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
-    if (Path(args.output) / "studies.json").exists():
-        raise OutputError(f"{args.output}: already holds a simulation (studies.json); choose another -o")
+    out = Path(args.output)
+    if (out / "studies.json").exists():
+        raise OutputError(f"{out}: already holds a simulation (studies.json); choose another -o")
+    taken = _would_replace(out, args.studies)
+    if taken:  # a user's own files of the same names are never replaced (issue 12: nothing is lost)
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise OutputError(f"{out}: would replace {taken[0]}{more}; choose another -o")
     return sc
+
+
+def _would_replace(out: Path, studies: int) -> list[str]:
+    """Files already in ``out`` with the names a simulation of ``studies`` studies writes (write_study)."""
+    if not out.is_dir():
+        return []
+    ids = {f"s{i:03d}" for i in range(studies)}
+    name = re.compile(r"(s\d{3,})(?:_(?:low|gaps|mask|expected|randoms|mult))?\.")
+    return sorted(p.name for p in out.iterdir() if (m := name.match(p.name)) and m.group(1) in ids)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from hpc import physics as P
 from hpc import simulate as S
 from hpc.errors import InputError, OutputError
 from hpc.io.sinogram import SinogramReader, read_header
+from helpers import run_hpc
 
 TEST, DEMO = G.get_scanner("test"), G.get_scanner("demo")
 TOF_TEST = dataclasses.replace(TEST, name="tof-test", tof_bins=5, tof_fwhm_ps=400.0, tof_bin_ps=300.0)
@@ -139,6 +140,25 @@ def test_cli_files_read_back_to_the_simulated_arrays(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(OutputError, match="already holds a simulation"):
         S.run(args)
+
+
+def test_a_users_files_of_the_same_names_are_never_replaced(tmp_path):
+    """-o into a directory that holds files named like the simulation's own (no studies.json): one
+    line naming the first, exit 2, every file untouched; other files do not matter."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    (out / "s001_mask.s").write_bytes(b"my mask")
+    (out / "s000.hs").write_text("my header")
+    r = run_hpc("simulate", "-o", out, "--studies", "2", "--scanner", "test", "--counts", "1e4")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "would replace s000.hs and 1 more; choose another -o" in r.stderr and str(out) in r.stderr
+    assert (out / "s000.hs").read_text() == "my header" and (out / "s001_mask.s").read_bytes() == b"my mask"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "s000.hs", "s001_mask.s"]
+    for name in ("s000.hs", "s001_mask.s"):
+        (out / name).unlink()
+    assert run_hpc("simulate", "-o", out, "--studies", "1", "--scanner", "test", "--counts", "1e4").returncode == 0
+    assert (out / "notes.txt").read_text() == "keep" and (out / "studies.json").is_file()
 
 
 def test_cli_stir_with_oblique_segments_and_tof(tmp_path, monkeypatch):
