@@ -364,16 +364,18 @@ def _write_shard(study: Study, readers: dict[str, SinogramReader], path: Path, f
         return w.commit()
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> pool
 
 
 def _pool(opts: Options) -> ThreadPoolExecutor | None:
-    """This process's chunk-encoding threads (numcodecs' blosc and zlib release the GIL)."""
+    """This process's chunk-encoding threads (numcodecs' blosc and zlib release the GIL); keyed by
+    the process id too: a forked child inherits the pool object without its threads."""
     if opts.workers <= 1:
         return None
-    if opts.workers not in _POOLS:
-        _POOLS[opts.workers] = ThreadPoolExecutor(opts.workers, thread_name_prefix="hpc-encode")
-    return _POOLS[opts.workers]
+    key = (os.getpid(), opts.workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(opts.workers, thread_name_prefix="hpc-encode")
+    return _POOLS[key]
 
 
 def hash_sources(study: Study) -> dict[str, str]:

@@ -193,3 +193,36 @@ def test_persistent_workers_serve_every_epoch_like_the_main_process(tmp_path):
         if workers:
             assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2
     assert seen[0] == seen[2]
+
+
+def _stack_in_child(queue) -> None:
+    from hpc.data.transform import stack_rows_float
+
+    slices = torch.arange(4 * 6 * 8, dtype=torch.float32).view(4, 6, 8)
+    window = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    queue.put(torch.equal(stack_rows_float(slices, window), slices[window]))
+
+
+def test_cpu_stack_threads_work_in_a_forked_child():
+    """A fork-started rank (tests/test_loader_dist.py) inherited the parent's copy-thread pool
+    object without its threads and waited forever: each process makes its own."""
+    import multiprocessing
+
+    from hpc.data.transform import stack_rows_float
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):  # the parent's pool exists, its threads started and idle
+            stack_rows_float(torch.zeros(3, 4, 5), torch.zeros(8, 3, dtype=torch.long))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_stack_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=120)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive and child.exitcode == 0 and queue.get(timeout=5) is True
+    finally:
+        torch.set_num_threads(threads)

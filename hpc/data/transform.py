@@ -5,6 +5,7 @@ epoch replays the same batches and validation corrupts a slice the same way ever
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -149,17 +150,19 @@ def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentP
     return (torch.from_numpy(out), torch.from_numpy(peak)) if with_max else torch.from_numpy(out)
 
 
-_POOL: tuple[int, ThreadPoolExecutor | None] = (0, None)
+_POOL: tuple[int, int, ThreadPoolExecutor | None] = (0, 0, None)  # (pid, threads, pool)
 
 
 def _copy_pool() -> ThreadPoolExecutor | None:
     """Threads for the CPU stack copies: as many as torch's intra-op threads (the cores this
-    process owns, hpc.distributed.dist.cpu_threads), none for one."""
+    process owns, hpc.distributed.dist.cpu_threads), none for one. Per process: a forked child
+    (fork-started ranks, DataLoader workers) inherits the pool object but not its threads, and
+    would wait forever on it."""
     global _POOL
-    n = torch.get_num_threads()
-    if _POOL[0] != n:
-        _POOL = (n, ThreadPoolExecutor(n, thread_name_prefix="hpc-stack") if n > 1 else None)
-    return _POOL[1]
+    n, pid = torch.get_num_threads(), os.getpid()
+    if _POOL[:2] != (pid, n):
+        _POOL = (pid, n, ThreadPoolExecutor(n, thread_name_prefix="hpc-stack") if n > 1 else None)
+    return _POOL[2]
 
 
 def stack_rows(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None) -> torch.Tensor:
