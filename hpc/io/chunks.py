@@ -176,15 +176,24 @@ class HashLane:
     not change afterwards), ``hexdigest()`` waits for the queue. hashlib releases the GIL, so the
     SHA-256s of a conversion run beside the reading and compressing instead of after them."""
 
+    DEPTH = 2  # slabs queued per hash
+
     def __init__(self, hasher):
+        import collections
         from concurrent.futures import ThreadPoolExecutor
 
         self.hasher = hasher
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="hpc-hash")
         self._last = None
+        self._queued = collections.deque()
 
     def update(self, buf) -> None:
-        self._last = self._thread.submit(self.hasher.update, buf)
+        """Queue ``buf``; at most ``DEPTH`` buffers wait (the caller waits for the oldest), so a
+        hash that falls behind on a loaded machine holds a few slabs, not the file."""
+        self._queued.append(self._thread.submit(self.hasher.update, buf))
+        self._last = self._queued[-1]
+        while len(self._queued) > self.DEPTH:
+            self._queued.popleft().result()
 
     def update_now(self, buf) -> None:
         """For buffers that will not stay valid (a memory map's pages about to be released)."""
