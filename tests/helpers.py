@@ -64,6 +64,14 @@ def require_mpi() -> str:
     return mpirun
 
 
+def env_lines(text: str) -> list[dict[str, str]]:
+    """`hpc env` lines (one per rank) -> dicts sorted by RANK. Each rank writes its line in one write(2)
+    (hpc/launch/rankenv.py), but mpirun forwards the ranks' streams as it reads them, so a line may
+    arrive glued to the next one: find the lines rather than split on newlines."""
+    found = re.findall(r"RANK=\d+ WORLD_SIZE=\d+ LOCAL_RANK=\d+ MASTER_ADDR=\S+ MASTER_PORT=\S+ LAUNCHER=[a-z]+", text)
+    return sorted((dict(kv.split("=", 1) for kv in m.split()) for m in found), key=lambda row: int(row["RANK"]))
+
+
 def mpirun_cmd(np_: int) -> list[str]:
     """mpirun prefix that works as root and on 2 cores."""
     return [require_mpi(), "--allow-run-as-root", "--oversubscribe", "-np", str(np_)]

@@ -170,8 +170,9 @@ def test_layering():
 
 # --- `hpc env`: the one line a user runs first when a job hangs --------------------------------------
 def _env_lines(stdout: str) -> list[dict[str, str]]:
-    rows = [dict(kv.split("=", 1) for kv in ln.split()) for ln in stdout.splitlines() if ln.startswith("RANK=")]
-    return sorted(rows, key=lambda row: int(row["RANK"]))
+    from helpers import env_lines
+
+    return env_lines(stdout)
 
 
 def _no_launcher_env() -> dict[str, str]:

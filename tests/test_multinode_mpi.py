@@ -25,8 +25,9 @@ def job_env(cluster) -> dict[str, str]:
 
 def parse(lines: str) -> list[dict[str, str]]:
     """`hpc env` lines (one per rank) -> dicts, sorted by RANK."""
-    rows = [dict(kv.split("=", 1) for kv in ln.split()) for ln in lines.splitlines() if ln.startswith("RANK=")]
-    return sorted(rows, key=lambda r: int(r["RANK"]))
+    from helpers import env_lines
+
+    return env_lines(lines)
 
 
 def test_salloc_two_nodes_mpirun_four_ranks_are_0_to_3(slurm2):

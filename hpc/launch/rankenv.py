@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from hpc.distributed.launcher import setup_torch_env, torch_ranks
 
@@ -33,5 +34,9 @@ def line() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(line(), flush=True)
+    # one write(2) of a line shorter than PIPE_BUF: under mpirun/srun every rank writes into one
+    # forwarded stream, and print()'s separate text and newline writes could interleave with another
+    # rank's (seen under load: 'LAUNCHER=mpiRANK=1 ...')
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line() + "\n").encode())
     return 0
