@@ -34,7 +34,7 @@ from hpc.augment import Preprocess
 from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError, OutputError
-from hpc.io.atomic import file_identity
+from hpc.io.atomic import FileOwners
 from hpc.io.shards import RepairedH5Writer
 from hpc.io.sinogram import (MaskReader, SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header,
                               writer_paths)
@@ -414,24 +414,18 @@ def check_outputs(jobs: list[Job], protected: list[Path], inside: Path | None = 
     """Refuse, before anything is written, an output file that is (resolves to, or is a hard link
     of) an input, a mask or another job's output, or lies inside the directory ``inside`` (a
     converted dataset). No option overrides this: repairing must never destroy its own input."""
-    owners: dict[object, str] = {}  # real path or (device, inode) -> whose file it is
+    owners = FileOwners()
     for p in protected:
-        real, inode = file_identity(Path(p))
-        owners[real] = f"the input {p}"
-        if inode is not None:
-            owners[inode] = owners[real]
+        owners.claim(p, f"the input {p}")
     banned = os.path.realpath(inside) if inside is not None else None
     for job in jobs:
         for out in output_files(job):
-            real, inode = file_identity(out)
-            clash = owners.get(real) or (owners.get(inode) if inode is not None else None)
-            if clash:
-                raise OutputError(f"{out}: would overwrite {clash} (both are {real}); choose another output")
+            if clash := owners.owner(out):
+                raise OutputError(f"{out}: would overwrite {clash[0]} (both are {clash[1]}); choose another output")
+            real = os.path.realpath(out)
             if banned is not None and (real == banned or real.startswith(banned + os.sep)):
                 raise OutputError(f"{out}: inside the input dataset {inside}; write the repaired studies elsewhere")
-            owners[real] = f"the output {out} of {job.spec.source}"
-            if inode is not None:
-                owners[inode] = owners[real]
+            owners.claim(out, f"the output {out} of {job.spec.source}")
 
 
 def study_layout(ds, info) -> SinogramSpec:

@@ -191,20 +191,35 @@ def file_identity(path: str | os.PathLike) -> tuple[str, tuple[int, int] | None]
     return os.path.realpath(path), inode
 
 
+class FileOwners:
+    """Which file a path really is, by real path and by (device, inode): ``claim(path, who)``
+    records it, ``owner(path)`` -> (who, real path) when it is (resolves to, or is a hard link of)
+    a claimed file, else None. The one check behind "a command never overwrites what it reads"."""
+
+    def __init__(self) -> None:
+        self._who: dict[object, str] = {}
+
+    def claim(self, path: str | os.PathLike, who: str) -> None:
+        real, inode = file_identity(path)
+        self._who[real] = who
+        if inode is not None:
+            self._who[inode] = who
+
+    def owner(self, path: str | os.PathLike) -> tuple[str, str] | None:
+        real, inode = file_identity(path)
+        who = self._who.get(real) or (self._who.get(inode) if inode is not None else None)
+        return (who, real) if who is not None else None
+
+
 def refuse_onto(outputs: list[Path], inputs: list[Path]) -> None:
     """OutputError, before anything is written, if an output is (resolves to, or is a hard link of)
     one of ``inputs``: a command never overwrites what it reads."""
-    owners: dict[object, Path] = {}
+    owners = FileOwners()
     for p in inputs:
-        real, inode = file_identity(p)
-        owners[real] = p
-        if inode is not None:
-            owners[inode] = p
+        owners.claim(p, f"the input {p}")
     for out in outputs:
-        real, inode = file_identity(out)
-        src = owners.get(real) or (owners.get(inode) if inode is not None else None)
-        if src is not None:
-            raise OutputError(f"{out}: would overwrite the input {src} (both are {real}); choose another output")
+        if clash := owners.owner(out):
+            raise OutputError(f"{out}: would overwrite {clash[0]} (both are {clash[1]}); choose another output")
 
 
 @contextlib.contextmanager
