@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, mpirun_cmd
+from helpers import ROOT, env_lines, mpirun_cmd
 from hpc.errors import ConfigError
 from hpc.distributed import launcher as E
 
@@ -169,12 +169,6 @@ def test_layering():
 
 
 # --- `hpc env`: the one line a user runs first when a job hangs --------------------------------------
-def _env_lines(stdout: str) -> list[dict[str, str]]:
-    from helpers import env_lines
-
-    return env_lines(stdout)
-
-
 def _no_launcher_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
             if k not in E.TORCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI", "SUBMITIT_"))}
@@ -188,7 +182,7 @@ def test_hpc_env_alone_and_under_torchrun():
         "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=- MASTER_PORT=- LAUNCHER=none\n", r.stderr
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "hpc", "env"], capture_output=True, text=True, env=_no_launcher_env(), timeout=120)
-    rows = _env_lines(r.stdout)
+    rows = env_lines(r.stdout)
     assert r.returncode == 0 and [(x["RANK"], x["LOCAL_RANK"], x["WORLD_SIZE"], x["LAUNCHER"]) for x in rows] \
         == [("0", "0", "2", "torch"), ("1", "1", "2", "torch")], r.stderr[-2000:]
     assert len({(x["MASTER_ADDR"], x["MASTER_PORT"]) for x in rows}) == 1
@@ -208,7 +202,7 @@ def test_hpc_env_under_mpirun():
 
     r = subprocess.run([*mpirun_cmd(2), *hpc_cmd("env")], capture_output=True, text=True, env=_no_launcher_env(),
                        timeout=120, cwd=ROOT)
-    rows = _env_lines(r.stdout)
+    rows = env_lines(r.stdout)
     assert r.returncode == 0 and [(x["RANK"], x["WORLD_SIZE"], x["LAUNCHER"]) for x in rows] \
         == [("0", "2", "mpi"), ("1", "2", "mpi")], r.stderr[-2000:]
 
@@ -218,7 +212,7 @@ def test_hpc_env_under_srun(slurm):
     from helpers import hpc_cmd
 
     r = slurm.srun(["-n", "2", *hpc_cmd("env")], env=_no_launcher_env() | {"SLURM_CONF": str(slurm.conf)}, cwd=ROOT)
-    rows = _env_lines(r.stdout)
+    rows = env_lines(r.stdout)
     assert r.returncode == 0 and [(x["RANK"], x["WORLD_SIZE"], x["LOCAL_RANK"], x["LAUNCHER"]) for x in rows] \
         == [("0", "2", "0", "srun"), ("1", "2", "1", "srun")], r.stderr[-2000:]
     assert {x["MASTER_ADDR"] for x in rows} == {slurm.node}

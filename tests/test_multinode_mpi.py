@@ -11,7 +11,7 @@ import pytest
 
 from dist_worker import HERE as DIST_WORKER
 from dist_worker import check_grads
-from helpers import ROOT, hpc_cmd, require_mpi
+from helpers import ROOT, env_lines, hpc_cmd, require_mpi
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.mpi]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
@@ -21,13 +21,6 @@ TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def job_env(cluster) -> dict[str, str]:
     env = {k: v for k, v in cluster.env.items() if k not in TORCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     return env | {"SLURM_CONF": str(cluster.conf), "OMP_NUM_THREADS": "1"}
-
-
-def parse(lines: str) -> list[dict[str, str]]:
-    """`hpc env` lines (one per rank) -> dicts, sorted by RANK."""
-    from helpers import env_lines
-
-    return env_lines(lines)
 
 
 def test_salloc_two_nodes_mpirun_four_ranks_are_0_to_3(slurm2):
@@ -59,7 +52,7 @@ def test_sbatch_wrap_mpirun_two_ranks_are_0_and_1(slurm2, tmp_path):
     job = slurm2.sbatch(f"#!/bin/bash\n#SBATCH -N2 --ntasks-per-node=1 -o {out}\ncd {ROOT}\n{cmd}\n",
                         env=job_env(slurm2))
     assert slurm2.wait(job, timeout=120) == "COMPLETED", out.read_text() if out.exists() else ""
-    rows = parse(out.read_text())
+    rows = env_lines(out.read_text())
     # rank 0 runs in the batch step itself (SLURM_PROCID=0, SLURM_NTASKS=2), rank 1 in its daemon's
     assert [(row["RANK"], row["WORLD_SIZE"], row["LAUNCHER"]) for row in rows] == [("0", "2", "mpi"), ("1", "2", "mpi")]
 
