@@ -204,8 +204,8 @@ def _stack_in_child(queue) -> None:
 
 
 def test_cpu_stack_threads_work_in_a_forked_child():
-    """A fork-started rank (tests/test_loader_dist.py) inherited the parent's copy-thread pool
-    object without its threads and waited forever: each process makes its own."""
+    """A fork-started rank (tests/test_loader_dist.py) once inherited the parent's copy-thread pool
+    object without its threads and waited forever: whatever the copies use must survive a fork."""
     import multiprocessing
 
     from hpc.data.transform import stack_rows_float

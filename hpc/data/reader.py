@@ -93,7 +93,7 @@ class BatchReader:
                     else np.broadcast_to(d[()], (b - a, *d.shape))
                 self.bytes_read += arr.nbytes if d.ndim == 3 else 0
                 parts[name].append(arr)
-        return {n: np.concatenate(p) for n, p in parts.items()}
+        return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in parts.items()}  # one shard: no copy
 
     def _uses(self, j: int) -> None:
         """Record, for this process's lane from batch j on, the last batch needing each run."""

@@ -5,8 +5,6 @@ epoch replays the same batches and validation corrupts a slice the same way ever
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,60 +107,48 @@ def _segments(shift: int, v: int) -> list[tuple[int, int, int, bool]]:
 def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None,
                      with_max: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """``stack_rows(slices, window, prm).float()``, bit for bit, as float32 (B, C, V, X). On the CPU
-    it is one pass: strided copies of whole row runs with the cast fused in (numpy's negative
-    strides make the mirror a plain copy; torch's index_select + flip + scatter + cast made four
-    passes over the batch, the loader's largest cost on CPU). ``with_max``: also each sample's
-    maximum (B,) float32 (rotation and mirror only permute pixels), taken from the slices while
-    they are in cache (None off the CPU)."""
+    it is one pass: copies of whole row runs with the cast fused in (torch's index_select + flip +
+    scatter + cast made four passes over the batch, the loader's largest cost on CPU). Mirrored
+    rows are copied from one radially flipped copy of the unique slices (torch's vectorised flip):
+    numpy's casting copy from negative strides is ~5x slower than from contiguous rows.
+    ``with_max``: also each sample's maximum (B,) float32 (rotation and mirror only permute
+    pixels), from one maximum per unique slice (None off the CPU)."""
     if slices.device.type != "cpu":
         out = stack_rows(slices, window, prm).float()
         return (out, None) if with_max else out
-    src = slices.contiguous().numpy()  # (U, V, X)
+    slices = slices.contiguous()
+    src = slices.numpy()  # (U, V, X)
     u, v, x = src.shape
     win = window.cpu().numpy()
     b, c = win.shape
     out = np.empty((b, c, v, x), np.float32)
-    peak = np.zeros(b, np.float32)
     shift = prm.shift.cpu().numpy() if prm is not None and prm.shift is not None else np.zeros(b, np.int64)
     flip = prm.flip.cpu().numpy().astype(bool) if prm is not None and prm.flip is not None else np.zeros(b, bool)
+    runs = [[(r0, r1, s0, wrapped ^ bool(flip[i])) for r0, r1, s0, wrapped in _segments(int(shift[i]), v)]
+            for i in range(b)]  # per sample: (first output row, end, first source row, mirrored)
+    mirror = None
+    if any(m for sample_runs in runs for *_, m in sample_runs):
+        # mirror[..., k] = src[..., X - 1 - k]: bins 1..X-1 of an even X's mirror are mirror[..., :X - 1]
+        bits = slices.view(torch.int16) if slices.dtype == torch.uint16 else slices  # torch's flip lacks uint16
+        mirror = bits.flip(-1).numpy().view(src.dtype)
 
-    def sample(i: int) -> None:
-        if with_max:
-            peak[i] = max(src[w].max() for w in win[i])
-        for r0, r1, s0, wrapped in _segments(int(shift[i]), v):
-            s1 = s0 + r1 - r0
-            for ch in range(c):
-                rows, dst = src[win[i, ch], s0:s1], out[i, ch, r0:r1]
-                if not (wrapped ^ flip[i]):
-                    dst[...] = rows
-                elif x % 2:  # odd X: a plain flip
-                    dst[...] = rows[:, ::-1]
-                else:  # even X: bin 0 stays, bins 1..X-1 reversed (hpc.augment.mirror_index)
-                    dst[:, 0] = rows[:, 0]
-                    dst[:, 1:] = rows[:, :0:-1]
-
-    pool = _copy_pool()
-    if pool is None or b < 2:
-        for i in range(b):
-            sample(i)
-    else:  # numpy's copies release the GIL: the samples are copied by torch's intra-op thread count
-        list(pool.map(sample, range(b)))
-    return (torch.from_numpy(out), torch.from_numpy(peak)) if with_max else torch.from_numpy(out)
-
-
-_POOL: tuple[int, int, ThreadPoolExecutor | None] = (0, 0, None)  # (pid, threads, pool)
-
-
-def _copy_pool() -> ThreadPoolExecutor | None:
-    """Threads for the CPU stack copies: as many as torch's intra-op threads (the cores this
-    process owns, hpc.distributed.dist.cpu_threads), none for one. Per process: a forked child
-    (fork-started ranks, DataLoader workers) inherits the pool object but not its threads, and
-    would wait forever on it."""
-    global _POOL
-    n, pid = torch.get_num_threads(), os.getpid()
-    if _POOL[:2] != (pid, n):
-        _POOL = (pid, n, ThreadPoolExecutor(n, thread_name_prefix="hpc-stack") if n > 1 else None)
-    return _POOL[2]
+    # One thread: the copies are bound by memory bandwidth (a thread pool over the samples was
+    # 8-12 % slower on 2 cores, bench/loader.py); torch's flip above uses its intra-op threads.
+    for i, ch in np.ndindex(b, c):
+        w = win[i, ch]
+        for r0, r1, s0, mirrored in runs[i]:
+            s1, dst = s0 + r1 - r0, out[i, ch, r0:r1]
+            if not mirrored:
+                dst[...] = src[w, s0:s1]
+            elif x % 2:  # odd X: a plain flip
+                dst[...] = mirror[w, s0:s1]
+            else:  # even X: bin 0 stays, bins 1..X-1 reversed (hpc.augment.mirror_index)
+                dst[:, 0] = src[w, s0:s1, 0]
+                dst[:, 1:] = mirror[w, s0:s1, :x - 1]
+    if not with_max:
+        return torch.from_numpy(out)
+    peak = src.reshape(u, -1).max(1)[win].max(1).astype(np.float32)  # (B,): one reduction per unique slice
+    return torch.from_numpy(out), torch.from_numpy(peak)
 
 
 def stack_rows(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None) -> torch.Tensor:
