@@ -42,7 +42,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ModelName = Literal["badblock", "unet", "light"]  # == hpc.models.MODELS (tested)
 Norm = Literal["batch", "instance", "group", "none"]
 UpMode = Literal["transposed", "nearest", "bilinear"]
-OptimName = Literal["adam", "adamw", "sgd", "rmsprop"]  # == hpc.train.OPTIMIZERS (tested)
+OptimName = Literal["adam", "adamw", "sgd", "rmsprop"]  # == hpc.optim.OPTIMIZERS (tested)
 Scheduler = Literal["none", "step", "cosine_restarts", "plateau"]
 Precision = Literal["auto", "fp32", "bf16"]
 Metric = Literal["nmse", "psnr", "ssim", "nmse_gap", "psnr_gap", "ssim_gap", "loss"]  # validation's keys

@@ -152,12 +152,12 @@ def test_from_dict_validates_too():
 def test_registries_name_exactly_the_configs_choices():
     """The Literal types are the one list of valid names; the registries that build the objects
     must agree with them (no name that validates but cannot be built, and none unreachable)."""
-    from hpc import geometry, logger, losses, metrics, models, train
+    from hpc import geometry, logger, losses, metrics, models, optim
     from hpc.config import LossConfig, Metric, ModelName, Norm, OptimName, WandbMode, choices
 
     assert set(models.MODELS) == set(choices(ModelName))
     assert set(models.NORMS) == set(choices(Norm))
-    assert set(train.OPTIMIZERS) == set(choices(OptimName))
+    assert set(optim.OPTIMIZERS) == set(choices(OptimName))
     assert set(logger.WANDB_MODES) == set(choices(WandbMode))
     assert set(metrics.METRICS) | {"loss"} == set(choices(Metric))  # what validation reports
     assert set(losses.TERMS) == {f.name for f in dataclasses.fields(LossConfig)} - {"gaps_only"}

@@ -19,7 +19,7 @@ import torch
 from hpc import checkpoint as ck
 from hpc.config import OptimConfig
 from hpc.errors import EXIT_REQUEUE
-from hpc.train import LRSchedule, build_optimizer
+from hpc.optim import LRSchedule, build_optimizer
 from helpers import ROOT, TINY, hpc_cmd, make_dataset, records, run_hpc
 
 @pytest.fixture(scope="module")
