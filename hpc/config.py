@@ -1,8 +1,8 @@
 """One configuration tree for the whole pipeline, and its single validator.
 
 Every section is a small dataclass; the tree is loaded from YAML and overridden on the command
-line with ``section.key=value`` (values are parsed as YAML scalars/lists and type-checked).
-Unknown sections or keys are errors that list the valid ones. Every choice is a ``Literal`` and
+line with ``section.key=value`` (values are parsed as YAML scalars/lists and type-checked:
+hpc.config_parse). Unknown sections or keys are errors that list the valid ones. Every choice is a ``Literal`` and
 every range, choice and cross-field rule lives in :func:`validate`, which ``load_config`` and
 ``from_dict`` run: no other module keeps a list of valid names or checks a config value. A
 violation is a ``ConfigError``: one line naming the key, the value and what is valid (exit 2).
@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import typing
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -30,7 +28,8 @@ from typing import Any, Literal
 
 import yaml
 
-from hpc.errors import ConfigError, HpcWarning
+from hpc.config_parse import apply_dict, apply_overrides, field_types, read_yaml
+from hpc.errors import ConfigError
 
 # The valid values of every choice field (``choices(Normalize)`` gives them as a tuple).
 Backend = Literal["torch", "dali"]
@@ -234,138 +233,9 @@ class Config:
 
 
 SECTIONS = [f.name for f in fields(Config)]
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off")
 
 
-# ---------------------------------------------------------------- YAML
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans, so a
-    string field given ``off``/``no`` keeps the word (YAML 1.1 would make it False)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML text -> Python values, with true/false as the only booleans (see ``_Loader``)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
-
-
-def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError):
-    """A YAML file's tree ({} when empty); ``error`` naming the file when it is missing, not a
-    regular file, invalid, or too big (size and alias expansion bounded: hpc.io.yamlsafe)."""
-    from hpc.io.yamlsafe import read_yaml_file
-
-    return read_yaml_file(path, what, error, parse_yaml) or {}
-
-
-# ---------------------------------------------------------------- types
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one parsed YAML value against a dataclass field type (choices and ranges are
-    ``validate``'s job)."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-            return value.strip().lower() in TRUE_WORDS
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str or origin is Literal:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
-
-
-def _section_types(section_cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in fields(section_cls)}
-
-
-def _is_text(tp: Any) -> bool:
-    return tp is str or typing.get_origin(tp) is Literal
-
-
-def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
-    sec = getattr(cfg, section)
-    types = _section_types(type(sec))
-    if key not in types:
-        raise ConfigError(
-            f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(sorted(types))}"
-        )
-    setattr(sec, key, _coerce(value, types[key], f"{origin}: {section}.{key}"))
-
-
-def apply_dict(cfg: Config, tree: dict, origin: str = "config", lenient: bool = False) -> Config:
-    """Set every ``section: {key: value}`` of ``tree``. ``lenient`` (configs stored by older code):
-    sections and keys that no longer exist are skipped with an ``HpcWarning`` instead of an error."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(tree).__name__}")
-    for section, values in tree.items():
-        if section not in SECTIONS:
-            if lenient:
-                warnings.warn(f"{origin}: section {section!r} no longer exists; ignored", HpcWarning, stacklevel=2)
-                continue
-            raise ConfigError(f"{origin}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
-        known = _section_types(type(getattr(cfg, section)))
-        for key, value in values.items():
-            if lenient and key not in known:
-                warnings.warn(f"{origin}: key {section}.{key} no longer exists; ignored", HpcWarning, stacklevel=2)
-                continue
-            _set(cfg, section, key, value, origin)
-    return cfg
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. optim.lr=3e-4)")
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        from hpc.io.yamlsafe import load_yaml
-
-        value = load_yaml(raw, f"override {item[:80]!r}", ConfigError, parse_yaml) if raw.strip() else ""
-        sec = getattr(cfg, section, None)
-        tp = _section_types(type(sec)).get(key) if section in SECTIONS else None
-        if _is_text(tp) and isinstance(value, (bool, int, float)):
-            value = raw.strip()  # a string field keeps the text as typed: log.name=1.10 is "1.10", not "1.1"
-        _set(cfg, section, key, value, f"override {item!r}")
-    return cfg
-
-
+# ---------------------------------------------------------------- loading and saving
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (see find_config) <- ``section.key=value`` overrides, then ``validate``."""
     cfg = Config()
@@ -475,7 +345,7 @@ def _check_fields(cfg: Config) -> None:
     """Every field: a member of its Literal, a finite number, inside its RANGES entry."""
     for section in SECTIONS:
         sec = getattr(cfg, section)
-        for key, tp in _section_types(type(sec)).items():
+        for key, tp in field_types(type(sec)).items():
             name, value = f"{section}.{key}", getattr(sec, key)
             if typing.get_origin(tp) is Literal and value not in choices(tp):
                 raise _fail(name, value, f"expected one of {' | '.join(choices(tp))}")

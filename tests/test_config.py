@@ -271,7 +271,7 @@ def test_print_config_prints_the_resolved_yaml_and_creates_nothing(tmp_path):
     r = run_hpc("train", "--config", ROOT / "configs" / "tiny.yaml", f"train.run_dir={run_dir}",
                 "optim.lr=3e-4", "log.name=off", "--print-config", cwd=tmp_path)
     assert r.returncode == 0 and r.stderr == ""
-    from hpc.config import parse_yaml
+    from hpc.config_parse import parse_yaml
 
     printed = from_dict(parse_yaml(r.stdout))
     assert to_dict(printed) == to_dict(load_config(ROOT / "configs" / "tiny.yaml",

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from hpc.config import Config, check_dataset, load_config, read_yaml, to_dict
+from hpc.config import Config, check_dataset, load_config, to_dict
+from hpc.config_parse import read_yaml
 from hpc.errors import ConfigError, InputError
 from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import TrainJob, add_launch_arguments, launch_overrides, make_executor
