@@ -116,7 +116,8 @@ def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], ch
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
     from hpc.io.sinogram import read_header
-    from hpc.inference import file_mask, predict_file
+    from hpc.inference import file_mask
+    from hpc.inference_io import predict_file
 
     spec = read_header(sim / study["files"]["gaps"])
     mask = file_mask(spec, read_header(sim / study["files"]["mask"]))

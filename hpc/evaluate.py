@@ -151,7 +151,7 @@ def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
     """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
     input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
     from hpc.data.index import config_split
-    from hpc.inference import study_layout
+    from hpc.inference_io import study_layout
     from hpc.io.shards import Dataset
 
     ds = Dataset.open(root)

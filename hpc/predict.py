@@ -3,8 +3,8 @@
 Slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
 same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed (or pre-filled) in
 every channel as training corrupted them, then normalized/padded with the checkpoint's
-preprocessing, repaired in batches and mapped back exactly (crop, denormalize): hpc.inference, the
-library this command line drives. With a gap mask (--mask FILE, or --dead-blocks
+preprocessing, repaired in batches and mapped back exactly (crop, denormalize): hpc.inference and
+hpc.inference_io, the library this command line drives. With a gap mask (--mask FILE, or --dead-blocks
 with the scanner geometry) only gap pixels are replaced: every measured value is copied bytewise
 from the input. Predictions written into integer files are rounded and clipped, and the counts are
 reported. Memory is bounded by --batch slices; the GPU is used when present.
@@ -33,7 +33,8 @@ import torch
 from hpc.distributed.device import DEVICES, resolve_device
 from hpc.distributed.launcher import setup_torch_env, torch_ranks
 from hpc.errors import InputError
-from hpc.inference import RawLayout, dataset_jobs, file_jobs, load_repairer, predict_study
+from hpc.inference import load_repairer
+from hpc.inference_io import RawLayout, dataset_jobs, file_jobs, predict_study
 
 FORMATS = ("source", "h5")
 
@@ -100,7 +101,7 @@ def _raw_layout(args: argparse.Namespace) -> RawLayout | None:
 
 
 def _jobs(args: argparse.Namespace, rep) -> list:
-    """The command line's studies as hpc.inference Jobs (a dataset directory, or files)."""
+    """The command line's studies as hpc.inference_io Jobs (a dataset directory, or files)."""
     blocks = _ints("--dead-blocks", args.dead_blocks) if args.dead_blocks else None
     is_dataset = len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
     if (args.studies or args.split) and not is_dataset:

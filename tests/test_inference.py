@@ -1,5 +1,6 @@
-"""hpc.inference as a library: explicit arguments only (no argparse), the same bytes as `hpc predict`,
-gap masks chosen from a mask file / dead blocks / none, raw layouts, jobs checked before writing."""
+"""hpc.inference and hpc.inference_io as a library: explicit arguments only (no argparse), the same
+bytes as `hpc predict`, gap masks chosen from a mask file / dead blocks / none, raw layouts, jobs checked
+before writing."""
 from __future__ import annotations
 
 import inspect
@@ -10,16 +11,18 @@ import pytest
 import torch
 
 from hpc import inference as I
+from hpc import inference_io as IO
 from hpc.errors import InputError
 from hpc.io.sinogram import SinogramReader, read_header
 from helpers import AXIAL, V, X, make_checkpoint, run_hpc, study
 
 
 def test_library_functions_take_no_namespace():
-    for name, fn in inspect.getmembers(I, inspect.isfunction):
-        if fn.__module__ == I.__name__:
-            assert "args" not in inspect.signature(fn).parameters, name
-            assert "Namespace" not in str(inspect.signature(fn)), name
+    for module in (I, IO):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__:
+                assert "args" not in inspect.signature(fn).parameters, name
+                assert "Namespace" not in str(inspect.signature(fn)), name
 
 
 def test_library_repair_equals_the_cli(tmp_path):
@@ -30,7 +33,7 @@ def test_library_repair_equals_the_cli(tmp_path):
     spec = read_header(inp)
     I.check_compatible(rep, spec)
     gaps = I.gap_mask(rep, spec, mask_spec=read_header(msk))
-    path, counts = I.predict_file(rep, spec, tmp_path / "lib.s.hdr", "source", gaps, batch=4, quiet=True)
+    path, counts = IO.predict_file(rep, spec, tmp_path / "lib.s.hdr", "source", gaps, batch=4, quiet=True)
     assert counts.replaced == int((mask == 0).sum()) and counts.slices == sum(AXIAL)
     run_hpc("predict", "--checkpoint", ckpt, inp, "--mask", msk, "-o", tmp_path / "cli.s.hdr", "--quiet",
             check=True)
@@ -64,21 +67,21 @@ def test_file_jobs_with_a_raw_layout(tmp_path):
     gaps = (rng.random(data.shape) > 0.3).astype(np.uint8)
     (tmp_path / "a.raw").write_bytes(data.tobytes())
     (tmp_path / "a_mask.raw").write_bytes(gaps.tobytes())
-    raw = I.RawLayout((1, sum(AXIAL), V, X), "uint16")
+    raw = IO.RawLayout((1, sum(AXIAL), V, X), "uint16")
     with pytest.raises(InputError, match="1 mask"):
-        I.file_jobs(rep, [str(tmp_path / "a.raw")] * 2, tmp_path / "out", [str(tmp_path / "a_mask.raw")], raw=raw)
-    (job,) = I.file_jobs(rep, [str(tmp_path / "a.raw")], tmp_path / "fixed.raw",
+        IO.file_jobs(rep, [str(tmp_path / "a.raw")] * 2, tmp_path / "out", [str(tmp_path / "a_mask.raw")], raw=raw)
+    (job,) = IO.file_jobs(rep, [str(tmp_path / "a.raw")], tmp_path / "fixed.raw",
                          [str(tmp_path / "a_mask.raw")], raw=raw)
     assert job.output == Path(tmp_path / "fixed.raw") and job.spec.slice_shape == (V, X)
     read, mask, close = job.open()
     try:
         np.testing.assert_array_equal(read(0, 2), data[:2])
         np.testing.assert_array_equal(mask(0, 2), gaps[:2])
-        path, counts = I.predict_study(rep, job.spec, read, job.output, job.fmt, mask, batch=3, quiet=True)
+        path, counts = IO.predict_study(rep, job.spec, read, job.output, job.fmt, mask, batch=3, quiet=True)
     finally:
         close()
     assert counts.replaced == int((gaps == 0).sum())
-    with SinogramReader(I.open_input(path, raw)) as r:
+    with SinogramReader(IO.open_input(path, raw)) as r:
         out = r.read(0, sum(AXIAL))
     np.testing.assert_array_equal(out[gaps == 1], data[gaps == 1])
 
@@ -102,7 +105,7 @@ def test_stored_float_mask_keeps_its_measured_fractions(tmp_path):
             del f["mask"]
             f.create_dataset("mask", data=frac)
             want.append(frac)
-    read, mask, close = I._open_study(info, None)
+    read, mask, close = IO._open_study(info, None)
     try:
         got = mask(0, info.num_slices)
     finally:

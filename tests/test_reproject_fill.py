@@ -96,7 +96,8 @@ def test_export_refuses_a_reproject_model(tmp_path):
 def test_predict_models_the_given_factors(tmp_path):
     """hpc predict --mult/--randoms feeds them to a reproject-fill model: the gaps change with them,
     the measured values never do; the library equals the CLI."""
-    from hpc.inference import load_repairer, predict_file
+    from hpc.inference import load_repairer
+    from hpc.inference_io import predict_file
     from hpc.io.sinogram import SinogramReader, read_header
 
     ckpt = tmp_path / "m.pt"
