@@ -20,6 +20,7 @@ from hpc import geometry as G
 from hpc import physics as PH
 from hpc import projdata as P
 from hpc import simulate as S
+from hpc.phantom import Phantom
 from hpc.errors import InputError
 
 PAIRS_PER_CHUNK = 8  # ring pairs projected at a time: bounds memory (mCT TOF: ~14 MB per pair)
@@ -44,7 +45,7 @@ def _compress(x: np.ndarray, plane_of_pair: np.ndarray, n_planes: int, layout: P
     return planes.reshape(*planes.shape[:-2], layout.views, m, layout.bins).sum(-2)
 
 
-def layout_means(layout: P.Layout, ph: S.Phantom, counts: float | str, phys: S.Physics,
+def layout_means(layout: P.Layout, ph: Phantom, counts: float | str, phys: S.Physics,
                  planes: int | None = None) -> S.Means:
     """Expected prompts, randoms (T, P, V, X) and the mean multiplicative factor of each pixel's
     real LORs (P, V, X), float32, scaled to ``counts`` over the computed planes. Randoms follow the
@@ -121,7 +122,7 @@ def plain(layout: P.Layout, planes: int | None) -> bool:
                 lo == hi == s for s, lo, hi in zip(layout.segments, layout.min_rd, layout.max_rd, strict=True)))
 
 
-def sample(layout: P.Layout, ph: S.Phantom, counts: float | str, phys: S.Physics, planes: int | None,
+def sample(layout: P.Layout, ph: Phantom, counts: float | str, phys: S.Physics, planes: int | None,
            rng: np.random.Generator, study_id: str) -> tuple[S.Means, np.ndarray]:
     """(means, Poisson prompts (T, P, V, X) uint16) of a study in ``layout``; only the computed
     planes are drawn (the others are 0)."""

@@ -50,11 +50,12 @@ def test_mirrored_sinogram_is_the_object_rotated_by_180_degrees(name):
     same phantom rotated by 180 degrees: the second is the first with t -> -t, bit for bit on
     every bin that has a partner; and rotating by k views is a shift by k views."""
     from hpc import geometry as G
+    from hpc import phantom as PT
     from hpc import simulate as S
 
     sc = G.get_scanner(name)
-    ph = S.random_phantom(sc, np.random.default_rng(5))
-    ell = S.ellipses_at(ph, ph.z0 + 40.0)  # (E, 6): x, y, a, b, rotation, activity
+    ph = PT.random_phantom(sc, np.random.default_rng(5))
+    ell = PT.ellipses_at(ph, ph.z0 + 40.0)  # (E, 6): x, y, a, b, rotation, activity
     phi, s = G.lor_coordinates(sc)
     sino = torch.from_numpy(S.project(sc, ell, phi, s)[0])  # (V, X)
     turned = ell.copy()

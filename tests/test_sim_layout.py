@@ -13,6 +13,7 @@ from helpers import loader_cfg, make_dataset
 from hpc import geometry as G
 from hpc import projdata as P
 from hpc import sim_layout as SL
+from hpc import phantom as PT
 from hpc import simulate as S
 from hpc.data import build_loader
 from hpc.inference import Counts, compose
@@ -33,7 +34,7 @@ def test_compressed_planes_are_sums_of_their_ring_pairs(small):
     """A span-3, view-mashed, TOF-mashed plane = the sum over its ring pairs (study_means of each
     pair as a span-1 plane) and its uncompressed views, TOF bins summed in pairs."""
     lay = P.cti_layout(small, span=3, max_ring_diff=4, view_mashing=2, tof_mashing=2)
-    ph = S.random_phantom(small, np.random.default_rng(1))
+    ph = PT.random_phantom(small, np.random.default_rng(1))
     got = SL.layout_means(lay, ph, 1e6, PHYS).expected  # (3, P, 12, 24)
     plane, ra, rb = lay.ring_pairs
     per_pair = S.study_means(small, ph, (), None, PHYS, pairs=(ra, rb)).expected  # (6, M, 24, 24)

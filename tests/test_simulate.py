@@ -11,6 +11,7 @@ import pytest
 
 from hpc import geometry as G
 from hpc import physics as P
+from hpc import phantom as PT
 from hpc import simulate as S
 from hpc.errors import InputError, OutputError
 from hpc.io.sinogram import SinogramReader, read_header
@@ -53,8 +54,8 @@ def test_tof_weights_centre_on_the_emission_point():
 
 
 def test_phantoms_differ_and_vary_smoothly_along_the_axis():
-    a = S.expected_counts(DEMO, S.random_phantom(DEMO, np.random.default_rng(1)), (0,))[0]  # (P, V, X)
-    b = S.expected_counts(DEMO, S.random_phantom(DEMO, np.random.default_rng(2)), (0,))[0]
+    a = S.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(1)), (0,))[0]  # (P, V, X)
+    b = S.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(2)), (0,))[0]
     assert np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1] < 0.99  # another patient
     step = np.abs(np.diff(a, axis=0)).mean(axis=(1, 2)) / a.mean()
     assert (step > 1e-3).all() and (step < 0.5).all()  # every plane differs, but smoothly
@@ -64,7 +65,7 @@ def test_poisson_and_binomial_thinning_statistics():
     seed, counts, dose = 11, 4e5, 0.3
     st = S.simulate_study(TEST, "p", seed, counts, (0,), low_dose=dose)
     rng = np.random.default_rng(seed)  # the study's phantom is the first draw of its generator
-    mean = S.study_means(TEST, S.random_phantom(TEST, rng), (0,), counts).expected
+    mean = S.study_means(TEST, PT.random_phantom(TEST, rng), (0,), counts).expected
     np.testing.assert_allclose(mean, st.means.expected)
     assert mean.sum() == pytest.approx(counts)
     full, low = st.full.astype(float), st.low.astype(float)
@@ -192,10 +193,10 @@ def test_cli_rejects_bad_arguments(tmp_path, kw, message):
     assert not (tmp_path / "sim").exists()
 
 
-def _cylinder(sc: G.Scanner, radius: float) -> S.Phantom:
+def _cylinder(sc: G.Scanner, radius: float) -> PT.Phantom:
     """A uniform soft-tissue cylinder on the axis, longer than the scanner (no organs, no lesions)."""
     body = np.array([0.0, 0.0, radius, radius, 0.0, -np.pi / 2, 0.0])  # wobble 1 + 0.04 (1 + sin(-pi/2)) = 1
-    return S.Phantom(body, np.zeros((0, 9)), 0.0)
+    return PT.Phantom(body, np.zeros((0, 9)), 0.0)
 
 
 def test_uniform_cylinder_attenuation_factor_is_exp_minus_mu_l():
@@ -235,7 +236,7 @@ def test_normalisation_is_the_product_of_fixed_crystal_efficiencies():
 
 def test_randoms_are_a_smooth_background_of_the_requested_fraction():
     sc = TOF_TEST
-    means = S.study_means(sc, S.random_phantom(sc, np.random.default_rng(3)), (0, -1, 1), 2e5,
+    means = S.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0, -1, 1), 2e5,
                           S.Physics(randoms=0.3))
     r, e = means.randoms, means.expected
     assert r.sum() / e.sum() == pytest.approx(0.3, rel=1e-9) and e.sum() == pytest.approx(2e5)
@@ -244,14 +245,14 @@ def test_randoms_are_a_smooth_background_of_the_requested_fraction():
     outside = (trues.sum(0) == 0) & (G.gap_mask(sc) > 0)  # LORs that miss the body
     assert outside.any() and (r[0][outside] > 0).all()
     # smooth: neighbouring bins differ by far less than the trues do (efficiencies aside)
-    eff_free = S.study_means(sc, S.random_phantom(sc, np.random.default_rng(3)), (0,), 2e5,
+    eff_free = S.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0,), 2e5,
                              S.Physics(normalisation=False, randoms=0.3))
     rr, tt = eff_free.randoms[:, 0].sum(0), (eff_free.expected - eff_free.randoms)[:, 0].sum(0)
     assert np.abs(np.diff(rr, axis=1)).mean() / rr.mean() < 0.25 * np.abs(np.diff(tt, axis=1)).mean() / tt.mean()
 
 
 def test_count_levels_set_the_mean_prompts_per_lor_through_the_body():
-    ph = S.random_phantom(DEMO, np.random.default_rng(4))
+    ph = PT.random_phantom(DEMO, np.random.default_rng(4))
     means = S.study_means(DEMO, ph, (0,), "clinical")
     body = S.expected_counts(DEMO, ph, (0,)).sum(0) > 0
     per_lor = P.COUNT_LEVELS["clinical"] * DEMO.bin_size_mm * DEMO.ring_spacing_mm / P.MMR_LOR_MM2
@@ -262,13 +263,13 @@ def test_count_levels_set_the_mean_prompts_per_lor_through_the_body():
 def test_lesions_have_their_recorded_contrast_and_test_phantoms_differ():
     for seed in range(5):
         for variant in ("train", "test"):
-            ph = S.random_phantom(DEMO, np.random.default_rng(seed), variant)
-            lo, hi = S.VARIANTS[variant]["contrast"]
+            ph = PT.random_phantom(DEMO, np.random.default_rng(seed), variant)
+            lo, hi = PT.VARIANTS[variant]["contrast"]
             assert 1 <= len(ph.lesions) <= 4
             for les in ph.lesions:
                 assert lo <= les["contrast"] <= hi and 0 <= les["z"] <= DEMO.rings * DEMO.ring_spacing_mm
-                ell = S.ellipses_at(ph, ph.z0 + les["z"])
-                here = ell[S._inside(ell, les["x"], les["y"]), 5].sum()
+                ell = PT.ellipses_at(ph, ph.z0 + les["z"])
+                here = ell[PT._inside(ell, les["x"], les["y"]), 5].sum()
                 assert here == pytest.approx(les["contrast"] * les["background"], rel=1e-9)
             arms = (np.abs(ph.organs[:, 0] - ph.body[0]) > ph.body[2] * 1.08).sum()
             assert arms == (2 if variant == "test" else 0)
