@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from hpc.io.chunks import ChunkCodec  # noqa: E402
-from hpc.io.shards import COMPRESSIONS, compression_kwargs  # noqa: E402
+from hpc.io.h5write import COMPRESSIONS, compression_kwargs  # noqa: E402
 
 os.environ.setdefault("BLOSC_NTHREADS", "1")  # one core: per-core figures
 

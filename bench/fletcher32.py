@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpc.io.shards import compression_kwargs  # noqa: E402
+from hpc.io.h5write import compression_kwargs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""`hpc convert --workers N`: worker processes share the shards of all studies (one big file is
+"""`hpc convert --processes N`: worker processes share the shards of all studies (one big file is
 converted in parallel too). Workers die with the parent (even `kill -9`: PR_SET_PDEATHSIG), ignore
 Ctrl-C (the parent decides: hpc.convert.Interrupt), and are stopped at once on an error or an
 interrupt, their temporary shards removed.
@@ -12,8 +12,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from hpc.convert import (Options, Study, convert_shard, hash_sources, shard_ranges, study_entry,
-                         sweep_temporaries)
+from hpc.convert import sweep_temporaries
+from hpc.convert_study import Options, Study, convert_shard, hash_sources, shard_ranges, study_entry
 from hpc.progress import Progress
 
 _QUEUE = None  # per worker process: where progress counts go

@@ -23,7 +23,7 @@ import numpy as np
 from hpc.errors import InputError, OutputError
 from hpc.inference import AUX, Counts, MaskFn, Repairer, check_compatible, gap_mask, needs_repair, repair, valid_fn
 from hpc.io.atomic import FileOwners
-from hpc.io.shards import RepairedH5Writer
+from hpc.io.h5write import RepairedH5Writer
 from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, raw_spec, read_header, writer_paths
 from hpc.progress import Progress
 

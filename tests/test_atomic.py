@@ -18,7 +18,8 @@ import torch
 from hpc.errors import OutputError
 from hpc.io import atomic
 from hpc.io.atomic import AtomicFile, atomic_open, atomic_path, atomic_write_text
-from hpc.io.shards import FORMAT, RepairedH5Writer, ShardWriter
+from hpc.io.h5write import RepairedH5Writer, ShardWriter
+from hpc.io.shards import FORMAT
 from hpc.io.sinogram import SinogramWriter, raw_spec
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hpc.io.chunks import _H5_FLETCHER32, ChunkCodec, HashLane, _fletcher32_loop, fletcher32, fletcher32_numpy
-from hpc.io.shards import COMPRESSIONS, ShardWriter, compression_kwargs, verify_shard
+from hpc.io.h5write import COMPRESSIONS, ShardWriter, compression_kwargs
+from hpc.io.shards import verify_shard
 
 PIPELINES = {
     "blosc lz4 shuffle": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=1)),
@@ -98,7 +99,7 @@ def test_shards_from_the_thread_pool_equal_serial_ones_and_read_back(tmp_path, c
 def test_verification_from_chunk_digests_catches_a_changed_chunk(tmp_path, monkeypatch):
     """A chunk whose stored bytes differ from what was encoded (here: the writer is made to
     store a corrupted copy) fails the commit's verification, and no shard appears."""
-    import hpc.io.shards as S
+    import hpc.io.h5write as S
     from hpc.errors import OutputError
 
     data = np.random.default_rng(2).poisson(9, (5, 12, 10)).astype("<u2")
