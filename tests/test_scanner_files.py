@@ -11,10 +11,11 @@ import pytest
 
 from hpc import geometry as G
 from hpc import projdata as P
-from hpc.errors import InputError
+from hpc.errors import InputError, OutputError
 from hpc.io import headers as H
 from hpc.io.interfile import format_header, parse_header
-from hpc.io.sinogram import SinogramReader, SinogramSpec, SinogramWriter, read_header, write_sinogram
+from hpc.io.sinogram import (SinogramReader, SinogramSpec, SinogramWriter, output_bytes, read_header,
+                             write_sinogram)
 
 SMALL = G.Scanner("small", "hpc small", rings=8, detectors_per_ring=24, block_trans=4, block_axial=4, bins=14,
                   inner_radius_mm=95.0, doi_mm=5.0, bin_size_mm=13.1, ring_spacing_mm=4.0, virtual_trans=1,
@@ -159,6 +160,28 @@ def test_prompts_and_randoms_in_one_siemens_file(tmp_path):
     os.truncate(truncated, len(src) - 2)
     with pytest.raises(InputError, match="truncated"):
         read_header(hdr)
+
+
+def test_prompts_and_randoms_output_reserved_whole_on_a_full_disk(tmp_path, tmpfs):
+    """The writer reserves the whole output (prompts AND randoms) before copying anything: on a disk
+    with room for the prompts but not the randoms it fails as one line naming the data file and
+    leaves nothing. (Reserving only the prompts, the randoms copy got a short write from the full
+    disk, which pwrite reports as a count, not an error: the truncated data file was committed and
+    the error came only from the header, naming it.)"""
+    rng = np.random.default_rng(3)
+    prompts, randoms = rng.integers(0, 30, (1, 127, 8, 10)), rng.integers(0, 3, (1, 127, 8, 10))
+    spec = read_header(_siemens_two_sets(tmp_path, prompts, randoms))
+    size = os.path.getsize(spec.data_path)  # 64 + 2 x 20320 bytes
+    assert output_bytes(spec) == size > spec.offset + spec.nbytes
+    disk = tmpfs("28k")  # 7 pages: the preamble + prompts (5 pages) fit, the whole file (10) does not
+    before = open(spec.data_path, "rb").read()
+    with pytest.raises(OutputError) as err:
+        with SinogramWriter(spec, disk / "out.s.hdr", "repaired by a test") as w:
+            w.write(0, np.full((127, 8, 10), 9, np.int16))
+            w.commit()
+    msg = str(err.value)
+    assert msg.startswith(f"{disk / 'out.s'}: no space left on device") and "\n" not in msg, msg
+    assert list(disk.iterdir()) == [] and open(spec.data_path, "rb").read() == before
 
 
 def test_inline_comments_read_as_stir_reads_them(tmp_path):

@@ -323,11 +323,17 @@ def write_sinogram(path: str | os.PathLike, data: np.ndarray, fmt: str = "siemen
     return header
 
 
-def _copy_around(spec: SinogramSpec, fd: int, chunk: int = 8 << 20) -> None:
+def output_bytes(spec: SinogramSpec) -> int:
+    """Size of the data file ``SinogramWriter(spec, ...)`` writes: the whole source data file (its
+    preamble and other data sets, e.g. the randoms of prompts + randoms, are copied), at least the
+    end of the data set ``spec`` describes."""
+    return max(spec.offset + spec.nbytes, spec.data_path.stat().st_size)
+
+
+def _copy_around(spec: SinogramSpec, fd: int, size: int, chunk: int = 8 << 20) -> None:
     """Copy every byte of the source data file outside the data set ``spec`` describes (a vendor
     preamble, the randoms of a prompts + randoms file) to the same place in ``fd``: the source's
     header then describes the output unchanged."""
-    size = spec.data_path.stat().st_size
     with open(spec.data_path, "rb") as src:
         for lo, hi in ((0, spec.offset), (spec.offset + spec.nbytes, size)):
             for pos in range(lo, hi, chunk):
@@ -363,9 +369,11 @@ class SinogramWriter:
         self._out = AtomicFile(self.data_path)
         self._mm = None
         try:
-            # reserve the space now: a full disk is an error here, not a SIGBUS in write()
-            os.posix_fallocate(self._out.fd, 0, spec.offset + spec.nbytes)
-            _copy_around(spec, self._out.fd)  # a vendor preamble, the randoms of prompts + randoms
+            # reserve the whole file now (prompts and randoms): a full disk is an error here, before
+            # anything is copied, not a SIGBUS in write()
+            size = output_bytes(spec)
+            os.posix_fallocate(self._out.fd, 0, size)
+            _copy_around(spec, self._out.fd, size)  # a vendor preamble, the randoms of prompts + randoms
             self._mm = mmap.mmap(self._out.fd, 0, access=mmap.ACCESS_WRITE)
         except OSError as exc:
             self._out.abort()
