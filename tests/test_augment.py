@@ -152,6 +152,21 @@ def test_hash_blocks_and_thinning():
     assert torch.equal(t, t.round()) and (t <= x).all() and abs(t.mean().item() - 5.0) < 0.2
 
 
+def test_thinning_by_measured_fraction():
+    """Fully measured bins keep every count, lost ones none, partly measured ones a binomial share
+    (drawn only there on CPU); the same generator gives the same draws."""
+    x = torch.full((3, 2, 50, 40), 20.4)  # counts round to 20
+    frac = torch.ones(3, 1, 50, 40)
+    frac[:, :, :10] = 0.0
+    frac[:, :, 10:30] = 0.25
+    t = A.thin_fraction(x, frac, torch.Generator().manual_seed(1))
+    assert t.shape == x.shape and torch.equal(t, t.round())
+    assert (t[:, :, 30:] == 20).all() and (t[:, :, :10] == 0).all()
+    part = t[:, :, 10:30]
+    assert (part <= 20).all() and abs(part.mean().item() - 5.0) < 0.2 and part.std() > 1.0
+    assert torch.equal(A.thin_fraction(x, frac, torch.Generator().manual_seed(1)), t)
+
+
 def test_affine_identity_and_mask_outside_is_measured():
     x = torch.rand(2, 1, 8, 8)
     one = torch.ones(2)
