@@ -32,7 +32,8 @@ from hpc.config import Config  # noqa: E402
 from hpc.data import build_loader  # noqa: E402
 from hpc.distributed.device import DEVICES, resolve_device  # noqa: E402
 from hpc.io.atomic import atomic_write_text  # noqa: E402
-from hpc.io.shards import Dataset, ShardWriter  # noqa: E402
+from hpc.io.h5write import ShardWriter  # noqa: E402
+from hpc.io.shards import Dataset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

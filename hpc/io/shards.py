@@ -257,12 +257,3 @@ class ShardArray:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def __getattr__(name: str):
-    """``from hpc.io.shards import ShardWriter`` for bench/loader.py until it imports from
-    hpc.io.h5write (the writer moved there; a lazy lookup, since h5write imports this module)."""
-    if name == "ShardWriter":
-        from hpc.io.h5write import ShardWriter
-        return ShardWriter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
