@@ -183,14 +183,7 @@ def thin_fraction(x: torch.Tensor, fraction: torch.Tensor, generator: torch.Gene
     """Binomial thinning of counts x by a per-pixel probability (the measured fraction of a
     span-compressed bin whose other LORs a dead block lost: Poisson statistics stay exact)."""
     counts = x.round().clamp_min(0)
-    p = fraction.clamp(0, 1).expand_as(counts)
-    if counts.device.type != "cpu":  # one kernel over every pixel (selecting the partial ones would sync)
-        return torch.binomial(counts, p.contiguous(), generator=generator)
-    # CPU: draw only where 0 < p < 1 (a few % of the pixels; binomial(n, 1) = n, binomial(n, 0) = 0)
-    part = (p > 0) & (p < 1)
-    out = torch.where(p > 0, counts, 0.0)
-    out[part] = torch.binomial(counts[part], p[part], generator=generator)
-    return out
+    return torch.binomial(counts, fraction.clamp(0, 1).expand_as(counts).contiguous(), generator=generator)
 
 
 # ---------------------------------------------------------------- augmentation

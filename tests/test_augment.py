@@ -153,8 +153,8 @@ def test_hash_blocks_and_thinning():
 
 
 def test_thinning_by_measured_fraction():
-    """Fully measured bins keep every count, lost ones none, partly measured ones a binomial share
-    (drawn only there on CPU); the same generator gives the same draws."""
+    """Fully measured bins keep every count, lost ones none, partly measured ones a binomial share;
+    the same generator gives the same draws."""
     x = torch.full((3, 2, 50, 40), 20.4)  # counts round to 20
     frac = torch.ones(3, 1, 50, 40)
     frac[:, :, :10] = 0.0
