@@ -327,46 +327,49 @@ class DeadBlockTables:
             device=dev)
 
     def fractions(self, planes, dead):
-        """Measured fractions (N, V, X) float32 of planes ``planes`` (N,) with dead blocks ``dead``
-        (N, D) (ids ``axial_block * n_trans + trans_block``; -1 = none).
+        """Measured fractions (B, C, V, X) float32 of planes ``planes`` (B, C) (a sample's context
+        planes share its dead blocks) with dead blocks ``dead`` (B, D) (ids ``axial_block * n_trans +
+        trans_block``; -1 = none); planes (N,) give (N, V, X).
 
         A LOR of ring pair k is lost when one of its ends lies in a dead block: end 1 in the block's
         transaxial range while ring a is in the block's axial range, or end 2 while ring b is. Only
         the LORs with an end in a dead block's transaxial range (a few %) are looked at: as bit codes,
-        per LOR ``e`` (which dead blocks' transaxial ranges its ends fall in) and per ring pair ``h``
-        (which dead blocks' axial ranges its rings fall in), it is lost when ``e & h != 0`` (blocks 4
-        at a time, 2 bits each); every other pixel is 1. (The dense pairs x blocks x all-LORs product
-        took ~1 s per batch of 80 mCT planes on CPU.)"""
+        per LOR ``e`` (which dead blocks' transaxial ranges its ends fall in: per sample) and per ring
+        pair ``h`` (which dead blocks' axial ranges its rings fall in: per plane), it is lost when
+        ``e & h != 0`` (blocks 4 at a time, 2 bits each); every other pixel is 1. (The dense
+        pairs x blocks x all-LORs product took ~1 s per batch of 80 mCT planes on CPU.)"""
         import torch
 
+        if planes.dim() == 1:
+            return self.fractions(planes[:, None], dead)[:, 0]
         lay, dev = self.layout, dead.device
-        n, d = dead.shape
-        d_ax = torch.where(dead >= 0, dead.div(self.n_trans, rounding_mode="floor"), -1)  # (N, D); -1: no ring
-        d_tr = dead.remainder(self.n_trans)  # (N, D)
-        a, b, real = self.block_a[planes], self.block_b[planes], self.real[planes]  # (N, K)
-        hit = torch.stack([a[:, :, None] == d_ax[:, None, :], b[:, :, None] == d_ax[:, None, :]], -1)  # (N, K, D, 2)
-        idx = self.cols[d_tr]  # (N, D, M) the LORs each dead block can take away (rows padded)
-        once = torch.arange(idx.shape[2], device=dev) < self.listed[d_tr][..., None]  # (N, D, M): not padding
-        codes = []  # per group of 4 blocks: (LOR codes (N, D * M), ring-pair codes (N, K)), uint8
+        (n, c), d = planes.shape, dead.shape[1]
+        d_ax = torch.where(dead >= 0, dead.div(self.n_trans, rounding_mode="floor"), -1)  # (B, D); -1: no ring
+        d_tr = dead.remainder(self.n_trans)  # (B, D)
+        a, b, real = self.block_a[planes], self.block_b[planes], self.real[planes] > 0  # (B, C, K)
+        hit = torch.stack([a[..., None] == d_ax[:, None, None], b[..., None] == d_ax[:, None, None]], -1)  # (B,C,K,D,2)
+        idx = self.cols[d_tr]  # (B, D, M) the LORs each dead block can take away (rows padded)
+        once = torch.arange(idx.shape[2], device=dev) < self.listed[d_tr][..., None]  # (B, D, M): not padding
+        codes = []  # per group of 4 blocks: (LOR codes (B, D * M), ring-pair codes (B, C, K)), uint8
         for g in range(0, d, 4):
             e = torch.zeros(n, idx[0].numel(), dtype=torch.uint8, device=dev)
             h = torch.zeros(a.shape, dtype=torch.uint8, device=dev)
             for j in range(g, min(g + 4, d)):
-                at = self.ends.take(d_tr[:, j, None, None] * self.lors + idx)  # (N, D, M) LOR ends in block j
+                at = self.ends.take(d_tr[:, j, None, None] * self.lors + idx)  # (B, D, M) LOR ends in block j
                 e |= at.view(n, -1) << 2 * (j - g)
-                h |= (hit[:, :, j, 0] | hit[:, :, j, 1] << 1).to(torch.uint8) << 2 * (j - g)
+                h |= (hit[..., j, 0] | hit[..., j, 1] << 1).to(torch.uint8) << 2 * (j - g)
                 once[:, j + 1:] &= at[:, j + 1:] == 0  # listed by block j already
             codes.append((e, h))
-        alive = _surviving_pairs(codes, real > 0)  # (N, D * M)
-        idx, once = idx.view(n, -1), once.view(n, -1)  # (N, D * M)
-        pairs = real.sum(1, keepdim=True)  # (N, 1) real ring pairs of the plane
-        lost = (pairs - alive) * self.valid[idx]  # (N, D * M) lost real LORs of each listed LOR position
-        pix = self.pixel[idx]  # (N, D * M) stored pixel of each listed LOR
+        pairs = real.sum(2, keepdim=True, dtype=torch.float32)  # (B, C, 1) real ring pairs of each plane
+        lost = (pairs - _surviving_pairs(codes, real)) * self.valid[idx].view(n, 1, -1)  # (B, C, D * M)
+        pix = self.pixel[idx].view(n, 1, -1).expand(lost.shape)  # stored pixel of each listed LOR
         if lay.view_mashing > 1:  # a stored pixel adds up several LORs: each counted once
-            lost = torch.zeros(n, lay.views * lay.bins, device=dev).scatter_add_(1, pix, lost * once).gather(1, pix)
-        total = pairs * self.valid_pixels[pix]  # (N, D * M) real LORs of those pixels (mashed views add up)
+            lost = torch.zeros(n, c, lay.views * lay.bins, device=dev).scatter_add_(
+                2, pix, lost * once.view(n, 1, -1)).gather(2, pix)
+        total = pairs * self.valid_pixels[pix]  # (B, C, D * M) real LORs of those pixels (mashed views add up)
         frac = ((total - lost) / total.clamp_min(1.0)).where(total > 0, 1.0)  # repeats: the same value
-        return torch.ones(n, lay.views * lay.bins, device=dev).scatter_(1, pix, frac).view(n, lay.views, lay.bins)
+        out = torch.ones(n, c, lay.views * lay.bins, device=dev).scatter_(2, pix, frac)
+        return out.view(n, c, lay.views, lay.bins)
 
     def hit_planes(self, blocks: ArrayLike) -> np.ndarray:
         """(P,) bool: planes with a ring pair in an axial block of ``blocks``."""
@@ -374,20 +377,21 @@ class DeadBlockTables:
 
 
 def _surviving_pairs(codes, real):
-    """(N, L) float32: the real ring pairs (``real`` (N, K) bool) for which each LOR survives: those
-    with ``e & h == 0`` in every group of ``codes`` [(e (N, L), h (N, K)) uint8]. One group (at most
-    4 dead blocks, the usual case): a (N, 256) table of survivors per LOR code, looked up."""
+    """(B, C, L) float32: the real ring pairs (``real`` (B, C, K) bool) for which each LOR survives:
+    those with ``e & h == 0`` in every group of ``codes`` [(e (B, L), h (B, C, K)) uint8]. One group
+    (at most 4 dead blocks, the usual case): a table of survivors per LOR code (B, C, 256), looked up."""
     import torch
 
+    n, c, _ = real.shape
     if len(codes) == 1:
         e, h = codes[0]
         every = torch.arange(256, device=e.device, dtype=torch.uint8)
-        table = (((h[:, :, None] & every) == 0) & real[:, :, None]).sum(1, dtype=torch.float32)  # (N, 256)
-        return table.gather(1, e.long())
-    ok = real[:, :, None].expand(*real.shape, codes[0][0].shape[1])  # (N, K, L)
+        table = (((h[..., None] & every) == 0) & real[..., None]).sum(2, dtype=torch.float32)  # (B, C, 256)
+        return table.gather(2, e.long()[:, None].expand(n, c, -1))
+    ok = real[..., None]  # (B, C, K, L) after the first group
     for e, h in codes:
-        ok = ok & ((e[:, None, :] & h[:, :, None]) == 0)
-    return ok.sum(1, dtype=torch.float32)
+        ok = ok & ((e[:, None, None] & h[..., None]) == 0)
+    return ok.sum(2, dtype=torch.float32)
 
 
 def hit_planes(layout: Layout, blocks: ArrayLike) -> np.ndarray:

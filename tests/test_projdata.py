@@ -164,6 +164,10 @@ def test_batched_fractions_equal_the_per_block_set_reference(scanner, span, mash
             want = P.dead_fractions(lay, sorted(set(blocks[blocks >= 0].tolist())), planes=[p])[0]
             np.testing.assert_array_equal(got[i], want)
         assert (got < 1).any()  # something was lost
+        # the loader's form: a sample's context planes (B, C) share its dead blocks (B, D)
+        ctx = tables.fractions(torch.as_tensor(planes).view(4, 3), torch.as_tensor(dead[::3]))
+        reps = tables.fractions(torch.as_tensor(planes), torch.as_tensor(dead[::3]).repeat_interleave(3, 0))
+        assert ctx.shape == (4, 3, lay.views, lay.bins) and torch.equal(ctx.reshape(reps.shape), reps)
 
 
 def test_mmr_dead_block_in_span_11():

@@ -78,9 +78,7 @@ class LayoutGeometry:
 
     def masks(self, ids: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """ids (B, C) slice ids, dead (B, D) block ids per sample -> (B, C, V, X) measured fractions."""
-        b, c = ids.shape
-        m = self.tables.fractions(self.plane[ids.reshape(-1)], dead.repeat_interleave(c, dim=0))
-        return m.view(b, c, *m.shape[-2:])
+        return self.tables.fractions(self.plane[ids], dead)
 
     def valid(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, C) -> (B, C, V, X) float: 1 where the pixel holds a real line of response."""
