@@ -184,6 +184,24 @@ def test_prompts_and_randoms_output_reserved_whole_on_a_full_disk(tmp_path, tmpf
     assert list(disk.iterdir()) == [] and open(spec.data_path, "rb").read() == before
 
 
+def test_full_disk_at_the_header_leaves_neither_file(tmp_path, tmpfs):
+    """The header is written before the data is renamed into place: a disk that holds the data
+    file exactly (2 pages) but not the header fails as one line naming the header and leaves
+    nothing (the data used to be committed first, then the header failed)."""
+    rng = np.random.default_rng(4)
+    prompts, randoms = rng.integers(0, 30, (1, 127, 4, 4)), rng.integers(0, 3, (1, 127, 4, 4))
+    spec = read_header(_siemens_two_sets(tmp_path, prompts, randoms))
+    assert output_bytes(spec) == os.path.getsize(spec.data_path) == 8192  # 64 + 2 x 127 x 16 x 2
+    disk = tmpfs("8k")
+    with pytest.raises(OutputError) as err:
+        with SinogramWriter(spec, disk / "out.s.hdr", "repaired by a test") as w:
+            w.write(0, np.full((127, 4, 4), 9, np.int16))
+            w.commit()
+    msg = str(err.value)
+    assert msg.startswith(f"{disk / 'out.s.hdr'}: no space left on device") and "\n" not in msg, msg
+    assert list(disk.iterdir()) == []
+
+
 def test_inline_comments_read_as_stir_reads_them(tmp_path):
     data = np.arange(2 * 3 * 4, dtype="<u2").reshape(2, 3, 4)
     data.tofile(tmp_path / "c.s")

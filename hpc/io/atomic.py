@@ -139,6 +139,15 @@ class AtomicFile:
             return False
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
+    def write_all(self, data: bytes) -> None:
+        """Write all of ``data`` to the temporary file (a full disk: one-line OutputError)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise self._error(exc, "cannot write") from None
+
     def commit(self) -> Path:
         """fsync, give the umask's permissions, rename onto the target, fsync the directory."""
         try:
@@ -272,9 +281,7 @@ def atomic_open(target: str | os.PathLike) -> Iterator[io.BufferedWriter]:
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     with AtomicFile(target) as af:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(af.fd, view):]
+        af.write_all(data)
         return af.commit()
 
 

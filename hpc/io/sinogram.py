@@ -401,18 +401,20 @@ class SinogramWriter:
         self._mm.madvise(mmap.MADV_DONTNEED)
 
     def commit(self) -> Path:
-        """Rename the data into place, then write the header. Returns the header (or data) path."""
+        """Write the header beside the data, then rename both into place (data first). A full disk
+        at the header leaves neither. Returns the header (or data) path."""
         missing = np.flatnonzero(~self._written)
         if missing.size:
             raise ValueError(f"{self.data_path}: {missing.size} slices never written (first: {missing[0]})")
         self._close()
-        self._out.commit()
         if self.header is None:
-            return self.data_path
+            return self._out.commit()
         src = parse_header(self.spec.header_path)
-        atomic_write_text(self.header, rewrite_header(src, {"name of data file": self.data_path.name},
-                                                      self.comment))
-        return self.header
+        text = rewrite_header(src, {"name of data file": self.data_path.name}, self.comment)
+        with AtomicFile(self.header) as head:
+            head.write_all(text.encode())
+            self._out.commit()
+            return head.commit()
 
     def _close(self) -> None:
         if self._mm is not None and not self._mm.closed:
