@@ -179,9 +179,9 @@ def pick_slices(n: int, limit: int) -> np.ndarray:
 
 def geometry(rep: Repairer, layout: SinogramSpec):
     """The scanner whose projector matches these slices (uncompressed views), or None."""
-    from hpc.inference import _known_scanner
+    from hpc.geometry import find_scanner
 
-    sc = _known_scanner(rep.scanner) or _known_scanner(str(layout.fields.get("originating system", "")))
+    sc = find_scanner(rep.scanner) or find_scanner(str(layout.fields.get("originating system", "")))
     return sc if sc is not None and (sc.views, sc.bins) == tuple(layout.slice_shape) else None
 
 

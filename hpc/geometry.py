@@ -149,6 +149,15 @@ def get_scanner(name: str) -> Scanner:
                      f"(or STIR's names: {', '.join(s.stir_name for s in SCANNERS.values())})")
 
 
+def find_scanner(name: str) -> Scanner | None:
+    """``get_scanner(name)``, or None for an empty or unknown name (a header's free-text
+    `originating system`, a dataset recording no scanner)."""
+    try:
+        return get_scanner(name) if name else None
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------- transaxial
 def sino_to_lor(sc: Scanner, view: ArrayLike, bin: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Detectors (d1, d2) of uncompressed views and bins (arrays, any shape); d1 is in ring_a."""

@@ -32,6 +32,7 @@ from hpc.augment import Preprocess
 from hpc.config import Config, from_stored
 from hpc.data.index import window_ids
 from hpc.errors import InputError
+from hpc.geometry import find_scanner
 from hpc.io.sinogram import MaskReader, SinogramSpec
 from hpc.progress import Progress
 
@@ -103,21 +104,11 @@ def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
     if rep.slice_shape is not None and tuple(spec.slice_shape) != rep.slice_shape:
         raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} (views x bins) but "
                          f"checkpoint {rep.path} was trained on {rep.slice_shape[0]}x{rep.slice_shape[1]}")
-    sc = _known_scanner(rep.scanner)
+    sc = find_scanner(rep.scanner)
     if sc is not None and (sc.views % spec.views or spec.bins > sc.bins):
         raise InputError(f"{spec.source}: slices are {spec.views}x{spec.bins} but checkpoint "
                          f"{rep.path} was trained on scanner {sc.name!r} ({sc.views} views, mashed by an "
                          f"integer, x up to {sc.bins} bins)")
-
-
-def _known_scanner(name: str):
-    """The geometry preset called ``name``, or None (a header's free-text `originating system`)."""
-    from hpc import geometry as G
-
-    try:
-        return G.get_scanner(name) if name else None
-    except ValueError:
-        return None
 
 
 def _scanner(name: str, where: Path | str):

@@ -12,6 +12,7 @@ import torch
 
 from hpc import augment as A
 from hpc.config import Config, validate_scanner
+from hpc.geometry import find_scanner
 from hpc.data.index import SliceIndex
 from hpc.errors import ConfigError
 
@@ -36,16 +37,6 @@ def batch_generator(seed: int, epoch: int, j: int, device: torch.device) -> torc
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, epoch, j]).generate_state(1)[0]))
     return g
-
-
-def _known(name: str) -> bool:
-    from hpc import geometry as G
-
-    try:
-        G.get_scanner(name)
-        return True
-    except ValueError:
-        return False
 
 
 class LayoutGeometry:
@@ -190,7 +181,7 @@ class DeviceTransform:
                                   f"(or corrupt.dead_blocks=0)")
             validate_scanner(cfg, name)  # the manifest's scanner, when corrupt.scanner does not name one
             self.geometry = self.dead = LayoutGeometry(name, index, device)
-        elif name and _known(name):  # virtual crystals: known from the geometry even without dead blocks
+        elif find_scanner(name) is not None:  # virtual crystals: known from the geometry even without dead blocks
             try:
                 self.geometry = LayoutGeometry(name, index, device)
             except ConfigError:
