@@ -325,8 +325,8 @@ def fill_gaps(x: torch.Tensor, mask: torch.Tensor, mode: str, reproject=None,
     the whole value. Partly measured bins keep their counts (the mask channel says what fraction
     they hold); pixels without a real LOR (``valid`` 0: virtual crystals) are 0."""
     if mode == "zero":
-        out = torch.where(mask > 0, x, 0.0)
-        return out if valid is None else out * (valid > 0.5)
+        keep = mask > 0 if valid is None else (mask > 0) & (valid > 0.5)
+        return torch.where(keep, x, 0.0)
     if mode == "reproject":
         if reproject is None:
             raise ValueError("the reproject fill (data.fill) needs the scanner geometry")
