@@ -103,7 +103,8 @@ class Loader:
         if self.cfg.data.backend == "dali":
             if self._dali is None:  # one pipeline for consecutive passes
                 from hpc.data.dali_backend import DaliBatches
-                self._dali = DaliBatches(self.reader, self.planner(), self.cfg, self.rank, self.device, self.train)
+                self._dali = DaliBatches(self.reader, self.planner(), self.cfg, self.rank, self.device, self.train,
+                                         self.lanes)
             return self._dali(self.epoch, start)
         if self._torch is None:  # persistent reader workers, started on first use
             from hpc.data.torch_backend import TorchBatches
