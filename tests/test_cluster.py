@@ -84,6 +84,10 @@ def test_stop_finds_daemons_of_an_interrupted_start_by_their_pid_files(tmp_path)
     fake = subprocess.Popen(["bash", "-c", "exec -a slurmctld sleep 300"])  # cmdline: "slurmctld 300"
     other = subprocess.Popen(["sleep", "300"])
     try:
+        cmdline = Path(f"/proc/{fake.pid}/cmdline")
+        deadline = time.monotonic() + 30
+        while not cmdline.read_bytes().startswith(b"slurmctld") and time.monotonic() < deadline:
+            time.sleep(0.01)  # bash has not exec'd yet (a loaded machine: the full suite once lost this race)
         (tmp_path / "run" / "slurmctld.pid").write_text(f"{fake.pid}\n")
         (tmp_path / "run" / "munged.pid").write_text(f"{other.pid}\n")  # a reused PID: not munged
         assert harness.stop_orphans(tmp_path) == ["slurmctld"]
