@@ -175,13 +175,19 @@ def test_prompts_and_randoms_output_reserved_whole_on_a_full_disk(tmp_path, tmpf
     assert output_bytes(spec) == size > spec.offset + spec.nbytes
     disk = tmpfs("28k")  # 7 pages: the preamble + prompts (5 pages) fit, the whole file (10) does not
     before = open(spec.data_path, "rb").read()
+    _repair_onto_full_disk(spec, disk, failing=disk / "out.s")
+    assert open(spec.data_path, "rb").read() == before
+
+
+def _repair_onto_full_disk(spec, disk, failing) -> None:
+    """Write a repaired copy of ``spec`` onto ``disk``: one line naming ``failing``, nothing left."""
     with pytest.raises(OutputError) as err:
         with SinogramWriter(spec, disk / "out.s.hdr", "repaired by a test") as w:
-            w.write(0, np.full((127, 8, 10), 9, np.int16))
+            w.write(0, np.full((spec.num_slices, spec.views, spec.bins), 9, np.int16))
             w.commit()
     msg = str(err.value)
-    assert msg.startswith(f"{disk / 'out.s'}: no space left on device") and "\n" not in msg, msg
-    assert list(disk.iterdir()) == [] and open(spec.data_path, "rb").read() == before
+    assert msg.startswith(f"{failing}: no space left on device") and "\n" not in msg, msg
+    assert list(disk.iterdir()) == []
 
 
 def test_full_disk_at_the_header_leaves_neither_file(tmp_path, tmpfs):
@@ -193,13 +199,7 @@ def test_full_disk_at_the_header_leaves_neither_file(tmp_path, tmpfs):
     spec = read_header(_siemens_two_sets(tmp_path, prompts, randoms))
     assert output_bytes(spec) == os.path.getsize(spec.data_path) == 8192  # 64 + 2 x 127 x 16 x 2
     disk = tmpfs("8k")
-    with pytest.raises(OutputError) as err:
-        with SinogramWriter(spec, disk / "out.s.hdr", "repaired by a test") as w:
-            w.write(0, np.full((127, 4, 4), 9, np.int16))
-            w.commit()
-    msg = str(err.value)
-    assert msg.startswith(f"{disk / 'out.s.hdr'}: no space left on device") and "\n" not in msg, msg
-    assert list(disk.iterdir()) == []
+    _repair_onto_full_disk(spec, disk, failing=disk / "out.s.hdr")
 
 
 def test_inline_comments_read_as_stir_reads_them(tmp_path):
