@@ -12,9 +12,9 @@ import torch
 
 from hpc import augment as A
 from hpc.config import Config, validate_scanner
-from hpc.geometry import find_scanner
 from hpc.data.index import SliceIndex
 from hpc.errors import ConfigError
+from hpc.geometry import find_scanner
 
 
 @dataclass
@@ -96,10 +96,10 @@ def _segments(shift: int, v: int) -> list[tuple[int, int, int, bool]]:
 def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams | None = None,
                      with_max: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """``stack_rows(slices, window, prm).float()``, bit for bit, as float32 (B, C, V, X). On the CPU
-    it is one pass: copies of whole row runs with the cast fused in (torch's index_select + flip +
-    scatter + cast made four passes over the batch, the loader's largest cost on CPU). Mirrored
-    rows are copied from one radially flipped copy of the unique slices (torch's vectorised flip):
-    numpy's casting copy from negative strides is ~5x slower than from contiguous rows.
+    each output row is written once: copies of whole row runs with the cast fused in (torch's
+    index_select + flip + scatter + cast made four passes over the batch, the loader's largest cost
+    on CPU). Mirrored rows are copied from one radially flipped copy of the unique slices (torch's
+    vectorised flip): numpy's casting copy from negative strides is ~5x slower than from contiguous rows.
     ``with_max``: also each sample's maximum (B,) float32 (rotation and mirror only permute
     pixels), from one maximum per unique slice (None off the CPU)."""
     if slices.device.type != "cpu":
