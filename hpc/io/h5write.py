@@ -65,6 +65,18 @@ class _Done:
         return self.value
 
 
+def discard(out: AtomicFile, f: h5py.File | None) -> None:
+    """Give up a partly written HDF5 file ``f`` open on ``out``'s temporary file. It is emptied
+    first: on a full disk HDF5's closing flush would fail again and print tracebacks; with the space
+    freed it closes cleanly, then the temporary file goes."""
+    if f is not None and f.id.valid:
+        with contextlib.suppress(OSError):
+            os.ftruncate(out.fd, 0)
+        with contextlib.suppress(Exception):
+            f.close()
+    out.abort()
+
+
 class ShardWriter:
     """Write one shard (slices of one study) in slabs to a temporary file, then
     verify and rename. ``arrays`` maps dataset name -> (shape, dtype); ``attrs`` are root
@@ -220,14 +232,7 @@ class ShardWriter:
             if hasattr(job, "cancel"):
                 job.cancel()
         self._pending = []
-        if self._file is not None and self._file.id.valid:
-            # Empty the file first: on a full disk HDF5's closing flush would fail again and
-            # print tracebacks; with the space freed it closes cleanly, then the file goes.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._out.fd, 0)
-            with contextlib.suppress(Exception):
-                self._file.close()
-        self._out.abort()
+        discard(self._out, self._file)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -275,12 +280,7 @@ class RepairedH5Writer:
             OutputError(f"{self.path}: cannot write: {str(exc).splitlines()[0]}") from None
 
     def abort(self) -> None:
-        if self.f is not None and self.f.id.valid:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._out.fd, 0)  # a full disk: let HDF5's closing flush succeed
-            with contextlib.suppress(Exception):
-                self.f.close()
-        self._out.abort()
+        discard(self._out, self.f)
 
     def __enter__(self) -> RepairedH5Writer:
         return self
