@@ -1,11 +1,13 @@
 """Loader throughput (slices/s) per backend and worker count, I/O amplification, and, on a GPU,
 the loader's rate next to the training step's consumption rate for the same batch.
 
-Writes a synthetic dataset (uint16 Poisson counts, shard format v1 via hpc.io.shards) unless
+Writes a synthetic dataset (uint16 Poisson counts, shard format v1 via hpc.io.h5write) unless
 --data names a converted one. Each configuration runs --epochs full epochs of the train split
 (the first is a warm-up: worker start, page cache) with the full pipeline: reads, context windows,
 dead-block corruption when the dataset records a scanner (--scanner), augmentation, normalization,
-padding, copy to --device. The baseline is one sequential h5py pass over the same shards.
+padding, copy to --device. The baseline is one sequential h5py pass over the same shards; the
+floor is the rate of a loader that only decodes each slice once and writes its float32 context
+stacks (``vs_floor``: how close the loader gets to what any loader with this output must spend).
 "ratio" = loader slices/s / training-step samples/s (>= 1: the GPU never waits for data).
 
     python bench/loader.py                                            # CPU, synthetic 64x128
