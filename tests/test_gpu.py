@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from helpers import loader_cfg, make_dataset
 
 pytestmark = pytest.mark.gpu
@@ -19,18 +20,19 @@ def _cuda():
 
 
 def _dataset(tmp_path):
-    from hpc import geometry as G
+    from hpc.physics import geometry as G
+    from hpc.physics import projdata as P
 
     sc = G.get_scanner("test")
-    segs = G.segment_sequence(sc.rings - 1)
-    return make_dataset(tmp_path / "d", studies=3, segments=segs, axial=G.axial_counts(sc, segs), views=sc.views,
+    segs = P.segment_sequence(sc.rings - 1)
+    return make_dataset(tmp_path / "d", studies=3, segments=segs, axial=P.axial_counts(sc, segs), views=sc.views,
                         bins=sc.bins, counts=True, scanner="test", shard_slices=7)
 
 
 def test_dali_gpu_pipeline_equals_the_torch_backend(tmp_path):
-    from helpers import require_dali
-
     from hpc.data import build_loader
+
+    from helpers import require_dali
 
     require_dali()
     root = _dataset(tmp_path)
@@ -48,7 +50,7 @@ def test_dali_gpu_pipeline_equals_the_torch_backend(tmp_path):
 
 def _trainer(tmp_path, **train):
     from hpc.config import load_config
-    from hpc.train import Trainer
+    from hpc.train.train import Trainer
 
     root = _dataset(tmp_path)
     over = [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", "data.device=cuda", "data.workers=0",
@@ -81,8 +83,8 @@ def test_steady_state_steps_never_synchronise_with_the_host(tmp_path):
 
 def test_predict_on_the_gpu_equals_the_cpu(tmp_path):
     from hpc.config import Config, to_dict
-    from hpc.inference import load_repairer, model_output
-    from hpc.models import build_model
+    from hpc.repair.inference import load_repairer, model_output
+    from hpc.train.models import build_model
 
     cfg = Config()
     cfg.data.context, cfg.model.name, cfg.model.base, cfg.model.norm = 1, "light", 8, "none"
