@@ -22,20 +22,32 @@ Why each step:
   while it is written (nobody reads a half-written file), widened just before the rename.
 - A full disk, exhausted quota, read-only filesystem or refused permission becomes one
   :class:`OutputError` line naming the target, and the temporary file is removed.
+- The writer holds an open-file-description lock (``F_OFD_SETLK``) on its temporary file until it
+  is renamed: the kernel drops it when the writer dies, however it dies, so :func:`sweep_stale`
+  can tell a temporary file left by a killed writer (removed) from one still being written (kept).
+  Not ``flock``: HDF5 flocks the files it opens, and would find ours taken.
+
+Appended files (``metrics.jsonl``) are opened by :func:`append_open`: never through a symbolic
+link, never anything but a regular file.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
+import re
 import secrets
+import stat
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from hpc.errors import OutputError
 
 TMP_SUFFIX = ".tmp"
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{16}\.tmp$")  # what AtomicFile names its temporary files
 # errno -> words of the one-line error; HDF5 loses the errno in its own messages, so the
 # strerror text is matched too
 DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -89,6 +101,19 @@ def output_error(target: str | os.PathLike, exc: BaseException, what: str = "not
     return None if words is None else OutputError(f"{target}: {words} ({what})")
 
 
+def _ofd_lock(fd: int, kind: int) -> bool:
+    """Take an open-file-description lock (F_WRLCK / F_RDLCK) on the whole file without waiting;
+    False when another description holds a conflicting one or the system has no OFD locks."""
+    op = getattr(fcntl, "F_OFD_SETLK", None)
+    if op is None:
+        return False
+    try:
+        fcntl.fcntl(fd, op, struct.pack("hhqqi", kind, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return False
+    return True
+
+
 def _self_path(fd: int, fallback: Path) -> Path:
     proc = Path(f"/proc/self/fd/{fd}")
     return proc if proc.exists() else fallback
@@ -106,11 +131,14 @@ class AtomicFile:
         self.target = Path(target)
         self.fd = -1
         self.tmp = self.target  # replaced below; never unlinked unless it is ours
+        if os.path.isdir(self.target) and not os.path.islink(self.target):  # refused now, not after the work
+            raise OutputError(f"{self.target}: is a directory; give a file name")
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.fd, self.tmp = self._create()
         except OSError as exc:
             raise self._error(exc, "cannot create a file there") from None
+        _ofd_lock(self.fd, fcntl.F_WRLCK)  # "being written": released by the kernel when we die
         self.path = _self_path(self.fd, self.tmp)
         self.committed = False
 
@@ -156,13 +184,14 @@ class AtomicFile:
             if not self._ours():
                 raise OutputError(f"{self.target}: temporary file {self.tmp.name} was replaced while "
                                   "writing (nothing written)")
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.tmp, self.target)
+            os.replace(self.tmp, self.target)  # still open: a failed rename leaves it ours to remove
         except OSError as exc:
             self.abort()
             raise self._error(exc, "cannot write") from None
         self.committed = True
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
         fsync_dir(self.target.parent)
         return self.target
 
@@ -287,3 +316,62 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(target, text.encode())
+
+
+# ---------------------------------------------------------------- appended files, leftovers
+def append_open(target: str | os.PathLike) -> io.TextIOWrapper:
+    """A line-buffered text file appending to ``target`` (created if absent, with the umask's
+    permissions). Never through a symbolic link and never anything but a regular file: a link
+    planted at the name (to a user's file) or a FIFO is one OutputError line instead."""
+    target = Path(target)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(target, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"{target}: is a symbolic link; hpc never writes through a link it did not "
+                              "create (remove it)") from None
+        raise output_error(target, exc) or OutputError(f"{target}: cannot append: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OutputError(f"{target}: not a regular file; hpc appends only to files it created")
+    os.set_blocking(fd, True)
+    return open(fd, "a", buffering=1, encoding="utf-8")  # one write per line
+
+
+def _abandoned(path: Path) -> bool:
+    """True when ``path`` is a regular file nobody holds open for writing with AtomicFile's lock
+    (its writer died); False when in doubt (a live writer, a link, no OFD locks here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _ofd_lock(fd, fcntl.F_RDLCK):
+            return False
+        now = os.stat(path, follow_symlinks=False)  # the name still is the file we locked
+        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def sweep_stale(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary files AtomicFile left in ``directory`` (those of the target ``name``
+    only, if given) whose writers are gone (killed: ``kill -9``, a node crash); a temporary file
+    still being written is kept. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = TMP_NAME.match(entry.name)
+        if m and (name is None or m.group("name") == name) and _abandoned(Path(entry.path)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed

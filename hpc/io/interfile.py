@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_write_text
+from hpc.io.regular import MAX_HEADER_BYTES, file_kind, read_bounded  # noqa: F401  (re-exported)
 
 _INDEX_RE = re.compile(r"\s*\[\s*(\d+)\s*\]")
 
@@ -60,7 +60,7 @@ def parse_list(value: str, keep_empty: bool = False) -> list[str]:
 
 @dataclass
 class Header:
-    """A parsed header: normalized keys -> raw string values (first occurrence wins)."""
+    """A parsed header: normalized keys -> raw string values (a repeated key: its last value, as in STIR)."""
 
     path: Path
     fields: dict[str, str]
@@ -125,45 +125,7 @@ class Header:
         return p if p.is_absolute() else self.path.parent / p
 
 
-MAX_HEADER_BYTES = 1 << 20  # real headers are a few KB; anything bigger is refused unread
 MAX_INT = 2**48  # no dimension, offset (a Vision prompts + randoms file: > 2**31 bytes) or count is larger
-
-
-def file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def read_bounded(path: Path, what: str, limit: int = MAX_HEADER_BYTES) -> bytes:
-    """The bytes of a small regular file, read only after checking that it is one: a FIFO or a
-    device (/dev/zero) would block or never end, and a multi-GB data file given by mistake must not
-    be read into memory. Opened non-blocking, so even a FIFO swapped in after the check cannot hang."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} file not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: {file_kind(st.st_mode)}, not a {what} file")
-        if st.st_size > limit:
-            raise InputError(f"{path}: {st.st_size} bytes is too large for a {what} (limit {limit}): "
-                             "is this the data file?")
-        chunks, size = [], 0
-        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def parse_header(path: str | os.PathLike) -> Header:
@@ -177,7 +139,10 @@ def parse_header(path: str | os.PathLike) -> Header:
         if line.lstrip().startswith(";") or ":=" not in line:
             continue
         key, value = line.split(":=", 1)
-        fields.setdefault(normalize_key(key), value.strip())
+        key = normalize_key(key)
+        if key == "end of interfile":  # STIR stops reading here: keys after it mean nothing
+            break
+        fields[key] = value.strip()  # a key given twice: the last value, as STIR reads it
     if "interfile" not in fields:
         raise InputError(f"{path}: not an Interfile header (no 'INTERFILE :=' line)")
     return Header(path, fields, lines)

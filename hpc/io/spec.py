@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc.errors import InputError
-from hpc.io.interfile import file_kind
+from hpc.io.regular import file_kind
 from hpc.physics.projdata import SliceCounts, layout_for, segment_storage_order
 
 

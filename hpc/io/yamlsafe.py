@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from hpc.errors import HpcError, InputError
-from hpc.io.interfile import read_bounded
+from hpc.io.regular import read_bounded
 
 MAX_BYTES = 1 << 20
 MAX_VALUES = 100_000  # a config has a few hundred; a sweep grid a few thousand

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import pickle
 import random
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ import torch
 
 import hpc
 from hpc.errors import HpcError, InputError
-from hpc.io.atomic import atomic_open
+from hpc.io.atomic import atomic_open, sweep_stale
+from hpc.io.regular import open_regular
 
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
 
@@ -122,10 +125,13 @@ def load(path: str | Path) -> dict:
     """A checkpoint's state dict (weights_only, on the CPU); InputError naming the file if unreadable,
     not an hpc checkpoint, or its content differs from the checksum it was written with."""
     path = Path(path)
+    fd = open_regular(path, "checkpoint")  # a FIFO or device: one line, never a hang
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: checkpoint not found") from None
+        # torch warns about what it meets in a damaged file ("Detected pickle protocol 4") before
+        # failing on it: the failure is our one line, its warnings are not
+        with os.fdopen(fd, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never do that
         raise InputError(f"{path}: refused: it holds Python objects, not only tensors and plain values "
                          "(unpickling them could run code); hpc loads weights only") from None
@@ -150,10 +156,52 @@ def require_finite(state: dict, path: str | Path) -> dict:
     return state
 
 
+def usable(path: Path) -> dict | None:
+    """The state of a checkpoint that loads, passes its checksum and has finite weights, else None."""
+    try:
+        return require_finite(load(path), path)
+    except InputError:
+        return None
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename an unreadable checkpoint to ``<name>.bad`` (``.bad-2``, ... if taken): evidence for a
+    post-mortem, out of the rotation, never overwritten. None when it is gone already."""
+    for k in range(1, 1000):
+        dest = path.with_name(path.name + (".bad" if k == 1 else f".bad-{k}"))
+        try:
+            os.link(path, dest)  # never replaces an earlier .bad
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None
+        except OSError:  # no hard links on this filesystem
+            if os.path.lexists(dest):
+                continue
+            with contextlib.suppress(OSError):
+                os.rename(path, dest)
+            return dest
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return dest
+    return None
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.known: set[Path] = set()  # written by this process or loaded by resume: readable
+
+    def _retire(self, path: Path, delete: bool) -> None:
+        """Before ``path`` is replaced (or, with ``delete``, removed by the rotation): a file this
+        process has not read or written is checked, and moved aside when it does not load."""
+        if not os.path.lexists(path):
+            return
+        if path not in self.known and usable(path) is None:
+            set_aside(path)
+        elif delete:
+            path.unlink(missing_ok=True)
 
     @property
     def best_path(self) -> Path:
@@ -179,36 +227,47 @@ class Checkpointer:
             raise NonFiniteError(f"{self.dir}: step {step}: {bad} holds NaN or inf; checkpoint not written "
                                  f"(newest finite: {self.list()[0].name if self.list() else 'none'})")
         target = self.path(step)
+        self._retire(target, delete=False)  # an unreadable file of that name is evidence: never overwritten
         with atomic_open(target) as fh:
             torch.save({**state, "checksum": payload_digest(state)}, fh)
+        self.known.add(target)
         if is_best:
+            self._retire(self.best_path, delete=False)
             with atomic_open(self.best_path) as fh, open(target, "rb") as src:
                 shutil.copyfileobj(src, fh, 8 << 20)
+            self.known.add(self.best_path)
         for old in self.list()[self.keep:]:
             if old != target:  # after a fallback a higher-numbered file may sort before it
-                old.unlink(missing_ok=True)
+                self._retire(old, delete=True)
         return target
 
-    def resume(self, report=None) -> tuple[dict | None, Path | None]:
+    def resume(self, report=None, main: bool = True) -> tuple[dict | None, Path | None]:
         """The newest checkpoint that loads, passes its checksum and has finite weights; each newer
-        one that does not is reported (one line on stderr by default) and renamed to
-        ``<name>.bad`` (kept for a post-mortem, out of the rotation). (None, None) when there is none."""
+        one that does not is reported (one line on stderr by default) and, by the ``main`` rank,
+        renamed to ``<name>.bad`` (kept for a post-mortem, out of the rotation: never overwritten
+        or deleted), also when none is usable and the run starts fresh. (None, None) then. The
+        temporary files of a killed save are removed first (the run directory is locked)."""
         report = report or (lambda msg: print(f"hpc train: {msg}", file=sys.stderr, flush=True))
+        if main:
+            sweep_stale(self.dir)
         found = self.list()
-        skipped = []
+        skipped, state, path = [], None, None
         for p in found:
             try:
-                state = require_finite(load(p), p)
+                state, path = require_finite(load(p), p), p
+                break
             except InputError as exc:
                 report(f"skipping {exc}; trying the previous checkpoint")
                 skipped.append(p)
-                continue
-            for bad in skipped:  # every rank resumes: another may have moved it already
-                with contextlib.suppress(OSError):
-                    bad.replace(bad.with_name(bad.name + ".bad"))
-            return state, p
+        if main:
+            for bad in skipped:
+                set_aside(bad)
+        if path is not None:
+            self.known.add(path)
+            return state, path
         if found:
-            report(f"no usable checkpoint in {self.dir} ({len(found)} unreadable): starting fresh")
+            report(f"no usable checkpoint in {self.dir} ({len(found)} unreadable, moved aside as .bad): "
+                   "starting fresh")
         return None, None
 
 

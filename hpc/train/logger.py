@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from hpc import config as C
-from hpc.errors import ConfigError
-from hpc.io.atomic import atomic_write_text
+from hpc.errors import ConfigError, OutputError
+from hpc.io.atomic import append_open, atomic_write_text
+from hpc.io.regular import read_bounded
 from hpc.progress import Progress
 
 WANDB_MODES = C.choices(C.WandbMode)  # also what the WANDB_MODE variable may say
@@ -43,6 +45,23 @@ def wandb_mode(cfg: C.LogConfig) -> str:
     if mode not in WANDB_MODES:
         raise ConfigError(f"log.wandb / WANDB_MODE: expected one of {', '.join(WANDB_MODES)}, got {mode!r}")
     return mode
+
+
+def own_dir(path: Path) -> Path:
+    """``path`` as a directory of the run (created if absent); a symbolic link planted there is
+    refused: W&B and TensorBoard would write through it into someone else's directory."""
+    if path.is_symlink():
+        raise OutputError(f"{path}: is a symbolic link; hpc never writes through a link it did not create (remove it)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _small_file(path: Path) -> str:
+    """The stripped text of one of the run's own small files ("" when absent); never through a link,
+    never a FIFO or device, never more than 4 KiB."""
+    if not os.path.lexists(path):
+        return ""
+    return read_bounded(path, "run state", 4096, OutputError, follow=False).decode("utf-8", "replace").strip()
 
 
 def to_uint8(img: torch.Tensor, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -64,7 +83,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         C.save(cfg, self.run_dir / "config.yaml")
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # one line per record
+        self._jsonl = append_open(self.run_dir / "metrics.jsonl")  # one line per record, never through a link
         self.bar = Progress(total=total, unit="samples", desc="train", enabled=cfg.log.progress)
         self.bar.update(resumed_step)
         self.mode = wandb_mode(cfg.log)
@@ -76,7 +95,7 @@ class RunLogger:
             except ImportError:
                 raise ConfigError("log.tensorboard=true needs the `tensorboard` package "
                                   "(pip install tensorboard), or set log.tensorboard=false") from None
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(own_dir(self.run_dir / "tensorboard")))
 
     def _init_wandb(self, cfg: C.Config):
         import wandb
@@ -85,9 +104,11 @@ class RunLogger:
             raise ConfigError("log.wandb=online needs WANDB_API_KEY in the environment "
                               "(or use log.wandb=offline and `wandb sync` later)")
         # the same W&B run continues across requeues/resumes of this run dir
-        id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
-        atomic_write_text(id_file, run_id)
+        run_id = _small_file(self.run_dir / "wandb_id") or secrets.token_hex(6)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            raise OutputError(f"{self.run_dir / 'wandb_id'}: {run_id[:40]!r} is not a W&B run id; delete the file")
+        atomic_write_text(self.run_dir / "wandb_id", run_id)
+        own_dir(self.run_dir / "wandb")  # W&B writes below it: never into a directory a link points to
         lc = cfg.log
         run = wandb.init(
             mode=self.mode, dir=str(self.run_dir), id=run_id, resume="allow",
@@ -96,8 +117,10 @@ class RunLogger:
             config=C.to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
         run.define_metric("samples")
         run.define_metric("*", step_metric="samples")  # every chart's x-axis
-        step_file = self.run_dir / "wandb_step"
-        saved = int(step_file.read_text()) + 1 if step_file.exists() else 0
+        step = _small_file(self.run_dir / "wandb_step")
+        if step and not step.isdigit():
+            raise OutputError(f"{self.run_dir / 'wandb_step'}: {step[:40]!r} is not a step count; delete the file")
+        saved = int(step) + 1 if step else 0
         self._wandb_step = max(saved, run.starting_step)  # online: the server knows the last step too
         return run
 

@@ -126,7 +126,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> Path | None:
         """Restore the newest readable checkpoint in the run dir (None: a fresh run)."""
-        saved, path = self.ckpt.resume()
+        saved, path = self.ckpt.resume(main=self.ctx.rank == 0)
         if saved is None:
             return None
         if saved["rng"] and len(saved["rng"]) != self.ctx.world:
