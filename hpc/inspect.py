@@ -106,14 +106,7 @@ def _filters(dset) -> str:
 
 
 def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
-    import h5py
-
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open as HDF5: {exc}") from None
-    with f:
+    with open_shard(path) as f:  # a FIFO is refused, never waited on
         lines = [f"shard {path}  ({_mb(path.stat().st_size)} on disk)"]
         lines += [f"  {k} = {v}" for k, v in f.attrs.items() if k != "convert_key"]
         for name, d in f.items():
@@ -123,13 +116,13 @@ def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
     return "\n".join(lines), int(status.startswith("BAD"))
 
 
-def _read(f, k: int, data: dict[str, list], label: str) -> None:
+def _read(f, path: Path, k: int, data: dict[str, list], label: str) -> None:
     """Append slice ``k`` of an open shard's target/input/mask and its title to ``data``."""
 
     for role in ("target", "input", "mask"):
         if role in f:
             d = f[role]
-            data.setdefault(role, []).append(read_slab(d, k, k + 1, f.filename)[0] if d.ndim == 3 else d[()])
+            data.setdefault(role, []).append(read_slab(d, k, k + 1, path)[0] if d.ndim == 3 else d[()])
     data["label"].append(f"{label}\n(tof {f['tof'][k]}, seg {f['segment'][k]}, ax {f['axial'][k]})")
 
 
@@ -148,12 +141,12 @@ def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], 
         for i in _spaced(study.num_slices, n):
             shard, k = study.locate(i)
             with open_shard(shard.path) as f:
-                _read(f, k, data, f"{study.id} slice {i}")
+                _read(f, shard.path, k, data, f"{study.id} slice {i}")
         return data, f"{path.name}: study {study.id}, {study.num_slices} slices of {study.slice_shape}"
     with open_shard(path) as f:
         sid, first = f.attrs.get("study", "?"), int(f.attrs.get("first_slice", 0))
         for k in _spaced(len(f["target"]), n):
-            _read(f, k, data, f"{sid} slice {first + k}")
+            _read(f, path, k, data, f"{sid} slice {first + k}")
         return data, f"{path.name}: study {sid}, slices {first}..{first + len(f['target']) - 1}"
 
 

@@ -34,10 +34,13 @@ def _header(tmp_path, body: str, name="h.hdr"):
     return parse_header(p)
 
 
-def test_parse_header_values_comments_and_first_occurrence(tmp_path):
+def test_parse_header_values_comments_and_last_occurrence(tmp_path):
+    """A repeated key has its last value, as STIR reads it (issue 27.5: hpc took the first, so the
+    two read one header differently); keys after END OF INTERFILE mean nothing, as in STIR."""
     h = _header(tmp_path, "; a comment := ignored\n%Number Of TOF Time Bins:=13\n"
-                          "!name of data file := sub/x.s\nnumber of tof time bins := 99\n")
-    assert h.integer("number of TOF time bins") == 13
+                          "!name of data file := sub/x.s\nnumber of tof time bins := 99\n"
+                          "!END OF INTERFILE :=\nnumber of tof time bins := 7\n")
+    assert h.integer("number of TOF time bins") == 99
     assert h.get("a comment") is None
     assert h.resolve(h.require("name of data file")) == tmp_path / "sub" / "x.s"
 

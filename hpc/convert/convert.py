@@ -19,6 +19,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,12 +30,14 @@ from pathlib import Path
 
 from hpc import __version__
 from hpc.convert.pool import run_pool
-from hpc.convert.study import TMP_NAME, Options, Study, convert_study
+from hpc.convert.study import TMP_NAME, Options, Study, convert_study, sweep_temporaries
 from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text, output_error
+from hpc.io.dirlock import DirLock, remove_empty
 from hpc.io.h5write import COMPRESSIONS, DEFAULT_COMPRESSION
 from hpc.io.headers import read_header
+from hpc.io.regular import read_bounded
 from hpc.io.shards import FORMAT, FORMAT_VERSION, TRUTH
 from hpc.io.spec import SinogramSpec, raw_spec
 from hpc.progress import Progress
@@ -139,27 +142,39 @@ def plan(args: argparse.Namespace) -> list[Study]:
 
 
 MARKER = ".hpc-dataset"  # written first into every output directory: "this tool writes here"
+LOCK = ".hpc-convert.lock"  # held while a convert writes the directory (hpc.io.dirlock)
+
+
+def _regular(path: Path) -> bool:
+    """A regular file by that name itself (not a link to one)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def is_ours(out: Path) -> bool:
     """A directory hpc convert wrote: its marker, or (older datasets) an hpc manifest.json."""
-    if (out / MARKER).is_file():
+    if _regular(out / MARKER):
         return True
     try:
-        return json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = read_bounded(out / "manifest.json", "manifest", 256 << 20, follow=False)
+        return json.loads(manifest).get("format") == FORMAT
+    except (HpcError, ValueError, AttributeError):
         return False
+
+
+def _contents(out: Path) -> list[Path]:
+    """What the directory holds, but the lock of the convert holding it."""
+    return [p for p in out.iterdir() if not p.name.startswith(LOCK)] if out.is_dir() else []
 
 
 def is_hpc_shard(path: Path) -> bool:
     """An HDF5 file this tool wrote (root attribute format = hpc-sinogram): the only .h5 files
     --overwrite and a smaller re-conversion may delete."""
-    import h5py
+    from hpc.io.shards import open_shard  # late: h5py
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_shard(path) as f:  # a FIFO named x.h5 is not waited on
             return f.attrs.get("format") == FORMAT
-    except OSError:
+    except (OSError, HpcError):
         return False
 
 
@@ -170,7 +185,11 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     try:
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out}: exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
+        shards = out / "shards"
+        if shards.is_symlink() or (shards.exists() and not shards.is_dir()):  # --overwrite would delete there
+            raise OutputError(f"{shards}: not a directory of its own (a symbolic link or a file); refusing to "
+                              "write or delete shards there (nothing changed)")
+        if _contents(out):
             if not (resume or overwrite):
                 raise OutputError(f"{out}: output directory is not empty (use --resume to continue or "
                                   "--overwrite to replace)")
@@ -180,9 +199,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
                     raise OutputError(f"{out}: not a dataset written by hpc convert (no {MARKER} or hpc "
                                       f"manifest.json){' and it has ' + clash[0] if clash else ''}; refusing to "
                                       f"{'resume' if resume else 'overwrite'} into it (nothing changed)")
-        shards = out / "shards"
         shards.mkdir(parents=True, exist_ok=True)
-        if not (out / MARKER).is_file():
+        if not _regular(out / MARKER):
             atomic_write_text(out / MARKER, json.dumps({"created_by": f"hpc {__version__}", "format": FORMAT}) + "\n")
         (out / "manifest.json").unlink(missing_ok=True)
         for f in shards.iterdir():  # temporary shards of a killed run go; --overwrite also drops finished ones
@@ -191,6 +209,53 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     except OSError as exc:
         raise output_error(out, exc, "nothing converted") or \
             OutputError(f"{out}: cannot write the dataset: {exc.strerror or exc}") from None
+
+
+class Claim:
+    """The output directory, held for one convert: the lock (concurrent converts of one dataset,
+    --overwrite included, would delete each other's shards), then ``prepare_output``. ``close(ok)``
+    releases it; after a failure in a directory that held nothing of a dataset before, the
+    skeleton goes too (marker, empty shards/, the directories the lock created), unless finished
+    shards are there to --resume."""
+
+    def __init__(self, out: Path, resume: bool, overwrite: bool):
+        self.out, self.resume, self.overwrite = out, resume, overwrite
+        self.lock = DirLock(out, LOCK, "hpc convert", "dataset directory")
+        self.lock.conflict = "two would delete each other's shards"
+        self.fresh = False
+
+    def open(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"{self.out}: exists and is not a directory")
+        self.lock.acquire()
+        try:
+            self.fresh = not _contents(self.out)
+            prepare_output(self.out, self.resume, self.overwrite)
+        except BaseException:
+            self.close(ok=False)
+            raise
+
+    def close(self, ok: bool) -> None:
+        if not self.lock.held:
+            return
+        if not ok and self.fresh:
+            sweep_temporaries(self.out)
+            shards = self.out / "shards"
+            finished = shards.is_dir() and any(shards.iterdir())
+            with contextlib.suppress(OSError):
+                if not finished:
+                    (self.out / MARKER).unlink(missing_ok=True)
+                    shards.rmdir()
+        self.lock.release()
+        if not ok and self.fresh:
+            remove_empty(self.lock.created)
+
+    def __enter__(self) -> Claim:
+        self.open()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close(ok=kind is None)
 
 
 def write_manifest(out: Path, entries: list[dict], options: dict) -> Path:
@@ -255,7 +320,8 @@ def _run_mpi(studies: list[Study], out: Path, opts: Options, args: argparse.Name
 
     comm, t0 = MPI.COMM_WORLD, time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
-    error = _attempt(lambda: prepare_output(out, args.resume, args.overwrite))[1] if rank == 0 else None
+    claim = Claim(out, args.resume, args.overwrite)
+    error = _attempt(claim.open)[1] if rank == 0 else None
     error = comm.bcast(error, root=0)
     result: tuple[object, str | None] = ({}, error)
     if error is None:
@@ -272,6 +338,7 @@ def _run_mpi(studies: list[Study], out: Path, opts: Options, args: argparse.Name
             error = _attempt(lambda: write_manifest(out, entries, _options(args)))[1]
         if error is None:
             print(_summary(out, entries, time.perf_counter() - t0), flush=True)
+        claim.close(ok=error is None)
     error = comm.bcast(error, root=0)
     if error is not None and rank == 0:
         raise HpcError(error)
@@ -319,8 +386,8 @@ def run(args: argparse.Namespace) -> int:
     if size > 1:
         return _run_mpi(studies, out, opts, args)
     t0 = time.perf_counter()
-    prepare_output(out, args.resume, args.overwrite)
-    with Interrupt() as stop, _progress(studies, args.quiet, "convert") as bar:
+    with Claim(out, args.resume, args.overwrite), Interrupt() as stop, \
+            _progress(studies, args.quiet, "convert") as bar:
         def report(n: int) -> None:  # after every slab
             stop.check()
             bar.update(n)

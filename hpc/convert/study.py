@@ -25,7 +25,7 @@ import numpy as np
 from hpc.errors import InputError
 from hpc.io.chunks import HashLane
 from hpc.io.h5write import ShardWriter
-from hpc.io.shards import FORMAT, FORMAT_VERSION, TRUTH, verify_shard
+from hpc.io.shards import FORMAT, FORMAT_VERSION, TRUTH, open_shard, verify_shard
 from hpc.io.sinogram import MaskReader, SinogramReader
 from hpc.io.spec import SinogramSpec
 
@@ -120,11 +120,9 @@ def _shard_attrs(study: Study, sums: dict[str, str], first: int, count: int, opt
 
 def _reusable(path: Path, attrs: dict) -> dict | None:
     """Shard info of a finished shard from an earlier run, if it verifies and matches ``attrs``."""
-    import h5py
-
     if not path.is_file() or not verify_shard(path)[0]:
         return None
-    with h5py.File(path, "r") as f:
+    with open_shard(path) as f:
         if f.attrs.get("convert_key") != attrs["convert_key"]:
             return None
         return {"sha256": {n: d.attrs["sha256"] for n, d in f.items()},

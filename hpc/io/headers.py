@@ -44,13 +44,20 @@ def read_header(path: str | os.PathLike) -> SinogramSpec:
                          "tools first (Siemens e7tools: intfcompr -e FILE.mhdr --oe NEW.mhdr)")
     labels = [v.lower().strip() for k, v in h.fields.items() if k.startswith("matrix axis label")]
     spec = _stir_spec(h) if "segment" in labels else _siemens_spec(h)
-    if spec.data_path.resolve() == h.path.resolve():
+    if spec.data_path.resolve() == h.path.resolve() or _same_file(spec.data_path, h.path):  # also a hard link
         raise InputError(f"{h.path}: names itself as its data file: a template (a layout without data); "
                          "give the header of an acquisition")
     if spec.data_path.is_file() and spec.data_path.stat().st_size == 0:
         raise InputError(f"{h.path}: its data file {spec.data_path.name} is empty: a template (a layout without "
                          "data); give the header of an acquisition")
     return check_data_file(spec)
+
+
+def _same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _follow_main_header(h: Header) -> Header:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import hdf5plugin  # noqa: F401  (registers the blosc filter for reading and wri
 import numpy as np
 
 from hpc.errors import InputError
+from hpc.io.regular import read_bounded, regular_path
 from hpc.physics.projdata import layout_for, segment_storage_order
 
 FORMAT = "hpc-sinogram"
@@ -69,19 +71,19 @@ def read_slab(dset, lo: int, hi: int, path: str | os.PathLike, first_slice: int 
 
 
 def open_shard(path: str | os.PathLike):
-    """An h5py File open for reading; a file that is not HDF5 (or is damaged) is an InputError."""
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise InputError(f"{path}: shard not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open shard: {str(exc).splitlines()[0][:160]}") from None
+    """An h5py File open for reading; a file that is not HDF5 (or is damaged) is an InputError, and
+    so is anything but a regular file (a FIFO would block HDF5's open forever)."""
+    with regular_path(path, "shard") as checked:
+        try:
+            return h5py.File(checked, "r")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open shard: {str(exc).splitlines()[0][:160]}") from None
 
 
 def verify_shard(path: str | os.PathLike, slab: int = 64, skip: set[str] = frozenset()) -> tuple[bool, str]:
     """Re-read every dataset (but ``skip``) and compare with its stored ``sha256``. Returns (ok, problem)."""
     try:
-        with h5py.File(path, "r") as f:
+        with open_shard(path) as f:
             if f.attrs.get("format") != FORMAT:
                 return False, f"not an {FORMAT} shard"
             for name, dset in f.items():
@@ -182,18 +184,34 @@ class Dataset:
         if not path.is_file():
             raise InputError(f"{root}: not a converted dataset (no manifest.json; run `hpc convert`)")
         try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            m = json.loads(read_bounded(path, "manifest", MAX_MANIFEST_BYTES))
+        except (ValueError, RecursionError) as exc:
             raise InputError(f"{path}: invalid JSON: {exc}") from None
+        if not isinstance(m, dict):
+            raise InputError(f"{path}: malformed manifest (not a JSON object)")
         if m.get("format") != FORMAT or m.get("format_version") not in READABLE_VERSIONS:
             raise InputError(f"{path}: expected format {FORMAT} v{' or v'.join(map(str, READABLE_VERSIONS))}, "
                              f"got {m.get('format')} v{m.get('format_version')}")
         try:
             studies = tuple(_study(root, s) for s in m["studies"])
-            return cls(root, studies, tuple(m["slice_shape"]), m["dtype"], m.get("scanner", ""),
-                       float(m["scale"]), m)
+            ds = cls(root, studies, tuple(m["slice_shape"]), m["dtype"], m.get("scanner", ""),
+                     float(m["scale"]), m)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: malformed manifest ({exc!r})") from None
+        _check_scale(path, ds)
+        return ds
+
+
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest of 100k shards is ~50 MB
+
+
+def _check_scale(path: Path, ds: Dataset) -> None:
+    """``scale`` (what normalization divides by) is the largest study max, as convert writes it: an
+    edited scale would train a network on inputs squashed to ~0 without any error."""
+    top = max((s.max for s in ds.studies), default=0.0)
+    if not all(math.isfinite(v) for v in (ds.scale, top)) or not math.isclose(ds.scale, top, rel_tol=1e-6):
+        raise InputError(f"{path}: scale {ds.scale!r} differs from the largest study max {top!r}: the manifest "
+                         "was edited or damaged; convert the dataset again")
 
 
 STUDY_ID = re.compile(r"[A-Za-z0-9._-]+")  # what convert writes (no "/"): ids become output file names

@@ -88,6 +88,7 @@ def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
     if not stat.S_ISREG(st.st_mode):  # /dev/zero or a FIFO would be read forever or block
         where = f"{spec.source}: data file {spec.data_path}" if spec.header_path else f"{spec.data_path}: data file"
         raise InputError(f"{where} is {file_kind(st.st_mode)}, not a regular file")
+    _check_disjoint(spec)
     size = st.st_size
     need = max([spec.offset] + [o for _, o in spec.datasets]) + spec.nbytes  # the last data set ends the file
     what = f"{dims} {spec.dtype.name} from offset {spec.offset} = {need} bytes"
@@ -98,21 +99,32 @@ def _check_data_file(spec: SinogramSpec) -> SinogramSpec:
     return spec
 
 
+def _check_disjoint(spec: SinogramSpec) -> None:
+    """The data sets of one file (prompts, randoms: each ``nbytes`` from its offset) must not share
+    a byte: two offsets of 0 would make the randoms a copy of the prompts, silently."""
+    sets = sorted([(spec.offset, "the data")] + [(o, f"data set {name!r}") for name, o in spec.datasets])
+    for (a, name_a), (b, name_b) in zip(sets, sets[1:], strict=False):
+        if b < a + spec.nbytes:
+            raise InputError(f"{spec.source}: {name_b} at byte {b} overlaps {name_a} at byte {a} "
+                             f"({spec.nbytes} bytes each); check the data offsets")
+
+
 def raw_spec(data_path: str | os.PathLike, shape: tuple[int, ...], dtype: str | np.dtype,
-             endian: str = "little", offset: int = 0) -> SinogramSpec:
-    """A headerless file of ``shape`` = (T, S, V, X) (or (S, V, X)) samples, sinogram-major."""
+             endian: str = "little", offset: int = 0, flag: str = "--dtype") -> SinogramSpec:
+    """A headerless file of ``shape`` = (T, S, V, X) (or (S, V, X)) samples, sinogram-major;
+    ``flag`` names the option the dtype came from in error lines."""
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4 or min(shape) <= 0:
         raise InputError(f"{data_path}: --shape must be T,S,V,X (or S,V,X) positive integers, got {shape}")
     if endian not in ("little", "big"):
         raise InputError(f"{data_path}: --endian must be little or big, got {endian!r}")
-    try:
+    try:  # numpy raises TypeError, ValueError ('(-1,)u2'), SyntaxError... for what is not a dtype
         dt = np.dtype(dtype).newbyteorder("<" if endian == "little" else ">")
-    except TypeError:
-        raise InputError(f"{data_path}: unknown --dtype {dtype!r}") from None
-    if dt.kind not in "iuf":
-        raise InputError(f"{data_path}: --dtype must be an integer or float type, got {dtype!r}")
+    except Exception:
+        raise InputError(f"{data_path}: unknown {flag} {dtype!r}") from None
+    if dt.kind not in "iuf" or dt.shape or dt.names:  # '(2,)u2' is a sub-array, not a sample type
+        raise InputError(f"{data_path}: {flag} must be an integer or float type, got {dtype!r}")
     t, s, v, x = shape
     spec = SinogramSpec(Path(data_path), dt, offset, t, (0,), (s,), v, x, "sinogram", "raw")
     return _check_data_file(spec)

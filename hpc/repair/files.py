@@ -58,7 +58,7 @@ def open_input(path: str | Path, raw: RawLayout | None = None, mask: bool = Fals
     if raw is None:
         return read_header(path)
     if mask:
-        return raw_spec(path, raw.shape, raw.mask_dtype, raw.endian, 0)
+        return raw_spec(path, raw.shape, raw.mask_dtype, raw.endian, 0, flag="--mask-dtype")
     return raw_spec(path, raw.shape, raw.dtype, raw.endian, raw.offset)
 
 
