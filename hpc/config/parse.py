@@ -17,16 +17,17 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from hpc.errors import ConfigError, HpcWarning
-from hpc.io.yamlsafe import load_yaml, read_yaml_file
+from hpc.io.yamlsafe import UniqueKeyLoader, load_yaml, read_yaml_file
 
 T = TypeVar("T")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off")
 
 
 # ---------------------------------------------------------------- YAML
-class _Loader(yaml.SafeLoader):
+class _Loader(UniqueKeyLoader):
     """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans, so a
-    string field given ``off``/``no`` keeps the word (YAML 1.1 would make it False)."""
+    string field given ``off``/``no`` keeps the word (YAML 1.1 would make it False); a key given
+    twice is an error (UniqueKeyLoader)."""
 
 
 _Loader.yaml_implicit_resolvers = {

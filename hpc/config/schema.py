@@ -310,13 +310,21 @@ def _gt(lo: float) -> Rule:
     return (lambda v: v > lo), f"> {lo}"
 
 
+def _between(lo: float, hi: float, why: str) -> Rule:
+    return (lambda v: lo <= v <= hi), f"in [{lo}, {hi}] ({why})"
+
+
 def _pair(ok: Callable[[float, float], bool], what: str) -> Rule:
     return (lambda v: len(v) == 2 and ok(*v)), what
 
 
+# Sizes beyond any real use, so that nothing is built (or allocated) from an absurd value; what fits
+# the data and the memory at hand is checked where they are known (hpc.data.index, hpc.train.models).
+MAX_CONTEXT, MAX_BASE, MAX_DEPTH = 1024, 65536, 16
 # Ranges of single fields. Choices come from the Literal types, finiteness from the float types.
 RANGES: dict[str, Rule] = {
-    "data.context": _ge(0), "data.batch_size": _ge(1), "data.workers": _ge(0), "data.run_length": _ge(1),
+    "data.context": _between(0, MAX_CONTEXT, "no scanner has a segment of that many planes"),
+    "data.batch_size": _ge(1), "data.workers": _ge(0), "data.run_length": _ge(1),
     "data.shuffle_buffer": _ge(0), "data.pad_multiple": _ge(0), "data.seed": _ge(0), "data.fill_iters": _ge(1),
     "data.split": ((lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0),
                    "three fractions (train, val, test) >= 0 with a positive sum"),
@@ -326,7 +334,9 @@ RANGES: dict[str, Rule] = {
     "augment.zoom": _pair(lambda lo, hi: 0 < lo <= hi, "two numbers [lo, hi] with 0 < lo <= hi"),
     "augment.p": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "augment.seed": _ge(0),
-    "model.in_channels": _ge(0), "model.out_channels": _ge(1), "model.base": _ge(1), "model.depth": _ge(1),
+    "model.in_channels": _ge(0), "model.out_channels": _ge(1),
+    "model.base": _between(1, MAX_BASE, "wider networks do not fit any GPU"),
+    "model.depth": _between(1, MAX_DEPTH, "2**depth must divide the slice sides"),
     "optim.lr": _gt(0), "optim.weight_decay": _ge(0), "optim.momentum": _ge(0),
     "optim.betas": _pair(lambda b1, b2: 0 <= b1 < 1 and 0 <= b2 < 1, "two numbers in [0, 1)"),
     "optim.warmup_samples": _ge(0), "optim.step_samples": _ge(1),

@@ -54,6 +54,10 @@ class Loader:
         if d.stage_to:
             ds = Dataset.open(stage_to(ds.root, d.stage_to, self.studies))
         self.index = SliceIndex(ds)
+        deepest = max(hi - lo for _, lo, hi in self.index.stacks)
+        if d.context >= deepest:  # bounded by the data: beyond it every extra channel copies an edge slice
+            raise ConfigError(f"data.context={d.context}: must be < {deepest}, the most planes of any segment in "
+                              f"{ds.root} (a window of {2 * d.context + 1} slices)")
         self.runs = self.index.runs([ids.index(s) for s in self.studies], d.run_length, d.context)
         spec = ReadSpec(d.context, d.edge, cfg.corrupt.paired, cfg.corrupt.use_stored_mask,
                         aux_datasets(cfg, ds, split))

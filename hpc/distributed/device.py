@@ -5,7 +5,10 @@ Training (hpc.distributed.dist.init), the loader's default, `hpc predict`, `hpc 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+from pathlib import Path
 
 import torch
 
@@ -30,3 +33,21 @@ def resolve_device(name: str = "auto", local_rank: int | None = None, what: str 
     dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(dev)
     return dev
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes this process can ever have on ``device`` (None: unknown): a GPU's total memory; on the
+    CPU the physical memory, lowered by a cgroup (Slurm, containers) or address-space limit."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type != "cpu":
+        return None
+    limits = []
+    with contextlib.suppress(OSError, ValueError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(OSError, ValueError):
+        limits.append(int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))  # "max": no limit
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits) if limits else None

@@ -158,4 +158,6 @@ def torch_ranks(env: Mapping[str, str] = os.environ) -> Ranks:
     ranks = Ranks(_int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1), _int(env, "LOCAL_RANK", 0))
     if not 0 <= ranks.rank < ranks.world:
         raise ConfigError(f"environment: RANK={ranks.rank} must be in [0, WORLD_SIZE={ranks.world})")
+    if env.get("MASTER_PORT") and not 1 <= _int(env, "MASTER_PORT") <= 65535:  # checked even where unused
+        raise ConfigError(f"environment: MASTER_PORT={env['MASTER_PORT']} is not a TCP port (1 to 65535)")
     return ranks

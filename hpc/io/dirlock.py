@@ -75,16 +75,24 @@ def holder_record(raw: bytes) -> dict | None:
     return rec
 
 
+def missing_dirs(paths: list[Path]) -> list[Path]:
+    """The directories of ``paths`` (and their parents) that do not exist yet, outermost first:
+    what a command is about to create, and removes again after a failed start (remove_empty)."""
+    missing: list[Path] = []
+    for path in paths:
+        for p in [Path(path), *Path(path).parents]:
+            if os.path.lexists(p):
+                break
+            if p not in missing:
+                missing.append(p)
+    return sorted(missing, key=lambda p: len(p.parts))
+
+
 def make_dirs(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the directories it created, outermost first (what a failed start
-    removes again: remove_empty)."""
-    missing = []
-    for p in [path, *path.parents]:
-        if os.path.lexists(p):
-            break
-        missing.append(p)
+    """``mkdir -p path``; returns the directories it created, outermost first."""
+    missing = missing_dirs([path])
     path.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
+    return missing
 
 
 def remove_empty(created: list[Path]) -> None:

@@ -22,6 +22,33 @@ MAX_BYTES = 1 << 20
 MAX_VALUES = 100_000  # a config has a few hundred; a sweep grid a few thousand
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the
+    last (a second ``optim:`` block silently replaces the first, key by key too)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}  # key -> the line it was first given on
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise DuplicateKey(f"key {key!r} is given twice (lines {lines[key]} and {line}); keep one")
+                lines[key] = line
+            except TypeError:  # an unhashable key: PyYAML reports it itself
+                continue
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names a key twice (its message is the whole one-line problem)."""
+
+
+def safe_load(text: str):
+    """yaml.safe_load with duplicate keys refused (UniqueKeyLoader)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _expands_beyond(tree, budget: int) -> bool:
     """True when walking ``tree`` (aliases followed every time they occur) visits more than ``budget`` values."""
     stack, seen = [tree], 0
@@ -38,13 +65,13 @@ def _expands_beyond(tree, budget: int) -> bool:
     return False
 
 
-def load_yaml(text: str, where: str, error: type[HpcError] = InputError, parse: Callable = yaml.safe_load):
+def load_yaml(text: str, where: str, error: type[HpcError] = InputError, parse: Callable | None = None):
     """The YAML tree of ``text`` (``parse``: yaml.safe_load or a SafeLoader variant); ``error`` (one
     line naming ``where``) when it is invalid or too big."""
     if len(text) > MAX_BYTES:
         raise error(f"{where}: {len(text)} bytes of YAML is more than the {MAX_BYTES} accepted")
     try:
-        tree = parse(text)
+        tree = (parse or safe_load)(text)
     except yaml.YAMLError as exc:
         raise error(f"{where}: invalid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
@@ -55,7 +82,7 @@ def load_yaml(text: str, where: str, error: type[HpcError] = InputError, parse: 
 
 
 def read_yaml_file(path: str | Path, what: str, error: type[HpcError] = InputError,
-                   parse: Callable = yaml.safe_load):
+                   parse: Callable | None = None):
     """A YAML file's tree: a regular file of bounded size (not a FIFO or /dev/zero), then load_yaml."""
 
     p = Path(path)

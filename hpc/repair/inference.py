@@ -32,7 +32,7 @@ from hpc.config import Config, from_stored
 from hpc.data.fills import build_preprocess
 from hpc.data.index import window_ids
 from hpc.data.preprocess import Preprocess
-from hpc.errors import InputError
+from hpc.errors import ConfigError, InputError
 from hpc.io.shards import Dataset
 from hpc.io.sinogram import MaskReader
 from hpc.io.spec import SinogramSpec
@@ -41,7 +41,7 @@ from hpc.physics.geometry import find_scanner
 from hpc.physics.projdata import DeadBlockTables, dead_fractions, layout_for
 from hpc.progress import Progress
 from hpc.train.checkpoint import load, require_finite
-from hpc.train.models import build_model, input_multiple
+from hpc.train.models import build_model, input_multiple, shapes
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -78,20 +78,40 @@ def training_data(cfg: Config, ckpt: dict) -> dict:
     return {}
 
 
+def _check_shapes(path: Path, cfg: Config, weights: dict) -> None:
+    """The network the stored config describes (built on the meta device: nothing allocated) has
+    exactly the checkpoint's tensors; InputError naming the first difference otherwise."""
+    want = shapes(cfg.model, cfg.in_channels())
+    have = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v)}
+    if want == have:
+        return
+    m = cfg.model
+    key = next((k for k in sorted(want) if want[k] != have.get(k)), None) or sorted(set(have) - set(want))[0]
+    raise InputError(f"{path}: its stored config (model.name={m.name}, model.base={m.base}, model.depth={m.depth}, "
+                     f"{cfg.in_channels()} input channels) does not match its weights: {key} is "
+                     f"{have.get(key, 'absent')} in the file, {want.get(key, 'absent')} for that config")
+
+
 def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     """Load an hpc.train.train checkpoint (weights_only): the model from ``model`` + ``config``, the
     preprocessing from the config and the training set's scale."""
 
     path = Path(path)
     ckpt = require_finite(load(path), path)  # a diverged run's NaN weights would repair nothing
-    cfg = from_stored(ckpt["config"], origin=f"{path}: config")  # older code's keys: a warning
+    try:
+        cfg = from_stored(ckpt["config"], origin=f"{path}: config")  # older code's keys: a warning
+    except ConfigError as exc:
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(str(path)) else f"{path}: its stored config: {msg}") from None
     data = training_data(cfg, ckpt)
     if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
         raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "
                          f"neither the checkpoint nor data.path ({cfg.data.path or 'unset'}) gives it")
+    weights = _strip_wrappers(ckpt["model"])
+    _check_shapes(path, cfg, weights)  # before building: a stored config of model.base=200000 allocates TBs
     model = build_model(cfg.model, cfg.in_channels())
     try:
-        model.load_state_dict(_strip_wrappers(ckpt["model"]))
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise InputError(f"{path}: weights do not match its own config ({cfg.model.name}, "

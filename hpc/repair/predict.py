@@ -33,7 +33,9 @@ import torch
 from hpc.distributed.device import DEVICES, resolve_device
 from hpc.distributed.launcher import setup_torch_env, torch_ranks
 from hpc.errors import InputError
-from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, predict_study
+from hpc.io.atomic import sweep_stale
+from hpc.io.dirlock import missing_dirs, remove_empty
+from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, output_files, predict_study
 from hpc.repair.inference import load_repairer
 
 FORMATS = ("source", "h5")
@@ -125,6 +127,19 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 and rank == 0 and len(jobs) < world:
         print(f"hpc predict: {len(jobs)} studies for {world} ranks: {world - len(jobs)} rank(s) idle",
               file=sys.stderr, flush=True)
+    outputs = [p for job in mine for p in output_files(job)]
+    for p in outputs:  # what a killed predict left (its writer is gone: hpc.io.atomic.sweep_stale)
+        sweep_stale(p.parent, p.name)
+    created = missing_dirs([p.parent for p in outputs])
+    try:
+        _repair_jobs(args, rep, mine)
+    except BaseException:
+        remove_empty(created)  # a failed start leaves no empty output directory
+        raise
+    return 0
+
+
+def _repair_jobs(args: argparse.Namespace, rep, mine: list) -> None:
     for job in mine:
         if args.skip_existing and job.output.exists():
             print(f"kept {job.output} (exists)", flush=True)
@@ -139,4 +154,3 @@ def run(args: argparse.Namespace) -> int:
             for r in aux.values():
                 r.close()
         print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
-    return 0

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hpc.config import Config, ModelConfig
+from hpc.errors import ConfigError
 from hpc.registry import MODELS
 
 GROUPS = 8  # GroupNorm groups (fewer when the width is not a multiple of 8)
@@ -260,6 +261,32 @@ def build_model(cfg: ModelConfig, in_channels: int) -> SinogramModel:
     as hpc.config.validate accepts it."""
     net = MODELS.get(cfg.name)(cfg, in_channels + cfg.mask_input)
     return SinogramModel(net, in_channels, required_multiple(cfg), cfg.inpaint, cfg.mask_input)
+
+
+def shapes(cfg: ModelConfig, in_channels: int) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the model ``cfg`` describes, built on the meta device: nothing is
+    allocated, whatever the widths (a stored config can be checked against its weights first)."""
+    with torch.device("meta"):
+        model = build_model(cfg, in_channels)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_fits(cfg: Config, device: torch.device, slice_shape: tuple[int, int], memory: int | None) -> None:
+    """ConfigError (one line) when the network cannot fit ``memory`` bytes of ``device``, before any
+    of it is allocated: float32 weights and gradients plus one input batch, a lower bound of what
+    training needs (optimizer moments and activations come on top)."""
+    if not memory:
+        return
+    c = cfg.in_channels()
+    params = sum(math.prod(s) for s in shapes(cfg.model, c).values())
+    batch = cfg.data.batch_size * c * slice_shape[0] * slice_shape[1] * 4
+    need = 8 * params + batch
+    if need > memory:
+        m, d = cfg.model, cfg.data
+        raise ConfigError(f"model.base={m.base}: model.{m.name} (depth {m.depth}, {c} input channels from "
+                          f"data.context={d.context}) has {params:,} parameters; weights, gradients and a batch "
+                          f"(data.batch_size={d.batch_size}) need {need / 2**30:.1f} GiB, more than the "
+                          f"{memory / 2**30:.1f} GiB of {device}")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -31,13 +31,15 @@ import torch
 from hpc.config import Config, dump, load_config, validate
 from hpc.data import build_loader
 from hpc.distributed import dist
+from hpc.distributed.device import device_memory
 from hpc.distributed.launcher import setup_torch_env
 from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError, OutputError
+from hpc.io.dirlock import remove_empty
 from hpc.registry import FILLS, LOSSES, MODELS, SCANNERS
 from hpc.train import checkpoint as ck
 from hpc.train.logger import RunLogger
 from hpc.train.losses import build_loss
-from hpc.train.models import build_model, input_multiple
+from hpc.train.models import build_model, check_fits, input_multiple
 from hpc.train.optim import LRSchedule, build_optimizer, set_numerics
 from hpc.train.runlock import RunLock
 from hpc.train.state import TrainState, training_data
@@ -75,6 +77,8 @@ class Trainer:
             self._build()
         except BaseException:
             self.release()
+            if self.lock is not None:  # a failed start leaves no empty run directory (or runs/) behind
+                remove_empty(self.lock.created)
             raise
 
     def _build(self) -> None:
@@ -87,6 +91,8 @@ class Trainer:
         self.loader = build_loader(cfg, "train", ctx.rank, ctx.world, ctx.device, multiple)
         val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device, multiple) if cfg.train.val_every \
             else None
+        # what the data and the memory allow, before anything is allocated (hpc.config bounds the rest)
+        check_fits(cfg, ctx.device, self.loader.index.ds.slice_shape, device_memory(ctx.device))
         self.model = build_model(cfg.model, cfg.in_channels()).to(ctx.device, memory_format=self.fmt)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = LRSchedule(cfg.optim, cfg.train.best_mode)
