@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from hpc.config import Config, check_dataset, from_dict, load_config, to_dict
-from hpc.errors import EXIT_REQUEUE
+from hpc.errors import EXIT_REQUEUE, ConfigError, OutputError
+from hpc.io.atomic import output_error
 
 # CLI flag -> (launch.<key>, type, help). Shared by `hpc submit`, `hpc sweep` and `hpc sbatch`.
 LAUNCH_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -169,11 +172,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
+def check_cluster(cfg: Config) -> None:
+    """launch.cluster=slurm needs Slurm's commands here (submitit's own failure is a 40-line traceback)."""
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if cfg.launch.cluster == "slurm" and missing:
+        raise ConfigError(f"launch.cluster=slurm: no `{missing[0]}` on PATH (not a Slurm login node?); "
+                          "run the job on this machine with --cluster local")
+
+
+def log_dir(cfg: Config) -> Path:
+    """launch.log_dir, created (one line when it cannot be: /proc/..., a file, read-only)."""
+    path = Path(cfg.launch.log_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied", str(path))
+    except OSError as exc:
+        raise output_error(path, exc, "nothing submitted") or \
+            OutputError(f"{path}: cannot use as launch.log_dir: {exc.strerror or exc}") from None
+    return path
+
+
+def submit(cfg: Config, name: str):
+    """Submit TrainJob; a failure while submitit writes its files into the log directory (a full
+    disk) is one line, and the files it had begun there are removed (submitit writes them in place)."""
+    folder = log_dir(cfg)
+    before = set(os.listdir(folder))
+    try:
+        return make_executor(cfg, name).submit(TrainJob(to_dict(cfg)))
+    except OSError as exc:
+        for leftover in set(os.listdir(folder)) - before:  # this submission's pickles, partly written
+            if leftover.endswith(".pkl"):
+                (folder / leftover).unlink(missing_ok=True)
+        raise output_error(folder, exc, "nothing submitted") or \
+            OutputError(f"{folder}: cannot submit: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *launch_overrides(args)])  # validated
+    check_cluster(cfg)
     check_dataset(cfg)
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
-    job = make_executor(cfg, name).submit(TrainJob(to_dict(cfg)))
+    job = submit(cfg, name)
     launch = cfg.launch
     print(f"submitted job {job.job_id} ({launch.cluster}: {launch.nodes} node(s) x "
           f"{tasks_per_node(cfg)} task(s))")
