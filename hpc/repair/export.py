@@ -16,14 +16,19 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hpc.errors import InputError
-from hpc.io.atomic import atomic_path, atomic_write_text, refuse_onto
+from hpc.errors import InputError, OutputError
+from hpc.io.atomic import atomic_path, atomic_write_text, refuse_onto, sweep_stale
 from hpc.repair.inference import Repairer, load_repairer
 
 FORMATS = ("torchscript", "onnx")
@@ -61,14 +66,31 @@ def example_inputs(rep: Repairer, shape: tuple[int, int], batch: int = 2) -> tup
     return raw, mask
 
 
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Tracing and ONNX export talk: TracerWarnings about Python branches on shapes (fixed here: V
+    and X are fixed, only the batch is free), FutureWarnings from torch's own internals, log lines
+    about torchvision operators and progress prints. None of it is about the user's model or
+    input, so none of it is shown; a failure is still an exception (the CLI's one line)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export(rep: Repairer, fmt: str, path: Path, shape: tuple[int, int]) -> tuple[Path, Path]:
     """Write the model and its JSON sidecar atomically; returns both paths."""
     if rep.cfg.data.fill == "reproject":  # a sparse-matrix reconstruction inside: not traceable to ONNX
         raise InputError(f"{rep.path}: data.fill=reproject runs an OSEM reconstruction before the network; "
                          f"export supports data.fill=zero|linear models only")
-    module = CountsModel(rep).cpu().eval()
+    module = CountsModel(rep).cpu().eval().requires_grad_(False)  # an inference graph: no parameter wants grads
     inputs = example_inputs(rep, shape)
-    with torch.no_grad(), atomic_path(path) as tmp:
+    with torch.no_grad(), quiet_tracing(), atomic_path(path) as tmp:
         if fmt == "torchscript":
             torch.jit.trace(module, inputs, check_trace=False).save(str(tmp))
         else:
@@ -97,7 +119,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-shape", metavar="V,X", help="views,bins (default: the training slice size)")
 
 
+def check_outputs(out: Path, checkpoint: Path, fmt: str) -> None:
+    """Refuse, before the work, outputs that could not be written after it: the checkpoint itself,
+    a directory (the model or its sidecar, which is written second); leftovers of a killed export go."""
+    targets = [out, out.with_name(out.name + ".json")]
+    refuse_onto(targets, [checkpoint])  # -o m.pt on m.pt
+    for t in targets:
+        if t.is_dir():
+            raise OutputError(f"{t}: is a directory; give the model a file name (e.g. -o {t}/repair"
+                              f"{'.pt' if fmt == 'torchscript' else '.onnx'})")
+    sweep_stale(out.parent, out.name)
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    check_outputs(out, Path(args.checkpoint), args.format)
     rep = load_repairer(args.checkpoint, torch.device("cpu"))
     if args.slice_shape:
         try:
@@ -114,8 +150,6 @@ def run(args: argparse.Namespace) -> int:
         shape = rep.slice_shape
     else:
         raise InputError(f"{rep.path}: records no training slice size; give --slice-shape V,X")
-    out = Path(args.output)
-    refuse_onto([out, out.with_name(out.name + ".json")], [Path(args.checkpoint)])  # -o m.pt on m.pt
     model, sidecar = export(rep, args.format, out, shape)
     print(f"wrote {model} and {sidecar}")
     return 0
