@@ -55,17 +55,32 @@ def build_parser(verb: str):
     return parser, module
 
 
-def _one_line_warnings(verb: str) -> None:
-    """HpcWarnings print as one line, `hpc VERB: warning: ...`; other warnings as Python shows them."""
-    show = warnings.showwarning
+class HeldWarnings:
+    """HpcWarnings print at once as one line, `hpc VERB: warning: ...`. Other warnings (torch's,
+    numpy's: about library internals, not the user's input) are held until the verb ends: shown as
+    Python shows them after a success, dropped when it fails with an HpcError, whose one line is
+    then all there is on stderr."""
 
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, HpcWarning):
-            print(f"hpc {verb}: warning: {message}", file=file or sys.stderr, flush=True)
-        else:
-            show(message, category, filename, lineno, file, line)
+    def __init__(self, verb: str):
+        self.verb, self.held = verb, []
+        self.show = warnings.showwarning
 
-    warnings.showwarning = showwarning
+    def __enter__(self) -> HeldWarnings:
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, HpcWarning):
+                print(f"hpc {self.verb}: warning: {message}", file=file or sys.stderr, flush=True)
+            else:
+                self.held.append((message, category, filename, lineno, file, line))
+
+        warnings.showwarning = showwarning
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        warnings.showwarning = self.show
+        if kind is None or not issubclass(kind, (HpcError, KeyboardInterrupt)):
+            for held in self.held:
+                self.show(*held)
+        self.held = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args([verb])  # prints the valid verbs, exits 2
     parser, module = build_parser(verb)
     args = parser.parse_args(rest)
-    _one_line_warnings(verb)
     try:
-        return int(module.run(args) or 0)
+        with HeldWarnings(verb):
+            return int(module.run(args) or 0)
     except HpcError as exc:
         print(f"hpc {verb}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

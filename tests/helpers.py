@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,59 @@ def run_hpc(*args: str, check: bool = False, timeout: float = 600, env: dict | N
     if check and r.returncode != 0:
         raise AssertionError(f"hpc {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+# ---------------------------------------------------------------- hostile input: one line, exit 2
+QUIET_ENV = {"PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}  # library warnings are not our output
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, f"expected one line, got:\n{err}"
+    return lines[0]
+
+
+def hidden_temporaries(*dirs: Path) -> list[Path]:
+    return [p for d in dirs if d.exists() for p in d.rglob(".*.tmp")]
+
+
+def refuse(capsys, argv, *, sources=(), outputs=(), names=(), words=(), code=2) -> str:
+    """Run `hpc ARGV` here; assert the exit code, one line naming each of ``names`` and containing
+    each of ``words``, sources unchanged, no output and no temporary file left."""
+    from hpc.cli import main
+
+    before = snapshot(*sources)
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    refuse.stdout = captured.out  # what the verb printed before failing (inspect's report)
+    line = one_line(captured.err)
+    assert rc == code, line
+    for text in (*map(str, names), *words):
+        assert text in line, f"{text!r} not in {line!r}"
+    assert snapshot(*sources) == before
+    for out in outputs:
+        assert not Path(out).exists(), f"{out} was written"
+    assert hidden_temporaries(*{Path(o).parent for o in outputs}) == []
+    return line
+
+
+def refuse_subprocess(argv, *, sources=(), outputs=(), names=(), words=(), code=2, timeout=120,
+                      mem_gb: float | None = None, cwd=ROOT, env: dict | None = None) -> str:
+    """The same for `python -m hpc ARGV` in a child (optionally with an address-space limit; ``env``
+    on top of QUIET_ENV, e.g. PYTHONWARNINGS=default where library warnings are the point)."""
+    before = snapshot(*sources)
+    limit = None if mem_gb is None else int(mem_gb * 2**30)
+    r = subprocess.run(hpc_cmd(*argv), capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                       env={**os.environ, **QUIET_ENV, **(env or {})},
+                       preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limit else None)
+    line = one_line(r.stderr)
+    assert r.returncode == code, line
+    for text in (*map(str, names), *words):
+        assert text in line, f"{text!r} not in {line!r}"
+    assert snapshot(*sources) == before
+    for out in outputs:
+        assert not Path(out).exists(), f"{out} was written"
+    return line
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:

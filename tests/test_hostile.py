@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -27,20 +26,23 @@ from hpc.io.sinogram import write_sinogram
 
 from helpers import (
     AXIAL,
+    QUIET_ENV,
     ROOT,
     TINY,
     V,
     X,
     flip_chunk_byte,
+    hidden_temporaries,
     hpc_cmd,
     make_checkpoint,
     make_dataset,
+    one_line,
+    refuse,
+    refuse_subprocess,
     require_dali,
     snapshot,
     study,
 )
-
-QUIET_ENV = {"PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}  # library warnings are not our output
 
 
 # ---------------------------------------------------------------- the world every case starts from
@@ -85,52 +87,6 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, ("echo pwned",))
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, f"expected one line, got:\n{err}"
-    return lines[0]
-
-
-def hidden_temporaries(*dirs: Path) -> list[Path]:
-    return [p for d in dirs if d.exists() for p in d.rglob(".*.tmp")]
-
-
-def refuse(capsys, argv, *, sources=(), outputs=(), names=(), words=(), code=2) -> str:
-    """Run `hpc ARGV` here; assert the exit code, one line naming each of ``names`` and containing
-    each of ``words``, sources unchanged, no output and no temporary file left."""
-    before = snapshot(*sources)
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    refuse.stdout = captured.out  # what the verb printed before failing (inspect's report)
-    line = one_line(captured.err)
-    assert rc == code, line
-    for text in (*map(str, names), *words):
-        assert text in line, f"{text!r} not in {line!r}"
-    assert snapshot(*sources) == before
-    for out in outputs:
-        assert not Path(out).exists(), f"{out} was written"
-    assert hidden_temporaries(*{Path(o).parent for o in outputs}) == []
-    return line
-
-
-def refuse_subprocess(argv, *, sources=(), outputs=(), names=(), words=(), code=2, timeout=120,
-                      mem_gb: float | None = None, cwd=ROOT) -> str:
-    """The same for `python -m hpc ARGV` in a child (optionally with an address-space limit)."""
-    before = snapshot(*sources)
-    limit = None if mem_gb is None else int(mem_gb * 2**30)
-    r = subprocess.run(hpc_cmd(*argv), capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                       env={**os.environ, **QUIET_ENV},
-                       preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limit else None)
-    line = one_line(r.stderr)
-    assert r.returncode == code, line
-    for text in (*map(str, names), *words):
-        assert text in line, f"{text!r} not in {line!r}"
-    assert snapshot(*sources) == before
-    for out in outputs:
-        assert not Path(out).exists(), f"{out} was written"
-    return line
 
 
 def predict(world: Path, *args) -> list:
