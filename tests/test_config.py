@@ -205,7 +205,9 @@ def test_no_other_module_keeps_a_list_of_choices_or_checks_config_values():
     # what depends on the dataset or the machine, not on the config alone, is checked where it is known
     allowed = ("data.*_studies: unknown study ids", "data.pad_bins='reflect': padding",  # the data's size
                "corrupt.scanner: {index.ds.root}",  # the dataset's planes and slice size vs the scanner
-               "data.device=cuda but no CUDA", "dist.sync_bn: SyncBatchNorm needs GPU")  # the machine
+               "data.context={d.context}: must be < {deepest}",  # the dataset's deepest segment
+               "data.device=cuda but no CUDA", "dist.sync_bn: SyncBatchNorm needs GPU",  # the machine
+               "model.base={m.base}: model.{m.name}", "launch.cluster=slurm: no `")  # its memory; Slurm here
     assert [o for o in offenders if not any(a in o for a in allowed)] == []
 
 

@@ -311,7 +311,7 @@ def _gt(lo: float) -> Rule:
 
 
 def _between(lo: float, hi: float, why: str) -> Rule:
-    return (lambda v: lo <= v <= hi), f"in [{lo}, {hi}] ({why})"
+    return (lambda v: lo <= v <= hi), f">= {lo} and <= {hi} ({why})"
 
 
 def _pair(ok: Callable[[float, float], bool], what: str) -> Rule:

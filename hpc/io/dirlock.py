@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from hpc.errors import HpcError, OutputError
+from hpc.io.atomic import output_error
 from hpc.io.regular import read_bounded
 
 ALIVE_STATES = {"RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
@@ -168,8 +169,9 @@ class DirLock:
                     self.held = True
                     return self
                 self._take_over_if_dead(mine)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot lock the {self.what}: {exc.strerror or exc}") from None
+        except OSError as exc:  # a full disk, a read-only file system: the atomic writer's words
+            raise output_error(self.path, exc, f"cannot lock the {self.what}") or \
+                OutputError(f"{self.path}: cannot lock the {self.what}: {exc.strerror or exc}") from None
         raise OutputError(f"{self.path}: could not take the lock (other writers starting at the same time?)")
 
     def _create(self, mine: dict) -> bool:
