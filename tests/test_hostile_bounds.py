@@ -130,7 +130,7 @@ def test_a_checkpoint_whose_config_describes_a_huge_network_is_refused(world, tm
 
     state = load(world / "m.pt")
     for base, words in ((200000, ["model.base=200000", "<= 65536"]),
-                        (5, ["does not match its weights", "model.base=5"])):
+                        (5, ["weights do not match its own config", "model.base=5"])):
         state["config"]["model"]["base"] = base
         path = tmp_path / f"base{base}.pt"
         torch.save({**state, "checksum": payload_digest(state)}, path)

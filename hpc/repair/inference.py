@@ -87,8 +87,8 @@ def _check_shapes(path: Path, cfg: Config, weights: dict) -> None:
         return
     m = cfg.model
     key = next((k for k in sorted(want) if want[k] != have.get(k)), None) or sorted(set(have) - set(want))[0]
-    raise InputError(f"{path}: its stored config (model.name={m.name}, model.base={m.base}, model.depth={m.depth}, "
-                     f"{cfg.in_channels()} input channels) does not match its weights: {key} is "
+    raise InputError(f"{path}: weights do not match its own config (model.name={m.name}, model.base={m.base}, "
+                     f"model.depth={m.depth}, {cfg.in_channels()} input channels): {key} is "
                      f"{have.get(key, 'absent')} in the file, {want.get(key, 'absent')} for that config")
 
 
