@@ -162,8 +162,8 @@ def is_ours(out: Path) -> bool:
 
 
 def _contents(out: Path) -> list[Path]:
-    """What the directory holds, but the lock of the convert holding it."""
-    return [p for p in out.iterdir() if not p.name.startswith(LOCK)] if out.is_dir() else []
+    """What the directory holds, but the lock (and the lock's passing temporary and stale names)."""
+    return [p for p in out.iterdir() if LOCK not in p.name] if out.is_dir() else []
 
 
 def is_hpc_shard(path: Path) -> bool:

@@ -22,10 +22,12 @@ Why each step:
   while it is written (nobody reads a half-written file), widened just before the rename.
 - A full disk, exhausted quota, read-only filesystem or refused permission becomes one
   :class:`OutputError` line naming the target, and the temporary file is removed.
-- The writer holds an open-file-description lock (``F_OFD_SETLK``) on its temporary file until it
-  is renamed: the kernel drops it when the writer dies, however it dies, so :func:`sweep_stale`
-  can tell a temporary file left by a killed writer (removed) from one still being written (kept).
-  Not ``flock``: HDF5 flocks the files it opens, and would find ours taken.
+- The writer holds an open-file-description read lock (``F_OFD_SETLK``) on its temporary file until
+  it is renamed: the kernel drops it when the writer dies, however it dies, so :func:`sweep_stale`
+  (probing with a write lock) can tell a temporary file left by a killed writer (removed) from one
+  still being written (kept). Not ``flock``: HDF5 flocks the files it opens and would find ours
+  taken; HDF5 writes our temporary files with its own locking off (hpc.io.h5write), where NFS
+  would turn its flock into a byte-range lock that collides with this one.
 
 Appended files (``metrics.jsonl``) are opened by :func:`append_open`: never through a symbolic
 link, never anything but a regular file.
@@ -138,7 +140,9 @@ class AtomicFile:
             self.fd, self.tmp = self._create()
         except OSError as exc:
             raise self._error(exc, "cannot create a file there") from None
-        _ofd_lock(self.fd, fcntl.F_WRLCK)  # "being written": released by the kernel when we die
+        # "being written", released by the kernel when we die; a read lock, so that readers of the
+        # temporary file (a shard verified before its rename) never collide with it
+        _ofd_lock(self.fd, fcntl.F_RDLCK)
         self.path = _self_path(self.fd, self.tmp)
         self.committed = False
 
@@ -341,15 +345,17 @@ def append_open(target: str | os.PathLike) -> io.TextIOWrapper:
 
 
 def _abandoned(path: Path) -> bool:
-    """True when ``path`` is a regular file nobody holds open for writing with AtomicFile's lock
-    (its writer died); False when in doubt (a live writer, a link, no OFD locks here)."""
+    """True when ``path`` is a regular file on which no live writer holds AtomicFile's lock (its
+    writer died); False when in doubt (a live writer, a link, another user's file, no OFD locks).
+    Probed with a write lock, which any writer's read lock refuses; opened for writing to take it
+    (nothing is written)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _ofd_lock(fd, fcntl.F_RDLCK):
+        if not stat.S_ISREG(st.st_mode) or not _ofd_lock(fd, fcntl.F_WRLCK):
             return False
         now = os.stat(path, follow_symlinks=False)  # the name still is the file we locked
         return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)

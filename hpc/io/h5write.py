@@ -103,8 +103,10 @@ class ShardWriter:
         self._out = AtomicFile(self.path)
         try:
             # No chunk cache: each slice is one whole chunk, written once, so caching gains nothing,
-            # and a write error (disk full) surfaces in write() instead of at some later close.
-            self._file = h5py.File(self._out.path, "w", rdcc_nbytes=0)
+            # and a write error (disk full) surfaces in write() instead of at some later close. No
+            # HDF5 file lock: the temporary name is ours alone, and AtomicFile holds its own lock on it
+            # (where flock is emulated with byte-range locks, NFS, HDF5's exclusive one would collide).
+            self._file = h5py.File(self._out.path, "w", rdcc_nbytes=0, locking=False)
             for name, (shape, dtype) in arrays.items():
                 self._file.create_dataset(name, shape, np.dtype(dtype).newbyteorder("<"), track_times=False,
                                           **dataset_kwargs(shape, compression))
@@ -207,7 +209,7 @@ class ShardWriter:
         Returns {"sha256": {name: hex}, "max": {name: value}, "bytes": n}."""
         self.finish()
         try:
-            with h5py.File(self._out.path, "r+") as f:  # the same steps whenever the values are known
+            with h5py.File(self._out.path, "r+", locking=False) as f:  # the same steps whenever the values are known
                 for key, value in {**self._attrs, **(attrs or {})}.items():
                     f.attrs[key] = value
         except OSError as exc:
@@ -250,7 +252,7 @@ class RepairedH5Writer:
         self.f = None
         self._out = AtomicFile(self.path)
         try:
-            self.f = h5py.File(self._out.path, "w", rdcc_nbytes=0)
+            self.f = h5py.File(self._out.path, "w", rdcc_nbytes=0, locking=False)
             self.f.attrs.update({"format": "hpc-repaired", "axes": "slice,view,bin",
                                  "source": str(spec.source), "comment": comment})
             self.ds = self.f.create_dataset("repaired", (spec.num_slices, *spec.slice_shape),
