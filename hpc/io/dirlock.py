@@ -52,8 +52,9 @@ def _start_time(pid: int) -> str:
 
 
 def me() -> dict:
+    restart = os.environ.get("SLURM_RESTART_COUNT") or "0"
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-            "job": os.environ.get("SLURM_JOB_ID", ""), "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+            "job": os.environ.get("SLURM_JOB_ID", ""), "restart": int(restart) if restart.isdigit() else 0,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
