@@ -161,7 +161,7 @@ if [ "$CPU" = 1 ]; then  # the same stages and geometry, small counts and width:
     DEV=cpu; BATCH=4; STUDIES=2; SLICES=109; BASE=4
     T_TESTS=120; T_STEP=90; T_DATA=60; T_LOADER=90; T_TRAIN=15
     STEP_ARGS=(--modes fp32 --batch 2 --warmup 1 --steps 2 --base "$BASE"); STEP_MODE=fp32  # no compile on CPU
-    LOADER_ARGS=(--workers 0,2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8)
+    LOADER_ARGS=(--workers 2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8)
 else
     DEV=cuda; BATCH=32; STUDIES=12; SLICES=109; BASE=64
     T_TESTS=110; T_STEP=150; T_DATA=40; T_LOADER=60; T_TRAIN=70
