@@ -99,9 +99,13 @@ fail() {  # one line on stderr, a record of why, the files that exist so far; ex
     exit 2
 }
 
-STAGE_PID=""
-on_signal() {  # the node's own limit came first: stop the stage, keep what is written
-    [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null
+STAGE_PID=""; STAGE_NAME=""; STAGE_T0=0; STAGE_LIMIT=0
+on_signal() {  # the node's own limit came first: stop the stage, record it, keep what is written
+    if [ -n "$STAGE_PID" ]; then
+        kill -TERM "$STAGE_PID" 2>/dev/null
+        printf '{"stage": "%s", "rc": 143, "status": "stopped", "seconds": %d, "limit_s": %d}\n' "$STAGE_NAME" \
+            "$(( $(date +%s) - STAGE_T0 ))" "$STAGE_LIMIT" >> "$LOGS/stages.jsonl"
+    fi
     echo "gpu_check.sh: stopped by a signal; writing what has finished" >&2
     finish
     exit 1
@@ -136,7 +140,7 @@ stage() {  # stage NAME LIMIT_S [timeout options] -- CMD...: run within what is 
     fi
     t0=$(date +%s.%N)
     timeout "${opts[@]}" --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1 &
-    STAGE_PID=$!
+    STAGE_PID=$!; STAGE_NAME=$name; STAGE_T0=${t0%.*}; STAGE_LIMIT=$limit
     wait "$STAGE_PID"
     rc=$?
     STAGE_PID=""
@@ -197,5 +201,5 @@ import loader; loader.synthetic(Path('$WORK/data'), $STUDIES, $SLICES, 168, 400,
 done
 trap - TERM INT
 finish
-grep -q '"status": "\(failed\|timeout\|skipped\)"' "$OUTDIR/gpu_check.json" && exit 1
+grep -q '"status": "\(failed\|timeout\|skipped\|stopped\)"' "$OUTDIR/gpu_check.json" && exit 1
 exit 0

@@ -48,8 +48,8 @@ def _json(path: Path):
 
 
 def _status(rec: dict, ok_codes: tuple[int, ...] = (0,)) -> str:
-    if rec.get("status") == "skipped":
-        return "skipped"
+    if rec.get("status") in ("skipped", "stopped"):  # no time left; interrupted by the node's limit
+        return rec["status"]
     rc = rec.get("rc")
     return "ok" if rc in ok_codes else "timeout" if rc in (124, 137) else "failed"
 
