@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 from helpers import ROOT, require
@@ -131,14 +133,24 @@ def test_rehearsal_returns_what_a_gpu_run_returns(wheels, node):
     assert "gpu_check: train rc=75" in report["output_tail"] and "train_samples_per_s" in report["output_tail"]
 
 
-@pytest.mark.slow
-def test_the_node_limit_stops_the_check_and_its_results_still_come_back(wheels, node):
-    code, report = rehearse(node, "--cold", "--carry", f".gpu-wheels={wheels}", "--", "bash",
-                            "bench/gpu_check.sh", "--cpu", "--stages", "tests,step,data,loader", timeout=18)
-    assert report["timed_out"] and {"gpu_check.json", "logs.tar.gz"} <= set(report["files"])
-    result = json.loads((node / "back" / "gpu_check.json").read_text())
-    assert result["complete"]  # written by the TERM trap: every stage so far and the one it stopped
-    assert list(result["stages"].values())[-1]["status"] == "stopped"
+def test_a_term_from_the_node_limit_stops_the_stage_and_the_results_are_still_written(tmp_path):
+    """The node's limit sends TERM to the whole process group: the running stage is recorded as
+    stopped, the JSON and the log tarball are written before the KILL that follows."""
+    (tmp_path / "none").mkdir()  # no wheels: this Python has hpc's dependencies
+    p = subprocess.Popen(["bash", str(SCRIPT), "--cpu", "--stages", "tests", "-o", str(tmp_path / "o"),
+                          "--wheels", str(tmp_path / "none"), "--site", str(tmp_path / "site")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)})
+    log = tmp_path / "hpc-gpu-check" / "logs" / "tests.log"
+    deadline = time.monotonic() + 120
+    while not log.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.exists(), p.communicate()
+    os.killpg(p.pid, signal.SIGTERM)  # as `timeout` does at the node's limit
+    out, err = p.communicate(timeout=60)
+    result = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    assert p.returncode == 1 and "stopped by a signal" in err and (tmp_path / "o" / "logs.tar.gz").is_file()
+    assert result["complete"] and result["stages"]["tests"]["status"] == "stopped"
 
 
 def test_a_budget_too_small_for_a_stage_skips_it(tmp_path):
