@@ -192,3 +192,32 @@ def test_dali_parts_travel_in_warm_calls_and_reassemble(tmp_path, wheels, node):
         f.write(b"\0" * 16)
     code, report = rehearse(node, *to_node, "--", receive)
     assert report["rc"] == 2 and "does not match the manifest" in report["output_tail"]
+
+
+def test_a_failing_loader_row_keeps_the_others(node, wheels):
+    """On the node DALI is absent: its row records the import error, the torch row after it still
+    runs, and the JSON holds both (it is rewritten after every row)."""
+    cmd = ("python3 -m pip install -q --no-index --no-deps --target $TMPDIR/s .gpu-wheels/*.whl && "
+           "PYTHONPATH=$TMPDIR/s python3 bench/loader.py --device cpu --size 24x32 --studies 2 --slices 16 "
+           "--epochs 1 --batch 4 --workers 0 --backends dali,torch --json $OUT/loader.json")
+    code, report = rehearse(node, "--cold", "--carry", f".gpu-wheels={wheels}", "--", cmd)
+    rows = json.loads((node / "back" / "loader.json").read_text())
+    assert report["rc"] == 1 and [r["backend"] for r in rows] == ["dali", "torch"]
+    assert "nvidia" in rows[0]["error"] and rows[1]["slices_per_s"] > 0 and "error" not in rows[1]
+
+
+def test_cudnn_finding_no_engine_counts_as_out_of_memory():
+    """Near the memory limit cuDNN raises a plain RuntimeError, not torch.OutOfMemoryError: the
+    batch search must read both as 'does not fit', and nothing else."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)  # the script as a module, bench/ kept off sys.path
+    out_of_memory = step.out_of_memory
+
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("GET was unable to find an engine to execute this computation"))
+    assert not out_of_memory(RuntimeError("Given groups=1, weight of size [64, 5, 3, 3], expected input"))
