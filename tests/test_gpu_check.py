@@ -214,7 +214,7 @@ def test_cudnn_finding_no_engine_counts_as_out_of_memory():
     import torch
 
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
-    step = importlib.util.module_from_spec(spec)
+    step = sys.modules["bench_step"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(step)  # the script as a module, bench/ kept off sys.path
     out_of_memory = step.out_of_memory
 
