@@ -71,14 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def step_from_json(path: Path, preset: str, mode: str, batch: int) -> dict:
-    """The bench/step.py row of ``preset`` in ``mode``: {step_samples_per_s, step_source}."""
+    """The bench/step.py row of ``preset`` in ``mode``: {step_samples_per_s, step_source}. A missing
+    row (the step run was stopped or failed there) leaves the rate None: no ratio rather than one
+    against another step."""
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"bench/loader.py: --step-json {path}: {exc}") from None
     found = [r for r in rows if r.get("preset") == preset and r.get("mode") == mode and "samples_per_s" in r]
     if not found:
-        raise SystemExit(f"bench/loader.py: --step-json {path}: no finished {preset} {mode} row")
+        print(f"bench/loader.py: --step-json {path}: no finished {preset} {mode} row: no ratio", file=sys.stderr)
+        return {"step_samples_per_s": None, "step_source": f"no finished {preset} {mode} row in {path.name}"}
     r = found[0]
     note = "" if r["batch"] == batch else f" (loader batch {batch})"
     return {"step_samples_per_s": r["samples_per_s"],
@@ -231,7 +234,8 @@ def measure(args: argparse.Namespace, root: Path, backend: str, workers: int, st
         if args.model:
             row |= step or {"step_samples_per_s": time_step(cfg, row["shape"], args.steps),
                             "step_source": "eager fp32 step timed here"}
-            row["ratio"] = row["slices_per_s"] / row["step_samples_per_s"]
+            rate = row["step_samples_per_s"]
+            row["ratio"] = row["slices_per_s"] / rate if rate else None
     except Exception as exc:  # (any failure is this row's result, the next row runs)
         first = (str(exc).strip().splitlines() or [""])[0]
         row = {"backend": backend, "workers": workers, "error": f"{type(exc).__name__}: {first}"}
