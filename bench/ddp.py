@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hpc.config import ModelConfig  # noqa: E402
 from hpc.distributed.dist import BUCKETS, bucket_mb_for  # noqa: E402
-from hpc.models import build_model  # noqa: E402
+from hpc.train.models import build_model  # noqa: E402
 
 H200_BF16_FLOPS = 989e12  # dense bf16, NVIDIA H200 SXM datasheet
 NVLINK_BUSBW = 360e9  # B/s: NCCL all-reduce bus bandwidth within an 8-GPU NVLink-4 / NVSwitch node

@@ -178,7 +178,7 @@ def time_loader(cfg: Config, epochs: int, root: Path) -> dict:
 
 def time_step(cfg: Config, shape: list[int], steps: int) -> float:
     """Training-step samples/s (forward, L1, backward, AdamW) on a batch of the loader's shape."""
-    from hpc.models import build_model
+    from hpc.train.models import build_model
 
     device = resolve_device(cfg.data.device)
     model = build_model(cfg.model, shape[1]).to(device)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hpc.config import LossConfig, ModelConfig  # noqa: E402
 from hpc.distributed.device import DEVICES, resolve_device  # noqa: E402
-from hpc.losses import build_loss  # noqa: E402
-from hpc.models import MODELS, build_model, required_multiple  # noqa: E402
+from hpc.train.losses import build_loss  # noqa: E402
+from hpc.train.models import MODELS, build_model, required_multiple  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def make_step(cfg: ModelConfig, channels: int, mode: Mode, device: torch.device)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = build_loss(LossConfig(l1=1.0))
+    loss_fn = build_loss(LossConfig({"l1": 1.0}))
     fwd = torch.compile(model) if mode.compile else model
 
     def step(x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> None:

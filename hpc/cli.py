@@ -16,13 +16,13 @@ from hpc.errors import HpcError, HpcWarning
 
 # verb -> (module, one-line help). The module's docstring is the verb's description/example.
 VERBS: dict[str, tuple[str, str]] = {
-    "convert": ("hpc.convert", "raw / Interfile sinograms -> chunked HDF5 shards (MPI-parallel)"),
+    "convert": ("hpc.convert.convert", "raw / Interfile sinograms -> chunked HDF5 shards (MPI-parallel)"),
     "inspect": ("hpc.inspect", "summary of a dataset, shard, checkpoint or run dir (--png to look)"),
-    "simulate": ("hpc.simulate", "synthetic PET studies (attenuation, randoms, lesions, dead blocks)"),
-    "train": ("hpc.train", "train a sinogram-repair UNet (1 process, 1 GPU or many nodes)"),
-    "predict": ("hpc.predict", "repair sinograms with a checkpoint, written in the source format"),
-    "export": ("hpc.export", "export a checkpoint to TorchScript / ONNX"),
-    "evaluate": ("hpc.evaluate", "a checkpoint vs reproject/interpolation, measured + noise-free + images"),
+    "simulate": ("hpc.simulate.simulate", "synthetic PET studies (attenuation, randoms, lesions, dead blocks)"),
+    "train": ("hpc.train.train", "train a sinogram-repair UNet (1 process, 1 GPU or many nodes)"),
+    "predict": ("hpc.repair.predict", "repair sinograms with a checkpoint, written in the source format"),
+    "export": ("hpc.repair.export", "export a checkpoint to TorchScript / ONNX"),
+    "evaluate": ("hpc.evaluate.evaluate", "a checkpoint vs reproject/interpolation, measured + noise-free + images"),
     "submit": ("hpc.launch.submit", "submit one training job to Slurm (submitit)"),
     "sweep": ("hpc.launch.sweep", "hyperparameter sweep as a Slurm job array; `sweep status DIR`"),
     "sbatch": ("hpc.launch.sbatch", "render an sbatch template (dgx, pyxis, singularity, plain)"),

@@ -29,7 +29,17 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from hpc.cli import main
+from hpc.config import load_config
+from hpc.distributed.device import resolve_device
 from hpc.errors import HpcError, OutputError
+from hpc.evaluate.evaluate import Options, evaluate, log_wandb, simulation_studies
+from hpc.evaluate.report import image_table, sino_table
+from hpc.io.headers import read_header
+from hpc.registry import BASELINES
+from hpc.repair.files import predict_file
+from hpc.repair.inference import file_mask, load_repairer
+from hpc.train.train import train
 
 CONFIG = Path(str(resources.files("hpc") / "configs" / "demo.yaml"))  # package data (also pip install .)
 
@@ -42,7 +52,7 @@ class Plan:
     test_studies: int
     overrides: tuple[str, ...]  # on top of configs/demo.yaml
     eval_slices: int  # per held-out study (0 = all)
-    counts: str = "clinical"  # hpc simulate --counts: a count level (hpc.physics.COUNT_LEVELS) or a total
+    counts: str = "clinical"  # hpc simulate --counts: a count level (hpc.physics.factors.COUNT_LEVELS) or a total
 
 
 FULL = Plan(12, 1, 3, (), 0)
@@ -66,7 +76,6 @@ class Steps:
 
 def _hpc(*argv: str) -> None:
     """Run an `hpc VERB ...` command in this process; a failure stops the demo."""
-    from hpc.cli import main
 
     code = main([str(a) for a in argv])
     if code != 0:
@@ -91,8 +100,6 @@ def simulate_and_convert(out: Path, plan: Plan, seed: int) -> tuple[Path, list[d
 
 def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list[str],
                 val_ids: list[str]) -> dict:
-    from hpc.config import load_config
-    from hpc.train import train
 
     overrides = [f"data.path={dataset}", f"train.run_dir={out / 'run'}", f"data.train_studies={train_ids}",
                  f"data.val_studies={val_ids}", f"data.seed={seed}", f"augment.seed={seed}",
@@ -102,22 +109,16 @@ def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list
 
 
 def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], checkpoint: str):
-    from hpc.distributed.device import resolve_device
-    from hpc.evaluate import DEFAULT_BASELINES, Options, evaluate, log_wandb, simulation_studies
-    from hpc.inference import load_repairer
 
     rep = load_repairer(checkpoint, resolve_device("auto"))
     studies = simulation_studies(sim, [s["id"] for s in held_out])
-    summary = evaluate(rep, studies, out / "eval", Options(list(DEFAULT_BASELINES), plan.eval_slices, quiet=True))
+    summary = evaluate(rep, studies, out / "eval", Options(list(BASELINES.names()), plan.eval_slices, quiet=True))
     mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)
     wandb_dir = log_wandb(summary, mode, rep.cfg.log.project, out / "eval") if mode != "disabled" else ""
     return rep, summary, wandb_dir
 
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
-    from hpc.io.sinogram import read_header
-    from hpc.inference import file_mask
-    from hpc.inference_io import predict_file
 
     spec = read_header(sim / study["files"]["gaps"])
     mask = file_mask(spec, read_header(sim / study["files"]["mask"]))
@@ -134,7 +135,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpc.eval_report import image_table, sino_table
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):

@@ -20,6 +20,7 @@ import numpy as np
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_path, refuse_onto
+from hpc.io.shards import Dataset, open_shard, read_slab, verify_shard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,6 @@ def _mb(n: float) -> str:
 def _verify_status(path: Path, expected: dict | None, verify: bool, shard=None) -> str:
     """ok / not checked / MISSING / BAD (why). With the manifest's ``shard`` entry also its slice
     count and first slice against the shard's own datasets and attributes."""
-    from hpc.io.shards import open_shard, verify_shard
 
     if not path.is_file():
         return "MISSING"
@@ -73,7 +73,6 @@ def _layout_problems(study) -> list[str]:
 
 def inspect_dataset(root: Path, verify: bool) -> tuple[str, int]:
     """(report text, number of bad shards)."""
-    from hpc.io.shards import Dataset
 
     ds = Dataset.open(root)
     m = ds.manifest
@@ -109,7 +108,6 @@ def _filters(dset) -> str:
 def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
     import h5py
 
-    import hpc.io.shards  # noqa: F401  (registers the blosc filter)
 
     try:
         f = h5py.File(path, "r")
@@ -127,7 +125,6 @@ def inspect_shard(path: Path, verify: bool) -> tuple[str, int]:
 
 def _read(f, k: int, data: dict[str, list], label: str) -> None:
     """Append slice ``k`` of an open shard's target/input/mask and its title to ``data``."""
-    from hpc.io.shards import read_slab
 
     for role in ("target", "input", "mask"):
         if role in f:
@@ -143,7 +140,6 @@ def _spaced(n_total: int, n: int) -> list[int]:
 def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], str]:
     """``n`` evenly spaced slices of a dataset's study (or of one shard): role -> list of (V, X)
     arrays, "label" -> panel titles; and a figure title."""
-    from hpc.io.shards import Dataset, open_shard
 
     data: dict[str, list] = {"label": []}
     if path.is_dir():
@@ -163,7 +159,6 @@ def slices_for_png(path: Path, study_id: str, n: int) -> tuple[dict[str, list], 
 
 def _inputs(path: Path) -> list[Path]:
     """The files ``path`` (a shard, or a dataset: its manifest and shards) consists of."""
-    from hpc.io.shards import Dataset
 
     if not path.is_dir():
         return [path]
@@ -206,9 +201,9 @@ def render_png(path: Path, png: Path, study_id: str, n: int) -> Path:
 
 def _describe_checkpoint(path: Path) -> str:
     try:
-        from hpc.checkpoint import describe
+        from hpc.train.checkpoint import describe  # late: torch, only for checkpoints
     except ImportError as exc:
-        raise InputError(f"{path}: checkpoints and run dirs need hpc.checkpoint.describe, which is not "
+        raise InputError(f"{path}: checkpoints and run dirs need hpc.train.checkpoint.describe, which is not "
                          f"available in this install ({exc})") from None
     return describe(path)
 

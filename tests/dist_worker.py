@@ -16,8 +16,8 @@ from torch import nn
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))  # the repo root, when run as a worker script
 
-from hpc.distributed import dist  # noqa: E402
 from hpc.config import DistConfig  # noqa: E402
+from hpc.distributed import dist  # noqa: E402
 
 UNION = 8  # samples in the union batch; each of W ranks gets UNION // W
 

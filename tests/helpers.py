@@ -4,7 +4,7 @@
   laptop, FAIL under CI=true), ``mpirun_cmd``, ``require_dali``.
 - Fixture writers that follow the specs rather than the code under test: ``make_dataset`` (a
   dataset per docs/FORMAT.md with plain h5py + json), ``write_stir``/``write_siemens_tof`` (Interfile
-  by hand), ``make_checkpoint`` (a tiny untrained model saved the way hpc.train saves it).
+  by hand), ``make_checkpoint`` (a tiny untrained model saved the way hpc.train.train saves it).
 - ``loader_cfg``/``decode`` for loader tests, ``shard_differences`` to compare converted datasets,
   ``records`` to read a run's metrics.jsonl.
 
@@ -200,12 +200,12 @@ def decode(x: torch.Tensor) -> torch.Tensor:
 
 def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: int = 1,
                     seed: int = 0, fill: str = "zero") -> Config:
-    """A tiny untrained model saved the way hpc.train saves checkpoints (model, config, data);
+    """A tiny untrained model saved the way hpc.train.train saves checkpoints (model, config, data);
     ``fill="linear"`` also feeds the gap mask as an input channel (the demo's setting)."""
     import torch
 
     from hpc.config import Config, to_dict
-    from hpc.models import build_model
+    from hpc.train.models import build_model
 
     cfg = Config()
     cfg.data.context, cfg.data.normalize, cfg.data.fill = context, "max", fill

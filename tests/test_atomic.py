@@ -20,7 +20,8 @@ from hpc.io import atomic
 from hpc.io.atomic import AtomicFile, atomic_open, atomic_path, atomic_write_text
 from hpc.io.h5write import RepairedH5Writer, ShardWriter
 from hpc.io.shards import FORMAT
-from hpc.io.sinogram import SinogramWriter, raw_spec
+from hpc.io.sinogram import SinogramWriter
+from hpc.io.spec import raw_spec
 
 
 def hidden(d):

@@ -1,4 +1,4 @@
-"""hpc.augment: physics of view rotation/padding, exact inverses, corruption, consistent augmentation."""
+"""hpc.data.augment: physics of view rotation/padding, exact inverses, corruption, consistent augmentation."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import augment as A
 from hpc.config import Config, Normalize, PadBins, choices
+from hpc.data import augment as A
 from hpc.data import build_loader
+from hpc.data import fills as FL
+from hpc.data import preprocess as PP
+
 from helpers import decode, loader_cfg, make_dataset
 
 
@@ -36,33 +39,33 @@ def test_rotate_views_is_a_physical_rotation(shift):
 
 
 def test_mirror_is_t_to_minus_t():
-    assert A.mirror_index(6).tolist() == [0, 5, 4, 3, 2, 1]  # bin 0 (t = -3) has no partner
-    assert A.mirror_index(5).tolist() == [4, 3, 2, 1, 0]  # odd X: t in -2..2, a plain flip
+    assert PP.mirror_index(6).tolist() == [0, 5, 4, 3, 2, 1]  # bin 0 (t = -3) has no partner
+    assert PP.mirror_index(5).tolist() == [4, 3, 2, 1, 0]  # odd X: t in -2..2, a plain flip
     x = torch.rand(2, 3, 4, 8)
-    assert torch.equal(A.mirror_bins(A.mirror_bins(x)), x)
-    assert torch.equal(A.mirror_bins(x)[..., 1:], x[..., 1:].flip(-1))
-    assert torch.equal(A.mirror_bins(x)[..., 0], x[..., 0])
+    assert torch.equal(PP.mirror_bins(PP.mirror_bins(x)), x)
+    assert torch.equal(PP.mirror_bins(x)[..., 1:], x[..., 1:].flip(-1))
+    assert torch.equal(PP.mirror_bins(x)[..., 0], x[..., 0])
 
 
 @pytest.mark.parametrize("name", ["demo", "mmr"])
 def test_mirrored_sinogram_is_the_object_rotated_by_180_degrees(name):
-    """Exact projections (hpc.simulate.project, the chords of hpc.geometry) of a phantom and of the
+    """Exact projections (hpc.simulate.simulate.project, the chords of hpc.physics.geometry) of a phantom and of the
     same phantom rotated by 180 degrees: the second is the first with t -> -t, bit for bit on
     every bin that has a partner; and rotating by k views is a shift by k views."""
-    from hpc import geometry as G
-    from hpc import phantom as PT
-    from hpc import simulate as S
+    from hpc.physics import geometry as G
+    from hpc.simulate import counts as SC
+    from hpc.simulate import phantom as PT
 
     sc = G.get_scanner(name)
     ph = PT.random_phantom(sc, np.random.default_rng(5))
     ell = PT.ellipses_at(ph, ph.z0 + 40.0)  # (E, 6): x, y, a, b, rotation, activity
     phi, s = G.lor_coordinates(sc)
-    sino = torch.from_numpy(S.project(sc, ell, phi, s)[0])  # (V, X)
+    sino = torch.from_numpy(SC.project(sc, ell, phi, s)[0])  # (V, X)
     turned = ell.copy()
     turned[:, :2] *= -1  # (x, y) -> (-x, -y); an ellipse is symmetric about its centre
-    rotated = torch.from_numpy(S.project(sc, turned, phi, s)[0])
+    rotated = torch.from_numpy(SC.project(sc, turned, phi, s)[0])
     assert sino.abs().sum() > 0 and not torch.equal(rotated, sino)
-    assert torch.equal(A.mirror_bins(sino)[:, 1:], rotated[:, 1:])
+    assert torch.equal(PP.mirror_bins(sino)[:, 1:], rotated[:, 1:])
     assert torch.equal(A.flip_bins(sino[None, None], torch.tensor([True]))[0, 0, :, 1:], rotated[:, 1:])
     k = 5  # rotating the object by k detector steps shifts the views by k, the wrapped ones mirrored
     ang = 2 * np.pi * k / sc.detectors_per_ring
@@ -70,18 +73,18 @@ def test_mirrored_sinogram_is_the_object_rotated_by_180_degrees(name):
     spun = ell.copy()
     spun[:, 0], spun[:, 1] = c * ell[:, 0] - si * ell[:, 1], si * ell[:, 0] + c * ell[:, 1]
     spun[:, 4] += ang
-    want = torch.from_numpy(S.project(sc, spun, phi, s)[0])
+    want = torch.from_numpy(SC.project(sc, spun, phi, s)[0])
     got = A.rotate_views(sino[None, None], torch.tensor([k]))[0, 0]
     torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-9, atol=1e-9 * float(sino.max()))
 
 
 def test_view_padding_continues_the_rotation():
     x = torch.rand(2, 3, 8, 6)
-    p = A.pad_views_periodic(x, 3, 2)  # (2, 3, 13, 6)
+    p = PP.pad_views_periodic(x, 3, 2)  # (2, 3, 13, 6)
     assert torch.equal(p[..., 3:11, :], x)
     assert torch.equal(p[..., :3, :], A.rotate_views(x, torch.tensor([3, 3]))[..., :3, :])
-    assert torch.equal(p[..., 11:, :], A.mirror_bins(x[..., :2, :]))
-    assert torch.equal(A.pad_views_periodic(x, 8, 0)[..., :8, :], A.mirror_bins(x))  # 180 degrees = mirror
+    assert torch.equal(p[..., 11:, :], PP.mirror_bins(x[..., :2, :]))
+    assert torch.equal(PP.pad_views_periodic(x, 8, 0)[..., :8, :], PP.mirror_bins(x))  # 180 degrees = mirror
 
 
 def test_flip_and_full_turn():
@@ -89,11 +92,11 @@ def test_flip_and_full_turn():
     flags = torch.tensor([True, False, True])
     assert torch.equal(A.flip_bins(A.flip_bins(x, flags), flags), x)
     assert torch.equal(A.flip_bins(x, flags)[1], x[1])
-    assert torch.equal(A.flip_bins(x, flags)[0], A.mirror_bins(x[0]))
+    assert torch.equal(A.flip_bins(x, flags)[0], PP.mirror_bins(x[0]))
     assert torch.equal(A.rotate_views(A.rotate_views(x, torch.tensor([2, 4, 5])), torch.tensor([4, 2, 1])),
-                       A.mirror_bins(x))  # 6 views = 180 degrees
+                       PP.mirror_bins(x))  # 6 views = 180 degrees
     assert torch.equal(A.rotate_views(x, torch.tensor([12, -6, 18])),
-                       torch.stack([x[0], A.mirror_bins(x[1]), A.mirror_bins(x[2])]))
+                       torch.stack([x[0], PP.mirror_bins(x[1]), PP.mirror_bins(x[2])]))
 
 
 @pytest.mark.parametrize("mode", choices(Normalize))
@@ -101,7 +104,7 @@ def test_flip_and_full_turn():
 def test_preprocess_inverse_exact(mode, bins_mode):
     cfg = Config()
     cfg.data.normalize, cfg.data.pad_bins, cfg.data.pad_multiple = mode, bins_mode, 8
-    pre = A.Preprocess(cfg, scale=500.0)
+    pre = FL.build_preprocess(cfg, cfg.data.pad_multiple, scale=500.0)
     raw = torch.poisson(torch.full((3, 5, 13, 21), 40.0))  # odd sizes: uneven padding
     x, st = pre.forward(raw)
     assert x.shape == (3, 5, 16, 24) and st.pad == (1, 2, 1, 2)
@@ -121,24 +124,26 @@ def test_inverse_floors_predictions_at_zero_counts(mode):
     cfg.data.normalize, cfg.data.pad_multiple = mode, 1
     g = torch.Generator().manual_seed(0)
     raw = torch.poisson(torch.full((2, 1, 6, 8), 30.0), generator=g)
-    x, st = A.Preprocess(cfg, scale=100.0).forward(raw)
+    x, st = FL.build_preprocess(cfg, 1, scale=100.0).forward(raw)
     y = x * (1 - 2 * torch.rand(x.shape, generator=g))  # about half of the outputs below 0 counts
-    plain = A.denormalize(y, mode, st.norm)  # what the inverse gives without the floor
-    neg = y < A.normalize(torch.zeros_like(raw), mode, st.norm)  # below the network-scale image of 0
+    plain = PP.denormalize(y, mode, st.norm)  # what the inverse gives without the floor
+    neg = y < PP.normalize(torch.zeros_like(raw), mode, st.norm)  # below the network-scale image of 0
     assert 0.2 < neg.float().mean() < 0.8
-    got = A.Preprocess(cfg, scale=100.0).inverse(y, st)
+    got = FL.build_preprocess(cfg, 1, scale=100.0).inverse(y, st)
     assert (got >= 0).all() and got[neg].max() < 1e-6  # 0 up to anscombe's float rounding
     assert torch.equal(got[~neg], plain[~neg])
     cfg.data.nonneg = False
-    assert torch.equal(A.Preprocess(cfg, scale=100.0).inverse(y, st), plain)
+    assert torch.equal(FL.build_preprocess(cfg, 1, scale=100.0).inverse(y, st), plain)
 
 
 def test_pad_multiple_from_model():
+    from hpc.train.models import input_multiple
+
     cfg = Config()
     cfg.model.name, cfg.model.depth = "unet", 3
-    assert A.pad_multiple(cfg) == 8
+    assert input_multiple(cfg) == 8
     cfg.data.pad_multiple = 5
-    assert A.pad_multiple(cfg) == 5
+    assert input_multiple(cfg) == 5
 
 
 def test_hash_blocks_and_thinning():
@@ -202,15 +207,15 @@ def test_loader_applies_one_transform_to_input_target_mask(tmp_path):
 
 def test_fill_radial_is_the_batched_linear_baseline():
     """Random rows and gap patterns (none, all, edges, interior): the torch pre-fill equals
-    hpc.metrics.linear_interp_radial slice by slice; measured pixels are untouched."""
-    from hpc.metrics import linear_interp_radial
+    hpc.train.metrics.linear_interp_radial slice by slice; measured pixels are untouched."""
+    from hpc.baselines.interp import linear_interp_radial
 
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.random((6, 2, 5, 17)) * 50)  # (B, C, V, X) float64
     mask = torch.from_numpy((rng.random(x.shape) > rng.random((6, 2, 1, 1))).astype(np.float64))
     mask[0, 0, 0] = 0  # a row with nothing measured -> 0
     mask[0, 0, 1] = 1  # a row with no gap
-    out = A.fill_radial(x, mask)
+    out = FL.fill_radial(x, mask)
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
             want = linear_interp_radial(x[b, c].numpy(), mask[b, c].numpy())
@@ -221,5 +226,5 @@ def test_fill_radial_is_the_batched_linear_baseline():
 def test_fill_modes_and_preprocess_gaps():
     x = torch.tensor([[[[4.0, 0.0, 0.0, 10.0]]]])
     m = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])
-    assert A.fill_gaps(x, m, "zero").flatten().tolist() == [4.0, 0.0, 0.0, 10.0]
-    assert A.fill_gaps(x, m, "linear").flatten().tolist() == [4.0, 6.0, 8.0, 10.0]
+    assert FL.zero_fill(x, m, {}, None).flatten().tolist() == [4.0, 0.0, 0.0, 10.0]
+    assert FL.linear_fill(x, m, {}, None).flatten().tolist() == [4.0, 6.0, 8.0, 10.0]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpc.baselines import (axial3d_interp, axis_interp, baseline_batch, biharmonic_inpaint,
-                           linear_interp_radial)
+from hpc.baselines.interp import axial3d_interp, axis_interp, biharmonic_inpaint, linear_interp_radial
+from hpc.baselines.stack import baseline_batch
 
 
 def _ramp3d(p=7, v=10, x=16) -> np.ndarray:

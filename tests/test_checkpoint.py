@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import checkpoint as ck
 from hpc.config import Config, to_dict
 from hpc.errors import InputError
+from hpc.train import checkpoint as ck
 
 
 def state(step: int) -> dict:

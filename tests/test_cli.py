@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_hpc
 from hpc.cli import VERBS, build_parser
+
+from helpers import run_hpc
 
 
 def test_top_level_help_lists_every_verb():

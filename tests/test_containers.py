@@ -8,12 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
-from helpers import ROOT, def_sections, require
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from helpers import ROOT, def_sections, require
 
 CONTAINERS = ROOT / "containers"
 EXTRAS_IN_IMAGE = ("wandb", "onnx")  # dali ships with the NGC image; dev is for tests only

@@ -15,10 +15,11 @@ import hdf5plugin  # noqa: F401  (reads blosc shards)
 import numpy as np
 import pytest
 
-from helpers import hpc_cmd, run_hpc, shard_differences, write_siemens_tof, write_stir
 from hpc.cli import main
 from hpc.io.shards import Dataset, verify_shard
 from hpc.io.sinogram import write_sinogram
+
+from helpers import hpc_cmd, run_hpc, shard_differences, write_siemens_tof, write_stir
 
 V, X = 6, 5
 
@@ -329,7 +330,7 @@ def test_workers_progress_counts_every_slice(tmp_path):
 
 
 def test_balance_splits_files_by_size():
-    from hpc.convert import balance
+    from hpc.convert.convert import balance
 
     sizes = [50, 10, 10, 10, 40, 5, 5]
     groups = balance(sizes, 3)

@@ -8,8 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import hpc_cmd, mpirun_cmd, run_hpc, shard_differences
 from hpc.io.sinogram import write_sinogram
+
+from helpers import hpc_cmd, mpirun_cmd, run_hpc, shard_differences
 
 pytestmark = pytest.mark.mpi
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import require_dali
 from hpc.data import build_loader
-from helpers import decode, loader_cfg, make_dataset
+
+from helpers import decode, loader_cfg, make_dataset, require_dali
 
 FIELDS = ("input", "target", "mask", "index", "norm")
 
@@ -60,7 +60,7 @@ def test_dali_flip_matches_torch_and_moves_all_three(tmp_path):
 
 
 def test_dali_equals_torch_with_dead_blocks_and_augmentation(tmp_path):
-    from hpc import geometry as G
+    from hpc.physics import geometry as G
 
     sc = G.get_scanner("test")
     root = make_dataset(tmp_path / "d", studies=1, segments=(0, -1, 1), axial=(4, 3, 3), views=sc.views,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader
+
 from helpers import run_hpc
-from hpc.io.sinogram import SinogramReader, read_header
 
 
 def test_demo_quick_end_to_end(tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_hpc
 from hpc.distributed.device import resolve_device
 from hpc.errors import ConfigError
+
+from helpers import run_hpc
 
 
 def test_cpu_and_auto_without_a_gpu(monkeypatch):

@@ -14,10 +14,11 @@ import time
 import pytest
 import torch
 
-from dist_worker import HERE, check_grads, tiny_model
-from hpc.distributed import dist
 from hpc.config import DistConfig
+from hpc.distributed import dist
 from hpc.errors import ConfigError
+
+from dist_worker import HERE, check_grads, tiny_model
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

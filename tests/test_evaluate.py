@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from helpers import run_hpc
-from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
-from helpers import make_checkpoint
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader, write_sinogram
+
+from helpers import make_checkpoint, run_hpc
 
 V, X, S = 16, 16, 4
 
@@ -104,13 +105,13 @@ def test_dataset_studies_score_like_their_source_files(tmp_path):
 
 def test_simulation_truth_reproject_and_images(tmp_path):
     """--simulation: the held-out test-variant studies with their noise-free truth and lesions; the
-    reproject baseline equals hpc.recon.reproject on the files (factors and randoms modelled), the
+    reproject baseline equals hpc.physics.recon.reproject on the files (factors and randoms modelled), the
     image table scores every version against the full-data and noise-free reconstructions."""
     import torch
 
-    from hpc import geometry as G
-    from hpc import recon as R
-    from hpc.evaluate import REPROJECT_SUBSETS
+    from hpc.physics import geometry as G
+    from hpc.physics import recon as R
+    from hpc.physics.recon import REPROJECT_SUBSETS
 
     sim = tmp_path / "sim"
     r = run_hpc("simulate", "-o", sim, "--studies", "2", "--test-studies", "1", "--scanner", "test", "--counts",

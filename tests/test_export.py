@@ -1,4 +1,4 @@
-"""hpc export: the TorchScript / ONNX model gives the checkpoint's own repair (hpc.inference) on
+"""hpc export: the TorchScript / ONNX model gives the checkpoint's own repair (hpc.repair.inference) on
 batches of other sizes than the one traced, and the sidecar JSON records the preprocessing."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from hpc.repair.inference import load_repairer, model_output
+
 from helpers import make_checkpoint, run_hpc
-from hpc.inference import load_repairer, model_output
 
 V, X = 8, 12
 

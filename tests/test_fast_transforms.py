@@ -2,40 +2,42 @@
 
 Each rewrite (issue 15: one pass per transform, rotation + mirror as one gather, context stacks
 built on the device from each slice sent once, persistent workers) is compared bit for bit with
-the plain composition of the original operations, which stay in hpc.augment as the reference.
+the plain composition of the original operations, which stay in hpc.data.augment as the reference.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from helpers import loader_cfg, make_dataset
 
-from hpc import augment as A
+from hpc.data import augment as A
 from hpc.data import build_loader
+from hpc.data import preprocess as PP
 from hpc.data.transform import stack_rows
+
+from helpers import loader_cfg, make_dataset
 
 
 def _mirror_reference(x: torch.Tensor) -> torch.Tensor:
-    return x.index_select(-1, A.mirror_index(x.shape[-1]))
+    return x.index_select(-1, PP.mirror_index(x.shape[-1]))
 
 
 def _pad_reference(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    return A._wrapped_views(x, torch.arange(-before, x.shape[-2] + after))
+    return PP._wrapped_views(x, torch.arange(-before, x.shape[-2] + after))
 
 
 @pytest.mark.parametrize("bins", [7, 8])
 def test_mirror_bins_as_a_flip_equals_the_index_gather(bins):
     x = torch.randn(3, 2, 5, bins)
-    assert torch.equal(A.mirror_bins(x), _mirror_reference(x))
-    assert torch.equal(A.mirror_bins(A.mirror_bins(x)), x)
+    assert torch.equal(PP.mirror_bins(x), _mirror_reference(x))
+    assert torch.equal(PP.mirror_bins(PP.mirror_bins(x)), x)
 
 
 @pytest.mark.parametrize("before, after", [(0, 0), (1, 0), (0, 3), (2, 5), (13, 9)])
 @pytest.mark.parametrize("bins", [7, 8])
 def test_view_padding_gathers_only_the_padded_rows(before, after, bins):
     x = torch.randn(2, 3, 6, bins)
-    out = A.pad_views_periodic(x, before, after)
+    out = PP.pad_views_periodic(x, before, after)
     assert torch.equal(out, _pad_reference(x, before, after))
     if before == after == 0:
         assert out is x  # no work at all when the slice already fits
@@ -116,8 +118,8 @@ _VIRTUAL = dict(rings=8, detectors_per_ring=48, block_trans=4, block_axial=4, bi
 
 def _scanner_layout(name: str, monkeypatch):
     """(scanner name, segments, axial counts, views, bins) of a test dataset for the case's scanner."""
-    from hpc import geometry as G
-    from hpc import projdata as P
+    from hpc.physics import geometry as G
+    from hpc.physics import projdata as P
 
     if name in ("virtual", "span3"):
         sc = G.Scanner(f"fast-{name}", f"hpc fast {name}", virtual_axial=1 if name == "virtual" else 0, **_VIRTUAL)
@@ -126,8 +128,8 @@ def _scanner_layout(name: str, monkeypatch):
                else P.cti_layout(sc, span=3, max_ring_diff=4, view_mashing=2))
         return sc.stir_name, lay.segments, lay.axial_counts, lay.views, lay.bins
     sc = G.get_scanner("test")
-    segs = G.segment_sequence(sc.rings - 1)
-    return "" if name == "none" else "test", segs, G.axial_counts(sc, segs), sc.views, sc.bins
+    segs = P.segment_sequence(sc.rings - 1)
+    return "" if name == "none" else "test", segs, P.axial_counts(sc, segs), sc.views, sc.bins
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

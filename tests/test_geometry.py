@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from hpc import geometry as G
+from hpc.physics import geometry as G
 
 TEST = G.get_scanner("test")
 PRESETS = ("mmr", "mct", "vision600", "signa")

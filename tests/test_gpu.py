@@ -10,22 +10,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from helpers import TINY, loader_cfg, make_dataset
 
 
 def _dataset(tmp_path):
-    from hpc import geometry as G
+    from hpc.physics import geometry as G
+    from hpc.physics import projdata as P
 
     sc = G.get_scanner("test")
-    segs = G.segment_sequence(sc.rings - 1)
-    return make_dataset(tmp_path / "d", studies=3, segments=segs, axial=G.axial_counts(sc, segs), views=sc.views,
+    segs = P.segment_sequence(sc.rings - 1)
+    return make_dataset(tmp_path / "d", studies=3, segments=segs, axial=P.axial_counts(sc, segs), views=sc.views,
                         bins=sc.bins, counts=True, scanner="test", shard_slices=7)
 
 
 def test_dali_pipeline_equals_the_torch_backend(tmp_path, device):
-    from helpers import require_dali
-
     from hpc.data import build_loader
+
+    from helpers import require_dali
 
     require_dali()
     root = _dataset(tmp_path)
@@ -47,7 +49,7 @@ def _trainer(tmp_path, device, **train):
     masks, so corrupt.use_stored_mask goes off) and GPU-run numerics: non-deterministic algorithms,
     as every GPU config uses (several CUDA backward kernels refuse deterministic mode)."""
     from hpc.config import load_config
-    from hpc.train import Trainer
+    from hpc.train.train import Trainer
 
     root = _dataset(tmp_path)
     over = [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", f"data.device={device.type}",
@@ -99,8 +101,8 @@ class _Float64(torch.nn.Module):
 
 def test_predict_on_the_device_equals_a_float64_reference(tmp_path, device):
     from hpc.config import Config, to_dict
-    from hpc.inference import load_repairer, model_output
-    from hpc.models import build_model
+    from hpc.repair.inference import load_repairer, model_output
+    from hpc.train.models import build_model
 
     cfg = Config()
     cfg.data.context, cfg.model.name, cfg.model.base, cfg.model.norm = 1, "light", 8, "none"

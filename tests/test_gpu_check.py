@@ -13,6 +13,7 @@ import tarfile
 import time
 
 import pytest
+
 from helpers import ROOT, require
 
 SCRIPT = ROOT / "bench" / "gpu_check.sh"

@@ -22,10 +22,23 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (AXIAL, ROOT, TINY, V, X, flip_chunk_byte, hpc_cmd, make_checkpoint, make_dataset,
-                     require_dali, snapshot, study)
 from hpc.cli import main
 from hpc.io.sinogram import write_sinogram
+
+from helpers import (
+    AXIAL,
+    ROOT,
+    TINY,
+    V,
+    X,
+    flip_chunk_byte,
+    hpc_cmd,
+    make_checkpoint,
+    make_dataset,
+    require_dali,
+    snapshot,
+    study,
+)
 
 QUIET_ENV = {"PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}  # library warnings are not our output
 
@@ -199,7 +212,7 @@ def test_pickled_objects_are_refused_without_advising_weights_only_false(world, 
 
 
 def test_a_flipped_byte_in_checkpoint_tensors_fails_its_checksum(world, tmp_path, capsys):
-    from hpc.checkpoint import Checkpointer
+    from hpc.train.checkpoint import Checkpointer
 
     state = torch.load(world / "m.pt", weights_only=True)
     path = Checkpointer(tmp_path).save(state, 1)
@@ -731,7 +744,7 @@ def test_diverging_training_stops_with_exit_2_and_never_writes_nan(train_data, t
 
 
 def ck_finite(path: Path) -> bool:
-    from hpc import checkpoint as ck
+    from hpc.train import checkpoint as ck
 
     return ck.nonfinite(ck.load(path), ("model", "optim")) is None
 

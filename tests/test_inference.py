@@ -1,4 +1,4 @@
-"""hpc.inference and hpc.inference_io as a library: explicit arguments only (no argparse), the same
+"""hpc.repair.inference and hpc.repair.files as a library: explicit arguments only (no argparse), the same
 bytes as `hpc predict`, gap masks chosen from a mask file / dead blocks / none, raw layouts, jobs checked
 before writing."""
 from __future__ import annotations
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import inference as I
-from hpc import inference_io as IO
 from hpc.errors import InputError
-from hpc.io.sinogram import SinogramReader, read_header
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader
+from hpc.repair import files as IO
+from hpc.repair import inference as I
+
 from helpers import AXIAL, V, X, make_checkpoint, run_hpc, study
 
 
@@ -93,6 +95,7 @@ def test_stored_float_mask_keeps_its_measured_fractions(tmp_path):
     import h5py
 
     from hpc.io.shards import Dataset
+
     from helpers import make_dataset
 
     root = make_dataset(tmp_path / "d", studies=1, mask=True)

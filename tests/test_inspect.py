@@ -1,5 +1,5 @@
 """`hpc inspect`: dataset and shard summaries, checksum verification, PNG rendering, and the
-dispatch of checkpoints / run dirs to hpc.checkpoint.describe."""
+dispatch of checkpoints / run dirs to hpc.train.checkpoint.describe."""
 from __future__ import annotations
 
 import sys
@@ -87,16 +87,16 @@ def test_not_a_dataset(tmp_path, capsys):
 
 
 def test_checkpoint_and_run_dir_go_to_checkpoint_describe(tmp_path, capsys, monkeypatch):
-    # hpc.checkpoint belongs to the training stage (tested there); a stand-in module checks that
+    # hpc.train.checkpoint belongs to the training stage (tested there); a stand-in module checks that
     # inspect hands it checkpoints and run dirs, and reports clearly when it is missing.
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("train: {}\n")
     (tmp_path / "step.pt").write_bytes(b"")
-    fake = types.ModuleType("hpc.checkpoint")
+    fake = types.ModuleType("hpc.train.checkpoint")
     fake.describe = lambda path: f"described {path.name}"
-    monkeypatch.setitem(sys.modules, "hpc.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "hpc.train.checkpoint", fake)
     assert main(["inspect", str(tmp_path / "run")]) == 0 and main(["inspect", str(tmp_path / "step.pt")]) == 0
     assert capsys.readouterr().out.splitlines() == ["described run", "described step.pt"]
-    monkeypatch.setitem(sys.modules, "hpc.checkpoint", None)  # import fails
+    monkeypatch.setitem(sys.modules, "hpc.train.checkpoint", None)  # import fails
     assert main(["inspect", str(tmp_path / "step.pt")]) == 2
-    assert "need hpc.checkpoint.describe" in capsys.readouterr().err
+    assert "need hpc.train.checkpoint.describe" in capsys.readouterr().err

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import flip_chunk_byte, make_checkpoint
-from hpc import checkpoint as ck
-from hpc import runlock
 from hpc.errors import ConfigError, InputError, OutputError
 from hpc.io.chunks import fletcher32_numpy
 from hpc.io.h5write import ShardWriter
 from hpc.io.shards import FORMAT, read_slab
+from hpc.train import checkpoint as ck
+from hpc.train import runlock
+
+from helpers import flip_chunk_byte, make_checkpoint
 
 
 # ---------------------------------------------------------------- shards

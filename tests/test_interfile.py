@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from hpc.errors import InputError
-from hpc.io.interfile import (format_header, normalize_key, number_format, numpy_dtype, parse_header,
-                              parse_list, rewrite_header)
+from hpc.io.interfile import (
+    format_header,
+    normalize_key,
+    number_format,
+    numpy_dtype,
+    parse_header,
+    parse_list,
+    rewrite_header,
+)
 
 
 @pytest.mark.parametrize("raw", ["!matrix size[1]", "%Matrix Size [1]", "  matrix   size [ 1 ] ",

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hpc.errors import HpcError
-from hpc.io.sinogram import SinogramReader, SinogramSpec, read_header
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader
+from hpc.io.spec import SinogramSpec
 
 KEYS = ["!INTERFILE", "name of data file", "!name of data file", "number format", "!number of bytes per pixel",
         "imagedata byte order", "number of dimensions", "matrix size [1]", "matrix size[2]", "!matrix size [3]",

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from helpers import ROOT, env_lines, mpirun_cmd
-from hpc.errors import ConfigError
 from hpc.distributed import launcher as E
+from hpc.errors import ConfigError
+
+from helpers import ROOT, env_lines, mpirun_cmd
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",

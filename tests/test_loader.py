@@ -6,7 +6,6 @@ Fixtures (tests/helpers.make_dataset) are written with plain h5py + json followi
 """
 from __future__ import annotations
 
-
 import h5py
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from hpc.data import build_loader
 from hpc.data.index import SliceIndex, plan_epoch, split_studies, window_ids
 from hpc.errors import ConfigError, InputError
 from hpc.io.shards import Dataset
+
 from helpers import decode, loader_cfg, make_dataset
 
 
@@ -156,8 +156,8 @@ def test_paired_and_stored_mask(tmp_path):
 
 def test_fill_linear_prefills_the_gaps_of_every_channel(tmp_path):
     """data.fill=linear: the loader's input is the zero-filled input with every channel's gaps
-    interpolated radially (hpc.augment.fill_radial); measured pixels and targets are unchanged."""
-    from hpc.augment import fill_radial
+    interpolated radially (hpc.data.fills.fill_radial); measured pixels and targets are unchanged."""
+    from hpc.data.fills import fill_radial
 
     root = make_dataset(tmp_path / "d", studies=1, axial=(8,), paired=True, mask=True)
     batches = {}
@@ -209,21 +209,22 @@ def test_validation_corruption_repeats_training_does_not(tmp_path):
 
 
 def test_dead_block_masks_equal_geometry(tmp_path):
-    """Every channel's mask (seen as the zeros of Poisson-count input) equals hpc.geometry's
+    """Every channel's mask (seen as the zeros of Poisson-count input) equals hpc.physics.geometry's
     dead_block_mask of its plane for one pair of blocks per sample, found by brute force."""
     from itertools import combinations
 
-    from hpc import geometry as G
+    from hpc.physics import geometry as G
+    from hpc.physics import projdata as P
 
     sc = G.get_scanner("test")
-    segs = G.segment_sequence(sc.rings - 1)
-    counts = G.axial_counts(sc, segs)  # 16 planes
+    segs = P.segment_sequence(sc.rings - 1)
+    counts = P.axial_counts(sc, segs)  # 16 planes
     root = make_dataset(tmp_path / "d", studies=2, segments=segs, axial=counts, views=sc.views,
                         bins=sc.bins, counts=True, scanner="test", shard_slices=7)
     cfg = loader_cfg(root, split=[0.5, 0.5, 0.0], context=1)
     cfg.corrupt.dead_blocks = 2
     n_blocks = G.block_counts(sc)[1]
-    table = {pair: torch.from_numpy(G.dead_block_mask(sc, pair, segs)).float()
+    table = {pair: torch.from_numpy(P.dead_block_mask(sc, pair, segs)).float()
              for pair in combinations(range(n_blocks), 2)}  # (16, V, X) per pair
     for split in ("train", "val"):
         loader = build_loader(cfg, split, 0, 1, torch.device("cpu"))

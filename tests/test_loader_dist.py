@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpc.data import build_loader
+
 from helpers import loader_cfg, make_dataset
 
 

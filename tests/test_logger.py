@@ -13,7 +13,7 @@ import yaml
 
 from hpc.config import Config
 from hpc.errors import ConfigError
-from hpc.logger import RunLogger, wandb_mode
+from hpc.train.logger import RunLogger, wandb_mode
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, len16, type8) records
 HEADER = 7  # b":W&B" + magic 0xBEE1 + version

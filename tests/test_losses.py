@@ -10,7 +10,7 @@ from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 from skimage.metrics import structural_similarity
 
 from hpc.config import LossConfig
-from hpc.losses import build_loss, msssim_scales
+from hpc.train.losses import build_loss, msssim_scales
 
 
 def _pair(seed: int, shape=(2, 1, 6, 8)):
@@ -23,7 +23,7 @@ def _pair(seed: int, shape=(2, 1, 6, 8)):
 
 def test_l1_mse_poisson_match_hand_computation():
     pred, target, mask = _pair(0)
-    total, terms = build_loss(LossConfig(l1=1.0, mse=0.5, poisson=0.25))(pred, target, mask)
+    total, terms = build_loss(LossConfig({"l1": 1.0, "mse": 0.5, "poisson": 0.25}))(pred, target, mask)
     p, t = pred.double().numpy(), target.double().numpy()
     l1, mse = np.abs(p - t).mean(), ((p - t) ** 2).mean()
     nll = (p + 1e-8 - t * np.log(p + 1e-8)).mean()
@@ -38,7 +38,7 @@ def test_l1_mse_poisson_match_hand_computation():
 
 def test_gaps_only_uses_only_missing_pixels():
     pred, target, mask = _pair(1)
-    fn = build_loss(LossConfig(l1=1.0, mse=1.0, gaps_only=True))
+    fn = build_loss(LossConfig({"l1": 1.0, "mse": 1.0}, gaps_only=True))
     _, terms = fn(pred, target, mask)
     gap = mask.numpy() == 0
     d = (pred - target).double().numpy()[gap]
@@ -59,7 +59,7 @@ def test_msssim_matches_pytorch_msssim_at_five_scales():
     target = torch.rand(1, 1, 168, 176, generator=g)
     pred = (target + 0.05 * torch.randn(1, 1, 168, 176, generator=g)).clamp(0, 1)
     assert msssim_scales(168, 176) == 5
-    _, terms = build_loss(LossConfig(l1=0.0, msssim=1.0))(pred, target, torch.ones_like(target))
+    _, terms = build_loss(LossConfig({"l1": 0.0, "msssim": 1.0}))(pred, target, torch.ones_like(target))
     ref = ref_ms_ssim(pred, target, data_range=target.max().item())
     assert terms["msssim"].item() == pytest.approx(1 - ref.item(), abs=1e-5)
 
@@ -85,7 +85,7 @@ def test_msssim_three_scales_by_hand():
         ssim, cs = _ssim(x, y, data_range=dr, win=win, K=(0.01, 0.03))
         value *= (ssim if s == 2 else cs).item() ** w[s]
         x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    _, terms = build_loss(LossConfig(l1=0.0, msssim=1.0))(pred, target, torch.ones_like(target))
+    _, terms = build_loss(LossConfig({"l1": 0.0, "msssim": 1.0}))(pred, target, torch.ones_like(target))
     assert terms["msssim"].item() == pytest.approx(1 - value, abs=1e-5)
 
 
@@ -96,24 +96,24 @@ def test_single_scale_msssim_is_skimage_ssim():
     ref = structural_similarity(pred[0, 0].double().numpy(), target[0, 0].double().numpy(),
                                 gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                 data_range=target.max().item())
-    _, terms = build_loss(LossConfig(l1=0.0, msssim=1.0))(pred, target, torch.ones_like(target))
+    _, terms = build_loss(LossConfig({"l1": 0.0, "msssim": 1.0}))(pred, target, torch.ones_like(target))
     assert terms["msssim"].item() == pytest.approx(1 - ref, abs=1e-5)
 
 
 def test_msssim_gaps_only_ignores_measured_pixels_and_has_finite_gradients():
     pred, target, mask = _pair(5, shape=(2, 1, 24, 32))
-    fn = build_loss(LossConfig(l1=0.0, msssim=1.0, gaps_only=True))
+    fn = build_loss(LossConfig({"l1": 0.0, "msssim": 1.0}, gaps_only=True))
     changed = torch.where(mask > 0.5, -pred, pred)
     assert fn(changed, target, mask)[0].item() == pytest.approx(fn(pred, target, mask)[0].item(), abs=1e-7)
     bad = (-target).requires_grad_(True)  # anti-correlated: negative CS, clamped before the powers
-    total, _ = build_loss(LossConfig(l1=0.0, msssim=1.0))(bad, target, mask)
+    total, _ = build_loss(LossConfig({"l1": 0.0, "msssim": 1.0}))(bad, target, mask)
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(bad.grad).all()
 
 
 def test_bf16_inputs_give_float32_terms():
     pred, target, mask = _pair(6)
-    total, terms = build_loss(LossConfig(l1=1.0))(pred.bfloat16(), target, mask)
+    total, terms = build_loss(LossConfig({"l1": 1.0}))(pred.bfloat16(), target, mask)
     assert total.dtype == torch.float32 and terms["l1"].dtype == torch.float32
 
 
@@ -122,7 +122,8 @@ def test_all_zero_target_slices_give_finite_losses():
     # empty sinogram planes exist (e.g. at the ends of a segment): no 0/0 in the SSIM constants
     target = torch.zeros(2, 1, 16, 16)
     pred = torch.zeros(2, 1, 16, 16).requires_grad_(True)
-    total, terms = build_loss(LossConfig(l1=1.0, msssim=1.0, poisson=1.0))(pred, target, torch.ones_like(target))
+    loss = build_loss(LossConfig({"l1": 1.0, "msssim": 1.0, "poisson": 1.0}))
+    total, terms = loss(pred, target, torch.ones_like(target))
     total.backward()
     assert terms["msssim"].item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(total) and torch.isfinite(pred.grad).all()
@@ -130,7 +131,7 @@ def test_all_zero_target_slices_give_finite_losses():
 
 def test_terms_inside_bf16_autocast_equal_float32():
     pred, target, mask = _pair(7, shape=(2, 1, 24, 32))
-    fn = build_loss(LossConfig(l1=1.0, msssim=1.0, poisson=1.0))
+    fn = build_loss(LossConfig({"l1": 1.0, "msssim": 1.0, "poisson": 1.0}))
     _, ref = fn(pred, target, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, got = fn(pred, target, mask)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from hpc.metrics import (PSNR_CAP, MetricAccumulator, baseline_batch, biharmonic_inpaint,
-                         linear_interp_radial)
+from hpc.baselines.interp import biharmonic_inpaint, linear_interp_radial
+from hpc.baselines.stack import baseline_batch
+from hpc.train.metrics import PSNR_CAP, MetricAccumulator
 
 
 def _sample(seed: int, b: int = 2, v: int = 12, x: int = 14):
@@ -113,7 +114,7 @@ def test_baseline_batch_keeps_dtype_device_and_shape():
     out = baseline_batch("linear", xs * ms, ms)
     assert out.shape == xs.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, xs)
-    with pytest.raises(ValueError, match="valid: linear, biharmonic"):
+    with pytest.raises(ValueError, match="unknown baseline .median.; expected one of reproject | axial3d"):
         baseline_batch("median", xs, ms)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hpc.config import ModelConfig
-from hpc.models import MODELS, build_model, count_parameters, inpaint, required_multiple
+from hpc.train.models import MODELS, build_model, count_parameters, inpaint, required_multiple
 
 PRESETS = [
     ModelConfig(name="badblock", base=4),
@@ -50,7 +50,7 @@ def _conv(c_in: int, c_out: int, k: int = 3, bias: bool = True) -> int:
 
 
 def test_badblock_parameter_count_by_hand():
-    # The architecture from the issue, counted here independently of hpc.models:
+    # The architecture from the issue, counted here independently of hpc.train.models:
     # convs followed by BatchNorm have no bias; BatchNorm has 2 parameters per channel.
     b, c = 4, 5
     w1, w2, w3 = b, 2 * b, 4 * b

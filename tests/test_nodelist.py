@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 
-from helpers import require
 from hpc.distributed import nodelist as N
 from hpc.errors import ConfigError
+
+from helpers import require
 
 CASES = [
     ("node7", ["node7"]),

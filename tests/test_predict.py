@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import AXIAL, V, X, convert_studies, make_checkpoint, run_hpc, studies, study
-from hpc.io.sinogram import SinogramReader, read_header, write_sinogram
-from hpc.inference import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader, write_sinogram
+from hpc.repair.inference import Counts, load_repairer, model_output, stack_bounds, to_dtype, windows
 
+from helpers import AXIAL, V, X, convert_studies, make_checkpoint, run_hpc, studies, study
 
 
 @pytest.mark.parametrize("fmt,dtype,inpaint", [("siemens", "<u2", True), ("stir", ">f4", False)])
@@ -107,13 +108,14 @@ def test_inpainting_model_needs_gaps_and_weights_must_fit(tmp_path):
 
 
 def test_dead_blocks_from_geometry_replace_only_their_lors(tmp_path):
-    from hpc import geometry as G
+    from hpc.physics import geometry as G
+    from hpc.physics import projdata as P
 
     sc = G.get_scanner("test")  # 4 rings, 12 views x 12 bins, blocks of 4 crystals x 2 rings
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt, slice_shape=(sc.views, sc.bins))
     rng = np.random.default_rng(3)
-    planes = G.dead_block_mask(sc, [1], segments=[0])  # (4, 12, 12) 1 = measured
+    planes = P.dead_block_mask(sc, [1], segments=[0])  # (4, 12, 12) 1 = measured
     data = (rng.integers(1, 50, size=planes.shape) * planes).astype("<i2")
     inp = write_sinogram(tmp_path / "scan", data, axial_counts=[len(planes)])
     r = run_hpc("predict", "--checkpoint", ckpt, inp, "--dead-blocks", "1", "--scanner", "test",

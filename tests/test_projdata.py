@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import geometry as G
-from hpc import projdata as P
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
 
 MMR, MCT = G.SCANNERS["mmr"], G.SCANNERS["mct"]
 # small, with everything real scanners have: virtual crystals and rings, span 3, view mashing 2

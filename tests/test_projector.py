@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import geometry as G
-from hpc import simulate as S
-from hpc.projector import ImageGrid, Projector, cached_projector, default_grid, ellipse_image
+from hpc.physics import geometry as G
+from hpc.physics.projector import ImageGrid, Projector, cached_projector, default_grid, ellipse_image
+from hpc.simulate import counts as SC
 
 TEST, DEMO = G.get_scanner("test"), G.get_scanner("demo")
 TOF_DEMO = dataclasses.replace(DEMO, name="tof-demo", tof_bins=5, tof_fwhm_ps=400.0, tof_bin_ps=300.0)
@@ -43,7 +43,7 @@ def test_forward_agrees_with_exact_line_integrals_of_ellipses(sc, tof):
     P = Projector(sc, tof=tof, dtype=torch.float64)
     img = torch.from_numpy(ellipse_image(PHANTOM, P.grid, oversample=8))
     phi, s = G.lor_coordinates(sc)
-    exact = S.project(sc, PHANTOM, phi, s)  # (T, V, X)
+    exact = SC.project(sc, PHANTOM, phi, s)  # (T, V, X)
     got = P.forward(img).numpy().reshape(exact.shape)
     # 8.2 mm pixels: the error is the pixelisation of the ellipses' edges
     assert _nmse(got, exact) < 2e-3

@@ -12,11 +12,13 @@ import re
 import numpy as np
 import pytest
 
-from helpers import TINY, run_hpc
-from hpc import geometry as G
-from hpc import projdata as P
+from hpc.io.headers import read_header
 from hpc.io.interfile import parse_header
-from hpc.io.sinogram import SinogramReader, read_header
+from hpc.io.sinogram import SinogramReader
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+
+from helpers import TINY, run_hpc
 
 # Cuts that keep CI at about a minute (2 CPU cores): segment 0 only (the mMR's span-11 segment 0 sums 11
 # ring differences, 127 planes), counts in the first planes only (--planes), one dead block, a 2-channel net.

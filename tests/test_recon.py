@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpc import geometry as G
-from hpc import recon as R
-from hpc.projector import Projector, default_grid, ellipse_image
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.physics import recon as R
+from hpc.physics.projector import Projector, default_grid, ellipse_image
 
 DEMO = G.get_scanner("demo")
 MMR_LIKE = G.Scanner("vc", "vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, bins=24,
@@ -29,7 +30,7 @@ def _nmse(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
 def test_reproject_recovers_consistent_data_in_the_gaps():
     sc = DEMO
     truth = Projector(sc, dtype=torch.float64).forward(_phantom(sc))[None]  # (1, V, X) = A x exactly
-    mask = torch.from_numpy(G.dead_block_mask(sc, [3, 9])[:1]).double()  # (1, V, X), direct plane 0
+    mask = torch.from_numpy(P.dead_block_mask(sc, [3, 9])[:1]).double()  # (1, V, X), direct plane 0
     gap = mask == 0
     assert 0.05 < gap.double().mean() < 0.3
     y = truth * mask
@@ -50,7 +51,7 @@ def test_multiplicative_and_additive_terms_are_modelled():
     mult = 0.3 + 0.7 * torch.rand(1, sc.views, sc.bins, generator=gen, dtype=torch.float64)  # efficiencies x ACF
     add = torch.full_like(trues, 0.1 * float(trues.mean()))
     y = mult * trues + add
-    mask = torch.from_numpy(G.dead_block_mask(sc, [5])[:1]).double()
+    mask = torch.from_numpy(P.dead_block_mask(sc, [5])[:1]).double()
     gap = mask == 0
     modelled = R.reproject(sc, y * mask, mask, 30, 4, mult=mult, add=add)
     ignored = R.reproject(sc, y * mask, mask, 30, 4)
@@ -63,7 +64,7 @@ def test_virtual_crystal_lors_are_neither_data_nor_filled():
     valid = torch.from_numpy(G.gap_mask(sc)).double()  # (V, X), 0 through a virtual crystal
     assert 0 < (valid == 0).sum() < valid.numel()
     truth = Projector(sc, dtype=torch.float64).forward(_phantom(sc))[None] * valid
-    mask = torch.from_numpy(G.dead_block_mask(sc, [2])[:1]).double()
+    mask = torch.from_numpy(P.dead_block_mask(sc, [2])[:1]).double()
     rep = R.reproject(sc, truth * mask, mask, 40, 2, valid=valid)
     assert (rep[0][valid == 0] == 0).all()
     gap = (mask == 0) & (valid > 0)
@@ -87,7 +88,7 @@ def test_iteration_count_is_chosen_by_the_lowest_pooled_error():
     truth = Projector(sc, dtype=torch.float64).forward(_phantom(sc))[None]
     truth = truth * (20 / truth.max())
     noisy = torch.from_numpy(rng.poisson(truth.numpy())).double()
-    mask = torch.from_numpy(G.dead_block_mask(sc, [4, 12])[:1]).double()
+    mask = torch.from_numpy(P.dead_block_mask(sc, [4, 12])[:1]).double()
     its = [1, 2, 5, 10, 40]
     scores = R.reproject_scores(sc, noisy * mask, mask, truth, its, 4)
     assert sorted(scores) == its

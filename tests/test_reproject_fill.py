@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, make_checkpoint, run_hpc
-from hpc import geometry as G
-from hpc import recon as R
 from hpc.config import load_config
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.physics import recon as R
+
+from helpers import ROOT, make_checkpoint, run_hpc
 
 SC = G.get_scanner("test")
 
@@ -33,7 +35,7 @@ def dataset(tmp_path_factory):
 def test_fill_equals_the_reconstruction_baseline_slice_by_slice():
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.poisson(20.0, (2, 3, SC.views, SC.bins))).float()
-    mask = torch.from_numpy(G.dead_block_mask(SC, [1])[:3]).float().expand(2, 3, -1, -1)
+    mask = torch.from_numpy(P.dead_block_mask(SC, [1])[:3]).float().expand(2, 3, -1, -1)
     mult = torch.full_like(x, 0.5)
     fill = R.ReprojectFill(SC, iters=3)
     out = fill(x * mask, mask, {"mult": mult})
@@ -70,14 +72,14 @@ def test_training_batches_get_the_reprojection_with_the_stored_factors(dataset, 
 
 
 def test_validation_chooses_reproject_iterations_and_records_them(dataset, tmp_path):
-    from hpc.train import Trainer
-    from hpc.validate import REPROJECT_ITERS
+    from hpc.train.train import Trainer
+    from hpc.train.validate import reproject_iters
 
     t = Trainer(_cfg(dataset, tmp_path, "train.val_batches=0"))
     t.net.eval()
     metrics, _ = t.validator(t._forward)
     rep = t.validator.baselines["reproject"]
-    assert rep["iters"] in REPROJECT_ITERS and metrics["reproject_iters"] == rep["iters"]
+    assert rep["iters"] in reproject_iters() and metrics["reproject_iters"] == rep["iters"]
     assert rep["nmse_gap"] < t.validator.baselines["linear"]["nmse_gap"]  # physics beats interpolation here
     t.log.close()
 
@@ -96,9 +98,10 @@ def test_export_refuses_a_reproject_model(tmp_path):
 def test_predict_models_the_given_factors(tmp_path):
     """hpc predict --mult/--randoms feeds them to a reproject-fill model: the gaps change with them,
     the measured values never do; the library equals the CLI."""
-    from hpc.inference import load_repairer
-    from hpc.inference_io import predict_file
-    from hpc.io.sinogram import SinogramReader, read_header
+    from hpc.io.headers import read_header
+    from hpc.io.sinogram import SinogramReader
+    from hpc.repair.files import predict_file
+    from hpc.repair.inference import load_repairer
 
     ckpt = tmp_path / "m.pt"
     make_checkpoint(ckpt, slice_shape=(SC.views, SC.bins))
@@ -125,7 +128,7 @@ def test_predict_models_the_given_factors(tmp_path):
     assert (out["with"][gap] != out["without"][gap]).any()
     rep = load_repairer(ckpt, torch.device("cpu"))
     aux = {k: read_header(f"{s}_{k}.s.hdr") for k in ("mult", "randoms")}
-    from hpc.inference import file_mask
+    from hpc.repair.inference import file_mask
     spec = read_header(f"{s}_gaps.s.hdr")
     path, _ = predict_file(rep, spec, tmp_path / "lib.s.hdr", "source", file_mask(spec, read_header(f"{s}_mask.s.hdr")),
                            8, quiet=True, aux=aux)

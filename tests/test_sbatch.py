@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import run_hpc
 
 GOLDEN = Path(__file__).parent / "golden"

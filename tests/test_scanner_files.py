@@ -9,13 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from hpc import geometry as G
-from hpc import projdata as P
 from hpc.errors import InputError, OutputError
 from hpc.io import headers as H
+from hpc.io.headers import read_header
 from hpc.io.interfile import format_header, parse_header
-from hpc.io.sinogram import (SinogramReader, SinogramSpec, SinogramWriter, output_bytes, read_header,
-                             write_sinogram)
+from hpc.io.sinogram import SinogramReader, SinogramWriter, output_bytes, write_sinogram
+from hpc.io.spec import SinogramSpec
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
 
 SMALL = G.Scanner("small", "hpc small", rings=8, detectors_per_ring=24, block_trans=4, block_axial=4, bins=14,
                   inner_radius_mm=95.0, doi_mm=5.0, bin_size_mm=13.1, ring_spacing_mm=4.0, virtual_trans=1,

@@ -1,4 +1,4 @@
-"""hpc.scoring against hand computations: pooled NMSE/PSNR/SSIM over gap and valid pixels (virtual
+"""hpc.evaluate.scoring against hand computations: pooled NMSE/PSNR/SSIM over gap and valid pixels (virtual
 LORs excluded), pooling = the same formulas over more pixels, image NMSE/SSIM and lesion ROI bias."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from hpc.projector import ImageGrid
-from hpc.scoring import ImageScore, SinoScore, lesion_rois, psnr
+from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois, psnr
+from hpc.physics.projector import ImageGrid
 
 
 def _case(seed: int):

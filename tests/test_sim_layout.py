@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import loader_cfg, make_dataset
-from hpc import geometry as G
-from hpc import projdata as P
-from hpc import sim_layout as SL
-from hpc import phantom as PT
-from hpc import simulate as S
 from hpc.data import build_loader
-from hpc.inference import Counts, compose
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.repair.inference import Counts, compose
+from hpc.simulate import counts as SC
+from hpc.simulate import layout as SL
+from hpc.simulate import phantom as PT
+from hpc.simulate import simulate as S
+
+from helpers import loader_cfg, make_dataset
 
 SMALL = G.Scanner("small", "hpc small", rings=8, detectors_per_ring=48, block_trans=4, block_axial=4, bins=24,
                   inner_radius_mm=150.0, doi_mm=5.0, bin_size_mm=9.7, ring_spacing_mm=6.0, virtual_trans=1,
                   virtual_axial=1, tof_bins=6, tof_bin_ps=200.0, tof_fwhm_ps=400.0)
-PHYS = S.Physics(attenuation=True, normalisation=True, randoms=0.0)
+PHYS = SC.Physics(attenuation=True, normalisation=True, randoms=0.0)
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_compressed_planes_are_sums_of_their_ring_pairs(small):
     ph = PT.random_phantom(small, np.random.default_rng(1))
     got = SL.layout_means(lay, ph, 1e6, PHYS).expected  # (3, P, 12, 24)
     plane, ra, rb = lay.ring_pairs
-    per_pair = S.study_means(small, ph, (), None, PHYS, pairs=(ra, rb)).expected  # (6, M, 24, 24)
+    per_pair = SC.study_means(small, ph, (), None, PHYS, pairs=(ra, rb)).expected  # (6, M, 24, 24)
     want = np.zeros((3, lay.planes, 12, 24))
     for p, m in zip(plane, per_pair.transpose(1, 0, 2, 3), strict=True):
         want[:, p] += m.reshape(3, 2, 12, 2, 24).sum((1, 3))

@@ -9,12 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from hpc import geometry as G
-from hpc import physics as P
-from hpc import phantom as PT
-from hpc import simulate as S
 from hpc.errors import InputError, OutputError
-from hpc.io.sinogram import SinogramReader, read_header
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader
+from hpc.physics import factors as F
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.simulate import counts as SC
+from hpc.simulate import phantom as PT
+from hpc.simulate import simulate as S
+
 from helpers import run_hpc
 
 TEST, DEMO = G.get_scanner("test"), G.get_scanner("demo")
@@ -24,7 +28,7 @@ TOF_TEST = dataclasses.replace(TEST, name="tof-test", tof_bins=5, tof_fwhm_ps=40
 def test_projection_of_a_disk_is_its_chord_length():
     phi, s = G.lor_coordinates(DEMO)
     r, act = 80.0, 2.5
-    got = S.project(DEMO, np.array([[0.0, 0.0, r, r, 0.3, act]]), phi, s)[0]  # (V, X)
+    got = SC.project(DEMO, np.array([[0.0, 0.0, r, r, 0.3, act]]), phi, s)[0]  # (V, X)
     np.testing.assert_allclose(got, act * 2 * np.sqrt(np.maximum(r * r - s * s, 0)), atol=1e-9)
 
 
@@ -32,7 +36,7 @@ def test_projection_of_a_shifted_ellipse_follows_its_centre():
     """A point-like ellipse at (x0, y0) lands on s = x0 cos(phi) + y0 sin(phi) in every view."""
     phi, s = G.lor_coordinates(DEMO)
     x0, y0 = 60.0, -40.0
-    got = S.project(DEMO, np.array([[x0, y0, 12.0, 6.0, 0.7, 1.0]]), phi, s)[0]
+    got = SC.project(DEMO, np.array([[x0, y0, 12.0, 6.0, 0.7, 1.0]]), phi, s)[0]
     peak = s[np.arange(DEMO.views), got.argmax(axis=1)]
     expected = x0 * np.cos(phi[:, 0]) + y0 * np.sin(phi[:, 0])
     assert np.abs(peak - expected).max() < 1.5 * DEMO.bin_size_mm
@@ -41,21 +45,21 @@ def test_projection_of_a_shifted_ellipse_follows_its_centre():
 def test_tof_split_sums_to_the_non_tof_projection():
     phi, s = G.lor_coordinates(TOF_TEST)
     ell = np.array([[10.0, -5.0, 50.0, 30.0, 0.4, 1.0], [-20.0, 10.0, 10.0, 10.0, 0.0, 4.0]])
-    tof = S.project(TOF_TEST, ell, phi, s)  # (5, V, X)
+    tof = SC.project(TOF_TEST, ell, phi, s)  # (5, V, X)
     assert tof.shape == (5, TOF_TEST.views, TOF_TEST.bins) and (tof >= 0).all()
-    np.testing.assert_allclose(tof.sum(axis=0), S.project(TEST, ell, phi, s)[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(tof.sum(axis=0), SC.project(TEST, ell, phi, s)[0], rtol=1e-9, atol=1e-9)
     assert (tof.max(axis=0) < 0.9 * tof.sum(axis=0) + 1e-12).all()  # really split along the LOR
 
 
 def test_tof_weights_centre_on_the_emission_point():
-    w = S.tof_weights(TOF_TEST, np.array([-0.01, 44.96]), np.array([0.01, 44.98]))  # (T, 2) tiny segments
+    w = SC.tof_weights(TOF_TEST, np.array([-0.01, 44.96]), np.array([0.01, 44.98]))  # (T, 2) tiny segments
     np.testing.assert_allclose(w.sum(axis=0), 1.0)
     assert w[:, 0].argmax() == 2 and w[:, 1].argmax() == 3  # 300 ps bins are 45 mm long
 
 
 def test_phantoms_differ_and_vary_smoothly_along_the_axis():
-    a = S.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(1)), (0,))[0]  # (P, V, X)
-    b = S.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(2)), (0,))[0]
+    a = SC.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(1)), (0,))[0]  # (P, V, X)
+    b = SC.expected_counts(DEMO, PT.random_phantom(DEMO, np.random.default_rng(2)), (0,))[0]
     assert np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1] < 0.99  # another patient
     step = np.abs(np.diff(a, axis=0)).mean(axis=(1, 2)) / a.mean()
     assert (step > 1e-3).all() and (step < 0.5).all()  # every plane differs, but smoothly
@@ -65,7 +69,7 @@ def test_poisson_and_binomial_thinning_statistics():
     seed, counts, dose = 11, 4e5, 0.3
     st = S.simulate_study(TEST, "p", seed, counts, (0,), low_dose=dose)
     rng = np.random.default_rng(seed)  # the study's phantom is the first draw of its generator
-    mean = S.study_means(TEST, PT.random_phantom(TEST, rng), (0,), counts).expected
+    mean = SC.study_means(TEST, PT.random_phantom(TEST, rng), (0,), counts).expected
     np.testing.assert_allclose(mean, st.means.expected)
     assert mean.sum() == pytest.approx(counts)
     full, low = st.full.astype(float), st.low.astype(float)
@@ -130,7 +134,7 @@ def test_cli_files_read_back_to_the_simulated_arrays(tmp_path):
         np.testing.assert_array_equal(_read(out / rec["files"]["input"]), st.low[0])
         np.testing.assert_array_equal(_read(out / rec["files"]["gaps"]), st.full[0] * st.mask)
         np.testing.assert_array_equal(_read(out / rec["files"]["mask"]), st.mask)
-        np.testing.assert_array_equal(st.mask, G.dead_block_mask(DEMO, st.dead))
+        np.testing.assert_array_equal(st.mask, P.dead_block_mask(DEMO, st.dead))
         for role, want in (("expected", st.means.expected[0]), ("randoms", st.means.randoms[0]),
                            ("mult", st.means.mult)):
             got = _read(out / rec["files"][role])
@@ -172,7 +176,7 @@ def test_cli_stir_with_oblique_segments_and_tof(tmp_path, monkeypatch):
     st = S.simulate_study(TOF_TEST, "s000", S.study_seeds(0, 1)[0], 5e4, (0, -1, 1), dead_blocks=1)
     np.testing.assert_array_equal(_read(header), st.full.reshape(-1, TOF_TEST.views, TOF_TEST.bins))
     mask = _read(tmp_path / "sim" / "s000_mask.hs")  # one mask slice per data slice
-    np.testing.assert_array_equal(mask, np.tile(G.dead_block_mask(TOF_TEST, st.dead, (0, -1, 1)), (5, 1, 1)))
+    np.testing.assert_array_equal(mask, np.tile(P.dead_block_mask(TOF_TEST, st.dead, (0, -1, 1)), (5, 1, 1)))
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -200,18 +204,18 @@ def _cylinder(sc: G.Scanner, radius: float) -> PT.Phantom:
 
 
 def test_uniform_cylinder_attenuation_factor_is_exp_minus_mu_l():
-    r, mu = 90.0, P.MU["soft tissue"]
+    r, mu = 90.0, F.MU["soft tissue"]
     segs = (0, -1, 1)
-    means = S.study_means(TEST, _cylinder(TEST, r), segs, 1e5, S.Physics(normalisation=False, randoms=0.0))
+    means = SC.study_means(TEST, _cylinder(TEST, r), segs, 1e5, SC.Physics(normalisation=False, randoms=0.0))
     phi, s = G.lor_coordinates(TEST)
     chord = 2 * np.sqrt(np.maximum(r * r - s * s, 0))  # (V, X) in-plane path through the cylinder
-    ra, rb = G.plane_list(TEST, segs)
+    ra, rb = P.plane_list(TEST, segs)
     lor = 2 * np.sqrt(TEST.radius_mm ** 2 - s ** 2)
     tilt = np.sqrt(1 + (((rb - ra) * TEST.ring_spacing_mm)[:, None, None] / lor) ** 2)  # (P, V, X)
     np.testing.assert_allclose(means.mult, np.exp(-mu * chord * tilt), rtol=1e-12)
     assert means.mult.min() == pytest.approx(np.exp(-mu * 2 * r), rel=0.02)  # the central LOR: ~0.18
     # the counts are the attenuated trues: expected / geometric trues = the attenuation factor
-    trues = S.expected_counts(TEST, _cylinder(TEST, r), segs)[0]
+    trues = SC.expected_counts(TEST, _cylinder(TEST, r), segs)[0]
     inside = trues > 0
     ratio = means.expected[0][inside] / trues[inside]
     np.testing.assert_allclose(ratio / ratio.max(), (means.mult[inside] / means.mult[inside].max()), rtol=1e-9)
@@ -220,13 +224,13 @@ def test_uniform_cylinder_attenuation_factor_is_exp_minus_mu_l():
 def test_normalisation_is_the_product_of_fixed_crystal_efficiencies():
     sc = G.Scanner("vc", "vc", rings=2, detectors_per_ring=48, block_trans=4, block_axial=2, bins=24,
                    inner_radius_mm=120.0, doi_mm=0.0, bin_size_mm=7.85, ring_spacing_mm=4.0, virtual_trans=1)
-    eff = P.crystal_efficiencies(sc)
+    eff = F.crystal_efficiencies(sc)
     virtual = np.arange(48) % 4 == 0  # STIR: the first crystal of each block
     assert (eff[:, virtual] == 0).all() and eff[:, ~virtual].mean() == pytest.approx(1.0)
     assert 0.03 < eff[:, ~virtual].std() < 0.2
-    np.testing.assert_array_equal(eff, P.crystal_efficiencies(sc))  # the scanner's, not the study's
-    means = S.study_means(sc, _cylinder(sc, 60.0), (0, -1, 1), 1e5, S.Physics(attenuation=False, randoms=0.0))
-    ra, rb = G.plane_list(sc, (0, -1, 1))
+    np.testing.assert_array_equal(eff, F.crystal_efficiencies(sc))  # the scanner's, not the study's
+    means = SC.study_means(sc, _cylinder(sc, 60.0), (0, -1, 1), 1e5, SC.Physics(attenuation=False, randoms=0.0))
+    ra, rb = P.plane_list(sc, (0, -1, 1))
     rng = np.random.default_rng(0)
     for p, v, x in zip(rng.integers(0, 4, 50), rng.integers(0, 24, 50), rng.integers(0, 24, 50), strict=True):
         ca, cb = G.sino_to_lor(sc, v, x)  # brute force, one LOR at a time
@@ -236,8 +240,8 @@ def test_normalisation_is_the_product_of_fixed_crystal_efficiencies():
 
 def test_randoms_are_a_smooth_background_of_the_requested_fraction():
     sc = TOF_TEST
-    means = S.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0, -1, 1), 2e5,
-                          S.Physics(randoms=0.3))
+    means = SC.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0, -1, 1), 2e5,
+                          SC.Physics(randoms=0.3))
     r, e = means.randoms, means.expected
     assert r.sum() / e.sum() == pytest.approx(0.3, rel=1e-9) and e.sum() == pytest.approx(2e5)
     np.testing.assert_allclose(r, np.broadcast_to(r[:1], r.shape))  # the same in every TOF bin
@@ -245,17 +249,17 @@ def test_randoms_are_a_smooth_background_of_the_requested_fraction():
     outside = (trues.sum(0) == 0) & (G.gap_mask(sc) > 0)  # LORs that miss the body
     assert outside.any() and (r[0][outside] > 0).all()
     # smooth: neighbouring bins differ by far less than the trues do (efficiencies aside)
-    eff_free = S.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0,), 2e5,
-                             S.Physics(normalisation=False, randoms=0.3))
+    eff_free = SC.study_means(sc, PT.random_phantom(sc, np.random.default_rng(3)), (0,), 2e5,
+                             SC.Physics(normalisation=False, randoms=0.3))
     rr, tt = eff_free.randoms[:, 0].sum(0), (eff_free.expected - eff_free.randoms)[:, 0].sum(0)
     assert np.abs(np.diff(rr, axis=1)).mean() / rr.mean() < 0.25 * np.abs(np.diff(tt, axis=1)).mean() / tt.mean()
 
 
 def test_count_levels_set_the_mean_prompts_per_lor_through_the_body():
     ph = PT.random_phantom(DEMO, np.random.default_rng(4))
-    means = S.study_means(DEMO, ph, (0,), "clinical")
-    body = S.expected_counts(DEMO, ph, (0,)).sum(0) > 0
-    per_lor = P.COUNT_LEVELS["clinical"] * DEMO.bin_size_mm * DEMO.ring_spacing_mm / P.MMR_LOR_MM2
+    means = SC.study_means(DEMO, ph, (0,), "clinical")
+    body = SC.expected_counts(DEMO, ph, (0,)).sum(0) > 0
+    per_lor = F.COUNT_LEVELS["clinical"] * DEMO.bin_size_mm * DEMO.ring_spacing_mm / F.MMR_LOR_MM2
     assert means.expected.sum(0)[body].mean() == pytest.approx(per_lor)
     assert 10 < per_lor < 30  # the demo's LORs are ~12 times an mMR LOR
 

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from hpc.errors import InputError
-from hpc.io.sinogram import SinogramReader, SinogramWriter, raw_spec, read_header, write_sinogram
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader, SinogramWriter, write_sinogram
+from hpc.io.spec import raw_spec
+
 from helpers import write_siemens_tof, write_stir
 
 V, X = 6, 5

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpc.distributed import dist
 from hpc.config import load_config
+from hpc.distributed import dist
 from hpc.errors import ConfigError
 
 
@@ -57,9 +57,9 @@ def test_ddp_gets_the_derived_bucket_and_static_graph(monkeypatch):
 
 
 def test_step_returns_the_loss_on_the_device_and_preemption_waits_for_its_step(tmp_path):
-    from helpers import make_dataset
+    from hpc.train.train import Trainer
 
-    from hpc.train import Trainer
+    from helpers import make_dataset
 
     root = make_dataset(tmp_path / "d", studies=3, axial=(16,), counts=True, views=8, bins=8)
     cfg = load_config(ROOT_TINY, [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", "data.workers=0",

@@ -13,11 +13,12 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
-from helpers import run_hpc
 
 from hpc.config import Config
 from hpc.errors import EXIT_REQUEUE
 from hpc.launch.submit import make_executor, requeue_on_exit75
+
+from helpers import run_hpc
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # jobs cannot import tests/
 

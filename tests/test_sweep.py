@@ -7,10 +7,11 @@ import json
 
 import pytest
 import yaml
-from helpers import ROOT, run_hpc
 
 from hpc.errors import ConfigError
 from hpc.launch.sweep import expand, load_sweep, member_configs
+
+from helpers import ROOT, run_hpc
 
 
 def test_grid_is_the_cartesian_product():

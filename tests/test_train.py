@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc import checkpoint as ck
 from hpc.config import OptimConfig
 from hpc.errors import EXIT_REQUEUE
-from hpc.optim import LRSchedule, build_optimizer
+from hpc.train import checkpoint as ck
+from hpc.train.optim import LRSchedule, build_optimizer
+
 from helpers import ROOT, TINY, hpc_cmd, make_dataset, records, run_hpc
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:

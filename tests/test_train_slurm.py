@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+from hpc.train import checkpoint as ck
+
 from dist_worker import HERE as DIST_WORKER
 from dist_worker import check_grads
 from helpers import ROOT, TINY, make_dataset, records
-from hpc import checkpoint as ck
 
 pytestmark = pytest.mark.slurm
 

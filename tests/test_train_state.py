@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc.baselines.stack import baseline_batch
 from hpc.config import load_config
-from hpc.metrics import MetricAccumulator, baseline_batch
-from hpc.train import Trainer
-from hpc.train_state import KEYS
+from hpc.train.metrics import MetricAccumulator
+from hpc.train.state import KEYS
+from hpc.train.train import Trainer
+
 from helpers import TINY, make_dataset
 
 
@@ -81,7 +83,7 @@ def test_improved_follows_best_mode(dataset, tmp_path):
 def test_validator_baselines_once_and_metrics_by_hand(dataset, tmp_path):
     """The linear baseline equals baseline_batch on the same batches, scored on the first pass only;
     the model's metrics equal a MetricAccumulator fed the cropped predictions."""
-    from hpc.augment import crop, floor_counts
+    from hpc.data.preprocess import crop, floor_counts
 
     t = trainer(dataset, tmp_path / "run", "train.val_batches=0")
     v = t.validator

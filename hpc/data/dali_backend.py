@@ -9,7 +9,7 @@ amplification was ~W: 4.40 with 4 workers), while a pipeline per lane keeps each
 process that reads it; batch j comes from pipeline j mod W, in order. The
 rank's share is fixed by the epoch plan (global rank, world size), which plays the role of a DALI
 reader's ``shard_id`` / ``num_shards``. The radial mirror (t -> -t: bin i -> X - i, bin 0 of an
-even X kept, as ``hpc.augment.mirror_bins``) runs in DALI (on the GPU when the pipeline has a
+even X kept, as ``hpc.data.preprocess.mirror_bins``) runs in DALI (on the GPU when the pipeline has a
 device): bin 0 appended after the last bin, ``fn.flip`` with per-sample flags drawn from the same
 seeded generator as the torch backend, the first X bins kept; so both backends produce identical
 batches; the remaining transforms (view rotation,
@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from hpc import augment as A
 from hpc.config import Config
+from hpc.data import augment as A
 from hpc.data.reader import BatchReader
 from hpc.data.transform import batch_generator
 
@@ -69,7 +69,7 @@ class _Source:
 
 
 def _mirror(fn, node, flags, bins: int):
-    """hpc.augment.flip_bins in DALI: flip (z = x + [bin 0]) and keep X bins maps i -> X - i for
+    """hpc.data.augment.flip_bins in DALI: flip (z = x + [bin 0]) and keep X bins maps i -> X - i for
     i >= 1 and keeps bin 0 (even X); an odd X is a plain flip."""
     if bins % 2:
         return fn.flip(node, horizontal=flags)

@@ -20,25 +20,27 @@ import torch
 from hpc.config import Config, check_dataset
 from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
-from hpc.data.transform import Batch, DeviceTransform
+from hpc.data.staging import stage_to
+from hpc.data.torch_backend import TorchBatches
+from hpc.data.transform import AUX, Batch, DeviceTransform
 from hpc.distributed.device import resolve_device
 from hpc.errors import ConfigError, HpcError, InputError, OutputError
 from hpc.io.shards import Dataset
-
+from hpc.registry import FILLS
 
 
 def aux_datasets(cfg: Config, ds: Dataset, split: str) -> tuple[str, ...]:
     """The mult / randoms datasets to read: those every study stores, when data.fill=reproject models
-    them (any split) or the validation's reproject baseline does (val)."""
-    from hpc.data.transform import AUX
-
-    if cfg.data.fill != "reproject" and split != "val":
+    them (a fill with ``aux``, e.g. data.fill=reproject; any split) or the validation's reproject
+    baseline does (val)."""
+    if not FILLS.meta(cfg.data.fill).get("aux") and split != "val":
         return ()
     return tuple(n for n in AUX if all(n in s.truth for s in ds.studies))
 
 
 class Loader:
-    def __init__(self, cfg: Config, ds: Dataset, split: str, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: Config, ds: Dataset, split: str, rank: int, world: int, device: torch.device,
+                 multiple: int = 0):
         d = cfg.data
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -50,14 +52,14 @@ class Loader:
             raise ConfigError(f"{ds.root}: split {split!r} has no studies ({len(ids)} in the dataset, "
                               f"data.split={d.split})")
         if d.stage_to:
-            from hpc.data.staging import stage_to
             ds = Dataset.open(stage_to(ds.root, d.stage_to, self.studies))
         self.index = SliceIndex(ds)
         self.runs = self.index.runs([ids.index(s) for s in self.studies], d.run_length, d.context)
         spec = ReadSpec(d.context, d.edge, cfg.corrupt.paired, cfg.corrupt.use_stored_mask,
                         aux_datasets(cfg, ds, split))
         self.reader = BatchReader(self.index, self.runs, spec)
-        self.transform = DeviceTransform(cfg, self.index, device, self.train)
+        # the padding multiple is the model's (the trainer passes it); else data.pad_multiple, else none
+        self.transform = DeviceTransform(cfg, self.index, device, self.train, multiple or d.pad_multiple or 1)
         self.lanes = max(1, d.workers)  # fixed by the plan; restored by load_state_dict
         self.epoch, self.position = 0, 0
         self._plans: dict[int, list[np.ndarray]] = {}
@@ -102,12 +104,11 @@ class Loader:
     def _raw(self, plan: list[np.ndarray], start: int):
         if self.cfg.data.backend == "dali":
             if self._dali is None:  # one pipeline for consecutive passes
-                from hpc.data.dali_backend import DaliBatches
+                from hpc.data.dali_backend import DaliBatches  # late: DALI is an optional extra
                 self._dali = DaliBatches(self.reader, self.planner(), self.cfg, self.rank, self.device, self.train,
                                          self.lanes)
             return self._dali(self.epoch, start)
         if self._torch is None:  # persistent reader workers, started on first use
-            from hpc.data.torch_backend import TorchBatches
             self._torch = TorchBatches(self.reader, self.planner(), self.cfg.data.workers, self.device)
         return ((raw, None) for raw in self._torch(self.epoch, start, len(plan)))
 
@@ -157,6 +158,8 @@ def _one_line_errors(batches: Iterator) -> Iterator:
 
 
 def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None) -> Loader:
-    """The contract in docs/ARCHITECTURE.md (stages the split's shards to ``data.stage_to`` first)."""
-    return Loader(cfg, check_dataset(cfg), split, rank, world, device or resolve_device(cfg.data.device))
+                 device: torch.device | None = None, multiple: int = 0) -> Loader:
+    """The contract in docs/ARCHITECTURE.md (stages the split's shards to ``data.stage_to`` first).
+    ``multiple``: views and bins are padded to it (the model's: hpc.train.models.input_multiple;
+    0 = data.pad_multiple, or no padding)."""
+    return Loader(cfg, check_dataset(cfg), split, rank, world, device or resolve_device(cfg.data.device), multiple)

@@ -30,7 +30,7 @@ class ReadSpec:
     edge: str
     paired: bool  # stored `input`
     stored_mask: bool  # stored `mask`
-    aux: tuple[str, ...] = ()  # optional float32 datasets of every study (mult, randoms: hpc.recon)
+    aux: tuple[str, ...] = ()  # optional float32 datasets of every study (mult, randoms: hpc.physics.recon)
 
 
 class BatchReader:

@@ -10,11 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hpc import augment as A
 from hpc.config import Config, validate_scanner
+from hpc.data import augment as A
+from hpc.data.fills import build_preprocess
 from hpc.data.index import SliceIndex
+from hpc.data.preprocess import PreState, mirror_bins
 from hpc.errors import ConfigError
-from hpc.geometry import find_scanner
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.physics.geometry import find_scanner
+from hpc.registry import FILLS
 
 
 @dataclass
@@ -28,8 +33,8 @@ class Batch:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # centre slices' mult/randoms (B, 1, V, X), counts
     valid: torch.Tensor | None = None  # (B, 1, V', X') float32: 1 = a real LOR, 0 = virtual crystals only
 
-    def state(self) -> A.PreState:
-        return A.PreState(self.norm, self.pad)
+    def state(self) -> PreState:
+        return PreState(self.norm, self.pad)
 
 
 def batch_generator(seed: int, epoch: int, j: int, device: torch.device) -> torch.Generator:
@@ -40,13 +45,11 @@ def batch_generator(seed: int, epoch: int, j: int, device: torch.device) -> torc
 
 
 class LayoutGeometry:
-    """The dataset's sinogram layout (hpc.projdata) on the device: per global slice id its plane,
+    """The dataset's sinogram layout (hpc.physics.projdata) on the device: per global slice id its plane,
     the dead-block tables (measured fractions of span-compressed / view-mashed pixels) and which
     pixels are lines of response at all (virtual crystals and rings are not)."""
 
     def __init__(self, scanner_name: str, index: SliceIndex, device: torch.device):
-        from hpc import geometry as G  # late: only runs with a known scanner need it
-        from hpc import projdata as P
 
         try:
             sc = G.get_scanner(scanner_name)
@@ -76,7 +79,7 @@ class LayoutGeometry:
         return (self.valid_planes[self.plane[ids]][..., None, None] & self.valid_bins).float()
 
 
-AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.recon)
+AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.physics.recon)
 
 
 def _segments(shift: int, v: int) -> list[tuple[int, int, int, bool]]:
@@ -131,7 +134,7 @@ def stack_rows_float(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentP
                 dst[...] = src[w, s0:s1]
             elif x % 2:  # odd X: a plain flip
                 dst[...] = mirror[w, s0:s1]
-            else:  # even X: bin 0 stays, bins 1..X-1 reversed (hpc.augment.mirror_index)
+            else:  # even X: bin 0 stays, bins 1..X-1 reversed (hpc.data.preprocess.mirror_index)
                 dst[:, 0] = src[w, s0:s1, 0]
                 dst[:, 1:] = mirror[w, s0:s1, :x - 1]
     if not with_max:
@@ -161,7 +164,7 @@ def stack_rows(slices: torch.Tensor, window: torch.Tensor, prm: A.AugmentParams 
     out = slices.reshape(u * v, x).index_select(0, rows.view(-1))  # (B * C * V, X): whole rows, one copy
     flip = mirrored.view(b, 1, v).expand(rows.shape).reshape(-1).nonzero().view(-1)  # rows to mirror
     if len(flip):
-        out[flip] = A.mirror_bins(out[flip])
+        out[flip] = mirror_bins(out[flip])
     return out.view(*rows.shape, x)
 
 
@@ -169,9 +172,9 @@ class DeviceTransform:
     """``__call__(raw, epoch, j) -> Batch`` for a batch ``raw`` already on the device:
     ``target`` (B, C, V, X) context stack, ``ids`` (B, C), optional ``input``, ``mask``."""
 
-    def __init__(self, cfg: Config, index: SliceIndex, device: torch.device, train: bool):
+    def __init__(self, cfg: Config, index: SliceIndex, device: torch.device, train: bool, multiple: int):
         self.cfg, self.device, self.train = cfg, device, train
-        self.pre = A.Preprocess(cfg, scale=index.ds.scale, scanner=index.ds.scanner)
+        self.pre = build_preprocess(cfg, multiple, scale=index.ds.scale, scanner=index.ds.scanner)
         c = cfg.corrupt
         self.geometry = self.dead = None
         name = c.scanner or index.ds.scanner
@@ -209,7 +212,8 @@ class DeviceTransform:
         if self.dead is not None and self.dead.partial:
             return False
         has_mask = c.use_stored_mask or self.dead is not None
-        return self.pre.fill == "zero" or (self.pre.fill == "linear" and not has_mask)
+        fold = FILLS.meta(self.cfg.data.fill).get("fold")
+        return fold == "always" or (fold == "without_gaps" and not has_mask)
 
     def corrupt(self, raw: dict[str, torch.Tensor], epoch: int, gen: torch.Generator,
                 flipped: torch.Tensor | None, folded: A.AugmentParams | None = None
@@ -244,9 +248,9 @@ class DeviceTransform:
                 mask = A.apply_augment(mask, folded, is_mask=True)
             if self.dead.partial:  # a partly lost bin keeps each count with its surviving fraction
                 inp = A.thin_fraction(inp, mask, gen)
-        elif valid is None and self.pre.fill != "reproject":
+        elif valid is None and not FILLS.meta(self.cfg.data.fill).get("aux"):
             return inp, None, None  # nothing missing or invalid: gaps() would be the identity
-        else:  # the reproject fill runs even without gaps; virtual-crystal LORs are zeroed
+        else:  # a fill that models mult/randoms (reproject) runs even without gaps; virtual-crystal LORs are zeroed
             mask = torch.ones_like(stack)
         aux = {k: raw[k].float() for k in AUX if k in raw}  # mult / randoms (B, C, V, X) when read
         return self.pre.gaps(inp, mask, aux, valid), mask, valid

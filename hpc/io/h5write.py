@@ -245,7 +245,7 @@ class RepairedH5Writer:
     """``repaired`` (N, V, X) in the source dtype plus tof/segment/axial, renamed into place on
     commit (through the atomic writer: nothing at ``path`` until every slice is written)."""
 
-    def __init__(self, spec, path: Path, comment: str):  # spec: hpc.io.sinogram.SinogramSpec
+    def __init__(self, spec, path: Path, comment: str):  # spec: hpc.io.spec.SinogramSpec
         self.path = Path(path)
         self.f = None
         self._out = AtomicFile(self.path)

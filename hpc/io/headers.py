@@ -5,7 +5,7 @@ Reading (:func:`read_header`):
 - STIR: ``matrix axis label [k]`` gives the storage order (view-major ``segment, view, axial
   coordinate, tangential coordinate`` or sinogram-major), ``timing positions`` a fifth TOF axis;
   segment numbers and ring differences come from ``minimum/maximum ring difference per segment``.
-- Siemens: planes in ``%segment table`` order 0, -1, +1, ... (:func:`hpc.projdata.segment_storage_order`),
+- Siemens: planes in ``%segment table`` order 0, -1, +1, ... (:func:`hpc.physics.projdata.segment_storage_order`),
   ring differences from ``%axial compression`` and ``%maximum ring difference``; TOF blocks in the
   order 0, +1, -1, ...; ``number of scan data types := 2`` with ``scan data type description [k]``
   and ``data offset in bytes [k]`` (prompts + randoms in one file): the prompts are the data, the
@@ -15,18 +15,18 @@ Reading (:func:`read_header`):
   first), headers of images, normalisation, list mode, SPECT or transmission data, and templates
   (a header whose data file is itself or empty).
 
-Writing (:func:`stir_items`, :func:`siemens_items`): the layout keys of a :class:`hpc.projdata.Layout`
+Writing (:func:`stir_items`, :func:`siemens_items`): the layout keys of a :class:`hpc.physics.projdata.Layout`
 with STIR's name of the scanner as ``originating system`` and the scanner parameters STIR checks.
 """
 from __future__ import annotations
 
 import os
 
-from hpc import geometry as G
-from hpc import projdata as P
 from hpc.errors import InputError
 from hpc.io.interfile import Header, data_kind, number_format, numpy_dtype, parse_header, parse_list
-from hpc.io.sinogram import SinogramSpec, check_data_file
+from hpc.io.spec import SinogramSpec, check_data_file
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
 
 STIR_ORDERS = {("segment", "view", "axial coordinate", "tangential coordinate"): "view",
                ("segment", "axial coordinate", "view", "tangential coordinate"): "sinogram"}

@@ -21,6 +21,7 @@ import hdf5plugin  # noqa: F401  (registers the blosc filter for reading and wri
 import numpy as np
 
 from hpc.errors import InputError
+from hpc.physics.projdata import layout_for, segment_storage_order
 
 FORMAT = "hpc-sinogram"
 FORMAT_VERSION = 2  # 2: STIR segment numbers for Siemens sources too, ring differences, optional
@@ -133,9 +134,8 @@ class StudyInfo:
     has_delayed: bool = False  # `delayed`: a Siemens file's second data set (randoms = delayed coincidences)
 
     def layout(self, scanner: str = ""):
-        """The study's :class:`hpc.projdata.Layout` on ``scanner`` (default: its own); ValueError if
+        """The study's :class:`hpc.physics.projdata.Layout` on ``scanner`` (default: its own); ValueError if
         the scanner is unknown or cannot have this layout."""
-        from hpc.projdata import layout_for
         return layout_for(scanner or self.scanner, self.segments, self.axial_counts, *self.slice_shape,
                           self.tof_bins, self.ring_diffs)
 
@@ -216,7 +216,6 @@ def _study(root: Path, s: dict) -> StudyInfo:
                    for sh in s["shards"])
     segments = tuple(s["segments"])
     if s.get("kind") == "siemens" and "ring_diffs" not in s:  # v1: a Siemens file's storage indices
-        from hpc.projdata import segment_storage_order
         segments = segment_storage_order(len(segments))
     rd = s.get("ring_diffs")
     return StudyInfo(s["id"], s["source"], s["sha256"], s["num_slices"], tuple(s["slice_shape"]),

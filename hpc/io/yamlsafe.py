@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from hpc.errors import HpcError, InputError
+from hpc.io.interfile import read_bounded
 
 MAX_BYTES = 1 << 20
 MAX_VALUES = 100_000  # a config has a few hundred; a sweep grid a few thousand
@@ -56,7 +57,6 @@ def load_yaml(text: str, where: str, error: type[HpcError] = InputError, parse: 
 def read_yaml_file(path: str | Path, what: str, error: type[HpcError] = InputError,
                    parse: Callable = yaml.safe_load):
     """A YAML file's tree: a regular file of bounded size (not a FIFO or /dev/zero), then load_yaml."""
-    from hpc.io.interfile import read_bounded
 
     p = Path(path)
     try:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from importlib import resources
 import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from hpc.config import Config, check_dataset, load_config

@@ -18,9 +18,9 @@ import atexit
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from collections.abc import Callable
 
 from hpc.config import Config, check_dataset, from_dict, load_config, to_dict
 from hpc.errors import EXIT_REQUEUE
@@ -86,13 +86,13 @@ def _shutdown_unless_failed() -> None:
     """atexit: barrier -> flush -> os._exit(0), unless the interpreter is exiting on an unhandled
     exception (sys.last_value is set then), whose non-zero status must reach Slurm."""
     if getattr(sys, "last_value", None) is None:
-        from hpc.distributed import dist
+        from hpc.distributed import dist  # late: torch; `hpc submit` on a login node never imports it
 
         dist.shutdown(0)
 
 
 class TrainJob:
-    """What submitit runs in every task: launch env -> `hpc.train.train(cfg)`.
+    """What submitit runs in every task: launch env -> `hpc.train.train.train(cfg)`.
 
     Checkpointable: submitit calls `checkpoint()` on preemption or time limit, which resubmits this
     same object (the config as a plain dict, no model state): the trainer itself resumes from the
@@ -103,8 +103,8 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict:
-        from hpc.distributed.launcher import setup_torch_env
-        from hpc.train import train
+        from hpc.distributed.launcher import setup_torch_env  # late (here and below): runs on the compute node;
+        from hpc.train.train import train  # `hpc submit` on the login node never imports torch
 
         setup_torch_env()
         result = requeue_on_exit75(lambda: train(from_dict(self.config)))

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from hpc.config import Config, check_dataset, load_config, to_dict
-from hpc.config_parse import read_yaml
+from hpc.config.parse import read_yaml
 from hpc.errors import ConfigError, InputError
 from hpc.io.atomic import atomic_write_text
 from hpc.launch.submit import TrainJob, add_launch_arguments, launch_overrides, make_executor
@@ -142,7 +142,7 @@ def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
 
 @dataclass
 class RunSummary:
-    """What a run dir says about its training run (written by hpc.train; no W&B needed)."""
+    """What a run dir says about its training run (written by hpc.train.train; no W&B needed)."""
     state: str  # pending (nothing written yet) | started | done
     samples: int  # samples trained so far (newest metrics record)
     target: int | None  # train.samples of the resolved config

@@ -37,8 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import netns  # noqa: E402  (sibling modules; this file also runs as a script)
 from daemons import SBIN_PATH, StartError, free_ports, port_open, running, spawn, terminate, wait_for  # noqa: E402
+
+import netns  # noqa: E402  (sibling modules; this file also runs as a script)
 
 ROOT_DIR = Path(os.environ.get("HPC_SLURM_DIR", "/tmp/hpc-slurm"))
 # the tests' 2-node cluster, next to the single-node one (never the same directory)

@@ -1,0 +1,1 @@
+"""`hpc convert`: raw / Interfile sinograms -> a dataset of chunked HDF5 shards."""

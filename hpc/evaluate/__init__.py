@@ -1,0 +1,1 @@
+"""`hpc evaluate`: every repair method scored against measured and noise-free counts."""

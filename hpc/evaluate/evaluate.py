@@ -1,0 +1,456 @@
+"""Score a checkpoint as a PET physicist would: against the measured counts and the noise-free
+expected counts, in the gaps and overall, next to the baselines, and in reconstructed images.
+
+Methods (docs/EVALUATION.md): the UNet (repairing the gaps exactly as `hpc predict` does), and the
+baselines of hpc.baselines.interp: `reproject` (OSEM from the measured LORs only, forward-projected into
+the gaps; multiplicative factors and randoms modelled when the study has them), `axial3d` (3-D
+interpolation across the planes of a segment), `biharmonic` (2-D inpainting) and `linear` (radial).
+Every method keeps the measured pixels and leaves virtual-crystal LORs at 0.
+
+Studies: --study INPUT TARGET MASK [expected=F randoms=F mult=F] (files), --simulation DIR (an `hpc
+simulate` directory: its held-out "test" studies by default, with their noise-free truth and known
+lesions), or --dataset DIR (the checkpoint's split of a converted dataset, truth datasets if stored).
+
+Sinogram metrics (hpc.evaluate.scoring): NMSE, PSNR, SSIM, pooled over every scored pixel of a study and of
+all studies, in the gaps and over all valid pixels, against the measured target (`meas`) and the
+expected counts (`true`). Image metrics, when the scanner geometry is known: the direct planes of
+every version (full data, gapped, each method's repair, noise-free) reconstructed with the same
+OSEM; image NMSE, SSIM and lesion bias against the full-data (`full`) and noise-free (`true`)
+reconstructions. Per study and pooled, in DIR/report.md and DIR/metrics.json; PNG panels
+(sinograms, errors, reconstructed images) in DIR/panels/; with --wandb also to W&B.
+
+examples:
+  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim -o eval/
+  hpc evaluate --checkpoint best.pt --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr expected=s4_expected.s.hdr -o eval/
+  hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test --baselines linear,axial3d -o eval/
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc.baselines.reproject import DEFAULT_ITERS
+from hpc.baselines.stack import Stack
+from hpc.data.index import config_split
+from hpc.distributed.device import DEVICES, resolve_device
+from hpc.errors import InputError, OutputError
+from hpc.evaluate.report import log_wandb, save_panel, sino_table, write_report  # noqa: F401  (log_wandb: used by demo)
+from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_SUBSETS, ImageScore, SinoScore, lesion_rois
+from hpc.io.headers import read_header
+from hpc.io.interfile import read_bounded
+from hpc.io.shards import STUDY_ID, TRUTH, Dataset, ShardArray
+from hpc.io.sinogram import SinogramReader
+from hpc.io.spec import SinogramSpec
+from hpc.physics import geometry as G
+from hpc.physics import recon as R
+from hpc.physics.geometry import find_scanner
+from hpc.physics.projector import cached_projector, default_grid
+from hpc.progress import Progress
+from hpc.registry import BASELINES
+from hpc.repair.files import study_layout
+from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
+from hpc.train.checkpoint import load
+
+UNET = "unet"
+DEFAULT_REPROJECT_ITERS = DEFAULT_ITERS  # when neither --reproject-iters nor the checkpoint's validation chose one
+
+
+@dataclass
+class Study:
+    id: str
+    layout: SinogramSpec  # slice layout of the gapped input: windows and compatibility checks
+    open: Callable[[], dict]  # -> {role: reader}: input, target, mask (+ expected, randoms, mult)
+    lesions: list[dict] = field(default_factory=list)  # known lesions (simulations)
+
+
+@dataclass
+class Options:
+    baselines: list[str]
+    slices: int = 0  # evenly spaced slices per study (0 = all)
+    batch: int = 8
+    reproject_iters: int = 0  # 0: the count the checkpoint's validation chose, else DEFAULT_REPROJECT_ITERS
+    images: bool = True
+    quiet: bool = False
+
+
+def _readers(specs: dict[str, SinogramSpec]) -> dict:
+    return {role: SinogramReader(sp) for role, sp in specs.items()}
+
+
+def open_study(paths: list[str], truth: dict[str, str] | None = None, sid: str = "",
+               lesions: list[dict] | None = None) -> Study:
+    """A gapped acquisition, its target, its gap mask (+ truth files by role), as files."""
+    specs = dict(zip(("input", "target", "mask"), (read_header(p) for p in paths), strict=True))
+    specs.update({role: read_header(p) for role, p in (truth or {}).items()})
+    inp = specs["input"]
+    for other in specs.values():
+        if (other.num_slices, other.slice_shape) != (inp.num_slices, inp.slice_shape):
+            raise InputError(f"{other.source}: {other.num_slices}x{other.views}x{other.bins} does not match "
+                             f"{inp.source} ({inp.num_slices}x{inp.views}x{inp.bins})")
+    return Study(sid or Path(paths[1]).name.split(".")[0], inp, lambda: _readers(specs), lesions or [])
+
+
+def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--study INPUT TARGET MASK [role=FILE ...] -> (three paths, {role: path})."""
+    if len(items) < 3 or any("=" in p for p in items[:3]):
+        raise InputError(f"--study {' '.join(items)}: expected INPUT TARGET MASK [expected=F randoms=F mult=F]")
+    truth = {}
+    for item in items[3:]:
+        role, _, path = item.partition("=")
+        if role not in TRUTH or not path:
+            raise InputError(f"--study: {item!r}: extra files are ROLE=FILE with ROLE in {', '.join(TRUTH)}")
+        truth[role] = path
+    return items[:3], truth
+
+
+def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
+    """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
+    root = Path(root)
+    records = _simulation_records(root / "studies.json")
+    test = [r for r in records if r.get("variant") == "test"]
+    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
+    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
+    if missing or not chosen:
+        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
+    out = []
+    for r in chosen:
+        files = r["files"]
+        if not {"gaps", "mask"} <= set(files):
+            raise InputError(f"{root}: study {r['id']} has no gaps (simulate with --dead-blocks)")
+        truth = {role: str(root / files[role]) for role in TRUTH if role in files}
+        out.append(open_study([str(root / files[k]) for k in ("gaps", "target", "mask")], truth, r["id"],
+                              r.get("lesions", [])))
+    return out
+
+
+def _simulation_records(path: Path) -> list[dict]:
+    """studies.json's records, checked: ids are plain names (they name the panels written under -o:
+    ``../x`` must not write outside it), files a role -> relative file name map."""
+
+    if not path.exists():
+        raise InputError(f"{path.parent}: not an hpc simulate directory (no studies.json)")
+    text = read_bounded(path, "studies.json", 64 << 20)  # a FIFO or /dev/zero must not hang it
+    try:
+        records = json.loads(text)["studies"]
+        if not isinstance(records, list):
+            raise ValueError("'studies' is not a list")
+        for r in records:
+            if not (isinstance(r["id"], str) and STUDY_ID.fullmatch(r["id"]) and r["id"] not in (".", "..")):
+                raise ValueError(f"study id {r['id']!r} is not a plain name (letters, digits, . _ -)")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in r["files"].items()):
+                raise ValueError(f"study {r['id']}: files must map roles to file names")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: malformed studies.json ({exc})") from None
+    return records
+
+
+def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
+    """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
+    input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
+
+    ds = Dataset.open(root)
+    ids = [s.id for s in ds.studies]
+    chosen = ids if split == "all" else config_split(ids, rep.cfg.data, split)
+    if not chosen:
+        raise InputError(f"{root}: the checkpoint's {split!r} split has no studies")
+    out = []
+    for info in (ds.study(i) for i in chosen):
+        if not info.has_mask:
+            raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
+        names = {"input": "input" if info.has_input else "target", "target": "target", "mask": "mask",
+                 **{r: r for r in info.truth}}
+        out.append(Study(info.id, study_layout(ds, info),
+                         lambda info=info, names=names: {k: ShardArray(info, n) for k, n in names.items()}))
+    return out
+
+
+def pick_slices(n: int, limit: int) -> np.ndarray:
+    """All slices, or ``limit`` evenly spaced ones (deterministic)."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def geometry(rep: Repairer, layout: SinogramSpec):
+    """The scanner whose projector matches these slices (uncompressed views), or None."""
+
+    sc = find_scanner(rep.scanner) or find_scanner(str(layout.fields.get("originating system", "")))
+    return sc if sc is not None and (sc.views, sc.bins) == tuple(layout.slice_shape) else None
+
+
+# ---------------------------------------------------------------- methods
+def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: np.ndarray, batch: int) -> np.ndarray:
+    """Model output (n, V, X) for stack planes ``planes`` (context windows as the loader builds them)."""
+    out = []
+    for a in range(0, len(planes), batch):
+        ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
+        aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}  # data.fill=reproject models them
+        out.append(model_output(rep, data["input"][ids], w[ids], aux))
+    return np.concatenate(out)
+
+
+def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, w: np.ndarray, valid: np.ndarray,
+                planes: np.ndarray, opts: Options, times: dict[str, float]) -> dict[str, np.ndarray]:
+    """Every method's repair (n, V, X) of the stack planes ``planes``: the network and the registered
+    baselines in ``opts.baselines`` (hpc.registry.BASELINES); adds each method's wall time."""
+    y = data["input"][planes]
+    floor = (lambda a: np.maximum(a, 0.0)) if rep.pre.nonneg else (lambda a: a)
+    stack = Stack(data["input"], w, valid, data.get("mult"), data.get("randoms"), sc)
+    params = {"reproject": {"iters": opts.reproject_iters}}
+    runs: dict[str, Callable[[], np.ndarray]] = {
+        UNET: lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
+                                    torch.from_numpy(_unet(rep, st, lo, data, w, planes, opts.batch)),
+                                    torch.from_numpy(valid[planes])).numpy(),
+    }
+    for name in opts.baselines:
+        if sc is None and BASELINES.meta(name).get("needs_scanner"):
+            continue
+        runs[name] = lambda name=name: BASELINES.get(name)(stack, planes, **params.get(name, {}))
+    out = {}
+    for name, run_one in runs.items():
+        t0 = time.perf_counter()
+        out[name] = floor(np.asarray(run_one(), np.float64))
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------- one study
+@dataclass
+class StudyResult:
+    sino: dict[str, dict[str, SinoScore]] = field(default_factory=dict)  # method -> ref -> score
+    image: dict[str, dict[str, ImageScore]] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)  # method -> seconds for this study
+    panel: dict | None = None
+
+
+def _valid(sc, data: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels that can hold counts: mult > 0 when known, else the scanner's real-crystal LORs."""
+
+    if "mult" in data:
+        return data["mult"] > 0
+    if sc is not None:
+        return np.broadcast_to(G.gap_mask(sc) > 0, shape).copy()
+    return np.ones(shape, bool)
+
+
+def _image_planes(sc, st: Study, lo: int, hi: int, opts: Options) -> np.ndarray | None:
+    """Axial positions (mm from the first ring) of a segment-0 stack's planes, if it gets images."""
+    seg, counts = st.layout.segments, st.layout.axial_counts
+    if not opts.images or sc is None or lo != 0 or st.layout.tof_bins != 1 or seg[0] != 0:
+        return None
+    if counts[0] == sc.rings:
+        return np.arange(hi - lo) * sc.ring_spacing_mm
+    if counts[0] == 2 * sc.rings - 1:  # span-compressed segment 0: half-ring steps
+        return np.arange(hi - lo) * sc.ring_spacing_mm / 2
+    return None
+
+
+def reconstruct(sc, sino: np.ndarray, valid: np.ndarray, data: dict) -> np.ndarray:
+    """OSEM (IMAGE_ITERS x IMAGE_SUBSETS) images (N, ny, nx) of sinograms (N, V, X), every valid bin
+    used (gaps of a gapped sinogram are zeros to it), mult and randoms modelled when known."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(data[k])).float() for k in ("mult", "randoms") if k in data}
+    x = R.osem(sc, torch.from_numpy(np.ascontiguousarray(sino)).float(), IMAGE_ITERS, IMAGE_SUBSETS,
+               weight=torch.from_numpy(valid).float(), mult=t.get("mult"), add=t.get("randoms"))
+    return x.double().numpy()
+
+
+def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, repaired: dict,
+                 z: np.ndarray) -> dict:
+    """Reconstruct every version of the stack, score them; returns the images (for the panel)."""
+
+    grid = default_grid(sc)
+    versions = {"gapped": data["input"] * (data["mask"] >= 1), **repaired}
+    refs = {"full": reconstruct(sc, data["target"], valid, data)}
+    if "expected" in data:
+        refs["true"] = reconstruct(sc, data["expected"], valid, data)
+    images = {name: reconstruct(sc, s, valid, data) for name, s in versions.items()}
+    rois = lesion_rois(st.lesions, z, grid)
+    support = grid.fov_mask(sc.fov_radius_mm)
+    scored = {"full": refs["full"], **images}  # full: what the scanner would give without dead blocks
+    for name, img in scored.items():
+        for ref, ref_img in refs.items():
+            if not (name == "full" and ref == "full"):
+                res.image.setdefault(name, {}).setdefault(ref, ImageScore()).update(img, ref_img, support, rois)
+    return {**images, **{f"ref:{k}": v for k, v in refs.items()}}
+
+
+def warm_projectors(sc, device: torch.device | str = "cpu") -> float:
+    """Build (and cache) the system matrices reproject and the image reconstruction use; their one-time
+    cost is reported apart from the methods' times. Returns the seconds it took."""
+
+    t0 = time.perf_counter()
+    grid = default_grid(sc)
+    for subsets in (R.REPROJECT_SUBSETS, IMAGE_SUBSETS):
+        R.subset_projectors(sc, grid, subsets, False, torch.device(device))
+    cached_projector(sc, grid, False, 0, 1, device)
+    return time.perf_counter() - t0
+
+
+def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None = None) -> StudyResult:
+    sc = geometry(rep, st.layout)
+    res = StudyResult()
+    scored = pick_slices(st.layout.num_slices, opts.slices)
+    readers = st.open()
+    try:
+        lo_all, hi_all = stack_bounds(st.layout)
+        for lo, hi in sorted(set(zip(lo_all.tolist(), hi_all.tolist(), strict=True))):
+            z = _image_planes(sc, st, lo, hi, opts)
+            sel = scored[(scored >= lo) & (scored < hi)] - lo
+            planes = np.arange(hi - lo) if z is not None else sel
+            if planes.size == 0:
+                continue
+            data = {role: r.read(lo, hi).astype(np.float64) for role, r in readers.items()}
+            _finite_mask(data["mask"], readers["mask"], st, lo)
+            w = np.clip(data["mask"], 0, 1)
+            data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
+            valid = _valid(sc, data, w.shape)
+            repaired = run_methods(rep, sc, st, lo, data, w, valid, planes, opts, res.times)
+            keep = np.searchsorted(planes, sel)  # the scored planes among those repaired
+            for name, out in repaired.items():
+                for ref in ("target", "expected"):
+                    if ref in data:
+                        score = res.sino.setdefault(name, {}).setdefault("meas" if ref == "target" else "true",
+                                                                          SinoScore())
+                        score.update(out[keep], data[ref][sel], w[sel], valid[sel])
+            images = score_images(sc, st, res, data, valid, repaired, z) if z is not None else None
+            if sel.size and (res.panel is None or images is not None):  # the image stack's panel wins
+                res.panel = _panel(data, w, valid, sel, keep, lo, repaired, images)
+            if bar is not None:
+                bar.update(len(sel))
+    finally:
+        for r in readers.values():
+            r.close()
+    return res
+
+
+def _finite_mask(mask: np.ndarray, reader, st: Study, lo: int) -> None:
+    """NaN/inf in a float mask file is an error naming the file and slice, never "measured"."""
+    bad = np.flatnonzero(~np.isfinite(mask).reshape(len(mask), -1).all(axis=1))
+    if bad.size:
+        where = reader.spec.source if hasattr(reader, "spec") else f"study {st.id} mask"
+        raise InputError(f"{where}: mask slice {lo + int(bad[0])} contains NaN or inf (a mask holds 1 = measured, "
+                         "0 = gap)")
+
+
+def check_output_dir(out: Path) -> None:
+    """-o must be a directory (or not exist yet): never an existing file."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory (evaluate writes report.md, metrics.json "
+                          "and panels/ into a directory)")
+
+
+def _panel(data: dict, w: np.ndarray, valid: np.ndarray, sel: np.ndarray, keep: np.ndarray, lo: int,
+           repaired: dict, images: dict | None) -> dict:
+    """The scored slice with the most gap pixels: its sinograms (and images) for the PNG panel."""
+    k = int(((w[sel] < 1) & valid[sel]).sum(axis=(1, 2)).argmax())
+    p = int(sel[k])
+    return {"slice": lo + p, "input": data["input"][p], "target": data["target"][p],
+            "expected": data["expected"][p] if "expected" in data else None, "mask": w[p],
+            "methods": {n: o[keep[k]] for n, o in repaired.items()},
+            "images": None if images is None else {n: im[p] for n, im in images.items()}}
+
+
+def _pool(results: dict[str, StudyResult]) -> StudyResult:
+    pooled = StudyResult()
+    for res in results.values():
+        for attr in ("sino", "image"):
+            for name, refs in getattr(res, attr).items():
+                for ref, score in refs.items():
+                    dst = getattr(pooled, attr).setdefault(name, {})
+                    dst[ref] = dst[ref].add(score) if ref in dst else type(score)().add(score)
+        for name, t in res.times.items():
+            pooled.times[name] = pooled.times.get(name, 0.0) + t / len(results)  # mean per study
+    return pooled
+
+
+def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
+    """Score every study; write report.md, metrics.json and panels/. Returns ``{"results": {study |
+    "overall": {method: {metric_ref: value}}}, "images": {...}, "times": {...}, "panels", "report"}``."""
+    check_output_dir(out_dir)
+    if not opts.reproject_iters:
+        opts = dataclasses.replace(opts, reproject_iters=checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS)
+    results, panels = {}, []
+    setup = sum(warm_projectors(sc) for sc in {geometry(rep, st.layout) for st in studies} - {None})
+    with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
+                  enabled=not opts.quiet) as bar:
+        for st in studies:
+            check_compatible(rep, st.layout)
+            results[st.id] = evaluate_study(rep, st, opts, bar)
+    try:  # outputs only once every study is scored: a bad study leaves no panels without a report
+        for st in studies:
+            panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
+        results["overall"] = _pool(results)
+        return write_report(rep, results, panels, out_dir, opts, setup)
+    except BaseException:
+        for p in panels:
+            Path(p).unlink(missing_ok=True)
+        raise
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--study", nargs="+", action="append", metavar="FILE",
+                     help="INPUT TARGET MASK [expected=F randoms=F mult=F]: gapped acquisition, clean target, gap "
+                          "mask (1 = measured), optional noise-free truth; repeat per study")
+    src.add_argument("--simulation", metavar="DIR", help="an hpc simulate directory (default: its test studies)")
+    src.add_argument("--dataset", metavar="DIR", help="converted dataset with stored gap masks (hpc convert --mask)")
+    p.add_argument("--studies", default="", help="with --simulation: comma-separated study ids")
+    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
+                   help="with --dataset: which of the checkpoint's study splits (default test)")
+    p.add_argument("-o", "--output", required=True, help="directory for report.md, metrics.json, panels/")
+    p.add_argument("--baselines", default=",".join(BASELINES.names()),
+                   help=f"comma-separated, from: {', '.join(BASELINES.names())} (default all)")
+    p.add_argument("--reproject-iters", type=int, default=0,
+                   help="OSEM iterations of reproject (default: the count the checkpoint's validation chose, "
+                        f"else {DEFAULT_REPROJECT_ITERS})")
+    p.add_argument("--no-images", action="store_true", help="skip the image-domain evaluation")
+    p.add_argument("--slices", type=int, default=0, help="evenly spaced slices per study (0 = all)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
+                   help="also log to W&B (WANDB_MODE overrides)")
+    p.add_argument("--project", default="hpc", help="W&B project")
+    p.add_argument("--quiet", action="store_true")
+
+
+def checkpoint_reproject_iters(rep: Repairer) -> int:
+    """The reproject iteration count chosen by the checkpoint's validation, or 0."""
+
+    return int((load(rep.path).get("metrics") or {}).get("reproject_iters", 0) or 0)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES.names())}")
+    if args.batch < 1 or args.reproject_iters < 0:
+        raise InputError("--batch must be >= 1 and --reproject-iters >= 0")
+    check_output_dir(Path(args.output))
+    rep = load_repairer(args.checkpoint, resolve_device(args.device, what="--device"))
+    if args.dataset:
+        studies = dataset_studies(rep, args.dataset, args.split)
+    elif args.simulation:
+        studies = simulation_studies(args.simulation, [s for s in args.studies.split(",") if s])
+    else:
+        studies = [open_study(*parse_study_args(items)) for items in args.study]
+    opts = Options(baselines, args.slices, args.batch, args.reproject_iters, not args.no_images, args.quiet)
+    out = Path(args.output)
+    summary = evaluate(rep, studies, out, opts)
+    print(sino_table(summary["results"], summary["times"]), end="")
+    print(f"report: {summary['report']}\npanels: {', '.join(summary['panels'])}")
+    mode = os.environ.get("WANDB_MODE", args.wandb)
+    if mode != "disabled":
+        print(f"W&B run: {log_wandb(summary, mode, args.project, out)}")
+    return 0

@@ -1,0 +1,157 @@
+"""hpc evaluate's outputs: the markdown tables, metrics.json, PNG panels and the W&B run.
+
+Metric keys are ``<metric>_<reference>``: sinogram ``nmse_gap``, ``psnr_gap``, ``ssim_gap``, ``nmse_all``,
+``psnr_all``, ``ssim_all`` against ``meas`` (the measured target) and ``true`` (the noise-free expected
+counts); image ``img_nmse``, ``img_ssim``, ``lesion_bias``, ``lesion_absbias`` against ``full`` (the
+full-data reconstruction) and ``true`` (the noise-free reconstruction). docs/EVALUATION.md defines them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_METRICS, IMAGE_SUBSETS, SINO_METRICS
+from hpc.io.atomic import atomic_path, atomic_write_text
+from hpc.physics.recon import REPROJECT_SUBSETS
+
+SINO_COLUMNS = (("nmse_gap_meas", "NMSE gaps (meas)"), ("nmse_gap_true", "NMSE gaps (true)"),
+                ("nmse_all_meas", "NMSE all (meas)"), ("nmse_all_true", "NMSE all (true)"),
+                ("psnr_gap_meas", "PSNR gaps dB (meas)"), ("psnr_gap_true", "PSNR gaps dB (true)"),
+                ("ssim_gap_meas", "SSIM gaps (meas)"), ("ssim_gap_true", "SSIM gaps (true)"))
+IMAGE_COLUMNS = (("img_nmse_full", "img NMSE (full)"), ("img_nmse_true", "img NMSE (true)"),
+                 ("img_ssim_full", "img SSIM (full)"), ("img_ssim_true", "img SSIM (true)"),
+                 ("lesion_bias_full", "lesion bias (full)"), ("lesion_bias_true", "lesion bias (true)"),
+                 ("lesion_absbias_true", "lesion |bias| (true)"))
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def flatten(results: dict) -> tuple[dict, dict, dict]:
+    """StudyResults -> plain dicts: sinogram metrics, image metrics, seconds per study."""
+    sino = {s: {m: {f"{k}_{ref}": v for ref, sc in refs.items() for k, v in sc.compute().items()}
+                for m, refs in r.sino.items()} for s, r in results.items()}
+    image = {s: {m: {f"{k}_{ref}": v for ref, sc in refs.items() for k, v in sc.compute().items()}
+                 for m, refs in r.image.items()} for s, r in results.items() if r.image}
+    times = {s: dict(r.times) for s, r in results.items()}
+    return sino, image, times
+
+
+def _table(rows: dict, columns, times: dict | None = None) -> str:
+    head = "| study | method | " + " | ".join(c for _, c in columns) + (" | s / study |" if times else " |")
+    lines = [head, "|---|---|" + "---:|" * (len(columns) + (1 if times else 0))]
+    for study, methods in rows.items():
+        for method, vals in methods.items():
+            cells = [_fmt(vals.get(k)) for k, _ in columns]
+            if times:
+                cells.append(_fmt(times.get(study, {}).get(method)))
+            lines.append(f"| {study} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sino_table(sino: dict, times: dict | None = None) -> str:
+    """Markdown: one row per (study, method), sinogram metrics and the method's seconds per study."""
+    return _table(sino, SINO_COLUMNS, times)
+
+
+def image_table(image: dict) -> str:
+    return _table(image, IMAGE_COLUMNS)
+
+
+def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, setup_s: float = 0.0) -> dict:
+
+    sino, image, times = flatten(results)
+    recon = {"iterations": IMAGE_ITERS, "subsets": IMAGE_SUBSETS, "planes": "direct (segment 0)"}
+    text = (f"# Evaluation of {rep.path}\n\nmodel {rep.cfg.model.name}. Every method keeps the measured pixels; "
+            f"virtual-crystal LORs are excluded. `meas`: against the measured target; `true`: against the "
+            f"noise-free expected counts. Pooled over pixels (docs/EVALUATION.md). reproject: OSEM "
+            f"{opts.reproject_iters} iterations x {REPROJECT_SUBSETS} subsets; s / study: wall time of each "
+            f"method on the evaluated slices (the projector's system matrices were built once before, in "
+            f"{setup_s:.2f} s).\n\n## Sinograms\n\n" + sino_table(sino, times))
+    if image:
+        text += (f"\n## Reconstructed images\n\nDirect planes, OSEM {IMAGE_ITERS} iterations x {IMAGE_SUBSETS} "
+                 f"subsets for every version; `full`: against the full-data reconstruction, `true`: against the "
+                 f"noise-free one; lesion bias: mean relative ROI-mean error over the known lesions. `gapped`: "
+                 f"the damaged data reconstructed as it is (gaps as zero counts); `full`: the data without dead "
+                 f"blocks (its distance from `true` is the noise floor).\n\n" + image_table(image))
+    text += "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels)
+    summary = {"checkpoint": str(rep.path), "reproject_iters": opts.reproject_iters, "setup_s": setup_s,
+               "reproject_subsets": REPROJECT_SUBSETS, "image_recon": recon, "results": sino, "images": image,
+               "times": times}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
+    report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
+    return {**summary, "panels": panels, "report": str(report)}
+
+
+def save_panel(p: dict | None, study: str, path: Path) -> Path:
+    """Columns: gapped input, target, noise-free, each method. Rows: sinograms; |error| against the
+    noise-free counts (else the target); reconstructed images (when made)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if p is None:
+        raise ValueError(f"{study}: nothing was scored")
+    ref = p["expected"] if p["expected"] is not None else p["target"]
+    cols = [("gapped", p["input"]), ("target", p["target"])]
+    cols += [("noise-free", p["expected"])] if p["expected"] is not None else []
+    cols += list(p["methods"].items())
+    imgs = p["images"] or {}
+    img_key = {"gapped": "gapped", "target": "ref:full", "noise-free": "ref:true"}
+    rows = 3 if imgs else 2
+    vmax = float(max(ref.max(), 1e-12))
+    errs = {n: np.abs(a - ref) for n, a in cols if n not in ("target", "noise-free")}
+    emax = float(max(max((e.max() for e in errs.values()), default=0.0), 1e-12))
+    imax = float(max(imgs.get("ref:full", np.zeros(1)).max(), 1e-12))
+    fig, axes = plt.subplots(rows, len(cols), figsize=(2.1 * len(cols), 2.2 * rows + 0.5), squeeze=False)
+    for j, (name, arr) in enumerate(cols):
+        panels = [(arr, vmax, "viridis", name), (errs.get(name), emax, "magma", f"|{name} - ref|")]
+        if imgs:
+            panels.append((imgs.get(img_key.get(name, name)), imax, "gray", f"recon {name}"))
+        for i, (a, top, cmap, title) in enumerate(panels):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if a is None:
+                ax.axis("off")
+                continue
+            ax.imshow(a, cmap=cmap, vmin=0, vmax=top, aspect="auto" if i < 2 else "equal", interpolation="nearest",
+                      origin="upper" if i < 2 else "lower")
+            ax.set_title(title, fontsize=7)
+    fig.suptitle(f"{study}, slice {p['slice']} (most gap pixels); errors against the "
+                 f"{'noise-free' if p['expected'] is not None else 'target'} counts", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.25)
+    with atomic_path(path) as tmp:  # creates panels/ when needed
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def log_wandb(summary: dict, mode: str, project: str, out_dir: Path) -> str:
+    """Log the tables and panels as one W&B run (job type "evaluate"); returns the run directory."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="evaluate", mode=mode, dir=str(out_dir), reinit="finish_previous",
+                     settings=wandb.Settings(console="off", silent=True))
+    keys = [f"{m}_{r}" for m in SINO_METRICS for r in ("meas", "true")]
+    table = wandb.Table(columns=["study", "method", *keys, "seconds"])
+    for study, methods in summary["results"].items():
+        for method, vals in methods.items():
+            table.add_data(study, method, *[vals.get(k) for k in keys], summary["times"][study].get(method))
+    logged = {"metrics": table, "panels": [wandb.Image(p, caption=Path(p).stem) for p in summary["panels"]]}
+    if summary["images"]:
+        ikeys = [f"{m}_{r}" for m in IMAGE_METRICS for r in ("full", "true")]
+        itable = wandb.Table(columns=["study", "method", *ikeys])
+        for study, methods in summary["images"].items():
+            for method, vals in methods.items():
+                itable.add_data(study, method, *[vals.get(k) for k in ikeys])
+        logged["images"] = itable
+    run.log(logged)
+    run.summary.update({f"{m}/{k}": v for m, vals in summary["results"]["overall"].items() for k, v in vals.items()})
+    run.finish()
+    return str(Path(run.dir).parent)

@@ -1,0 +1,1 @@
+"""Scanner geometry, sinogram layouts, projectors, reconstruction and physical factors."""

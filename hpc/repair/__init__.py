@@ -1,0 +1,1 @@
+"""Repairing sinograms with a trained network: `hpc predict`, `hpc export`."""

@@ -1,0 +1,142 @@
+"""Repair sinograms with a trained checkpoint; the output is written in the source's own format.
+
+Slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
+same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed (or pre-filled) in
+every channel as training corrupted them, then normalized/padded with the checkpoint's
+preprocessing, repaired in batches and mapped back exactly (crop, denormalize): hpc.repair.inference and
+hpc.repair.files, the library this command line drives. With a gap mask (--mask FILE, or --dead-blocks
+with the scanner geometry) only gap pixels are replaced: every measured value is copied bytewise
+from the input. Predictions written into integer files are rounded and clipped, and the counts are
+reported. Memory is bounded by --batch slices; the GPU is used when present.
+
+examples:
+  hpc predict --checkpoint runs/demo/checkpoints/best.pt s1_gaps.s.hdr --mask s1_mask.s.hdr -o s1_fixed.s.hdr
+  hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
+  hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
+  hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
+  hpc predict --checkpoint best.pt a.s.hdr b.s.hdr --mask a_mask.s.hdr b_mask.s.hdr -o fixed/   # fixed/a.s.hdr ...
+  hpc predict --checkpoint best.pt data/scans --split test -o fixed/        # fixed/<study>_repaired.h5
+  torchrun --nproc_per_node=8 -m hpc predict --checkpoint best.pt data/scans -o fixed/   # 8 GPUs
+
+Several inputs (files, or the studies of a converted dataset, read from its stored `input` or
+`target` with its stored `mask`) go to a directory. Under torchrun / srun / mpirun each rank
+repairs every WORLD_SIZE-th study on its own GPU (LOCAL_RANK); a single study runs on one rank.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from hpc.distributed.device import DEVICES, resolve_device
+from hpc.distributed.launcher import setup_torch_env, torch_ranks
+from hpc.errors import InputError
+from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, predict_study
+from hpc.repair.inference import load_repairer
+
+FORMATS = ("source", "h5")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="Interfile header(s) (STIR .hs, Siemens .s.hdr), raw file(s), or a converted dataset dir")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
+    p.add_argument("-o", "--output", required=True,
+                   help="output header (or raw file / .h5); a directory for several inputs or a dataset")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="source (default for files) or h5 (what a dataset's studies are always written as)")
+    gaps = p.add_mutually_exclusive_group()
+    gaps.add_argument("--mask", metavar="FILE", nargs="+",
+                      help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
+    gaps.add_argument("--dead-blocks", metavar="IDS", help="comma-separated dead block ids (needs a scanner)")
+    p.add_argument("--scanner", default="", help="geometry preset for --dead-blocks (default: the checkpoint's)")
+    p.add_argument("--mult", metavar="FILE", nargs="+", default=[],
+                   help="data.fill=reproject models: multiplicative factors (efficiency x attenuation), one per INPUT")
+    p.add_argument("--randoms", metavar="FILE", nargs="+", default=[],
+                   help="data.fill=reproject models: expected randoms, one per INPUT")
+    ds = p.add_argument_group("a converted dataset as INPUT (default: every study)")
+    ds.add_argument("--studies", default="", help="comma-separated study ids")
+    ds.add_argument("--split", choices=("train", "val", "test"), help="the checkpoint's own split of the studies")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave outputs that already exist (they are complete: outputs appear atomically)")
+    p.add_argument("--batch", type=int, default=16, help="slices per forward pass (bounds memory)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    raw = p.add_argument_group("raw files (no header); --mask raw files share them")
+    raw.add_argument("--shape", help="T,S,V,X (TOF bins, sinograms, views, bins) or S,V,X")
+    raw.add_argument("--dtype", default="", help="numpy dtype of the input, e.g. uint16")
+    raw.add_argument("--mask-dtype", default="uint8", help="numpy dtype of a raw mask")
+    raw.add_argument("--endian", choices=("little", "big"), default="little")
+    raw.add_argument("--offset", type=int, default=0)
+
+
+def rank_device(name: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device) under torchrun / srun / mpirun (ranks split the studies; no
+    collectives are needed), or (0, 1, device) alone. Each rank takes the GPU LOCAL_RANK."""
+    setup_torch_env()
+    rank, world, local = torch_ranks()
+    return rank, world, resolve_device(name, local, what="--device")
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _raw_layout(args: argparse.Namespace) -> RawLayout | None:
+    """--shape/--dtype/... of headerless inputs (None: the inputs have Interfile headers)."""
+    if not args.shape:
+        return None
+    try:
+        dims = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        raise InputError(f"{args.inputs[0]}: --shape must be T,S,V,X integers, got {args.shape!r}") from None
+    if not args.dtype:
+        raise InputError(f"{args.inputs[0]}: a raw file needs --dtype (e.g. uint16)")
+    return RawLayout(dims, args.dtype, args.mask_dtype, args.endian, args.offset)
+
+
+def _jobs(args: argparse.Namespace, rep) -> list:
+    """The command line's studies as hpc.repair.files Jobs (a dataset directory, or files)."""
+    blocks = _ints("--dead-blocks", args.dead_blocks) if args.dead_blocks else None
+    is_dataset = len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
+    if (args.studies or args.split) and not is_dataset:
+        raise InputError("--studies/--split: INPUT must be a converted dataset directory")
+    if not is_dataset:
+        return file_jobs(rep, args.inputs, args.output, args.mask, args.format or "source", _raw_layout(args),
+                         blocks, args.scanner, {"mult": args.mult, "randoms": args.randoms})
+    if args.format == "source":
+        raise InputError(f"{args.inputs[0]}: a converted dataset is written as HDF5 (--format h5)")
+    studies = [v.strip() for v in args.studies.split(",") if v.strip()] if args.studies else None
+    return dataset_jobs(rep, args.inputs[0], args.output, studies, args.split, blocks, args.scanner)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
+    rank, world, device = rank_device(args.device)
+    rep = load_repairer(args.checkpoint, device)
+    jobs = _jobs(args, rep)
+    mine = jobs[rank::world]  # whole studies per rank: every output has one writer
+    if world > 1 and rank == 0 and len(jobs) < world:
+        print(f"hpc predict: {len(jobs)} studies for {world} ranks: {world - len(jobs)} rank(s) idle",
+              file=sys.stderr, flush=True)
+    for job in mine:
+        if args.skip_existing and job.output.exists():
+            print(f"kept {job.output} (exists)", flush=True)
+            continue
+        read, mask, close = job.open()
+        aux = {k: f() for k, f in job.aux.items()}  # mult / randoms readers (data.fill=reproject)
+        try:
+            out, counts = predict_study(rep, job.spec, read, job.output, job.fmt, mask, args.batch, args.quiet,
+                                        {k: r.read for k, r in aux.items()})
+        finally:
+            close()
+            for r in aux.values():
+                r.close()
+        print(f"wrote {out}: {counts.summary()}", file=sys.stdout, flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""`hpc simulate`: phantoms -> projections -> physics -> counts, in a scanner's layout."""

@@ -1,0 +1,1 @@
+"""`hpc train`: the trainer, its model, losses, metrics, validation, checkpoints and logs."""

@@ -1,0 +1,340 @@
+"""Train a sinogram-repair UNet: one CPU process, one GPU, or many nodes (DDP), same code.
+
+Steps are counted in samples seen by all ranks, so runs on different GPU counts compare. The run
+resumes by itself from the newest valid checkpoint in train.run_dir; SIGUSR2 or SIGTERM finishes
+the current step, writes a checkpoint and exits with code 75 (requeue me).
+
+Reading order: `Trainer.run` (the loop), `train_step`, then the components it drives: TrainState
+(hpc.train.state: what a checkpoint holds), Validator (hpc.train.validate: metrics and baselines),
+hpc.train.optim (optimizer, LR schedule, numerics), hpc.distributed.dist (every collective), hpc.train.checkpoint
+(files).
+
+example:
+  hpc train --config configs/tiny.yaml data.path=data/demo train.run_dir=runs/tiny optim.lr=3e-4
+  torchrun --standalone --nproc_per_node=2 -m hpc train --config configs/tiny.yaml
+  srun -n 8 hpc train --config configs/dgx.yaml log.wandb=offline
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from hpc.config import Config, dump, load_config, validate
+from hpc.data import build_loader
+from hpc.distributed import dist
+from hpc.distributed.launcher import setup_torch_env
+from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError, OutputError
+from hpc.registry import FILLS, LOSSES, MODELS, SCANNERS
+from hpc.train import checkpoint as ck
+from hpc.train.logger import RunLogger
+from hpc.train.losses import build_loss
+from hpc.train.models import build_model, input_multiple
+from hpc.train.optim import LRSchedule, build_optimizer, set_numerics
+from hpc.train.runlock import RunLock
+from hpc.train.state import TrainState, training_data
+from hpc.train.validate import Validator
+
+
+class Preemption:
+    """SIGUSR2 / SIGTERM set a flag; the loop checks it (agreed across ranks) after each step
+    (Trainer._agree)."""
+
+    def __init__(self):
+        self.signal = 0
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return every > 0 and after // every > before // every
+
+
+class Trainer:
+    """The components built from the config (loaders, model, optimizer, schedule, loss, logger),
+    a TrainState that checkpoints them, and a Validator; `run()` is the loop."""
+
+    def __init__(self, cfg: Config):
+        validate(cfg)  # configs built in code (tests, submitit) get the same checks as loaded ones
+        self.cfg = cfg
+        self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
+        self.ctx = dist.init(cfg.dist, cfg.data.device)
+        self.lock = self._lock()  # before anything is read from or written to the run dir
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self) -> None:
+
+        cfg, ctx = self.cfg, self.ctx
+        dist.seed_everything(cfg.train.seed, ctx.rank)
+        self.amp = set_numerics(cfg, ctx.device)
+        self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        multiple = input_multiple(cfg)  # the loader pads views and bins to what the model needs
+        self.loader = build_loader(cfg, "train", ctx.rank, ctx.world, ctx.device, multiple)
+        val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device, multiple) if cfg.train.val_every \
+            else None
+        self.model = build_model(cfg.model, cfg.in_channels()).to(ctx.device, memory_format=self.fmt)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.sched = LRSchedule(cfg.optim, cfg.train.best_mode)
+        self.loss = build_loss(cfg.loss)
+        self.validator = Validator(cfg, val_loader, self.model.centre) if val_loader is not None else None
+        self.state = TrainState(cfg, self.model, self.optimizer, self.sched, self.loader,
+                                training_data(cfg, self.loader), ctx.rank)
+        self.ckpt = ck.Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep)
+        self.resumed_from = self._resume() if cfg.checkpoint.resume else None
+        self.net = dist.wrap(self.model, cfg.dist, ctx, compile=cfg.train.compile)  # after loading the weights
+        self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.state.step)
+        self.val_step = -1  # step of the last validation
+        self.lr = 0.0  # of the last optimizer step
+        self._steps, self._shown = 0, ""  # optimizer steps of this process; the bar's last logged loss
+        self._bad = torch.zeros((), dtype=torch.bool, device=ctx.device)  # a non-finite loss was seen
+
+    # ------------------------------------------------------------ run dir
+    def _lock(self) -> RunLock | None:
+        """Rank 0 locks the run dir (hpc.train.runlock); every rank learns whether that worked."""
+        lock, error = (RunLock(self.cfg.train.run_dir), None) if self.ctx.rank == 0 else (None, None)
+        if lock is not None:
+            try:
+                lock.acquire()
+            except HpcError as exc:
+                error = exc
+        refused = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=self.ctx.device))
+        if error is not None:
+            raise error
+        if float(refused[0]) > 0:
+            raise OutputError(f"{self.cfg.train.run_dir}: run directory locked by another trainer (see rank 0)")
+        return lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    # ------------------------------------------------------------ checkpoints
+    def _resume(self) -> Path | None:
+        """Restore the newest readable checkpoint in the run dir (None: a fresh run)."""
+        saved, path = self.ckpt.resume()
+        if saved is None:
+            return None
+        if saved["rng"] and len(saved["rng"]) != self.ctx.world:
+            raise ConfigError(f"{path}: written by {len(saved['rng'])} rank(s), this job has {self.ctx.world}")
+        self.state.load_state_dict(saved)
+        if self.ctx.rank == 0:
+            print(f"hpc train: resumed from {path} (step {self.state.step})", file=sys.stderr, flush=True)
+        return path
+
+    def _save(self, is_best: bool = False) -> Path | None:
+        """Every rank contributes its RNG state (a collective); rank 0 alone writes. Non-finite
+        weights or optimizer moments are never written: every rank checks its own (identical under
+        DDP) copy, so all of them stop together with exit 2."""
+        bad = ck.nonfinite({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}, ("model", "optim"))
+        if bad is not None:
+            raise ck.NonFiniteError(f"{self.cfg.train.run_dir}: step {self.state.step}: {bad} holds NaN or inf; "
+                                    f"no checkpoint written ({self._newest()})")
+        rng = dist.gather_objects(ck.rng_state())
+        path = self.ckpt.save(self.state.state_dict(rng), self.state.step, is_best) if self.ctx.rank == 0 else None
+        dist.barrier()  # nobody runs ahead (or exits) before the file is in place
+        return path
+
+    # ------------------------------------------------------------ steps
+    def _batches(self):
+        while True:  # the loader advances its own epoch at the end of each pass
+            yield from self.loader
+
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction (B, 1, V', X'), loss ()) under the configured autocast."""
+        x = batch.input.contiguous(memory_format=self.fmt)  # (B, C, V', X')
+        with torch.autocast(self.ctx.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            pred = self.net(x, batch.mask)
+        return pred, self.loss(pred, batch.target, batch.mask, batch.valid)[0]
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over `accumulate` micro-batches; returns the mean loss (this rank) as a
+        device tensor: nothing in a step waits for the device (read it at log time)."""
+        self.net.train()
+        n = self.cfg.optim.accumulate
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # summed on the device
+        self.lr = self.sched.apply(self.optimizer, self.state.step)
+        for i in range(n):
+            with dist.no_sync(self.net, skip=i < n - 1):  # all-reduce gradients once per step
+                _, loss = self._forward(next(batches))
+                (loss / n).backward()
+            total += loss.detach().double()
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n
+
+    def _validate(self) -> bool:
+        """Validate, log (with the baselines), step the plateau schedule; True when a new best."""
+        self.net.eval()
+        metrics, panels = self.validator(self._forward)
+        key = self.cfg.train.best_metric  # one of hpc.config.Metric: the keys of `metrics`
+        step = self.state.step
+        if self.cfg.log.images and panels is not None:
+            self.log.images(step, panels)
+        self.state.metrics, self.val_step = metrics, step
+        values = dict(metrics)
+        for name, m in (self.validator.baselines or {}).items():
+            values |= {f"{name}_{k}": v for k, v in m.items()}
+        self.log.scalars(step, values, kind="val")
+        self.sched.observe(metrics[key])
+        return self.state.improved(metrics[key])
+
+    # ------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        batches = self._batches()
+        per_step = cfg.data.batch_size * self.ctx.world * cfg.optim.accumulate  # samples, all ranks
+        window = (time.perf_counter(), st.step)  # throughput over each logging interval
+        while st.step < cfg.train.samples:
+            before = st.step
+            loss = self.train_step(batches)
+            st.step += per_step
+            self._steps += 1
+            self._bad = self._bad | ~torch.isfinite(loss)  # on the device: no sync
+            self.log.progress(per_step, self._shown)  # the last logged loss: no sync for the bar
+            if _crossed(before, st.step, cfg.log.every):
+                window = self._log_train(loss, window)
+            validate = self.validator is not None and _crossed(before, st.step, cfg.train.val_every)
+            save = _crossed(before, st.step, cfg.checkpoint.every)
+            preempted = False
+            # The ranks agree on a signal and a non-finite loss (a collective and a host sync) every
+            # dist.preempt_every steps and before anything is validated or saved (so a NaN is never
+            # saved), at the same steps on every rank; one process also as soon as it is signalled.
+            if (self._steps % cfg.dist.preempt_every == 0 or validate or save or st.step >= cfg.train.samples
+                    or (self.ctx.world == 1 and self.stop.signal != 0)):
+                preempted, diverged = self._agree()
+                if diverged:
+                    value = float(loss)
+                    raise ck.NonFiniteError(f"{cfg.train.run_dir}: step {st.step}: training loss is "
+                                            f"{value if not math.isfinite(value) else 'non-finite on another rank'}; "
+                                            f"stopped, no checkpoint written ({self._newest()})")
+            is_best = validate and self._validate()
+            if preempted or is_best or save:
+                path = self._save(is_best)
+            if preempted:
+                self.log.message(f"signal {self.stop.signal or 'on another rank'}: checkpoint {path or ''} "
+                                 f"at step {st.step}; exiting with {EXIT_REQUEUE} (requeue)")
+                self.log.close()
+                raise SystemExit(EXIT_REQUEUE)
+        return self._finish()
+
+    def _agree(self) -> tuple[bool, bool]:
+        """(preempted, diverged) on any rank, in one all-reduce: a signal, a non-finite loss since
+        the start (``self._bad``, kept on the device)."""
+        signal = torch.tensor([float(self.stop.signal != 0)], device=self.ctx.device)
+        flags = dist.all_reduce_sum(torch.cat([signal, self._bad.float().reshape(1)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _newest(self) -> str:
+        found = self.ckpt.list()
+        return f"newest finite checkpoint: {found[0]}" if found else "no checkpoint yet"
+
+    def _log_train(self, loss: float, window: tuple[float, int]) -> tuple[float, int]:
+        """Log the loss averaged over ranks (a collective) and the throughput since ``window``
+        (time, step); returns the next window."""
+        now, step = time.perf_counter(), self.state.step
+        mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))[0] / self.ctx.world  # host sync
+        self._shown = f"loss {float(mean_loss):.4g}"
+        values = {"loss": float(mean_loss), "lr": self.lr, "samples_per_s": (step - window[1]) / (now - window[0]),
+                  "epoch": self.loader.epoch}
+        if self.ctx.device.type == "cuda":
+            values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.log.scalars(step, values, kind="train")
+        return now, step
+
+    def _finish(self) -> dict:
+        """Validate the final weights (unless that just happened) and checkpoint them."""
+        st, is_best = self.state, False
+        if self.validator is not None and self.val_step != st.step:
+            is_best = self._validate()
+        last = self.ckpt.path(st.step)
+        path = self._save(is_best) if is_best or not last.exists() else last
+        self.log.close()
+        return {"step": st.step, "epoch": self.loader.epoch, "metrics": st.metrics,
+                "baselines": (self.validator.baselines if self.validator else None) or {}, "best": st.best,
+                "run_dir": str(self.cfg.train.run_dir), "checkpoint": str(path or last),
+                "best_checkpoint": str(self.ckpt.best_path), "resumed_from": str(self.resumed_from or "")}
+
+
+def train(cfg: Config) -> dict:
+    """Train to cfg.train.samples (resuming if a checkpoint exists); the final metrics and paths.
+    Raises SystemExit(EXIT_REQUEUE) after checkpointing on SIGUSR2/SIGTERM, and (no checkpoint: the
+    process group is broken) when a collective got no answer within dist.timeout_s; DistributedError
+    when another rank went away. Each rank then prints one line naming itself."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except RuntimeError as exc:
+        failure = dist.collective_failure(exc, cfg.dist.timeout_s)
+        if failure is None:
+            raise
+        message, code = failure
+        if trainer is not None:
+            trainer.log.close()  # rank 0: the W&B run and metrics.jsonl end cleanly
+        where = f"rank {dist.rank()} ({socket.gethostname()})"
+        if code != EXIT_REQUEUE:
+            raise DistributedError(f"{where}: {message}") from None
+        print(f"hpc train: error: {where}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE) from None
+    finally:
+        if trainer is not None:
+            trainer.release()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. optim.lr=3e-4 train.samples=4096")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved (validated) config as YAML and exit; nothing is written")
+    parser.epilog = registered_choices()
+
+
+def registered_choices() -> str:
+    """The registries' names as `hpc train --help` lists them (hpc.registry: one file adds an entry)."""
+    lines = [f"  {key:<16} {' | '.join(reg.names())}" for key, reg in (
+        ("model.name", MODELS), ("loss.<term>", LOSSES), ("data.fill", FILLS), ("corrupt.scanner", SCANNERS))]
+    return "registered choices (hpc.registry):\n" + "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Launcher env -> train -> clean distributed shutdown (docs/ARCHITECTURE.md) with the run's exit code."""
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(dump(cfg))
+        return 0
+    setup_torch_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        train(cfg)  # errors reach the CLI, which prints one line
+        return 0
+    try:
+        train(cfg)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    except HpcError as exc:
+        print(f"hpc train: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Exception:  # a bug: the traceback is the useful message
+        traceback.print_exc()
+        code = 1
+    dist.shutdown(code)
+    return code  # not reached: shutdown exits
