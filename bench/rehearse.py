@@ -174,9 +174,10 @@ def node_env(state: Path, py: Path, out: Path) -> dict[str, str]:
 
 
 def no_network() -> list[str]:
-    """`unshare -n` where it works (root): nothing outside can be reached, as on the node."""
+    """`unshare -n` where it works (root): nothing outside can be reached, as on the node; its
+    loopback is brought up, as the node's is (a local TCP store must still work)."""
     ok = shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
-    return ["unshare", "-n"] if ok else []
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh"] if ok else []
 
 
 def run(args: argparse.Namespace) -> dict:
