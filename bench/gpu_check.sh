@@ -70,6 +70,7 @@ RUN=$WORK/run
 PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR" "$WORK" || die "cannot create $OUTDIR or $WORK"
 OUTDIR=$(cd "$OUTDIR" && pwd)
+[[ ,$STAGES, == *,step,* ]] && rm -f "$WORK/step.json"  # the loader's divisor comes from this call's step
 rm -rf "$LOGS" "$RUN" "$OUTDIR"/gpu_check.json "$OUTDIR"/step.json "$OUTDIR"/loader.json "$OUTDIR"/logs.tar.gz
 mkdir -p "$LOGS"
 cd "$ROOT" || die "cannot enter $ROOT"
@@ -92,8 +93,10 @@ finish() {  # the returned files: JSON, logs capped at 4 MiB each and tarred; no
 }
 
 fail() {  # one line on stderr, a record of why, the files that exist so far; exit 2
+    local reason  # JSON-safe: no backslashes, control characters or double quotes
+    reason=$(printf '%s' "$1" | tr -d '\\\000-\037' | tr '"' "'")
     printf '{"stage": "preflight", "rc": 2, "seconds": %d, "limit_s": 0, "reason": "%s"}\n' \
-        "$(( $(date +%s) - T0 ))" "${1//\"/\'}" >> "$LOGS/stages.jsonl"
+        "$(( $(date +%s) - T0 ))" "$reason" >> "$LOGS/stages.jsonl"
     finish > /dev/null 2>&1
     echo "gpu_check.sh: $1" >&2
     exit 2
