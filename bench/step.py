@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows.append(bench_one(preset, mode_name, args, device))
                 print(f"{preset} {mode_name}: {rows[-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
-            except RuntimeError as exc:  # OOM, cuDNN, a compile failure: the other rows still count
+            except Exception as exc:  # OOM, cuDNN, a compile failure: this row's result; the others still count
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 rows.append({"preset": preset, "mode": mode_name, "error": f"{type(exc).__name__}: {first}"})
                 print(f"{preset} {mode_name}: failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
