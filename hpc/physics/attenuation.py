@@ -76,7 +76,7 @@ def centred(mu: MuMap) -> tuple[np.ndarray, J.ImageGrid]:
     y0, x0 = mu.origin
     _, ny, nx = mu.values.shape
     wy, wx = _axis_weights(ny, dy, y0), _axis_weights(nx, dx, x0)
-    v = np.einsum("ij,zjk,lk->zil", wy, mu.values.astype(np.float64) / 10.0, wx)  # 1/cm -> 1/mm
+    v = wy @ (mu.values.astype(np.float64) / 10.0) @ wx.T  # (nz, ny', nx'), 1/cm -> 1/mm
     return v.astype(np.float32), J.ImageGrid(v.shape[1], v.shape[2], dx)
 
 
