@@ -57,11 +57,17 @@ class NormComponents:
                 MAIN[2]: (sc.detectors_per_ring, sc.rings), MAIN[3]: (self.norm_layout.planes,)}
 
 
+def crystal_shift(sc: G.Scanner) -> int:
+    """Crystals the stored efficiencies are rolled by before use: 1 on the mMR (STIR), 0 elsewhere
+    (where no shift is known)."""
+    return MMR_CRYSTAL_SHIFT if sc.name == "mmr" else 0
+
+
 def crystal_efficiencies(comp: NormComponents, shift: int | None = None, gaps: bool = True) -> np.ndarray:
     """(R, N) crystal efficiencies as used: shifted (default: 1 crystal on the mMR, as STIR; 0
     elsewhere, where it is not known) and 0 at virtual crystals and rings (``gaps``)."""
     sc = comp.scanner
-    shift = (MMR_CRYSTAL_SHIFT if sc.name == "mmr" else 0) if shift is None else shift
+    shift = crystal_shift(sc) if shift is None else shift
     eff = np.roll(comp.crystal, shift, axis=1)  # eff[:, c] = stored[:, c - shift]
     if gaps:
         virtual = G.virtual_crystal(sc, np.arange(sc.detectors_per_ring))[None, :] \

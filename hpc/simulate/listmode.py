@@ -18,6 +18,10 @@ import numpy as np
 from hpc.io.atomic import atomic_open, atomic_write_text
 from hpc.io.interfile import format_header
 from hpc.physics import projdata as P
+from hpc.physics import projector as J
+from hpc.physics.attenuation import MuMap
+from hpc.physics.norm import NormComponents, crystal_shift
+from hpc.simulate.phantom import Phantom, mu_at
 
 PROMPT = np.uint32(1 << 30)
 MARK = np.uint32(1 << 31)
@@ -152,3 +156,52 @@ def write_random_listmode(stem: str | os.PathLike, layout: P.Layout, events: int
     words = events + truth["marks"]
     atomic_write_text(header, format_header(header_items(layout, data.name, words, truth["marks"] / 1000)))
     return header, truth
+
+
+# ---------------------------------------------------------------- hpc simulate --listmode
+def file_layout(layout: P.Layout) -> P.Layout:
+    """The layout list-mode addresses of ``layout``'s scanner index (as the mMR writes them): span 1,
+    every ring difference up to the scanner's maximum, unmashed, the layout's TOF bins."""
+    sc = layout.scanner
+    return P.cti_layout(sc, 1, None, 1, layout.tof_mashing)
+
+
+def check_listmode_layout(layout: P.Layout) -> None:
+    """``hpc simulate --listmode`` writes span-1, unmashed acquisitions (what list mode addresses)."""
+    if layout.span != 1 or layout.view_mashing != 1 or layout.bins != layout.scanner.bins:
+        raise ValueError(f"--listmode needs --span 1, no view mashing and the scanner's {layout.scanner.bins} bins "
+                         f"(got span {layout.span}, view mashing {layout.view_mashing}, {layout.bins} bins)")
+
+
+def write_acquisition(out: Path, study_id: str, layout: P.Layout, prompts: np.ndarray, randoms: np.ndarray,
+                      seconds: float, rng: np.random.Generator) -> Path:
+    """``<id>.l`` + ``.l.hdr``: the study's ``prompts`` (T, P, V, X counts, TOF in Siemens storage
+    order) and delayeds drawn from its expected ``randoms`` (same shape), at uniform random times
+    over ``seconds``, addressed like the scanner's own list mode (:func:`file_layout`)."""
+    check_listmode_layout(layout)
+    full = file_layout(layout)
+    delayeds = rng.poisson(np.asarray(randoms, np.float64))
+    events = sparse_counts(prompts, layout, full), sparse_counts(delayeds, layout, full)
+    part = (0, max(1, round(seconds * 1000)), *events)
+    return write_listmode(out / study_id, full, [part], rng)
+
+
+def scanner_norm(sc, efficiencies: np.ndarray) -> NormComponents:
+    """The normalisation a scanner with these crystal ``efficiencies`` (rings, N) would ship, as
+    components: geometric, interference and axial effects 1, the efficiencies stored the way the
+    vendor stores them (on the mMR one crystal off: hpc.physics.norm applies STIR's shift back)."""
+    stored = np.roll(np.asarray(efficiencies, np.float64), -crystal_shift(sc), axis=1)
+    lay = P.cti_layout(sc)
+    return NormComponents(sc, np.ones((2 * sc.rings - 1, sc.bins)), np.ones((sc.bins, sc.block_trans)), stored,
+                          np.ones(lay.planes), lay)
+
+
+def phantom_mumap(sc, ph: Phantom, pixel_mm: float = 4.0) -> MuMap:
+    """The phantom's mu-map as a scanner's CT-derived map would be: (2R - 1) slices of half a ring
+    spacing (slice k at the planes with ring_a + ring_b = k), ``pixel_mm`` square pixels covering the
+    field of view, odd sizes (STIR's pixel 0 = the centre), values in 1/cm."""
+    half = int(np.ceil(sc.fov_radius_mm / pixel_mm))
+    grid = J.ImageGrid(2 * half + 1, 2 * half + 1, pixel_mm)
+    slices = [J.ellipse_image(mu_at(ph, ph.z0 + k / 2 * sc.ring_spacing_mm), grid, oversample=2)
+              for k in range(2 * sc.rings - 1)]
+    return MuMap((np.stack(slices) * 10).astype(np.float32), (sc.ring_spacing_mm / 2, pixel_mm, pixel_mm))

@@ -54,7 +54,7 @@ from hpc.physics import geometry as G
 from hpc.physics import projdata as P
 from hpc.progress import Progress
 from hpc.simulate import layout as SL
-from hpc.simulate.counts import Means, Physics, study_means, to_uint16
+from hpc.simulate.counts import Means, Physics, efficiencies, study_means, to_uint16
 from hpc.simulate.layout import add_layout_arguments, layout_from_args, storage_tof
 from hpc.simulate.phantom import random_phantom
 
@@ -125,6 +125,22 @@ def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[i
     return {role: path.name for role, path in files.items()}
 
 
+def write_listmode_files(out: Path, st: Study, sc: G.Scanner, layout, phys: Physics, seconds: float) -> dict[str, str]:
+    """The study as list mode over ``seconds``, the scanner's normalisation and the phantom's mu-map
+    (hpc.simulate.listmode): {role: file name} for studies.json."""
+    from hpc.io.mumap import write_mumap  # late: only --listmode writes these files
+    from hpc.io.normfile import write_norm  # late, as above
+    from hpc.simulate import listmode as SLM  # late, as above
+
+    rng = np.random.default_rng([st.seed, 25])  # the delayeds and event times: their own stream
+    prompts = storage_tof(st.full, "siemens")
+    lm = SLM.write_acquisition(out, st.id, layout, prompts, storage_tof(st.means.randoms, "siemens"), seconds, rng)
+    norm = write_norm(out / st.id, SLM.scanner_norm(sc, efficiencies(sc, phys)))
+    ph = random_phantom(sc, np.random.default_rng(st.seed), st.variant)  # the study's phantom: its first draw
+    mu = write_mumap(out / f"{st.id}_umap", SLM.phantom_mumap(sc, ph))
+    return {"listmode": lm.name, "norm": norm.name, "mu_map": mu.name}
+
+
 def render_png(st: Study, sc: G.Scanner, png: Path) -> Path:
     """Rows: direct planes through the first dead blocks (else the first and last plane); columns:
     full-count sinogram, the same with the dead blocks' LORs zeroed, the mask. TOF bins summed."""
@@ -184,6 +200,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("siemens", "stir"), default="siemens",
                    help="Siemens .s.hdr (default) or STIR .hs headers")
     p.add_argument("--png", metavar="FILE", help="picture of the first study (planes, dead blocks, mask)")
+    p.add_argument("--listmode", type=float, metavar="SECONDS",
+                   help="also write each study as Siemens PETLINK list mode over SECONDS (<id>.l + .l.hdr: its "
+                        "prompts, delayeds drawn from its randoms), with the scanner's normalisation (<id>.n.hdr) "
+                        "and the phantom's mu-map (<id>_umap.hv); needs --span 1 (hpc.simulate.listmode)")
 
 
 def _count_level(text: str) -> float | str:
@@ -228,7 +248,7 @@ def _would_replace(out: Path, studies: int) -> list[str]:
     if not out.is_dir():
         return []
     ids = {f"s{i:03d}" for i in range(studies)}
-    name = re.compile(r"(s\d{3,})(?:_(?:low|gaps|mask|expected|randoms|mult))?\.")
+    name = re.compile(r"(s\d{3,})(?:_(?:low|gaps|mask|expected|randoms|mult|umap))?\.")
     return sorted(p.name for p in out.iterdir() if (m := name.match(p.name)) and m.group(1) in ids)
 
 
@@ -236,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
 
     sc = _check_args(args)
     layout = layout_from_args(args, sc)
+    if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1):
+        raise InputError(f"--listmode {args.listmode}: needs SECONDS > 0 and a span-1, unmashed layout (--span 1; "
+                         f"got span {layout.span}, view mashing {layout.view_mashing})")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     segments = layout.segments
@@ -247,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
             st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose,
                                 phys, variant, layout, args.planes)
             files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth, layout=layout)
+            if args.listmode:
+                files.update(write_listmode_files(out, st, sc, layout, phys, args.listmode))
             records.append({"id": st.id, "seed": seed, "variant": variant, "counts": int(st.full.sum(dtype=np.int64)),
                             "randoms": float(st.means.randoms.sum()), "max": int(st.full.max()),
                             "dead_blocks": st.dead, "lesions": st.lesions, "files": files})
