@@ -39,6 +39,7 @@ from hpc.physics import projdata as P
 from hpc.physics import randoms as R
 
 STAGING = Path("shards") / ".staging"  # inside the dataset: same file system, kept for --resume
+SHARED = "sources"  # in STAGING: the files every frame of a source shares (mult, mask)
 HEADER_KEYS = ("isotope name", "radiopharmaceutical", "study date (yyyy:mm:dd)", "patient orientation")
 
 
@@ -150,7 +151,7 @@ def listmode_studies(path: str, k: int, args: argparse.Namespace, taken: set[str
         raise InputError(f"{hdr.path}: --frames: {exc}") from None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", re.sub(r"(\.l)?\.hdr$", "", hdr.path.name)) or "listmode"
     source = Source(hdr.path, layout, _per_input(args, "norm", k), _per_input(args, "mu_map", k), args.lm_workers,
-                    args.lm_device, _unique(stem, taken), _dead_blocks(hdr, layout, args.dead_blocks))
+                    args.lm_device, _source_stem(stem, taken), _dead_blocks(hdr, layout, args.dead_blocks))
     _check_factor_files(source)
     out, fields = Path(args.output) / STAGING, {key: hdr.fields[key] for key in HEADER_KEYS if key in hdr.fields}
     studies = []
@@ -163,10 +164,10 @@ def listmode_studies(path: str, k: int, args: argparse.Namespace, taken: set[str
         if _has_fansums(hdr.layout):
             staged["randoms"] = F.staged_spec(out / f"{sid}_randoms.s.hdr", layout, np.float32, False, {})
         if source.norm or source.mu_map:
-            staged["mult"] = F.staged_spec(out / f"{source.stem}_mult.s.hdr", layout, np.float32, False, {})
+            staged["mult"] = F.staged_spec(out / SHARED / f"{source.stem}_mult.s.hdr", layout, np.float32, False, {})
         if source.dead_blocks:  # one slice per plane, shared by TOF bins (hpc.io.sinogram.MaskReader)
             flat = replace(layout, tof_bins=1)
-            staged["mask"] = F.staged_spec(out / f"{source.stem}_mask.s.hdr", flat, np.float32, False, {})
+            staged["mask"] = F.staged_spec(out / SHARED / f"{source.stem}_mask.s.hdr", flat, np.float32, False, {})
         truth = tuple((r, staged[r]) for r in ("randoms", "mult") if r in staged)
         studies.append(StagedStudy(sid, target, mask=staged.get("mask"), truth=truth, source=source, frame=frame,
                                    staged=staged))
@@ -194,9 +195,10 @@ def with_factors(study: Study, k: int, args: argparse.Namespace, taken: set[str]
     except ValueError as exc:
         raise InputError(f"{t.source}: --norm/--mu-map need the scanner and layout of the sinogram: {exc}") from None
     source = Source(None, layout, _per_input(args, "norm", k), _per_input(args, "mu_map", k),
-                    stem=_unique(study.id, taken))
+                    stem=_source_stem(study.id, taken))
     _check_factor_files(source)
-    mult = F.staged_spec(Path(args.output) / STAGING / f"{source.stem}_mult.s.hdr", layout, np.float32, False, {})
+    mult = F.staged_spec(Path(args.output) / STAGING / SHARED / f"{source.stem}_mult.s.hdr", layout, np.float32,
+                         False, {})
     return StagedStudy(study.id, t, study.input, study.mask, (*study.truth, ("mult", mult)), source=source,
                        staged={"mult": mult})
 
@@ -209,6 +211,12 @@ def _unique(name: str, taken: set[str]) -> str:
     return sid
 
 
+def _source_stem(stem: str, taken: set[str]) -> str:
+    """A name for the files a source's studies share (SHARED/<stem>_mult, _mask), unique among the
+    sources (a separate namespace from the study ids, kept in the same set)."""
+    return _unique(f"source:{stem}", taken)[len("source:"):]
+
+
 def _has_fansums(src: P.Layout) -> bool:
     """Randoms from the delayeds need each event's two crystals: span-1, unmashed addresses (the mMR's)."""
     return src.span == 1 and src.view_mashing == 1 and all(lo == hi for lo, hi in zip(src.min_rd, src.max_rd,
@@ -217,14 +225,14 @@ def _has_fansums(src: P.Layout) -> bool:
 
 def _check_factor_files(source: Source) -> None:
     """Read the norm and mu-map now (small files): a wrong file is refused before anything is written."""
-    from hpc.io.mumap import read_mumap  # late: the physics of attenuation (and torch) only when asked for
-
     sc = source.layout.scanner
     if source.norm:
         comp = read_norm(source.norm)
         if comp.scanner.name != sc.name:
             raise InputError(f"{source.norm}: a normalisation of {comp.scanner.stir_name}, the data is {sc.stir_name}")
     if source.mu_map:
+        from hpc.io.mumap import read_mumap  # late: the physics of attenuation (and torch) only when asked for
+
         read_mumap(source.mu_map)
     if source.layout.bins != sc.bins and (source.norm or source.mu_map):
         raise InputError(f"{source.norm or source.mu_map}: factors need the scanner's {sc.bins} bins, "
@@ -246,7 +254,7 @@ class Staging:
         staged = [s for s in studies if isinstance(s, StagedStudy)]
         if not staged:
             return studies
-        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / SHARED).mkdir(parents=True, exist_ok=True)
         by_source: dict[Source, list[StagedStudy]] = {}
         for s in staged:
             by_source.setdefault(s.source, []).append(s)
@@ -278,7 +286,7 @@ class Staging:
         if not (self.resume and spec.header_path.is_file() and sidecar.is_file()):
             return False
         try:
-            return json.loads(sidecar.read_text()) == {**key, "dtype": spec.dtype.str}
+            return json.loads(sidecar.read_text()) == json.loads(json.dumps({**key, "dtype": spec.dtype.str}))
         except ValueError:
             return False
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from hpc.errors import InputError
 from hpc.io.atomic import atomic_open, atomic_write_text
-from hpc.io.interfile import Header, format_header, numpy_dtype, parse_header
+from hpc.io.interfile import Header, data_kind, format_header, numpy_dtype, parse_header
 from hpc.physics.attenuation import MuMap
 
 MAX_MU_PER_CM = 1.0  # bone is ~0.17/cm at 511 keV; larger values mean other units
@@ -31,6 +31,9 @@ MAX_VOXELS = 1 << 28  # 1 GB of float32: far above any real map (mMR: 344 x 344 
 def read_mumap(path: str | os.PathLike) -> MuMap:
     """Read a STIR ``.hv`` or Siemens ``.v.hdr`` mu-map; InputError naming what does not fit."""
     h = parse_header(path)
+    kind = data_kind(h)
+    if kind != "an image":
+        raise InputError(f"{h.path}: not a mu-map: the header describes {kind or 'an emission sinogram'}, not an image")
     if h.integer("number of dimensions", 3) != 3:
         raise InputError(f"{h.path}: a mu-map needs 3 dimensions, header says {h.integer('number of dimensions')}")
     nx, ny, nz = (h.integer(f"matrix size [{k}]") for k in (1, 2, 3))
