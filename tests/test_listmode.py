@@ -311,3 +311,20 @@ def test_sparse_events_address_the_scanners_full_layout(tmp_path, sc, rng):
     assert h.stats["dropped_prompts"] == 0
     with pytest.raises(ValueError, match="span-1"):
         S.sparse_counts(pr, P.cti_layout(sc, 1, 2, view_mashing=2), full)
+
+
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_check_is_called_between_chunks(tmp_path, sc, rng, device):
+    """hpc convert's Ctrl-C: ``check`` runs before every chunk and what it raises stops the histogram."""
+    src = P.cti_layout(sc, 1, 3)
+    hdr = L.read_header(write(tmp_path, src, [(0, 100, *sinos(src, rng))], rng), scanner=sc)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(histogram(hdr, layout=src, chunk_words=64, device=device, check=check))
+    assert len(calls) == 3 and hdr.words > 3 * 64

@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(n)
 
         staging = LM.Staging(out, args.resume, args.quiet)
-        studies = staging.run(studies)  # list-mode frames and --norm/--mu-map factors, as files
+        studies = staging.run(studies, stop.check)  # list-mode frames and --norm/--mu-map factors, as files
         if args.processes > 1:
             entries = run_pool(studies, out, opts, args.processes, bar, stop.check)
         else:

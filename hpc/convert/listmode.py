@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -248,9 +249,12 @@ class Staging:
         self.dir, self.resume, self.quiet = Path(out) / STAGING, resume, quiet
         self.info: dict[str, dict] = {}  # study id -> provenance
         self._sums: dict[Path, str] = {}
+        self.check: Callable[[], None] | None = None
 
-    def run(self, studies: list[Study]) -> list[Study]:
-        """Stage what ``studies`` need; returns them as plain studies of the staged files."""
+    def run(self, studies: list[Study], check: Callable[[], None] | None = None) -> list[Study]:
+        """Stage what ``studies`` need; returns them as plain studies of the staged files. ``check``
+        is called between chunks of list mode (hpc convert's Ctrl-C: raises KeyboardInterrupt)."""
+        self.check = check
         staged = [s for s in studies if isinstance(s, StagedStudy)]
         if not staged:
             return studies
@@ -325,7 +329,8 @@ class Staging:
         frames = [s.frame for s, _ in todo] if todo[0][0].frame else None
         fans = "randoms" in todo[0][0].staged
         t0 = time.perf_counter()
-        runs = histogram(hdr, source.layout, frames, source.workers, fansums=fans, device=source.device)
+        runs = histogram(hdr, source.layout, frames, source.workers, fansums=fans, device=source.device,
+                         check=self.check)
         for (s, keys), h in zip(todo, runs, strict=True):
             what = f"{hdr.path.name}" + (f" frame {s.frame[0] / 1000:g}:{s.frame[1] / 1000:g} s" if s.frame else "")
             F.write_histogram(s.staged["target"], source.layout, h, f"histogrammed by hpc convert from {what}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,13 +289,16 @@ def parse_frames(text: str) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- the kernel
 def histogram_words(wf: WordFile, start: int, stop: int, bmap: BinMap, acc: np.ndarray,
                     fans: np.ndarray | None = None, fan_tabs: tuple | None = None,
-                    chunk: int = CHUNK_WORDS) -> dict[str, int]:
+                    chunk: int = CHUNK_WORDS, check: Callable[[], None] | None = None) -> dict[str, int]:
     """Add the events of words [start, stop) to ``acc`` ((2 * bmap.size,): prompts, then delayeds)
     and, with ``fans`` ((rings * N,)), the delayeds' fan sums. Returns counts and the first and last
-    time mark (-1: none) with the position of the first, for the caller's continuity check."""
+    time mark (-1: none) with the position of the first, for the caller's continuity check.
+    ``check`` is called before every chunk (hpc convert's Ctrl-C)."""
     buf = np.empty(min(chunk, max(stop - start, 1)), np.uint32)
     st = {"marks": 0, "other_tags": 0, "first_mark": -1, "first_mark_word": -1, "last_mark": -1}
     for pos in range(start, stop, buf.size):
+        if check is not None:
+            check()
         w = wf.read(pos, buf[:min(buf.size, stop - pos)])
         is_tag = w >= TAG_BIT
         _marks(wf, w, is_tag, pos, st)

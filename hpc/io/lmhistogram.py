@@ -23,7 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -66,12 +66,13 @@ def default_target(src: P.Layout) -> P.Layout:
 
 def histogram(hdr: ListModeHeader, layout: P.Layout | None = None, frames: str | list | None = None,
               workers: int = 1, fansums: bool = False, chunk_words: int = CHUNK_WORDS,
-              device: str = "numpy") -> Iterator[Histogram]:
+              device: str = "numpy", check: Callable[[], None] | None = None) -> Iterator[Histogram]:
     """Histogram ``hdr``'s list mode into ``layout`` (default: :func:`default_target`, e.g. mMR
     span 11), one :class:`Histogram` per frame (``"0:60,60:300"`` in seconds from the first time
     mark, or [(start_ms, stop_ms)]; None: the whole file), in frame order. ``workers`` > 1: that many
     processes (numpy), each on its own byte range, accumulators added (exact). ``device``: one of
-    DEVICES. Every check that needs no histogramming is done before this returns."""
+    DEVICES. Every check that needs no histogramming is done before this returns. ``check`` is
+    called between chunks (one process) or frames (worker processes): hpc convert's Ctrl-C."""
     dst = layout or default_target(hdr.layout)
     if device not in DEVICES:
         raise InputError(f"{hdr.path}: histogram device {device!r}: expected one of {', '.join(DEVICES)}")
@@ -81,7 +82,7 @@ def histogram(hdr: ListModeHeader, layout: P.Layout | None = None, frames: str |
         spans = frame_ranges(hdr, parse_frames(frames) if isinstance(frames, str) else frames)
     except ValueError as exc:
         raise InputError(f"{hdr.path}: {exc}") from None
-    return _frames(hdr, bmap, tabs, spans, workers, chunk_words, device)
+    return _frames(hdr, bmap, tabs, spans, workers, chunk_words, device, check)
 
 
 def frame_ranges(hdr: ListModeHeader, frames: list[tuple[int, int]] | None) -> list[tuple]:
@@ -97,15 +98,17 @@ def frame_ranges(hdr: ListModeHeader, frames: list[tuple[int, int]] | None) -> l
 
 
 def _frames(hdr: ListModeHeader, bmap: BinMap, tabs, spans: list[tuple], workers: int, chunk: int,
-            device: str) -> Iterator[Histogram]:
+            device: str, check: Callable[[], None] | None) -> Iterator[Histogram]:
     if device != "numpy":
         from hpc.io.lmtorch import TorchKernel  # late: imports torch, only for this path
 
-        runner = TorchKernel(hdr, bmap, tabs, device, chunk)
+        runner = TorchKernel(hdr, bmap, tabs, device, chunk, check)
     else:
-        runner = Workers(hdr, bmap, tabs, workers, chunk)
+        runner = Workers(hdr, bmap, tabs, workers, chunk, check)
     try:
         for frame, start, stop in spans:
+            if check is not None:
+                check()
             acc, fans, parts = runner.run(start, stop)
             yield _result(hdr, bmap, frame, acc, fans, parts, stop - start)
     finally:
@@ -140,8 +143,9 @@ class Workers:
     """Runs a frame's word range in ``workers`` parts: in this process (1) or in spawned processes
     writing into per-worker accumulator files in /dev/shm (no pickling of 300 MB arrays)."""
 
-    def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, workers: int, chunk: int):
-        self.hdr, self.bmap, self.tabs, self.chunk = hdr, bmap, tabs, chunk
+    def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, workers: int, chunk: int,
+                 check: Callable[[], None] | None = None):
+        self.hdr, self.bmap, self.tabs, self.chunk, self.check = hdr, bmap, tabs, chunk, check
         self.workers = max(1, int(workers))
         self.dtype = np.uint32 if hdr.words < 2**32 else np.uint64  # a bin never exceeds the events
         self.n_fans = hdr.layout.scanner.rings * hdr.layout.scanner.detectors_per_ring if tabs else 0
@@ -170,7 +174,7 @@ class Workers:
             acc = np.zeros(2 * self.bmap.size, self.dtype)
             fans = np.zeros(self.n_fans, self.dtype) if self.tabs else None
             with WordFile(self.hdr) as wf:
-                st = histogram_words(wf, start, stop, self.bmap, acc, fans, self.tabs, self.chunk)
+                st = histogram_words(wf, start, stop, self.bmap, acc, fans, self.tabs, self.chunk, self.check)
             return acc, fans, [st]
         cuts = np.linspace(start, stop, self.workers + 1).astype(np.int64)
         parts = list(self.pool.map(_work, self.files, cuts[:-1].tolist(), cuts[1:].tolist()))

@@ -13,6 +13,8 @@ the numpy code (:func:`hpc.io.listmode.tag_marks`), so time marks are handled id
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -25,10 +27,11 @@ INT32_MAX = 2**31 - 1
 class TorchKernel:
     """Histograms word ranges of one list-mode file on ``device`` ("cpu" or "cuda")."""
 
-    def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, device: str, chunk: int):
+    def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, device: str, chunk: int,
+                 check: Callable[[], None] | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError(f"{hdr.path}: histogram device cuda: torch sees no GPU here (use numpy or cpu)")
-        self.hdr, self.bmap, self.tabs, self.chunk = hdr, bmap, tabs, chunk
+        self.hdr, self.bmap, self.tabs, self.chunk, self.check = hdr, bmap, tabs, chunk, check
         self.dev = torch.device(device)
         # a bin never holds more counts than there are words: int32 unless the file could overflow it
         self.dtype = torch.int32 if hdr.words <= INT32_MAX else torch.int64
@@ -50,6 +53,8 @@ class TorchKernel:
         buf = self.host.numpy().view(np.uint32)  # the pinned buffer, filled in place by pread
         with WordFile(self.hdr) as wf:
             for pos in range(start, stop, buf.size):
+                if self.check is not None:
+                    self.check()
                 n = min(buf.size, stop - pos)
                 wf.read(pos, buf[:n])
                 w = self.host[:n].to(self.dev, non_blocking=False)  # (n,) int32: tags are negative
