@@ -134,6 +134,8 @@ def test_sinogram_input_gets_mult_from_norm_and_mu_map(tmp_path):
             sim / st["files"]["mu_map"], "--quiet", env=ENV, check=True)
     entry = json.loads((ds / "manifest.json").read_text())["studies"][0]
     assert entry["kind"] == "siemens" and entry["has_mult"] and set(entry["factors"]) == {"norm", "mu_map"}
+    r = run_hpc("convert", sim / st["files"]["target"], "-o", tmp_path / "ds2", "--frames", "0:1", env=ENV)
+    assert r.returncode == 2 and "--frames: applies to list-mode inputs (.l.hdr) only" in r.stderr
     truth = sino(sim / st["files"]["mult"])
     mult = stored(ds, "s000", "mult")
     assert_mult_close(mult, truth)

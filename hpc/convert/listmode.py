@@ -185,8 +185,16 @@ def _dead_blocks(hdr: L.ListModeHeader, layout: P.Layout, text: str | None) -> t
         raise InputError(f"{hdr.path}: --dead-blocks {text!r}: {exc}") from None
 
 
+LISTMODE_ONLY = {"span": None, "view_mashing": None, "max_segment": None, "frames": None, "dead_blocks": None,
+                 "lm_workers": 1, "lm_device": "numpy", "histogram_dtype": "uint16"}
+
+
 def with_factors(study: Study, k: int, args: argparse.Namespace, taken: set[str]) -> Study:
     """A sinogram input's study with a staged `mult` from --norm/--mu-map (unchanged without them)."""
+    given = [key for key, default in LISTMODE_ONLY.items() if getattr(args, key) != default]
+    if given and not any(is_listmode(src, args) for src in args.sources):
+        raise InputError(f"--{given[0].replace('_', '-')}: applies to list-mode inputs (.l.hdr) only; "
+                         f"{study.target.source} is a sinogram")
     if not (args.norm or args.mu_map):
         return study
     _check_calibration(args, listmode=False)
