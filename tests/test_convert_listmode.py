@@ -167,6 +167,8 @@ def test_resume_reuses_staged_files(tmp_path):
     assert "s000.l.hdr frame" not in r.stdout  # kept: not histogrammed again
     assert "s001.l.hdr frame 0:1 s" in r.stdout  # its file changed: its key with it
     assert len(Dataset.open(ds).studies) == 4 and not (ds / "shards" / ".staging").exists()
+    kept = json.loads((ds / "manifest.json").read_text())["studies"][0]["listmode"]["counts"]
+    assert kept["prompts"] == stored(ds, "s000-f0", "target").sum()  # the earlier run's counts, recorded
 
 
 @pytest.fixture(scope="module")

@@ -329,9 +329,11 @@ class Staging:
         todo = []
         for s in group:
             keys = {r: self._key(source, r, s.frame) for r in ("target", "randoms") if r in s.staged}
+            self.info[s.id] = self._provenance(hdr, s)
             if not all(self._fresh(s.staged[r], k) for r, k in keys.items()):
                 todo.append((s, keys))
-            self.info[s.id] = self._provenance(hdr, s)
+            else:  # the counts of the earlier run, kept beside its histogram
+                self.info[s.id]["counts"] = json.loads(_counts_file(s.staged["target"]).read_text())
         if not todo:
             return
         frames = [s.frame for s, _ in todo] if todo[0][0].frame else None
@@ -342,9 +344,10 @@ class Staging:
         for (s, keys), h in zip(todo, runs, strict=True):
             what = f"{hdr.path.name}" + (f" frame {s.frame[0] / 1000:g}:{s.frame[1] / 1000:g} s" if s.frame else "")
             F.write_histogram(s.staged["target"], source.layout, h, f"histogrammed by hpc convert from {what}")
-            self._done(s.staged["target"], keys["target"])
-            self.info[s.id]["counts"] = {k: h.stats[k] for k in ("prompts", "delayeds", "dropped_prompts",
-                                                                  "dropped_delayeds", "words")}
+            counts = {k: h.stats[k] for k in ("prompts", "delayeds", "dropped_prompts", "dropped_delayeds", "words")}
+            atomic_write_text(_counts_file(s.staged["target"]), json.dumps(counts))
+            self._done(s.staged["target"], keys["target"])  # last: the key says the histogram is complete
+            self.info[s.id]["counts"] = counts
             self._say(f"{what}: {h.stats['prompts']} prompts, {h.stats['delayeds']} delayeds "
                       f"({time.perf_counter() - t0:.1f} s)")
             if fans:
@@ -394,6 +397,10 @@ class Staging:
     def _say(self, text: str) -> None:
         if not self.quiet:
             print(f"convert: {text}", flush=True)
+
+
+def _counts_file(spec: SinogramSpec) -> Path:
+    return spec.header_path.with_name(spec.header_path.name + ".counts.json")
 
 
 def _data_file(header: Path) -> Path:
