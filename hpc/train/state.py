@@ -16,6 +16,7 @@ import math
 import torch
 
 from hpc.config import Config, to_dict
+from hpc.data.index import SPLITS, config_split
 from hpc.train import checkpoint as ck
 
 KEYS = ("model", "optim", "sched", "step", "epoch", "loader", "rng", "config", "metrics", "best", "validation",
@@ -24,10 +25,13 @@ KEYS = ("model", "optim", "sched", "step", "epoch", "loader", "rng", "config", "
 
 def training_data(cfg: Config, loader) -> dict:
     """{scale, slice_shape, scanner} of the training set: what `hpc predict` and `hpc export` need to
-    preprocess new inputs exactly as training did."""
+    preprocess new inputs exactly as training did; and ``splits``, the study ids of each split (what
+    `hpc inspect` shows: which studies a model never saw)."""
     ds = loader.index.ds
+    ids = [s.id for s in ds.studies]
     return {"scale": float(ds.scale), "slice_shape": list(ds.slice_shape),
-            "scanner": cfg.corrupt.scanner or ds.scanner}
+            "scanner": cfg.corrupt.scanner or ds.scanner,
+            "splits": {name: config_split(ids, cfg.data, name) for name in SPLITS}}
 
 
 class TrainState:

@@ -30,7 +30,6 @@ import torch
 
 from hpc.config import Config, dump, load_config, to_dict, validate
 from hpc.data import build_loader
-from hpc.data.index import SPLITS, config_split
 from hpc.data.select import empty_fraction
 from hpc.distributed import dist
 from hpc.distributed.launcher import setup_torch_env
@@ -141,8 +140,7 @@ class Trainer:
     def _describe_data(self) -> None:
         """Which studies went where, and a warning when the training data are mostly empty."""
         ids = [s.id for s in self.loader.index.ds.studies]
-        splits = {name: config_split(ids, self.cfg.data, name) for name in SPLITS}
-        print(f"hpc train: {splits_line(splits)}", file=sys.stderr, flush=True)
+        print(f"hpc train: {splits_line(self.state.data['splits'])}", file=sys.stderr, flush=True)
         index = self.loader.index
         fraction, n = empty_fraction(index, [ids.index(s) for s in self.loader.studies])
         warning = empty_line(fraction, n, str(index.ds.root))
