@@ -136,6 +136,10 @@ def central_planes(layout: P.Layout, n: int) -> P.Layout:
         raise ValueError(f"segment 0 of this span-{layout.span} layout has its {full} planes at half-ring steps "
                          f"centred on the scanner: the central planes are an odd count ({n - 1} or {n + 1}), "
                          "or use --span 1")
+    if not layout.compressed(k) and (full - n) % 2:
+        parity = "an even" if full % 2 == 0 else "an odd"
+        raise ValueError(f"segment 0 of this span-1 layout has one plane per ring ({full}), centred on the "
+                         f"scanner: the central planes are {parity} count ({max(n - 1, 1)} or {min(n + 1, full)})")
     return P.Layout(layout.scanner, (0,), (layout.min_rd[k],), (layout.max_rd[k],), (n,), layout.view_mashing,
                     layout.bins, layout.tof_bins)
 
