@@ -24,6 +24,7 @@ example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import itertools
 import json
@@ -157,6 +158,29 @@ def _take_slot(folder: Path, slots: int, poll_s: float = 1.0) -> int:
         time.sleep(poll_s)
 
 
+@contextlib.contextmanager
+def _detached(local: bool):
+    """Local members are child processes that outlive `hpc sweep`: they must not inherit its
+    stdin/stdout/stderr, or `hpc sweep ... | tee`, a CI step or a subprocess capturing its output
+    waits until the last member ends (their own output goes to the log directory)."""
+    if not local:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, old in zip((0, 1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(null)
+
+
 def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str,
                  dry_run: bool = False) -> dict:
     members = member_configs(spec, sweep_dir, cli_launch, origin)
@@ -179,7 +203,7 @@ def submit_sweep(spec: dict, sweep_dir: Path, cli_launch: list[str], origin: str
         waves = -(-len(members) // slots)
         executor.update_parameters(timeout_min=first.launch.time_min * waves)
     folder = str((sweep_dir / SLOTS).resolve())
-    with executor.batch():  # one Slurm job array
+    with _detached(first.launch.cluster == "local"), executor.batch():  # one Slurm job array
         jobs = [executor.submit(SweepMember(to_dict(cfg), folder, slots)) for _, cfg in members]
     for job, member in zip(jobs, record["members"], strict=True):
         member["job_id"] = job.job_id
