@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc.config import to_dict
 from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_METRICS, IMAGE_SUBSETS, SINO_METRICS
 from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.physics.recon import REPROJECT_SUBSETS
@@ -160,8 +161,6 @@ def log_wandb(summary: dict, mode: str, out_dir: Path, rep, project: str = "") -
     id, so a run and its evaluations sit together), named after it, with the evaluation's options,
     the checkpoint and the training run's id and config as its config. Returns the run directory."""
     import wandb
-
-    from hpc.config import to_dict
 
     train = training_run(rep)
     config = {"checkpoint": summary["checkpoint"], "train_run_id": train["wandb_id"], "train_run_dir": train["run_dir"],

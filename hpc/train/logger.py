@@ -132,7 +132,7 @@ class RunLogger:
         input, prediction, target, |error| and mask, on fixed colour scales with colour bars."""
         if not self.main or (self.wandb is None and self.tb is None):
             return
-        from hpc.train.panel import render_panel
+        from hpc.train.panel import render_panel  # late: matplotlib, only for runs that log images
 
         rgb, caption = render_panel(panels, step)
         if self.wandb is not None:
