@@ -59,8 +59,8 @@ def finished(dataset, tmp_path_factory) -> tuple[Path, object]:
 # ---------------------------------------------------------------- 26.1: training tells the truth as it goes
 def test_every_validation_is_one_line_next_to_the_baselines(finished):
     run, r = finished
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("hpc train: val ")]
-    assert len(lines) == 2, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("hpc train: val ")]  # what happened: stdout
+    assert len(lines) == 2, r.stdout + r.stderr
     val = records(run, "val")
     for line, rec in zip(lines, val, strict=True):
         m = re.fullmatch(r"hpc train: val (\d+)/64 samples \| nmse_gap (\S+) \| baselines: (.+?) \| "
@@ -73,7 +73,7 @@ def test_every_validation_is_one_line_next_to_the_baselines(finished):
         assert float(m.group(4)) == pytest.approx(rec["nmse_gap"] / best, rel=1e-2)
     assert lines[0].endswith("new best nmse_gap")
     # the first validation says that it also scores the baselines (minutes on a real study)
-    assert "the first validation also scores the baselines" in r.stderr
+    assert "the first validation also scores the baselines" in r.stdout
 
 
 def test_progress_has_an_eta_and_reads_the_loss_when_it_draws():
@@ -107,7 +107,7 @@ def test_the_bar_shows_a_current_loss_even_between_logged_ones(dataset, tmp_path
 
 def test_the_studies_of_each_split_are_printed_and_kept(finished):
     run, r = finished
-    assert "hpc train: studies: train 2 (s0, s2) | val 1 (s1) | test 0 (none)" in r.stderr
+    assert "hpc train: studies: train 2 (s0, s2) | val 1 (s1) | test 0 (none)" in r.stdout
     assert ck.load(run / "checkpoints" / "best.pt")["data"]["splits"] == {"train": ["s0", "s2"], "val": ["s1"],
                                                                           "test": []}
 
@@ -119,8 +119,8 @@ def test_a_finished_run_says_so_and_writes_nothing(finished, dataset):
     attempts = sorted(run.glob("wandb/offline-run-*"))
     r = train(dataset, run, "log.wandb=offline", "log.group=g1", "checkpoint.every=16", "checkpoint.keep=5")
     assert r.returncode == 0
-    assert "already finished (64 of train.samples=64 samples; best nmse_gap" in r.stderr
-    assert "hpc train: val " not in r.stderr  # no third validation at the same step
+    assert "already finished (64 of train.samples=64 samples; best nmse_gap" in r.stdout
+    assert "hpc train: val " not in r.stdout  # no third validation at the same step
     assert (run / "metrics.jsonl").read_text() == before
     assert sorted(run.glob("wandb/offline-run-*")) == attempts  # no new W&B attempt
 
@@ -131,12 +131,12 @@ def test_a_resumed_run_keeps_the_baselines_it_scored(dataset, tmp_path):
     saved = ck.load(ck.Checkpointer(run).list()[0])["validation"]
     assert set(saved["baselines"]) == {"linear", "biharmonic"} and saved["step"] == 32 and saved["fingerprint"]
     r = train(dataset, run, "train.samples=64")
-    assert "resumed from" in r.stderr and "also scores the baselines" not in r.stderr
+    assert "resumed from" in r.stderr and "also scores the baselines" not in r.stdout
     first, second = records(run, "val")
     assert second["step"] == 64 and second["linear_nmse_gap"] == first["linear_nmse_gap"]
     # another validation set (other slices): scored again
     r = train(dataset, run, "train.samples=96", "train.val_batches=1")
-    assert "also scores the baselines" in r.stderr
+    assert "also scores the baselines" in r.stdout
 
 
 # ---------------------------------------------------------------- 26.3: slices that represent the study
@@ -187,7 +187,7 @@ def test_no_parameter_is_chosen_from_zero_gap_pixels(scanner_data, tmp_path):
     r = scanner_train(scanner_data / "none", run)
     (val,) = records(run, "val")
     assert val["nmse_gap"] is None and "reproject_iters" not in val  # nothing to choose it from
-    assert "no gap pixels in the validation slices" in r.stderr
+    assert "no gap pixels in the validation slices" in r.stdout
     assert "reproject_iters" not in ck.load(ck.Checkpointer(run).list()[0])["metrics"]  # hpc evaluate's default
 
 

@@ -159,6 +159,13 @@ class RunLogger:
         if self.main and self.bar is not None:
             self.bar.clear()
 
+    def report(self, text: str) -> None:
+        """A line of what the run did (a validation, ...) on stdout; progress, warnings and errors
+        go to stderr, so `hpc train > run.log` keeps the results."""
+        if self.main:
+            self.pause()
+            print(f"hpc train: {text}", flush=True)
+
     def message(self, text: str) -> None:
         if self.main:
             if self.bar is not None:

@@ -1,6 +1,7 @@
-"""What `hpc train` tells the person watching it, one line each: the studies of each split, a
-warning about empty training data, every validation next to the baselines, a finished run, and
-why a run directory cannot continue with another model.
+"""What `hpc train` tells the person watching it, one line each: the studies of each split, every
+validation next to the baselines and a finished run (stdout: what happened), a warning about empty
+training data and why a run directory cannot continue with another model (stderr, with the progress
+bar and errors).
 
     val_line(step, total, metrics, baselines, cfg.train, is_best, best, best_step)
     -> "val 160/320 samples | nmse_gap 0.993 | baselines: linear 0.194 (best), ... | 5.1x the best baseline | new best"

@@ -140,7 +140,7 @@ class Trainer:
     def _describe_data(self) -> None:
         """Which studies went where, and a warning when the training data are mostly empty."""
         ids = [s.id for s in self.loader.index.ds.studies]
-        print(f"hpc train: {splits_line(self.state.data['splits'])}", file=sys.stderr, flush=True)
+        print(f"hpc train: {splits_line(self.state.data['splits'])}", flush=True)  # stdout: what happens
         index = self.loader.index
         fraction, n = empty_fraction(index, [ids.index(s) for s in self.loader.studies])
         warning = empty_line(fraction, n, str(index.ds.root))
@@ -235,7 +235,7 @@ class Trainer:
         schedule; True when a new best."""
         self.net.eval()
         if self.validator.baselines is None:
-            self.log.message(f"validating at {self.state.step} samples; the first validation also scores the "
+            self.log.report(f"validating at {self.state.step} samples; the first validation also scores the "
                              f"baselines ({', '.join(slice_baselines())}, and reproject at "
                              f"{'/'.join(map(str, reproject_iters()))} OSEM iterations when the geometry is "
                              f"known) on the same slices, once: they are kept in the checkpoints")
@@ -255,7 +255,7 @@ class Trainer:
         is_best = st.improved(metrics[key])
         if is_best:
             self.log.best({**values, "step": st.step})
-        self.log.message(val_line(st.step, self.cfg.train.samples, metrics, baselines, self.cfg.train, is_best,
+        self.log.report(val_line(st.step, self.cfg.train.samples, metrics, baselines, self.cfg.train, is_best,
                                   st.best, st.best_step))
         return is_best
 
@@ -358,7 +358,7 @@ class Trainer:
         if self.ctx.rank == 0:
             line = finished_line(self.cfg.train.run_dir, st.step, self.cfg.train, st.best, st.best_step,
                                  str(self.resumed_from))
-            print(f"hpc train: {line}", file=sys.stderr, flush=True)
+            print(f"hpc train: {line}", flush=True)
         return self._summary(self.resumed_from)
 
 
