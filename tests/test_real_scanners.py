@@ -21,15 +21,15 @@ from hpc.simulate import layout as SL
 
 from helpers import TINY, run_hpc
 
-# Cuts that keep CI at about a minute (2 CPU cores): a few central planes of segment 0 (the mMR's
-# span-11 segment 0 sums 11 ring differences at half-ring steps; --planes, STIR headers), one dead
-# block, a 2-channel net.
-MMR = SL.central_planes(P.cti_layout(G.SCANNERS["mmr"], max_segment=0), 7)
-MCT = SL.central_planes(P.cti_layout(G.SCANNERS["mct"], max_segment=0), 3)
+# Cuts that keep CI at about a minute (2 CPU cores): the central planes of segment 0 (the mMR's
+# span-11 segment 0 sums 11 ring differences at half-ring steps; --planes, STIR headers), wide enough
+# that a dead block reaches some of them but not all, one dead block, a 2-channel net.
+MMR = SL.central_planes(P.cti_layout(G.SCANNERS["mmr"], max_segment=0), 41)
+MCT = SL.central_planes(P.cti_layout(G.SCANNERS["mct"], max_segment=0), 15)
 CASES = {  # scanner, simulate options, the layout they must give, dead block to repair (None: the simulated one)
-    "mmr": (["--scanner", "Siemens mMR", "--planes", "7", "--dead-blocks", "1"], MMR, None),
-    "mct": (["--scanner", "mct", "--planes", "3", "--format", "stir"], MCT,
-            int(SL.reaching_blocks(MCT)[5])),  # a block whose ring pairs reach the central planes
+    "mmr": (["--scanner", "Siemens mMR", "--planes", "41", "--dead-blocks", "1"], MMR, None),
+    "mct": (["--scanner", "mct", "--planes", "15", "--format", "stir"], MCT,
+            int(SL.reaching_blocks(MCT)[5])),  # reaches the middle plane, not the last ones
 }
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two shared cores: one thread each is faster
 

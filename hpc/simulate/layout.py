@@ -145,14 +145,18 @@ def central_planes(layout: P.Layout, n: int) -> P.Layout:
 
 
 def reaching_blocks(layout: P.Layout) -> np.ndarray | None:
-    """The blocks that take lines of response from some plane of ``layout`` (an axial block of
-    their ring meets a ring pair of a plane), or None when every block does."""
+    """None when every block reaches some plane of ``layout`` (a scanner's full layout), else the
+    blocks that reach its middle plane (an axial block of their ring meets a ring pair of that
+    plane): in a cut of a few central planes (--planes) such a block leaves gaps in the planes around
+    the middle, and not only partly lost bins at an edge."""
     n_trans, n_blocks = G.block_counts(layout.scanner)
     blocks = np.arange(n_blocks)
     a, b, real = layout.pair_table  # (P, K) axial blocks of each plane's ring pairs
-    axial = np.unique(np.concatenate([a[real > 0], b[real > 0]]))
-    reach = np.isin(blocks // n_trans, axial)
-    return None if reach.all() else blocks[reach]
+    if np.isin(blocks // n_trans, np.concatenate([a[real > 0], b[real > 0]])).all():
+        return None
+    mid = layout.planes // 2
+    ok = real[mid] > 0
+    return blocks[np.isin(blocks // n_trans, np.concatenate([a[mid][ok], b[mid][ok]]))]
 
 
 def sample(layout: P.Layout, ph: Phantom, counts: float | str, phys: SC.Physics, planes: int | None,

@@ -98,16 +98,16 @@ def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str,
 
 
 def _dead_blocks(layout, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` distinct dead blocks, sorted, among those that reach the layout's planes (all blocks for
-    a scanner's full layout; a few central planes, --planes, are reached by few): a dead block
-    that takes nothing from the simulated data would leave its gap files without gaps."""
+    """``k`` distinct dead blocks, sorted: any for a scanner's full layout, and for a cut of a few
+    central planes (--planes) among those that reach its middle plane (layout.reaching_blocks): a
+    dead block that takes nothing from the simulated planes would leave its gap files without gaps."""
     if k <= 0:
         return np.zeros(0, np.int64)
     reach = SL.reaching_blocks(layout)
     if reach is None:
         return G.random_blocks(layout.scanner, k, rng)
     if k > len(reach):
-        raise InputError(f"--dead-blocks {k}: only {len(reach)} blocks reach these planes")
+        raise InputError(f"--dead-blocks {k}: only {len(reach)} blocks reach the middle of these planes")
     return np.sort(rng.choice(reach, size=k, replace=False))
 
 
