@@ -308,11 +308,11 @@ class Trainer:
         flags = dist.all_reduce_sum(torch.cat([signal, self._bad.float().reshape(1)]))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
-    def _bar_loss(self) -> str:
+    def _bar_loss(self, force: bool = False) -> str:
         """The bar's loss: this rank's mean over the steps since it was last read (at most once a
-        second: reading it waits for the device)."""
+        second, unless ``force``: reading it waits for the device)."""
         now = time.perf_counter()
-        if now - self._shown[0] >= 1.0 and float(self._window[1]) > 0:
+        if (force or now - self._shown[0] >= 1.0) and float(self._window[1]) > 0:
             total, n = self._window.tolist()
             self._window.zero_()
             self._shown = (now, f"loss {total / n:.4g}")
@@ -342,6 +342,7 @@ class Trainer:
         last = self.ckpt.path(st.step)
         path = self._save(is_best) if is_best or not last.exists() else last
         self.log.end(st.step)
+        self._bar_loss(force=True)  # the bar's last line shows the last steps' loss, not an older one
         self.log.close(self.ckpt.best_path)
         return self._summary(path or last)
 
