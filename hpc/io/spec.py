@@ -15,7 +15,7 @@ import numpy as np
 
 from hpc.errors import InputError
 from hpc.io.interfile import file_kind
-from hpc.physics.projdata import layout_for, segment_storage_order
+from hpc.physics.projdata import SliceCounts, layout_for, segment_storage_order
 
 
 def stir_segment_sequence(n: int) -> tuple[int, ...]:
@@ -24,7 +24,7 @@ def stir_segment_sequence(n: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SinogramSpec:
+class SinogramSpec(SliceCounts):
     data_path: Path
     dtype: np.dtype  # with the file's byte order
     offset: int  # bytes before the first sample
@@ -40,18 +40,6 @@ class SinogramSpec:
     ring_diffs: tuple[tuple[int, int], ...] | None = None  # (min, max) ring difference per segment, if stated
     scanner: str = ""  # the header's `originating system`
     datasets: tuple[tuple[str, int], ...] = ()  # other data sets of the data file: (name, byte offset)
-
-    @property
-    def planes(self) -> int:
-        return sum(self.axial_counts)
-
-    @property
-    def num_slices(self) -> int:
-        return self.tof_bins * self.planes
-
-    @property
-    def slice_shape(self) -> tuple[int, int]:
-        return self.views, self.bins
 
     @property
     def nbytes(self) -> int:

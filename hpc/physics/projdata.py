@@ -63,8 +63,25 @@ def cti_ring_differences(rings: int, span: int, max_ring_diff: int) -> tuple[lis
     return lo, hi
 
 
+class SliceCounts:
+    """Planes, slices and slice shape of anything with ``axial_counts``, ``tof_bins``, ``views`` and
+    ``bins`` (a Layout, a file's hpc.io.spec.SinogramSpec)."""
+
+    @property
+    def planes(self) -> int:
+        return sum(self.axial_counts)
+
+    @property
+    def num_slices(self) -> int:
+        return self.tof_bins * self.planes
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return self.views, self.bins
+
+
 @dataclass(frozen=True)
-class Layout:
+class Layout(SliceCounts):
     """What the slices of a sinogram file are: per segment (storage order) its STIR number, ring
     differences and axial positions; stored views and bins; TOF bins. Build with :func:`cti_layout`
     (span, maximum ring difference) or :func:`from_ring_differences` (a STIR header)."""
@@ -109,18 +126,6 @@ class Layout:
     @property
     def tof_mashing(self) -> int:
         return self.scanner.tof_bins // self.tof_bins if self.tof_bins > 1 else 0
-
-    @property
-    def planes(self) -> int:
-        return sum(self.axial_counts)
-
-    @property
-    def num_slices(self) -> int:
-        return self.tof_bins * self.planes
-
-    @property
-    def slice_shape(self) -> tuple[int, int]:
-        return self.views, self.bins
 
     @property
     def span(self) -> int:
