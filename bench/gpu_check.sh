@@ -1,121 +1,216 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 15): everything a single H200 can tell, in under 9 minutes, as JSON.
+# One command that returns every GPU figure (issue 24), under 7 minutes on one H100 or H200.
 #
-#   bench/gpu_check.sh [-o OUT_DIR] [--wheels DIR] [--cpu-smoke]
+#   bash bench/gpu_check.sh [-o DIR] [--wheels DIR]... [--site DIR] [--budget S] [--stages LIST]
+#                           [--dali] [--cpu]
 #
-# Stages (each with its own time limit; a failed stage is recorded and the next one runs):
-#   tests   the gpu-marked tests: DALI GPU pipeline == torch backend (augmentation off), bf16 +
-#           channels_last + compile steps, predict on GPU == CPU, no host sync in a steady step
-#   step    bench/step.py: badblock at 168x400, fp32 eager vs bf16 + channels_last + compile, MFU
-#   loader  bench/loader.py: torch and DALI backends at 168x400 with the training step's rate
-#   train   a 2-minute `hpc train` on the GPU with the DALI loader (SIGTERM at the limit: the
-#           trainer checkpoints and exits 75), its samples/s from metrics.jsonl
-# Results: OUT_DIR/gpu_check.json (one entry per stage: rc, seconds, figures) plus each tool's own
-# JSON/log beside it. Copy OUT_DIR back and put the figures in docs/BENCHMARKS.md.
+# Made for a borrowed GPU node: its python3 is a venv that holds torch (never reinstalled); there is
+# no package registry; what hpc needs beyond the image (hdf5plugin, numcodecs) comes as wheels in
+# --wheels DIR (default .gpu-wheels; make it with `python bench/gpu_wheels.py`), installed with
+# `pip install --no-index --no-deps --target SITE` and PYTHONPATH (a venv made from that venv would
+# not see its torch). SITE (default .gpu-site) is kept, so a second call on the same node skips it.
 #
-# A GPU node without a package registry: the node's torch is used (never reinstalled); what else
-# is needed comes as wheels. On a machine with a registry and the same Python version:
-#   pip download -d wheels h5py hdf5plugin numcodecs xxhash pyyaml scikit-image pytorch-msssim \
-#       submitit nvidia-dali-cuda130 && pip wheel --no-deps -w wheels .
-# then on the node: bench/gpu_check.sh --wheels wheels   (a venv with --system-site-packages).
+# Stages (default tests,step,data,loader,train); each gets what is left of --budget (default 420 s)
+# less a reserve for writing the results, and JSON is rewritten after every row and every stage:
+#   tests   pytest -m gpu: the CUDA cases of tests/test_gpu.py, test_projector.py, test_device.py
+#   step    bench/step.py badblock 168x400 batch 32: fp32 eager vs bf16 + channels_last + compile,
+#           MFU against the datasheet and against a matrix product timed first on the same GPU
+#   data    a synthetic dataset: 12 studies x 109 slices of 168x400 (Siemens mCT segment 0), blosc
+#   loader  bench/loader.py torch (and DALI when it imports), workers 4 and 8, mCT dead blocks,
+#           batch 32; ratio = loader slices/s / the bf16 step's samples/s from the step stage
+#   train   hpc train configs/badblock.yaml on the GPU (DALI loader when it imports, else torch),
+#           stopped by SIGUSR2 sent to the trainer alone: it checkpoints and exits 75
+# --dali: the second, optional call after DALI's wheels were carried in parts (bench/dali_parts.py):
+#   DALI must import; the tests are DALI's; stages default to tests,data,loader,train.
+# --cpu: the same stages at small sizes on the CPU (bench/rehearse.py runs this under the node's
+#   rules; tests/test_gpu_check.py runs that in CI).
 #
-# --cpu-smoke runs every stage at toy sizes on the CPU (the DALI stages use the torch backend when
-# DALI is missing): what tests/test_gpu_check.py runs to keep this script working without a GPU.
+# Back in DIR (default $OUT, where the node returns files from; else ./gpu-check-out), four files:
+#   gpu_check.json (machine, every stage's rc, seconds and figures), step.json, loader.json, and
+#   logs.tar.gz (each stage's log, the junit XML, the training run's metrics and config). Data and
+#   checkpoints stay in ${TMPDIR:-/tmp}/hpc-gpu-check. The key figures are printed last.
+# Exit status: 0 every stage ok, 1 a stage failed or ran out of time, 2 bad usage or hpc does not
+# import (one line on stderr says which).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=gpu-check-$(date +%Y%m%d-%H%M%S)
-WHEELS=""
-SMOKE=0
+OUTDIR=${OUT:-$ROOT/gpu-check-out}
+WHEELS=()
+SITE=$ROOT/.gpu-site
+BUDGET=420
+STAGES=""
+CPU=0
+DALI=0
+die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        -o) OUT=$2; shift 2 ;;
-        --wheels) WHEELS=$2; shift 2 ;;
-        --cpu-smoke) SMOKE=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+        -o) [ $# -ge 2 ] || die "-o needs a folder"; OUTDIR=$2; shift 2 ;;
+        --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS+=("$2"); shift 2 ;;
+        --site) [ $# -ge 2 ] || die "--site needs a folder"; SITE=$2; shift 2 ;;
+        --budget) [[ ${2:-} =~ ^[0-9]+$ ]] || die "--budget: expected whole seconds, got '${2:-}'"; BUDGET=$2; shift 2 ;;
+        --stages) [ $# -ge 2 ] || die "--stages needs a list"; STAGES=$2; shift 2 ;;
+        --cpu) CPU=1; shift ;;
+        --dali) DALI=1; shift ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        *) die "unknown argument $1 (see --help)" ;;
     esac
 done
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+[ -n "$STAGES" ] || { [ "$DALI" = 1 ] && STAGES=tests,data,loader,train || STAGES=tests,step,data,loader,train; }
+for s in ${STAGES//,/ }; do
+    case "$s" in tests|step|data|loader|train) ;; *) die "--stages: unknown stage '$s' (tests,step,data,loader,train)" ;; esac
+done
+[ ${#WHEELS[@]} -gt 0 ] || { [ -d "$ROOT/.gpu-wheels" ] && WHEELS=("$ROOT/.gpu-wheels"); }
+for d in "${WHEELS[@]}"; do [ -d "$d" ] || die "--wheels $d: no such folder"; done
+
+T0=$(date +%s)
+RESERVE=30  # a stage's kill grace (20 s) + writing the results
+WORK=${TMPDIR:-/tmp}/hpc-gpu-check
+LOGS=$WORK/logs
+RUN=$WORK/run
 PY=${PYTHON:-python3}
-if [ -n "$WHEELS" ]; then
-    "$PY" -m venv --system-site-packages "$OUT/venv" || exit 2
-    "$OUT/venv/bin/pip" install --no-index --find-links "$WHEELS" hpc || exit 2
-    PY="$OUT/venv/bin/python"
-fi
-cd "$ROOT" || exit 2
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
-STAGES="$OUT/stages.jsonl"
-: > "$STAGES"
+mkdir -p "$OUTDIR" "$WORK" || die "cannot create $OUTDIR or $WORK"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+[[ ,$STAGES, == *,step,* ]] && rm -f "$WORK/step.json"  # the loader's divisor comes from this call's step
+rm -rf "$LOGS" "$RUN" "$OUTDIR"/gpu_check.json "$OUTDIR"/step.json "$OUTDIR"/loader.json "$OUTDIR"/logs.tar.gz
+mkdir -p "$LOGS"
+cd "$ROOT" || die "cannot enter $ROOT"
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
+MODE=$([ "$CPU" = 1 ] && echo cpu || echo gpu)$([ "$DALI" = 1 ] && echo +dali)
 
-if [ "$SMOKE" = 1 ]; then
-    DEV=cpu; SIZE=24x32; T_TESTS=300; T_STEP=300; T_LOADER=300; T_TRAIN=300  # toy work ends by itself
-    STEP_ARGS=(--device cpu --batch 2 --base 4 --warmup 1 --steps 2); MODES=fp32  # no compile on CPU
-    LOADER_ARGS=(--device cpu --workers 0 --studies 2 --slices 32 --epochs 2 --base 4 --steps 2 --batch 4)
-    TRAIN_SLICES=64; TRAIN_SAMPLES=16  # a fixed amount of training, not a time slice
-    "$PY" -c "import nvidia.dali" 2>/dev/null && BACKENDS=torch,dali || BACKENDS=torch
-else
-    DEV=cuda; SIZE=168x400; T_TESTS=180; T_STEP=120; T_LOADER=90; T_TRAIN=120
-    STEP_ARGS=(--device cuda); MODES=fp32,bf16
-    LOADER_ARGS=(--device cuda --workers 4,8 --studies 4 --slices 256 --epochs 3 --batch 32)
-    TRAIN_SLICES=1024; TRAIN_SAMPLES=100000000  # stopped by the 2-minute limit (SIGTERM: checkpoint, exit 75)
-    BACKENDS=torch,dali
-fi
-TRAIN_BACKEND=${BACKENDS##*,}  # dali when available
-
-stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, record rc and seconds
-    local name=$1 limit=$2; shift 2
-    local t0 rc
-    t0=$(date +%s.%N)
-    timeout --signal=TERM --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    printf '{"stage": "%s", "rc": %d, "seconds": %.1f, "limit_s": %d}\n' \
-        "$name" "$rc" "$(echo "$(date +%s.%N) - $t0" | bc)" "$limit" >> "$STAGES"
-    echo "gpu_check: $name rc=$rc ($(tail -n 1 "$OUT/$name.log" | cut -c1-100))"
+summary() {  # rewrite OUTDIR/gpu_check.json from what has finished (standard library only: fast)
+    "$PY" bench/gpu_summary.py summary --out "$OUTDIR" --logs "$LOGS" --run "$RUN" --mode "$MODE" \
+        --budget "$BUDGET" --started "$T0" "$@"
 }
 
-stage tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_projector.py \
-    --junitxml "$OUT/tests.xml"
-stage step "$T_STEP" "$PY" bench/step.py --presets badblock --modes "$MODES" --size "$SIZE" "${STEP_ARGS[@]}" \
-    --json "$OUT/step.json"
-stage loader "$T_LOADER" "$PY" bench/loader.py --size "$SIZE" --context 2 --backends "$BACKENDS" \
-    --model badblock "${LOADER_ARGS[@]}" --json "$OUT/loader.json"
-V=${SIZE%x*}; X=${SIZE#*x}
-"$PY" -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import loader; \
-loader.synthetic(Path('$OUT/data'), 4, $TRAIN_SLICES, $V, $X, 'blosc')" > "$OUT/data.log" 2>&1
-stage train "$T_TRAIN" "$PY" -m hpc train --config configs/badblock.yaml "data.path=$OUT/data" \
-    "train.run_dir=$OUT/run" "data.device=$DEV" "data.backend=$TRAIN_BACKEND" data.workers=4 \
-    "data.split=[0.75, 0.25, 0.0]" corrupt.dead_blocks=0 "train.samples=$TRAIN_SAMPLES" train.val_every=0 \
-    checkpoint.every=0 log.wandb=disabled log.progress=false log.every=64 \
-    $([ "$SMOKE" = 1 ] && echo model.base=4 data.batch_size=4 data.workers=0 log.every=4)
+finish() {  # the returned files: JSON, logs capped at 4 MiB each and tarred; nothing else
+    rm -f "$OUTDIR"/*.tmp
+    [ -d "$RUN" ] && cp "$RUN"/metrics.jsonl "$RUN"/config.yaml "$LOGS"/ 2>/dev/null
+    for f in "$LOGS"/*; do
+        [ "$(stat -c %s "$f")" -le 4194304 ] || { tail -c 4194304 "$f" > "$f.cut" && mv "$f.cut" "$f"; }
+    done
+    tar -czf "$OUTDIR/logs.tar.gz" -C "$LOGS" .
+    summary --final --print
+}
 
-"$PY" - "$OUT" <<'EOF'
-import json, platform, sys, xml.etree.ElementTree as ET
-from pathlib import Path
+fail() {  # one line on stderr, a record of why, the files that exist so far; exit 2
+    local reason  # JSON-safe: no backslashes, control characters or double quotes
+    reason=$(printf '%s' "$1" | tr -d '\\\000-\037' | tr '"' "'")
+    printf '{"stage": "preflight", "rc": 2, "seconds": %d, "limit_s": 0, "reason": "%s"}\n' \
+        "$(( $(date +%s) - T0 ))" "$reason" >> "$LOGS/stages.jsonl"
+    finish > /dev/null 2>&1
+    echo "gpu_check.sh: $1" >&2
+    exit 2
+}
 
-import torch
+STAGE_PID=""; STAGE_NAME=""; STAGE_T0=0; STAGE_LIMIT=0
+on_signal() {  # the node's own limit came first: stop the stage, record it, keep what is written
+    if [ -n "$STAGE_PID" ]; then
+        kill -TERM "$STAGE_PID" 2>/dev/null
+        printf '{"stage": "%s", "rc": 143, "status": "stopped", "seconds": %d, "limit_s": %d}\n' "$STAGE_NAME" \
+            "$(( $(date +%s) - STAGE_T0 ))" "$STAGE_LIMIT" >> "$LOGS/stages.jsonl"
+    fi
+    echo "gpu_check.sh: stopped by a signal; writing what has finished" >&2
+    finish
+    exit 1
+}
+trap on_signal TERM INT
 
-out = Path(sys.argv[1])
-result = {"machine": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-                      "torch": torch.__version__, "python": platform.python_version(),
-                      "host": platform.node()},
-          "stages": {}}
-for line in (out / "stages.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    result["stages"][row.pop("stage")] = row
-if (out / "tests.xml").is_file():
-    root = ET.parse(out / "tests.xml").getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    result["stages"]["tests"]["junit"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-for name in ("step", "loader"):
-    if (out / f"{name}.json").is_file():
-        result["stages"][name]["rows"] = json.loads((out / f"{name}.json").read_text())
-metrics = out / "run" / "metrics.jsonl"
-if metrics.is_file():
-    train = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("kind") == "train"]
-    result["stages"]["train"]["samples"] = max((r["step"] for r in train), default=0)
-    result["stages"]["train"]["samples_per_s"] = train[-1]["samples_per_s"] if train else None
-(out / "gpu_check.json").write_text(json.dumps(result, indent=1))
-print(f"gpu_check: {out / 'gpu_check.json'}")
-EOF
+install_wheels() {  # pip --no-index --no-deps --target SITE, once per set of wheels
+    local whl=() d
+    for d in "${WHEELS[@]}"; do whl+=("$d"/*.whl); done
+    [ ${#whl[@]} -gt 0 ] && [ -e "${whl[0]}" ] || return 0
+    local want
+    want=$(printf '%s\n' "${whl[@]##*/}" | sort)
+    [ -f "$SITE/.installed" ] && [ -z "$(comm -23 <(echo "$want") <(sort "$SITE/.installed"))" ] && return 0
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "${whl[@]}" > "$LOGS/pip.log" 2>&1 || fail "pip install --no-index of ${WHEELS[*]} failed: $(tail -n 1 "$LOGS/pip.log")"
+    echo "$want" >> "$SITE/.installed"
+}
+
+stage() {  # stage NAME LIMIT_S [timeout options] -- CMD...: run within what is left of the budget
+    local name=$1 want=$2 opts=() t0 rc limit left
+    shift 2
+    while [ "$1" != "--" ]; do opts+=("$1"); shift; done
+    shift
+    left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
+    limit=$(( want < left ? want : left ))
+    if [ "$limit" -lt 10 ]; then
+        printf '{"stage": "%s", "rc": null, "status": "skipped", "reason": "%d s of the budget left"}\n' \
+            "$name" "$left" >> "$LOGS/stages.jsonl"
+        echo "gpu_check: $name skipped ($left s of the budget left)"
+        summary
+        return
+    fi
+    t0=$(date +%s.%N)
+    timeout "${opts[@]}" --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1 &
+    STAGE_PID=$!; STAGE_NAME=$name; STAGE_T0=${t0%.*}; STAGE_LIMIT=$limit
+    wait "$STAGE_PID"
+    rc=$?
+    STAGE_PID=""
+    printf '{"stage": "%s", "rc": %d, "seconds": %.1f, "limit_s": %d}\n' "$name" "$rc" \
+        "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')" "$limit" >> "$LOGS/stages.jsonl"
+    echo "gpu_check: $name rc=$rc ($(tail -n 1 "$LOGS/$name.log" | cut -c1-110))"
+    summary
+}
+
+install_wheels
+"$PY" -c "import torch, hdf5plugin, numcodecs, hpc.data, hpc.io.h5write, hpc.train" > "$LOGS/preflight.log" 2>&1 ||
+    fail "hpc does not import with $PY: $(tail -n 1 "$LOGS/preflight.log"); carry the wheels (python bench/gpu_wheels.py; docs/BENCHMARKS.md)"
+"$PY" bench/gpu_summary.py machine "$LOGS/machine.json" >> "$LOGS/preflight.log" 2>&1 || fail "torch does not start: $(tail -n 1 "$LOGS/preflight.log")"
+HAVE_DALI=0
+"$PY" -c "import nvidia.dali" >> "$LOGS/preflight.log" 2>&1 && HAVE_DALI=1
+[ "$DALI" = 0 ] || [ "$HAVE_DALI" = 1 ] || fail "--dali: nvidia.dali does not import: $(tail -n 1 "$LOGS/preflight.log")"
+[ "$CPU" = 1 ] || "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || fail "no CUDA device visible (--cpu runs the small CPU sizes)"
+BACKENDS=torch; TRAIN_BACKEND=torch
+[ "$HAVE_DALI" = 1 ] && { BACKENDS=torch,dali; TRAIN_BACKEND=dali; }
+
+if [ "$CPU" = 1 ]; then  # the same stages and geometry, small counts and width: ~1-2 minutes on 2 cores
+    DEV=cpu; BATCH=4; STUDIES=2; SLICES=109; BASE=4
+    T_TESTS=120; T_STEP=90; T_DATA=60; T_LOADER=90; T_TRAIN=15
+    STEP_ARGS=(--modes fp32 --batch 2 --warmup 1 --steps 2 --base "$BASE"); STEP_MODE=fp32  # no compile on CPU
+    LOADER_ARGS=(--workers 2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8)
+else
+    DEV=cuda; BATCH=32; STUDIES=12; SLICES=109; BASE=64
+    T_TESTS=110; T_STEP=150; T_DATA=40; T_LOADER=60; T_TRAIN=70
+    STEP_ARGS=(--modes fp32,bf16 --batch 32 --warmup 3 --steps 10); STEP_MODE=bf16
+    LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320)
+fi
+TEST_ARGS=(-m gpu tests/test_gpu.py tests/test_projector.py tests/test_device.py)
+if [ "$DALI" = 1 ]; then  # the call after the parts: little time is left, DALI's rows first
+    TEST_ARGS=(-m gpu -k dali tests/test_gpu.py); BACKENDS=dali,torch
+    [ "$CPU" = 1 ] || { T_TESTS=45; T_DATA=30; T_LOADER=60; T_TRAIN=50; LOADER_ARGS=(--workers 4 --epochs 2); }
+fi
+SCANNER="Siemens mCT"  # 168 views x 400 bins; dead blocks from its geometry, drawn on the device
+
+for s in ${STAGES//,/ }; do
+    case "$s" in
+    tests) stage tests "$T_TESTS" -- env -u CI "$PY" -m pytest -q -p no:cacheprovider "${TEST_ARGS[@]}" \
+        --junitxml "$LOGS/tests.xml" ;;
+    step) stage step "$T_STEP" -- "$PY" bench/step.py --presets badblock --size 168x400 --device "$DEV" \
+        --measure-peak "${STEP_ARGS[@]}" --json "$OUTDIR/step.json"
+        [ -f "$OUTDIR/step.json" ] && cp "$OUTDIR/step.json" "$WORK/step.json" ;;  # for a later --dali call
+    data) if [ "$(cat "$WORK/data.stamp" 2>/dev/null)" = "${STUDIES}x$SLICES" ]; then  # an earlier call's, same size
+            stage data "$T_DATA" -- echo "dataset of an earlier call reused"
+        else
+            rm -rf "$WORK/data" "$WORK/data.stamp"
+            stage data "$T_DATA" -- "$PY" -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+import loader; loader.synthetic(Path('$WORK/data'), $STUDIES, $SLICES, 168, 400, 'blosc'); print('dataset ok')" &&
+                [ -f "$WORK/data/manifest.json" ] && echo "${STUDIES}x$SLICES" > "$WORK/data.stamp"
+        fi ;;
+    loader) STEP_JSON=(); [ -f "$WORK/step.json" ] && STEP_JSON=(--step-json "$WORK/step.json" --step-mode "$STEP_MODE")
+        stage loader "$T_LOADER" -- "$PY" bench/loader.py --data "$WORK/data" --size 168x400 --context 2 \
+            --backends "$BACKENDS" --batch "$BATCH" --scanner "$SCANNER" --device "$DEV" --model badblock \
+            "${LOADER_ARGS[@]}" "${STEP_JSON[@]}" --json "$OUTDIR/loader.json" ;;
+    # --foreground: USR2 reaches the trainer alone (loader workers die of a signal meant for it);
+    # --preserve-status: its exit 75 (checkpointed, requeue me) is the stage's rc, not timeout's 124
+    train) stage train "$T_TRAIN" --foreground --preserve-status --signal=USR2 -- "$PY" -m hpc train \
+        --config configs/badblock.yaml "data.path=$WORK/data" "train.run_dir=$RUN" "data.device=$DEV" \
+        "data.backend=$TRAIN_BACKEND" "data.batch_size=$BATCH" "data.split=[0.75, 0.25, 0.0]" \
+        "corrupt.scanner=$SCANNER" train.samples=100000000 train.val_every=0 checkpoint.every=0 \
+        log.wandb=disabled log.progress=false log.images=false "${TRAIN_ARGS[@]}" ;;
+    esac
+done
+trap - TERM INT
+finish
+grep -q '"status": "\(failed\|timeout\|skipped\|stopped\)"' "$OUTDIR/gpu_check.json" && exit 1
+exit 0

@@ -8,11 +8,16 @@ dead-block corruption when the dataset records a scanner (--scanner), augmentati
 padding, copy to --device. The baseline is one sequential h5py pass over the same shards; the
 floor is the rate of a loader that only decodes each slice once and writes its float32 context
 stacks (``vs_floor``: how close the loader gets to what any loader with this output must spend).
-"ratio" = loader slices/s / training-step samples/s (>= 1: the GPU never waits for data).
+"ratio" = loader slices/s / training-step samples/s (>= 1: the GPU never waits for data). The step
+to compare with is the one training runs: give --step-json (bench/step.py's output) and the row of
+--model in --step-mode (default bf16: autocast + channels_last + compile) is the divisor; without
+it an eager fp32 step of the loader's batch is timed here (a slower step: a flattering ratio).
+--json is rewritten after every row; a row that fails records its error and the next one runs.
 
     python bench/loader.py                                            # CPU, synthetic 64x128
     python bench/loader.py --device cuda --size 168x400 --workers 0,4,8 --model badblock --batch 32
     python bench/loader.py --data /raid/me/dataset --backends torch,dali --json loader.json
+    python bench/loader.py --device cuda --size 168x400 --batch 32 --model badblock --step-json step.json
 """
 from __future__ import annotations
 
@@ -56,8 +61,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="", help="also time a training step of this preset (badblock|unet|light)")
     ap.add_argument("--base", type=int, default=64, help="model width for --model")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps for --model")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    return ap.parse_args(argv)
+    ap.add_argument("--step-json", type=Path, help="bench/step.py --json output: the step rate to divide by")
+    ap.add_argument("--step-mode", default="bf16", help="the --step-json row's mode (fp32|tf32|bf16)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here (after every row)")
+    args = ap.parse_args(argv)
+    if args.step_json and not args.model:
+        ap.error("--step-json: also give --model (the preset whose step rate divides)")
+    return args
+
+
+def step_from_json(path: Path, preset: str, mode: str, batch: int) -> dict:
+    """The bench/step.py row of ``preset`` in ``mode``: {step_samples_per_s, step_source}. A missing
+    row (the step run was stopped or failed there) leaves the rate None: no ratio rather than one
+    against another step."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"bench/loader.py: --step-json {path}: {exc}") from None
+    found = [r for r in rows if r.get("preset") == preset and r.get("mode") == mode and "samples_per_s" in r]
+    if not found:
+        print(f"bench/loader.py: --step-json {path}: no finished {preset} {mode} row: no ratio", file=sys.stderr)
+        return {"step_samples_per_s": None, "step_source": f"no finished {preset} {mode} row in {path.name}"}
+    r = found[0]
+    note = "" if r["batch"] == batch else f" (loader batch {batch})"
+    return {"step_samples_per_s": r["samples_per_s"],
+            "step_source": f"bench/step.py {preset} {mode} batch {r['batch']}{note}"}
 
 
 def synthetic(root: Path, studies: int, slices: int, views: int, bins: int, compression: str) -> Path:
@@ -180,24 +208,51 @@ def main(argv: list[str] | None = None) -> int:
         base = baseline(root)
         print(f"dataset {root}: sequential h5py pass {base:,.0f} slices/s; device {resolve_device(args.device)}; "
               f"load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
-        rows = []
+        step = step_from_json(args.step_json, args.model, args.step_mode, args.batch) if args.step_json else None
+        rows: list[dict] = []
         for backend in args.backends.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                cfg = config(args, root, backend, workers)
-                row = {"backend": backend, "workers": workers, **time_loader(cfg, args.epochs, root)}
-                if args.model:
-                    row["step_samples_per_s"] = time_step(cfg, row["shape"], args.steps)
-                    row["ratio"] = row["slices_per_s"] / row["step_samples_per_s"]
-                rows.append(row)
+            for workers in args.workers.split(","):
+                rows.append(measure(args, root, backend, int(workers), step))
+                if args.json:
+                    write_json(args.json, rows)
+    print_table(rows, bool(args.model))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    """Replace ``path`` whole (a reader never sees half a file, even when a time limit hits)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
+
+
+def measure(args: argparse.Namespace, root: Path, backend: str, workers: int, step: dict | None) -> dict:
+    """One row; an exception (DALI missing, a worker dying, CUDA out of memory) becomes its error."""
+    try:
+        cfg = config(args, root, backend, workers)
+        row = {"backend": backend, "workers": workers, **time_loader(cfg, args.epochs, root)}
+        if args.model:
+            row |= step or {"step_samples_per_s": time_step(cfg, row["shape"], args.steps),
+                            "step_source": "eager fp32 step timed here"}
+            rate = row["step_samples_per_s"]
+            row["ratio"] = row["slices_per_s"] / rate if rate else None
+    except Exception as exc:  # (any failure is this row's result, the next row runs)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        row = {"backend": backend, "workers": workers, "error": f"{type(exc).__name__}: {first}"}
+    done = row["error"] if "error" in row else f"{row['slices_per_s']:,.0f} slices/s"
+    print(f"{backend} workers {workers}: {done}", file=sys.stderr, flush=True)
+    return row
+
+
+def print_table(rows: list[dict], model: bool) -> None:
     cols = ["backend", "workers", "slices_per_s", "vs_sequential", "floor_slices_per_s", "vs_floor", "amplification",
-            "shape"] + \
-        (["step_samples_per_s", "ratio"] if args.model else [])
+            "shape"] + (["step_samples_per_s", "ratio"] if model else [])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
+        if "error" in r:
+            print(f"| {r['backend']} | {r['workers']} | failed: {r['error'][:100]} |")
+            continue
         print("| " + " | ".join(f"{r[c]:,.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

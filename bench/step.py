@@ -3,8 +3,10 @@
 One step = forward (inpainting wrapper included) + L1 loss + backward + AdamW update, on random
 data of one slice size. FLOPs of forward + backward are counted once per preset with
 torch.utils.flop_counter.FlopCounterMode on the meta device (convolutions scale with the batch);
-MFU = counted FLOPs per second / the device's dense peak for the mode's math (--peak-tflops or the
-table below). Modes:
+MFU = counted FLOPs per second / the device's dense peak for the mode's math: `mfu` against the
+datasheet (--peak-tflops or the table below), `mfu_measured` against a matrix product of the same
+math timed on this device first (--measure-peak; an H100/H200 reaches ~790 of the sheet's 989
+TFLOP/s in bf16). Modes:
   fp32  eager, NCHW, TF32 off         (the baseline)
   tf32  eager, NCHW, TF32 matmul/conv
   bf16  bf16 autocast + channels_last + torch.compile (+ TF32 for what stays fp32)
@@ -13,11 +15,17 @@ table below). Modes:
                                                            # 168x400, largest batch that fits
     python bench/step.py --presets badblock --modes fp32,tf32,bf16 --json out.json
     python bench/step.py --device cpu --size 32x64 --batch 4 --base 8 --steps 3
+
+--json is rewritten after every row, so a run stopped at a time limit keeps the rows it finished; a
+row that fails (out of memory, cuDNN finding no engine near the memory limit) records its error
+and the next row runs (exit status 1 at the end).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -70,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the peak for every mode")
+    ap.add_argument("--measure-peak", action="store_true",
+                    help="also time a dense matrix product per mode on this device: mfu_measured")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     args.modes = args.modes or "fp32,bf16"
@@ -155,11 +165,21 @@ def fits(cfg: ModelConfig, channels: int, size, mode: Mode, device: torch.device
             step(*data)
         sync(device)
         return True
-    except torch.OutOfMemoryError:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one; cuDNN near the limit raises a plain one
+        if not out_of_memory(exc):
+            raise
         return False
     finally:
         step = data = None  # drop references before emptying the cache
         torch.cuda.empty_cache()
+
+
+def out_of_memory(exc: RuntimeError) -> bool:
+    """Whether an error means 'this batch does not fit': torch's OOM, or cuDNN finding no engine
+    (every algorithm needs more workspace than is left), which is a plain RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "unable to find an engine" in text or \
+        "CUDNN_STATUS_ALLOC_FAILED" in text or "out of memory" in text
 
 
 def largest_batch(cfg: ModelConfig, channels: int, size, mode: Mode, device: torch.device, limit: int) -> int:
@@ -188,6 +208,33 @@ def peak_tflops(args: argparse.Namespace, device: torch.device, mode: Mode) -> f
     return None
 
 
+_MEASURED: dict[str, float] = {}  # peak_key -> TFLOP/s measured on this device
+
+
+def matmul_tflops(device: torch.device, mode: Mode) -> float:
+    """Dense matrix-product TFLOP/s of the mode's math on this device (bf16 operands for bf16, fp32
+    with or without TF32 otherwise): random operands (zeros run faster than data), three warm-up
+    products, the median of five timed groups of ten."""
+    if mode.peak_key in _MEASURED:
+        return _MEASURED[mode.peak_key]
+    n = 8192 if device.type == "cuda" else 512  # the GPU's size fills it; the CPU's ends in seconds
+    dtype = torch.bfloat16 if mode.peak_key == "bf16" else torch.float32
+    set_tf32(mode.tf32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t0) / 10)
+    _MEASURED[mode.peak_key] = 2 * n**3 / statistics.median(times) / 1e12
+    return _MEASURED[mode.peak_key]
+
+
 def bench_one(preset: str, mode_name: str, args: argparse.Namespace, device: torch.device) -> dict:
     cfg, mode = model_cfg(preset, args), MODES[mode_name]
     channels = 2 * args.context + 1
@@ -209,26 +256,33 @@ def bench_one(preset: str, mode_name: str, args: argparse.Namespace, device: tor
     flops = flops_per_sample(cfg, channels, size) * batch
     peak = peak_tflops(args, device, mode)
     achieved = flops / seconds / 1e12
+    measured = matmul_tflops(device, mode) if args.measure_peak else None
     return {
         "preset": preset, "mode": mode_name, "size": f"{size[0]}x{size[1]}", "batch": batch,
         "step_ms": 1e3 * seconds, "samples_per_s": batch / seconds, "gflop_per_sample": flops / batch / 1e9,
         "tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+        "peak_measured_tflops": measured, "mfu_measured": achieved / measured if measured else None,
         "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["preset"]: r["samples_per_s"] for r in rows if r["mode"] == "fp32"}
+    base = {r["preset"]: r["samples_per_s"] for r in rows if r["mode"] == "fp32" and "error" not in r}
     lines = ["| preset | mode | size | batch | samples/s | vs fp32 | step ms | GFLOP/sample | TFLOP/s | MFU "
-             "| GPU mem GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MFU (measured peak) | GPU mem GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['mode']} | failed: {r['error'][:80]} |")
+            continue
         ratio = f"{r['samples_per_s'] / base[r['preset']]:.2f}x" if r["preset"] in base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mfu_m = f"{100 * r['mfu_measured']:.1f}% of {r['peak_measured_tflops']:.4g}" \
+            if r.get("mfu_measured") is not None else "n/a"
         mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] is not None else "-"
         lines.append(f"| {r['preset']} | {r['mode']} | {r['size']} | {r['batch']} | {r['samples_per_s']:.4g} | "
                      f"{ratio} | {r['step_ms']:.1f} | {r['gflop_per_sample']:.4g} | {r['tflops']:.4g} | "
-                     f"{mfu} | {mem} |")
+                     f"{mfu} | {mfu_m} | {mem} |")
     return "\n".join(lines)
 
 
@@ -242,12 +296,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in args.presets.split(","):
         for mode_name in args.modes.split(","):
-            rows.append(bench_one(preset, mode_name, args, device))
-            print(f"{preset} {mode_name}: {rows[-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+            try:
+                rows.append(bench_one(preset, mode_name, args, device))
+                print(f"{preset} {mode_name}: {rows[-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+            except Exception as exc:  # OOM, cuDNN, a compile failure: this row's result; the others still count
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                rows.append({"preset": preset, "mode": mode_name, "error": f"{type(exc).__name__}: {first}"})
+                print(f"{preset} {mode_name}: failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if args.json:
+                write_json(args.json, {"device": who, "torch": torch.__version__, "rows": rows})
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"device": who, "torch": torch.__version__, "rows": rows}, indent=1))
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_json(path: Path, data) -> None:
+    """Replace ``path`` whole (a reader never sees half a file, even when a time limit hits)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

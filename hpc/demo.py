@@ -33,8 +33,9 @@ from hpc.cli import main
 from hpc.config import load_config
 from hpc.distributed.device import resolve_device
 from hpc.errors import HpcError, OutputError
-from hpc.evaluate.evaluate import Options, evaluate, log_wandb, simulation_studies
-from hpc.evaluate.report import image_table, sino_table
+from hpc.evaluate.evaluate import Options, evaluate
+from hpc.evaluate.report import image_table, log_wandb, sino_table
+from hpc.evaluate.studies import simulation_studies
 from hpc.io.headers import read_header
 from hpc.registry import BASELINES
 from hpc.repair.files import predict_file
@@ -114,7 +115,7 @@ def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], ch
     studies = simulation_studies(sim, [s["id"] for s in held_out])
     summary = evaluate(rep, studies, out / "eval", Options(list(BASELINES.names()), plan.eval_slices, quiet=True))
     mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)
-    wandb_dir = log_wandb(summary, mode, rep.cfg.log.project, out / "eval") if mode != "disabled" else ""
+    wandb_dir = log_wandb(summary, mode, out / "eval", rep) if mode != "disabled" else ""
     return rep, summary, wandb_dir
 
 

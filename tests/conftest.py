@@ -43,6 +43,17 @@ def slurm2():
     cluster.stop_if_owned()
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Each test that takes ``device`` runs on the CPU (every CI run) and on CUDA (marked ``gpu``:
+    `pytest -m gpu` on a GPU node, skipped without one), so a GPU test's body cannot rot unseen."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """``tmpfs(size="1m", readonly=False) -> Path``: a real small filesystem (tmpfs) to fill up or

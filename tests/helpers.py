@@ -424,3 +424,15 @@ def snapshot(*roots: Path) -> dict[str, str]:
             if p.is_file() and not p.is_symlink():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def lm_scanner(**kw):
+    """An mMR-like scanner small enough for brute-force references (list mode, norm, randoms): 8
+    blocks of 9 crystals with one virtual crystal each, 8 rings, 48 bins; ``kw`` overrides fields."""
+    from hpc.physics.geometry import Scanner
+
+    args = dict(name="lmtest", stir_name="hpc lm test", rings=8, detectors_per_ring=72, block_trans=9,
+                block_axial=4, bins=48, inner_radius_mm=100.0, doi_mm=5.0, bin_size_mm=4.0, ring_spacing_mm=4.0,
+                virtual_trans=1, span=3, max_ring_diff=7)
+    args.update(kw)
+    return Scanner(**args)

@@ -21,6 +21,7 @@ def test_cpu_and_auto_without_a_gpu(monkeypatch):
         resolve_device("tpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
 def test_local_rank_picks_the_gpu(monkeypatch):
     n = torch.cuda.device_count()

@@ -122,10 +122,9 @@ def test_wandb_offline_run_reads_back(tmp_path, monkeypatch, capsys):
                for r in records if r.WhichOneof("record_type") == "history"]
     losses = [h[("train/loss",)] for h in history if ("train/loss",) in h]
     assert losses == [0.75, 0.25]
-    for name in panels:
-        assert [h[(f"images/{name}", "_type")] for h in history if (f"images/{name}", "_type") in h] \
-            == ["image-file"]
-    assert len(list(run_file.parent.glob("files/media/images/**/*.png"))) == 5
+    # one labelled panel (hpc.train.panel) with the five images side by side
+    assert [h[("images/panel", "_type")] for h in history if ("images/panel", "_type") in h] == ["image-file"]
+    assert len(list(run_file.parent.glob("files/media/images/**/*.png"))) == 1
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.project, run.run_group, run.job_type) == ("hpc-test", "g1", "train")
     config = {i.key: json.loads(i.value_json) for i in run.config.update}  # the resolved config

@@ -1,6 +1,6 @@
-"""End to end at real size: an mMR span-11 study (837 planes x 252 views x 344 bins, virtual
-crystals, dead blocks in compressed data) and an mCT TOF study (400 bins x 168 views = 336 mashed by
-2 x 13 TOF bins, segment 0 only: the cut the issue allows) are simulated, converted, a tiny model
+"""End to end at real size: an mMR span-11 study (252 views x 344 bins, virtual crystals, dead
+blocks in compressed data) and an mCT TOF study (400 bins x 168 views = 336 mashed by 2 x 13 TOF
+bins), each cut to a few central planes of segment 0 (`hpc simulate --planes`), are simulated, converted, a tiny model
 trains on them with dead blocks for a few samples, and `hpc predict --dead-blocks` repairs them:
 only the planes a dead block reaches go through the network, everything else is copied bytewise,
 virtual-crystal LORs are written as 0, partly measured bins keep their counts."""
@@ -17,16 +17,19 @@ from hpc.io.interfile import parse_header
 from hpc.io.sinogram import SinogramReader
 from hpc.physics import geometry as G
 from hpc.physics import projdata as P
+from hpc.simulate import layout as SL
 
 from helpers import TINY, run_hpc
 
-# Cuts that keep CI at about a minute (2 CPU cores): segment 0 only (the mMR's span-11 segment 0 sums 11
-# ring differences, 127 planes), counts in the first planes only (--planes), one dead block, a 2-channel net.
+# Cuts that keep CI at about a minute (2 CPU cores): the central planes of segment 0 (the mMR's
+# span-11 segment 0 sums 11 ring differences at half-ring steps; --planes, STIR headers), wide enough
+# that a dead block reaches some of them but not all, one dead block, a 2-channel net.
+MMR = SL.central_planes(P.cti_layout(G.SCANNERS["mmr"], max_segment=0), 41)
+MCT = SL.central_planes(P.cti_layout(G.SCANNERS["mct"], max_segment=0), 15)
 CASES = {  # scanner, simulate options, the layout they must give, dead block to repair (None: the simulated one)
-    "mmr": (["--scanner", "Siemens mMR", "--max-segment", "0", "--planes", "6", "--dead-blocks", "1"],
-            P.cti_layout(G.SCANNERS["mmr"], max_segment=0), None),
-    "mct": (["--scanner", "mct", "--max-segment", "0", "--planes", "3", "--format", "stir"],
-            P.cti_layout(G.SCANNERS["mct"], max_segment=0), int(G.block_id(G.SCANNERS["mct"], 3, 5))),
+    "mmr": (["--scanner", "Siemens mMR", "--planes", "41", "--dead-blocks", "1"], MMR, None),
+    "mct": (["--scanner", "mct", "--planes", "15", "--format", "stir"], MCT,
+            int(SL.reaching_blocks(MCT)[5])),  # reaches the middle plane, not the last ones
 }
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two shared cores: one thread each is faster
 

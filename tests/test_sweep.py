@@ -114,7 +114,7 @@ def test_three_member_sweep_runs_as_an_array_and_status_shows_all_done(slurm, tm
     status = run_hpc("sweep", "status", "runs/sweeps/lr3", cwd=tmp_path, env=slurm.env, check=True)
     lines = status.stdout.splitlines()
     assert lines[0] == "sweep lr3: 3/3 done", status.stdout
-    rows = [ln.split() for ln in lines[2:]]
+    rows = [ln.split() for ln in lines[2:5]]  # the members; the baselines follow after a blank line
     assert [row[0] for row in rows] == ["000", "001", "002"]
     assert [row[1] for row in rows] == ["optim.lr=0.01", "optim.lr=0.003", "optim.lr=0.001"]
     assert all(row[2] == "done" and row[3] == "32/32" for row in rows)

@@ -110,4 +110,6 @@ BASELINES.register("biharmonic", per_slice=True, order=20)(per_slice(biharmonic_
 @BASELINES.register("axial3d", order=10)
 def axial3d(stack: Stack, planes: np.ndarray) -> np.ndarray:
     """3-D interpolation in the segment's stack of planes (axial3d_interp), the requested planes."""
-    return axial3d_interp(stack.y, stack.w, stack.valid)[planes]
+    if "axial3d" not in stack.memo:  # one interpolation of the whole stack, whichever planes are asked for
+        stack.memo["axial3d"] = axial3d_interp(stack.y, stack.w, stack.valid)
+    return stack.memo["axial3d"][planes]

@@ -14,7 +14,7 @@ gaps and 0 where no LOR exists (valid False). Registered with metadata:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ class Stack:
     mult: np.ndarray | None = None  # multiplicative factors (efficiency x attenuation), when known
     randoms: np.ndarray | None = None  # additive background, when known
     scanner: object | None = None  # hpc.physics.geometry.Scanner, when known
+    memo: dict = field(default_factory=dict)  # whole-stack results shared by calls on parts of its planes
 
 
 # (stack, planes (n,) indices into the stack, **free parameters) -> (n, V, X) float64

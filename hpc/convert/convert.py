@@ -3,7 +3,9 @@
 Inputs are Interfile headers (STIR `.hs`, Siemens `.s.hdr`/`.mhdr`) or, with --shape/--dtype, raw
 files. Each input file is one study; --input/--mask add a paired acquisition and a gap mask to the
 study at the same position, --expected/--randoms/--mult its noise-free expected counts, randoms and
-multiplicative factors (float32; hpc simulate writes them). Shards appear atomically (temporary
+multiplicative factors (float32; hpc simulate writes them). A Siemens list-mode header (.l.hdr)
+is histogrammed into one study per --frames frame, its delayeds stored as `delayed` and the randoms
+estimated from them; --norm/--mu-map add `mult` (hpc.convert.listmode). Shards appear atomically (temporary
 name, verified, renamed); manifest.json is written last, so a dataset is complete once it exists.
 --resume keeps the shards whose checksums verify and redoes the rest. Under `mpirun -np N` the ranks split the files.
 This module is the command: arguments, the checks of every file, the output directory, the manifest,
@@ -15,6 +17,8 @@ examples:
   hpc convert full1.hs full2.hs --input low1.hs low2.hs --mask gap1.s.hdr gap2.s.hdr -o data/paired
   hpc convert study.raw --shape 1,837,252,344 --dtype uint16 --endian big -o data/raw
   mpirun -np 4 hpc convert scans/*.s.hdr -o data/scans --resume
+  hpc convert scan.l.hdr -o data/lm --frames 0:60,60:300 --norm scan.n.hdr --mu-map mu.hv   # list mode
+  hpc convert scan.s.hdr -o data/s --norm scan.n.hdr --mu-map mu.hv     # + mult for a sinogram
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpc import __version__
+from hpc.convert import listmode as LM
 from hpc.convert.pool import run_pool
 from hpc.convert.study import TMP_NAME, Options, Study, convert_study, sweep_temporaries
 from hpc.distributed.launcher import mpi_world
@@ -74,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="processes sharing the shards of all files, without mpirun (each with --workers threads)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    LM.add_arguments(p)  # list mode, --norm, --mu-map
 
 
 def available_cores() -> int:
@@ -125,12 +131,16 @@ def plan(args: argparse.Namespace) -> list[Study]:
             raise InputError(f"--{role}: {len(files)} files for {len(args.sources)} inputs (lists pair by position)")
     studies, taken = [], set()
     for k, src in enumerate(args.sources):
+        if LM.is_listmode(src, args):  # one study per time frame, staged before converting
+            studies += LM.listmode_studies(src, k, args, taken)
+            continue
         target = _open_source(src, args)
         specs = {role: _open_source(files[k], args) for role, files in extra.items() if files}
         for role, spec in specs.items():
             _check_pair(target, spec, role)
         truth = tuple((role, specs[role]) for role in TRUTH if role in specs)
-        studies.append(Study(_study_id(Path(src), taken), target, specs.get("input"), specs.get("mask"), truth))
+        study = Study(_study_id(Path(src), taken), target, specs.get("input"), specs.get("mask"), truth)
+        studies.append(LM.with_factors(study, k, args, taken))  # + `mult` from --norm/--mu-map
     first = studies[0].target
     for s in studies[1:]:
         same_dtype = s.target.dtype.newbyteorder("=") == first.dtype.newbyteorder("=")
@@ -392,11 +402,14 @@ def run(args: argparse.Namespace) -> int:
             stop.check()
             bar.update(n)
 
+        staging = LM.Staging(out, args.resume, args.quiet)
+        studies = staging.run(studies, stop.check)  # list-mode frames and --norm/--mu-map factors, as files
         if args.processes > 1:
             entries = run_pool(studies, out, opts, args.processes, bar, stop.check)
         else:
             entries = [convert_study(s, out, opts, report) for s in studies]
         stop.check()  # never a manifest after Ctrl-C
-        write_manifest(out, entries, _options(args))
+        write_manifest(out, staging.provenance(entries), _options(args))
+        staging.finish()
     print(_summary(out, entries, time.perf_counter() - t0), flush=True)
     return 0

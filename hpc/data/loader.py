@@ -10,7 +10,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import re
 from collections.abc import Iterator
 
@@ -20,6 +23,7 @@ import torch
 from hpc.config import Config, check_dataset
 from hpc.data.index import SPLITS, SliceIndex, config_split, plan_epoch
 from hpc.data.reader import BatchReader, ReadSpec
+from hpc.data.select import stored_mask_gaps, stratified_runs
 from hpc.data.staging import stage_to
 from hpc.data.torch_backend import TorchBatches
 from hpc.data.transform import AUX, Batch, DeviceTransform
@@ -40,7 +44,7 @@ def aux_datasets(cfg: Config, ds: Dataset, split: str) -> tuple[str, ...]:
 
 class Loader:
     def __init__(self, cfg: Config, ds: Dataset, split: str, rank: int, world: int, device: torch.device,
-                 multiple: int = 0):
+                 multiple: int = 0, limit: int = 0):
         d = cfg.data
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -64,11 +68,25 @@ class Loader:
         self.reader = BatchReader(self.index, self.runs, spec)
         # the padding multiple is the model's (the trainer passes it); else data.pad_multiple, else none
         self.transform = DeviceTransform(cfg, self.index, device, self.train, multiple or d.pad_multiple or 1)
+        if limit and not self.train:  # a bounded evaluation: a stratified sample with gaps (hpc.data.select)
+            has_gaps = (stored_mask_gaps(self.index) if cfg.corrupt.use_stored_mask
+                         else self.transform.has_gaps if self.transform.dead is not None else None)
+            self.runs = stratified_runs(self.runs, limit, d.context, has_gaps)
+            self.reader = BatchReader(self.index, self.runs, spec)
         self.lanes = max(1, d.workers)  # fixed by the plan; restored by load_state_dict
         self.epoch, self.position = 0, 0
         self._plans: dict[int, list[np.ndarray]] = {}
         self._torch = self._dali = None  # hpc.data.torch_backend.TorchBatches, dali_backend.DaliBatches
         self._bytes = self._windows = 0  # this epoch, for stats()
+
+    def fingerprint(self) -> str:
+        """What a validation's baselines depend on (the slices, their corruption and normalization,
+        the studies' data): equal fingerprints, equal baseline scores (kept across resumes)."""
+        d = self.cfg.data
+        keys = {"slices": [(r.lo, r.hi) for r in self.runs], "corrupt": dataclasses.asdict(self.cfg.corrupt),
+                "data": [d.context, d.edge, d.normalize, d.nonneg, d.fill, d.seed],
+                "studies": [(s.id, s.sha256, s.num_slices) for s in self.index.ds.studies]}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def planner(self) -> functools.partial:
         """plan_epoch with everything but the epoch bound: picklable, so reader workers compute
@@ -162,8 +180,10 @@ def _one_line_errors(batches: Iterator) -> Iterator:
 
 
 def build_loader(cfg: Config, split: str, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None, multiple: int = 0) -> Loader:
+                 device: torch.device | None = None, multiple: int = 0, limit: int = 0) -> Loader:
     """The contract in docs/ARCHITECTURE.md (stages the split's shards to ``data.stage_to`` first).
     ``multiple``: views and bins are padded to it (the model's: hpc.train.models.input_multiple;
-    0 = data.pad_multiple, or no padding)."""
-    return Loader(cfg, check_dataset(cfg), split, rank, world, device or resolve_device(cfg.data.device), multiple)
+    0 = data.pad_multiple, or no padding). ``limit`` (val/test): at most this many centre slices
+    over all ranks, a stratified sample with gaps (hpc.data.select.stratified_runs)."""
+    return Loader(cfg, check_dataset(cfg), split, rank, world, device or resolve_device(cfg.data.device), multiple,
+                  limit)

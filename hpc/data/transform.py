@@ -78,6 +78,16 @@ class LayoutGeometry:
         """ids (B, C) -> (B, C, V, X) float: 1 where the pixel holds a real line of response."""
         return (self.valid_planes[self.plane[ids]][..., None, None] & self.valid_bins).float()
 
+    def reached(self, ids: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """ids (n,) slice ids, dead (n, D) block ids -> (n,) bool: a ring pair of the slice's plane
+        (between real rings) has a ring in a dead block's axial range, so the block takes some of its
+        lines of response (without building the (V, X) fractions)."""
+        t = self.tables
+        planes = self.plane[ids]
+        d_ax = torch.where(dead >= 0, dead.div(self.n_trans, rounding_mode="floor"), -1)[:, None]  # (n, 1, D)
+        a, b, real = t.block_a[planes][..., None], t.block_b[planes][..., None], t.real[planes] > 0  # (n, K, 1)
+        return (((a == d_ax) | (b == d_ax)).any(-1) & real).any(-1)
+
 
 AUX = ("mult", "randoms")  # optional shard datasets the reproject fill and baseline model (hpc.physics.recon)
 
@@ -215,6 +225,20 @@ class DeviceTransform:
         fold = FILLS.meta(self.cfg.data.fill).get("fold")
         return fold == "always" or (fold == "without_gaps" and not has_mask)
 
+    def dead_blocks(self, centre: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(B, corrupt.dead_blocks) dead block ids of samples with centre slices ``centre`` (B,).
+        Training draws new blocks each epoch; validation the same blocks for a slice every time."""
+        seed = self.cfg.data.seed * 1_000_003 + (epoch + 1 if self.train else 0)
+        return A.choose_blocks(seed, centre, self.dead.n_blocks, self.cfg.corrupt.dead_blocks)
+
+    def has_gaps(self, centres) -> np.ndarray | None:
+        """(n,) bool for centre slice ids (n,): the corruption takes lines of response from the slice
+        (validation's blocks: epoch-independent); None when gaps come from stored masks or nowhere."""
+        if self.dead is None or self.train:
+            return None
+        ids = torch.as_tensor(np.asarray(centres, np.int64), device=self.device)
+        return self.dead.reached(ids, self.dead_blocks(ids, 0)).cpu().numpy()
+
     def corrupt(self, raw: dict[str, torch.Tensor], epoch: int, gen: torch.Generator,
                 flipped: torch.Tensor | None, folded: A.AugmentParams | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -237,10 +261,7 @@ class DeviceTransform:
             if not c.paired:
                 inp = A.thin_fraction(inp, mask, gen)
         elif self.dead is not None:
-            # Training draws new blocks each epoch; validation the same blocks for a slice every time.
-            seed = self.cfg.data.seed * 1_000_003 + (epoch + 1 if self.train else 0)
-            centre = raw["ids"][:, raw["ids"].shape[1] // 2]
-            dead = A.choose_blocks(seed, centre, self.dead.n_blocks, c.dead_blocks)
+            dead = self.dead_blocks(raw["ids"][:, raw["ids"].shape[1] // 2], epoch)
             mask = self.dead.masks(raw["ids"], dead)
             if flipped is not None:
                 mask = A.flip_bins(mask, flipped)

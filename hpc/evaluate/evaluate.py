@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -40,15 +39,11 @@ import torch
 
 from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.baselines.stack import Stack
-from hpc.data.index import config_split
 from hpc.distributed.device import DEVICES, resolve_device
 from hpc.errors import InputError, OutputError
-from hpc.evaluate.report import log_wandb, save_panel, sino_table, write_report  # noqa: F401  (log_wandb: used by demo)
+from hpc.evaluate.report import log_wandb, save_panel, sino_table, write_report
 from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_SUBSETS, ImageScore, SinoScore, lesion_rois
-from hpc.io.headers import read_header
-from hpc.io.interfile import read_bounded
-from hpc.io.shards import STUDY_ID, TRUTH, Dataset, ShardArray
-from hpc.io.sinogram import SinogramReader
+from hpc.evaluate.studies import Study, dataset_studies, open_study, parse_study_args, simulation_studies
 from hpc.io.spec import SinogramSpec
 from hpc.physics import geometry as G
 from hpc.physics import recon as R
@@ -56,20 +51,11 @@ from hpc.physics.geometry import find_scanner
 from hpc.physics.projector import cached_projector, default_grid
 from hpc.progress import Progress
 from hpc.registry import BASELINES
-from hpc.repair.files import study_layout
 from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
 from hpc.train.checkpoint import load
 
 UNET = "unet"
 DEFAULT_REPROJECT_ITERS = DEFAULT_ITERS  # when neither --reproject-iters nor the checkpoint's validation chose one
-
-
-@dataclass
-class Study:
-    id: str
-    layout: SinogramSpec  # slice layout of the gapped input: windows and compatibility checks
-    open: Callable[[], dict]  # -> {role: reader}: input, target, mask (+ expected, randoms, mult)
-    lesions: list[dict] = field(default_factory=list)  # known lesions (simulations)
 
 
 @dataclass
@@ -80,97 +66,6 @@ class Options:
     reproject_iters: int = 0  # 0: the count the checkpoint's validation chose, else DEFAULT_REPROJECT_ITERS
     images: bool = True
     quiet: bool = False
-
-
-def _readers(specs: dict[str, SinogramSpec]) -> dict:
-    return {role: SinogramReader(sp) for role, sp in specs.items()}
-
-
-def open_study(paths: list[str], truth: dict[str, str] | None = None, sid: str = "",
-               lesions: list[dict] | None = None) -> Study:
-    """A gapped acquisition, its target, its gap mask (+ truth files by role), as files."""
-    specs = dict(zip(("input", "target", "mask"), (read_header(p) for p in paths), strict=True))
-    specs.update({role: read_header(p) for role, p in (truth or {}).items()})
-    inp = specs["input"]
-    for other in specs.values():
-        if (other.num_slices, other.slice_shape) != (inp.num_slices, inp.slice_shape):
-            raise InputError(f"{other.source}: {other.num_slices}x{other.views}x{other.bins} does not match "
-                             f"{inp.source} ({inp.num_slices}x{inp.views}x{inp.bins})")
-    return Study(sid or Path(paths[1]).name.split(".")[0], inp, lambda: _readers(specs), lesions or [])
-
-
-def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
-    """--study INPUT TARGET MASK [role=FILE ...] -> (three paths, {role: path})."""
-    if len(items) < 3 or any("=" in p for p in items[:3]):
-        raise InputError(f"--study {' '.join(items)}: expected INPUT TARGET MASK [expected=F randoms=F mult=F]")
-    truth = {}
-    for item in items[3:]:
-        role, _, path = item.partition("=")
-        if role not in TRUTH or not path:
-            raise InputError(f"--study: {item!r}: extra files are ROLE=FILE with ROLE in {', '.join(TRUTH)}")
-        truth[role] = path
-    return items[:3], truth
-
-
-def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
-    """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
-    root = Path(root)
-    records = _simulation_records(root / "studies.json")
-    test = [r for r in records if r.get("variant") == "test"]
-    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
-    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
-    if missing or not chosen:
-        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
-    out = []
-    for r in chosen:
-        files = r["files"]
-        if not {"gaps", "mask"} <= set(files):
-            raise InputError(f"{root}: study {r['id']} has no gaps (simulate with --dead-blocks)")
-        truth = {role: str(root / files[role]) for role in TRUTH if role in files}
-        out.append(open_study([str(root / files[k]) for k in ("gaps", "target", "mask")], truth, r["id"],
-                              r.get("lesions", [])))
-    return out
-
-
-def _simulation_records(path: Path) -> list[dict]:
-    """studies.json's records, checked: ids are plain names (they name the panels written under -o:
-    ``../x`` must not write outside it), files a role -> relative file name map."""
-
-    if not path.exists():
-        raise InputError(f"{path.parent}: not an hpc simulate directory (no studies.json)")
-    text = read_bounded(path, "studies.json", 64 << 20)  # a FIFO or /dev/zero must not hang it
-    try:
-        records = json.loads(text)["studies"]
-        if not isinstance(records, list):
-            raise ValueError("'studies' is not a list")
-        for r in records:
-            if not (isinstance(r["id"], str) and STUDY_ID.fullmatch(r["id"]) and r["id"] not in (".", "..")):
-                raise ValueError(f"study id {r['id']!r} is not a plain name (letters, digits, . _ -)")
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in r["files"].items()):
-                raise ValueError(f"study {r['id']}: files must map roles to file names")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"{path}: malformed studies.json ({exc})") from None
-    return records
-
-
-def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
-    """The checkpoint's own ``split`` of a converted dataset (studies with a stored gap mask); the
-    input is the stored paired acquisition when there is one, else the target with its gaps zeroed."""
-
-    ds = Dataset.open(root)
-    ids = [s.id for s in ds.studies]
-    chosen = ids if split == "all" else config_split(ids, rep.cfg.data, split)
-    if not chosen:
-        raise InputError(f"{root}: the checkpoint's {split!r} split has no studies")
-    out = []
-    for info in (ds.study(i) for i in chosen):
-        if not info.has_mask:
-            raise InputError(f"{root}: study {info.id} has no stored gap mask (hpc convert --mask)")
-        names = {"input": "input" if info.has_input else "target", "target": "target", "mask": "mask",
-                 **{r: r for r in info.truth}}
-        out.append(Study(info.id, study_layout(ds, info),
-                         lambda info=info, names=names: {k: ShardArray(info, n) for k, n in names.items()}))
-    return out
 
 
 def pick_slices(n: int, limit: int) -> np.ndarray:
@@ -198,13 +93,12 @@ def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: 
     return np.concatenate(out)
 
 
-def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, w: np.ndarray, valid: np.ndarray,
-                planes: np.ndarray, opts: Options, times: dict[str, float]) -> dict[str, np.ndarray]:
+def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, stack: Stack, planes: np.ndarray,
+                opts: Options, times: dict[str, float]) -> dict[str, np.ndarray]:
     """Every method's repair (n, V, X) of the stack planes ``planes``: the network and the registered
     baselines in ``opts.baselines`` (hpc.registry.BASELINES); adds each method's wall time."""
-    y = data["input"][planes]
+    y, w, valid = data["input"][planes], stack.w, stack.valid
     floor = (lambda a: np.maximum(a, 0.0)) if rep.pre.nonneg else (lambda a: a)
-    stack = Stack(data["input"], w, valid, data.get("mult"), data.get("randoms"), sc)
     params = {"reproject": {"iters": opts.reproject_iters}}
     runs: dict[str, Callable[[], np.ndarray]] = {
         UNET: lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
@@ -230,6 +124,9 @@ class StudyResult:
     image: dict[str, dict[str, ImageScore]] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)  # method -> seconds for this study
     panel: dict | None = None
+    panel_rank: tuple[bool, int] = (False, -1)  # (has images, gap pixels) of the panel's slice: the most wins
+    slices: int = 0  # slices scored
+    image_planes: int = 0  # direct planes reconstructed (for each version) for the image metrics
 
 
 def _valid(sc, data: dict, shape: tuple[int, ...]) -> np.ndarray:
@@ -265,7 +162,8 @@ def reconstruct(sc, sino: np.ndarray, valid: np.ndarray, data: dict) -> np.ndarr
 
 def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, repaired: dict,
                  z: np.ndarray) -> dict:
-    """Reconstruct every version of the stack, score them; returns the images (for the panel)."""
+    """Reconstruct every version of the planes at axial positions ``z`` (``data``, ``valid`` and
+    ``repaired`` hold just those planes), score them; returns the images (for the panel)."""
 
     grid = default_grid(sc)
     versions = {"gapped": data["input"] * (data["mask"] >= 1), **repaired}
@@ -280,6 +178,7 @@ def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray,
         for ref, ref_img in refs.items():
             if not (name == "full" and ref == "full"):
                 res.image.setdefault(name, {}).setdefault(ref, ImageScore()).update(img, ref_img, support, rois)
+    res.image_planes += len(z)
     return {**images, **{f"ref:{k}": v for k, v in refs.items()}}
 
 
@@ -295,7 +194,45 @@ def warm_projectors(sc, device: torch.device | str = "cpu") -> float:
     return time.perf_counter() - t0
 
 
+CHUNK = 16  # planes repaired, scored and reconstructed at a time: memory follows it, not the stack's size
+
+
+def _read_stack(readers: dict, st: Study, sc, lo: int, hi: int) -> tuple[dict, Stack]:
+    """A stack's data (float64, by role) and the Stack the baselines see (gap values zeroed)."""
+    data = {role: r.read(lo, hi).astype(np.float64) for role, r in readers.items()}
+    _finite_mask(data["mask"], readers["mask"], st, lo)
+    w = np.clip(data["mask"], 0, 1)
+    data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
+    valid = _valid(sc, data, w.shape)
+    return data, Stack(data["input"], w, valid, data.get("mult"), data.get("randoms"), sc)
+
+
+def _score_chunk(rep: Repairer, sc, st: Study, res: StudyResult, lo: int, data: dict, stack: Stack,
+                 planes: np.ndarray, z: np.ndarray | None, opts: Options) -> None:
+    """Repair the stack planes ``planes`` with every method, score them (sinograms, and images
+    when ``z`` gives their axial positions) and keep the panel of the slice with the most gaps."""
+    repaired = run_methods(rep, sc, st, lo, data, stack, planes, opts, res.times)
+    w, valid = stack.w[planes], stack.valid[planes]
+    for name, out in repaired.items():
+        for ref in ("target", "expected"):
+            if ref in data:
+                score = res.sino.setdefault(name, {}).setdefault("meas" if ref == "target" else "true", SinoScore())
+                score.update(out, data[ref][planes], w, valid)
+    images = None
+    if z is not None:
+        sub = {k: v[planes] for k, v in data.items()}
+        images = score_images(sc, st, res, sub, valid, repaired, z[planes])
+    gaps = ((w < 1) & valid).sum(axis=(1, 2))
+    k = int(gaps.argmax())
+    rank = (images is not None, int(gaps[k]))  # the image stack's panel wins, then the most gap pixels
+    if rank > res.panel_rank:
+        res.panel, res.panel_rank = _panel(data, stack, planes, k, lo, repaired, images), rank
+    res.slices += len(planes)
+
+
 def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None = None) -> StudyResult:
+    """Score the study's selected slices (``opts.slices``) in chunks of CHUNK planes: only those are
+    repaired and, where they are direct planes, reconstructed."""
     sc = geometry(rep, st.layout)
     res = StudyResult()
     scored = pick_slices(st.layout.num_slices, opts.slices)
@@ -303,29 +240,16 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
     try:
         lo_all, hi_all = stack_bounds(st.layout)
         for lo, hi in sorted(set(zip(lo_all.tolist(), hi_all.tolist(), strict=True))):
-            z = _image_planes(sc, st, lo, hi, opts)
             sel = scored[(scored >= lo) & (scored < hi)] - lo
-            planes = np.arange(hi - lo) if z is not None else sel
-            if planes.size == 0:
+            if sel.size == 0:
                 continue
-            data = {role: r.read(lo, hi).astype(np.float64) for role, r in readers.items()}
-            _finite_mask(data["mask"], readers["mask"], st, lo)
-            w = np.clip(data["mask"], 0, 1)
-            data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
-            valid = _valid(sc, data, w.shape)
-            repaired = run_methods(rep, sc, st, lo, data, w, valid, planes, opts, res.times)
-            keep = np.searchsorted(planes, sel)  # the scored planes among those repaired
-            for name, out in repaired.items():
-                for ref in ("target", "expected"):
-                    if ref in data:
-                        score = res.sino.setdefault(name, {}).setdefault("meas" if ref == "target" else "true",
-                                                                          SinoScore())
-                        score.update(out[keep], data[ref][sel], w[sel], valid[sel])
-            images = score_images(sc, st, res, data, valid, repaired, z) if z is not None else None
-            if sel.size and (res.panel is None or images is not None):  # the image stack's panel wins
-                res.panel = _panel(data, w, valid, sel, keep, lo, repaired, images)
-            if bar is not None:
-                bar.update(len(sel))
+            z = _image_planes(sc, st, lo, hi, opts)
+            data, stack = _read_stack(readers, st, sc, lo, hi)
+            for a in range(0, len(sel), CHUNK):
+                _score_chunk(rep, sc, st, res, lo, data, stack, sel[a:a + CHUNK], z, opts)
+                if bar is not None:
+                    bar.update(len(sel[a:a + CHUNK]))
+            del data, stack
     finally:
         for r in readers.values():
             r.close()
@@ -341,22 +265,29 @@ def _finite_mask(mask: np.ndarray, reader, st: Study, lo: int) -> None:
                          "0 = gap)")
 
 
-def check_output_dir(out: Path) -> None:
-    """-o must be a directory (or not exist yet): never an existing file."""
+def check_output_dir(out: Path, inputs: list[Path] = ()) -> None:
+    """-o must be a directory (or not exist yet), never an existing file, and never the input
+    dataset or simulation directory or a place inside it (``inputs``): evaluate never writes into
+    what it reads (as `hpc predict` refuses)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory (evaluate writes report.md, metrics.json "
                           "and panels/ into a directory)")
+    real = os.path.realpath(out)
+    for src in inputs:
+        banned = os.path.realpath(src)
+        if real == banned or real.startswith(banned + os.sep):
+            raise OutputError(f"{out}: inside the input {src}; write the evaluation elsewhere (-o)")
 
 
-def _panel(data: dict, w: np.ndarray, valid: np.ndarray, sel: np.ndarray, keep: np.ndarray, lo: int,
-           repaired: dict, images: dict | None) -> dict:
-    """The scored slice with the most gap pixels: its sinograms (and images) for the PNG panel."""
-    k = int(((w[sel] < 1) & valid[sel]).sum(axis=(1, 2)).argmax())
-    p = int(sel[k])
+def _panel(data: dict, stack: Stack, planes: np.ndarray, k: int, lo: int, repaired: dict,
+           images: dict | None) -> dict:
+    """Plane ``planes[k]`` (``k`` indexes the chunk's repairs and images): its sinograms (and
+    images) for the PNG panel."""
+    p = int(planes[k])
     return {"slice": lo + p, "input": data["input"][p], "target": data["target"][p],
-            "expected": data["expected"][p] if "expected" in data else None, "mask": w[p],
-            "methods": {n: o[keep[k]] for n, o in repaired.items()},
-            "images": None if images is None else {n: im[p] for n, im in images.items()}}
+            "expected": data["expected"][p] if "expected" in data else None, "mask": stack.w[p],
+            "methods": {n: o[k] for n, o in repaired.items()},
+            "images": None if images is None else {n: im[k] for n, im in images.items()}}
 
 
 def _pool(results: dict[str, StudyResult]) -> StudyResult:
@@ -369,6 +300,8 @@ def _pool(results: dict[str, StudyResult]) -> StudyResult:
                     dst[ref] = dst[ref].add(score) if ref in dst else type(score)().add(score)
         for name, t in res.times.items():
             pooled.times[name] = pooled.times.get(name, 0.0) + t / len(results)  # mean per study
+        pooled.slices += res.slices
+        pooled.image_planes += res.image_planes
     return pooled
 
 
@@ -413,13 +346,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reproject-iters", type=int, default=0,
                    help="OSEM iterations of reproject (default: the count the checkpoint's validation chose, "
                         f"else {DEFAULT_REPROJECT_ITERS})")
-    p.add_argument("--no-images", action="store_true", help="skip the image-domain evaluation")
-    p.add_argument("--slices", type=int, default=0, help="evenly spaced slices per study (0 = all)")
+    p.add_argument("--no-images", action="store_true",
+                   help="skip the image domain: no OSEM reconstruction of the scored direct planes (for each "
+                        "method, the gapped data and the full-data and noise-free references), so no img_* or "
+                        "lesion metrics and no image row in the panels; the sinogram metrics are unchanged")
+    p.add_argument("--slices", type=int, default=0,
+                   help="evenly spaced slices per study (0 = all): only these are repaired, scored and, where "
+                        "they are direct planes, reconstructed")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                    help="also log to W&B (WANDB_MODE overrides)")
-    p.add_argument("--project", default="hpc", help="W&B project")
+    p.add_argument("--project", default="", help="W&B project (default: the training run's log.project)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -435,9 +373,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES.names())}")
-    if args.batch < 1 or args.reproject_iters < 0:
-        raise InputError("--batch must be >= 1 and --reproject-iters >= 0")
-    check_output_dir(Path(args.output))
+    if args.batch < 1 or args.reproject_iters < 0 or args.slices < 0:
+        raise InputError(f"--batch must be >= 1, --reproject-iters >= 0 and --slices >= 0 (0 = all); got "
+                         f"--batch {args.batch} --reproject-iters {args.reproject_iters} --slices {args.slices}")
+    check_output_dir(Path(args.output), [Path(p) for p in (args.dataset, args.simulation) if p])
     rep = load_repairer(args.checkpoint, resolve_device(args.device, what="--device"))
     if args.dataset:
         studies = dataset_studies(rep, args.dataset, args.split)
@@ -449,8 +388,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     summary = evaluate(rep, studies, out, opts)
     print(sino_table(summary["results"], summary["times"]), end="")
+    done = summary["scored"]["overall"]
+    images = (f"{done['image_planes']} direct planes reconstructed for each version (--no-images skips this)"
+              if opts.images else "not evaluated (--no-images)")
+    print(f"scored: {done['slices']} slices of {len(studies)} studies; images: {images}")
     print(f"report: {summary['report']}\npanels: {', '.join(summary['panels'])}")
     mode = os.environ.get("WANDB_MODE", args.wandb)
     if mode != "disabled":
-        print(f"W&B run: {log_wandb(summary, mode, args.project, out)}")
+        print(f"W&B run: {log_wandb(summary, mode, out, rep, args.project)}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc.config import to_dict
 from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_METRICS, IMAGE_SUBSETS, SINO_METRICS
 from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.physics.recon import REPROJECT_SUBSETS
@@ -39,6 +40,12 @@ def flatten(results: dict) -> tuple[dict, dict, dict]:
                  for m, refs in r.image.items()} for s, r in results.items() if r.image}
     times = {s: dict(r.times) for s, r in results.items()}
     return sino, image, times
+
+
+def scored(results: dict) -> dict:
+    """{study | "overall": {"slices": scored, "image_planes": reconstructed}}: what --slices and
+    --no-images left to do."""
+    return {s: {"slices": r.slices, "image_planes": r.image_planes} for s, r in results.items()}
 
 
 def _table(rows: dict, columns, times: dict | None = None) -> str:
@@ -81,7 +88,8 @@ def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, set
     text += "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels)
     summary = {"checkpoint": str(rep.path), "reproject_iters": opts.reproject_iters, "setup_s": setup_s,
                "reproject_subsets": REPROJECT_SUBSETS, "image_recon": recon, "results": sino, "images": image,
-               "times": times}
+               "times": times, "scored": scored(results), "options": {"slices": opts.slices, "images": opts.images,
+                                                                      "baselines": list(opts.baselines)}}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
     report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
     return {**summary, "panels": panels, "report": str(report)}
@@ -132,11 +140,34 @@ def save_panel(p: dict | None, study: str, path: Path) -> Path:
     return path
 
 
-def log_wandb(summary: dict, mode: str, project: str, out_dir: Path) -> str:
-    """Log the tables and panels as one W&B run (job type "evaluate"); returns the run directory."""
+def training_run(rep) -> dict:
+    """What identifies the run that trained the checkpoint: its run dir (the checkpoint's
+    ``checkpoints/`` parent when it lies in one, else train.run_dir), W&B id, project, group, name."""
+    ckpt = Path(rep.path).resolve()
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(rep.cfg.train.run_dir)
+    id_file = run_dir / "wandb_id"
+    try:
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    except OSError:
+        run_id = ""
+    log = rep.cfg.log
+    return {"run_dir": str(run_dir), "wandb_id": run_id, "project": log.project, "entity": log.entity,
+            "group": log.group, "name": log.name or run_dir.name}
+
+
+def log_wandb(summary: dict, mode: str, out_dir: Path, rep, project: str = "") -> str:
+    """Log the tables and panels as one W&B run of job type "evaluate", linked to the training
+    run: the same project (unless ``project``) and group (the training run's group, else its W&B
+    id, so a run and its evaluations sit together), named after it, with the evaluation's options,
+    the checkpoint and the training run's id and config as its config. Returns the run directory."""
     import wandb
 
-    run = wandb.init(project=project, job_type="evaluate", mode=mode, dir=str(out_dir), reinit="finish_previous",
+    train = training_run(rep)
+    config = {"checkpoint": summary["checkpoint"], "train_run_id": train["wandb_id"], "train_run_dir": train["run_dir"],
+              "reproject_iters": summary["reproject_iters"], **summary["options"], "train": to_dict(rep.cfg)}
+    run = wandb.init(project=project or train["project"], entity=train["entity"] or None, job_type="evaluate",
+                     group=train["group"] or train["wandb_id"] or None, name=f"{train['name']}-eval", mode=mode,
+                     dir=str(out_dir), config=config, reinit="finish_previous",
                      settings=wandb.Settings(console="off", silent=True))
     keys = [f"{m}_{r}" for m in SINO_METRICS for r in ("meas", "true")]
     table = wandb.Table(columns=["study", "method", *keys, "seconds"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from hpc.config import Config, check_dataset, load_config
 from hpc.errors import ConfigError, InputError, OutputError
 from hpc.io.atomic import atomic_write_text
-from hpc.launch.submit import add_launch_arguments, launch_overrides, tasks_per_node
+from hpc.launch.submit import LAUNCH_FLAGS, launch_overrides, tasks_per_node
 
 TEMPLATES = ("dgx", "pyxis", "singularity", "plain")
 # Templates and partials are package data (found by importlib.resources, also in a plain `pip install .`);
@@ -133,7 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--venv", default="", help="dgx/plain: venv to activate (default: this one)")
     parser.add_argument("--mounts", default="", help="containers: SRC:DST[,...] (default: workdir)")
     parser.add_argument("--stage-to", default="", help="dgx: node-local dir to copy the dataset to")
-    add_launch_arguments(parser)
+    for flag, (key, tp, help_) in LAUNCH_FLAGS.items():
+        if key != "cluster":  # an sbatch script always runs on Slurm
+            parser.add_argument(flag, dest=f"launch_{key}", type=tp, default=None, metavar=key.upper(),
+                                help=f"{help_} [launch.{key}]")
+    parser.set_defaults(launch_cluster=None)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -145,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     else:  # rendering for another machine: its files cannot be checked from here
         print(f"# --workdir {workdir} is not on this machine: data.path not checked", file=sys.stderr)
     name = args.name or Path(cfg.train.run_dir).name or "hpc"
-    job = Job(config=args.config, overrides=args.overrides, name=name, workdir=workdir,
+    # the template passes train.run_dir="$RUN_DIR" (the resolved one) itself: not a second time
+    overrides = [o for o in args.overrides if not o.startswith("train.run_dir=")]
+    job = Job(config=args.config, overrides=overrides, name=name, workdir=workdir,
               image=args.image, venv=args.venv, mounts=args.mounts, stage_to=args.stage_to)
     script = render(args.template, cfg, job)
     log_dir = Path(workdir) / cfg.launch.log_dir

@@ -6,8 +6,9 @@ part of a compressed pixel's LORs. The physics of every ring pair is :func:`hpc.
     lay = projdata.default_layout(get_scanner("mmr"))      # span 11: 837 x 252 x 344
     means = layout_means(lay, phantom, "clinical", Physics(), planes=12)   # (T, P, V, X) float32
 
-``planes=N`` computes only the first N planes (storage order) and leaves the others 0: files keep
-their real size and layout, at the cost of N planes (a cut for tests; ``hpc simulate --planes``).
+``planes=N`` computes only the first N planes (storage order) and leaves the others 0 (a cut for
+tests of the full layout). ``hpc simulate --planes N`` instead simulates a smaller layout,
+:func:`central_planes`: the N central planes of segment 0, and its files hold just those.
 """
 from __future__ import annotations
 
@@ -119,7 +120,43 @@ def plain(layout: P.Layout, planes: int | None) -> bool:
     sc = layout.scanner
     return (layout.span == 1 and layout.view_mashing == 1 and planes is None and layout.bins == sc.bins
             and layout.tof_bins == sc.tof_bins and all(
-                lo == hi == s for s, lo, hi in zip(layout.segments, layout.min_rd, layout.max_rd, strict=True)))
+                lo == hi == s for s, lo, hi in zip(layout.segments, layout.min_rd, layout.max_rd, strict=True))
+            and all(n == sc.rings - abs(s) for s, n in zip(layout.segments, layout.axial_counts, strict=True)))
+
+
+def central_planes(layout: P.Layout, n: int) -> P.Layout:
+    """The layout of the ``n`` central planes of ``layout``'s segment 0 (STIR centres a segment's
+    axial positions on the scanner, so a shorter segment 0 is those planes); ValueError naming
+    what fits when ``n`` does not."""
+    k = layout.segments.index(0)
+    full = layout.axial_counts[k]
+    if not 1 <= n <= full:
+        raise ValueError(f"segment 0 of this layout has {full} planes; ask for 1..{full}")
+    if layout.compressed(k) and n % 2 == 0:
+        raise ValueError(f"segment 0 of this span-{layout.span} layout has its {full} planes at half-ring steps "
+                         f"centred on the scanner: the central planes are an odd count ({n - 1} or {n + 1}), "
+                         "or use --span 1")
+    if not layout.compressed(k) and (full - n) % 2:
+        parity = "an even" if full % 2 == 0 else "an odd"
+        raise ValueError(f"segment 0 of this span-1 layout has one plane per ring ({full}), centred on the "
+                         f"scanner: the central planes are {parity} count ({max(n - 1, 1)} or {min(n + 1, full)})")
+    return P.Layout(layout.scanner, (0,), (layout.min_rd[k],), (layout.max_rd[k],), (n,), layout.view_mashing,
+                    layout.bins, layout.tof_bins)
+
+
+def reaching_blocks(layout: P.Layout) -> np.ndarray | None:
+    """None when every block reaches some plane of ``layout`` (a scanner's full layout), else the
+    blocks that reach its middle plane (an axial block of their ring meets a ring pair of that
+    plane): in a cut of a few central planes (--planes) such a block leaves gaps in the planes around
+    the middle, and not only partly lost bins at an edge."""
+    n_trans, n_blocks = G.block_counts(layout.scanner)
+    blocks = np.arange(n_blocks)
+    a, b, real = layout.pair_table  # (P, K) axial blocks of each plane's ring pairs
+    if np.isin(blocks // n_trans, np.concatenate([a[real > 0], b[real > 0]])).all():
+        return None
+    mid = layout.planes // 2
+    ok = real[mid] > 0
+    return blocks[np.isin(blocks // n_trans, np.concatenate([a[mid][ok], b[mid][ok]]))]
 
 
 def sample(layout: P.Layout, ph: Phantom, counts: float | str, phys: SC.Physics, planes: int | None,
@@ -142,14 +179,25 @@ def add_layout_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--view-mashing", type=int, help="uncompressed views summed per stored view")
     lay.add_argument("--tof-mashing", type=int, help="TOF bins summed per stored bin (0 = non-TOF)")
     lay.add_argument("--planes", type=int, metavar="N",
-                     help="for tests: counts in the first N planes only (files keep their real size, the rest 0)")
+                     help="keep only the N central planes of segment 0 (the files hold N planes at the scanner's "
+                          "real transaxial size; odd N for span-compressed layouts; STIR headers)")
 
 
 def layout_from_args(args: argparse.Namespace, sc: G.Scanner) -> P.Layout:
-    """The layout the options ask for (hpc.physics.projdata.cti_layout); InputError naming the problem."""
+    """The layout the options ask for (hpc.physics.projdata.cti_layout; with --planes its central
+    planes of segment 0, :func:`central_planes`); InputError naming the problem."""
     if args.planes is not None and args.planes < 1:
         raise InputError(f"--planes must be >= 1, got {args.planes}")
+    if args.planes is not None and args.max_segment not in (None, 0):
+        raise InputError(f"--planes {args.planes} keeps planes of segment 0 only; "
+                         f"drop --max-segment {args.max_segment}")
     try:
-        return P.cti_layout(sc, args.span, args.max_ring_diff, args.view_mashing, args.tof_mashing, args.max_segment)
+        layout = P.cti_layout(sc, args.span, args.max_ring_diff, args.view_mashing, args.tof_mashing, args.max_segment)
     except ValueError as exc:
         raise InputError(f"--span/--max-ring-diff/--view-mashing/--tof-mashing on {sc.name}: {exc}") from None
+    if args.planes is None:
+        return layout
+    try:
+        return central_planes(layout, args.planes)
+    except ValueError as exc:
+        raise InputError(f"--planes {args.planes} on {sc.name}: {exc}") from None

@@ -33,7 +33,7 @@ examples:
   hpc simulate -o data/mmr --studies 1 --scanner mmr --counts 2e7 --png mmr.png
   hpc simulate -o data/mct --studies 1 --scanner mct --format stir     # 621 x 168 x 400 x 13 TOF
   hpc simulate -o data/t --scanner mmr --span 1 --max-segment 2 --dead-blocks 2   # span 1, 5 segments
-  hpc simulate -o data/ci --scanner mct --max-segment 0 --planes 4 --randoms 0    # real size, 4 planes
+  hpc simulate -o data/ci --scanner mct --planes 5 --randoms 0     # real transaxial size, 5 central planes
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from hpc.physics import geometry as G
 from hpc.physics import projdata as P
 from hpc.progress import Progress
 from hpc.simulate import layout as SL
-from hpc.simulate.counts import Means, Physics, study_means, to_uint16
+from hpc.simulate.counts import Means, Physics, efficiencies, study_means, to_uint16
 from hpc.simulate.layout import add_layout_arguments, layout_from_args, storage_tof
 from hpc.simulate.phantom import random_phantom
 
@@ -88,13 +88,27 @@ def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str,
     else:
         means, full = SL.sample(layout, ph, counts, phys, planes, rng, study_id)
     low = rng.binomial(full, low_dose).astype(np.uint16) if low_dose > 0 else None
-    dead = G.random_blocks(sc, dead_blocks, rng) if dead_blocks > 0 else np.zeros(0, np.int64)
+    dead = _dead_blocks(layout, dead_blocks, rng)
     gaps = mask = None
     if dead_blocks > 0:
         gaps, mask = SL.thin_dead_blocks(layout, full, dead, rng)
         if np.isin(mask, (0.0, 1.0)).all():
             mask = mask.astype(np.uint8)
     return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant, gaps)
+
+
+def _dead_blocks(layout, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` distinct dead blocks, sorted: any for a scanner's full layout, and for a cut of a few
+    central planes (--planes) among those that reach its middle plane (layout.reaching_blocks): a
+    dead block that takes nothing from the simulated planes would leave its gap files without gaps."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    reach = SL.reaching_blocks(layout)
+    if reach is None:
+        return G.random_blocks(layout.scanner, k, rng)
+    if k > len(reach):
+        raise InputError(f"--dead-blocks {k}: only {len(reach)} blocks reach the middle of these planes")
+    return np.sort(rng.choice(reach, size=k, replace=False))
 
 
 def study_seeds(seed: int, n: int) -> list[int]:
@@ -125,32 +139,63 @@ def write_study(out: Path, st: Study, sc: G.Scanner, fmt: str, segments: tuple[i
     return {role: path.name for role, path in files.items()}
 
 
-def render_png(st: Study, sc: G.Scanner, png: Path) -> Path:
-    """Rows: direct planes through the first dead blocks (else the first and last plane); columns:
-    full-count sinogram, the same with the dead blocks' LORs zeroed, the mask. TOF bins summed."""
+def write_listmode_files(out: Path, st: Study, sc: G.Scanner, layout, phys: Physics, seconds: float) -> dict[str, str]:
+    """The study as list mode over ``seconds``, the scanner's normalisation and the phantom's mu-map
+    (hpc.simulate.listmode): {role: file name} for studies.json."""
+    from hpc.io.mumap import write_mumap  # late: only --listmode writes these files
+    from hpc.io.normfile import write_norm  # late, as above
+    from hpc.simulate import listmode as SLM  # late, as above
+
+    rng = np.random.default_rng([st.seed, 25])  # the delayeds and event times: their own stream
+    prompts = storage_tof(st.full, "siemens")
+    lm = SLM.write_acquisition(out, st.id, layout, prompts, storage_tof(st.means.randoms, "siemens"), seconds, rng)
+    norm = write_norm(out / st.id, SLM.scanner_norm(sc, efficiencies(sc, phys)))
+    ph = random_phantom(sc, np.random.default_rng(st.seed), st.variant)  # the study's phantom: its first draw
+    mu = write_mumap(out / f"{st.id}_umap", SLM.phantom_mumap(sc, ph))
+    return {"listmode": lm.name, "norm": norm.name, "mu_map": mu.name}
+
+
+def png_planes(st: Study, layout) -> list[int]:
+    """Up to two planes (storage indices) to draw: for each of the first dead blocks the middle of
+    the planes it reaches, else the plane with the most counts and the central one."""
+    planes = []
+    for b in st.dead[:2]:
+        hit = np.flatnonzero(P.hit_planes(layout, [b]) & layout.valid_planes)
+        if hit.size:
+            planes.append(int(hit[hit.size // 2]))
+    if not planes:
+        planes = [int(st.full.sum(axis=(0, 2, 3)).argmax()), layout.planes // 2]
+    return sorted(set(planes))
+
+
+def render_png(st: Study, sc: G.Scanner, png: Path, layout) -> Path:
+    """Rows: planes through the first dead blocks (else the fullest and the central plane, see
+    png_planes); columns: full-count sinogram, the same with the dead blocks' LORs thinned, the
+    mask. TOF bins summed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = st.full.sum(axis=0)  # (P, V, X)
+    gaps = st.gaps.sum(axis=0) if st.gaps is not None else data
     mask = st.mask if st.mask is not None else np.ones_like(data, np.uint8)
-    # direct plane r (ring r with itself) is stored at index r; take the middle ring of a dead block
-    n_trans = G.block_counts(sc)[0]
-    centres = [min(b // n_trans * sc.block_axial + sc.block_axial // 2, sc.rings - 1) for b in st.dead]
-    planes = sorted(set(centres))[:2] or sorted({0, sc.rings - 1})
-    cols = [("full count", data), (f"dead blocks {st.dead}", data * mask), ("mask (1 = measured)", mask)]
+    seg, axial = layout.plane_segment_axial()
+    planes = png_planes(st, layout)
+    cols = [("full count", data), (f"dead blocks {st.dead}", gaps), ("mask (1 = measured)", mask)]
     fig, axes = plt.subplots(len(planes), 3, squeeze=False, figsize=(10.5, 3.4 * len(planes) + 0.4))
     for row, p in enumerate(planes):
         for col, (label, arr) in enumerate(cols):
             ax = axes[row][col]
             kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if col == 2 else {"cmap": "inferno", "vmin": 0}
-            ax.imshow(arr[p], aspect="auto", interpolation="nearest", **kw)
-            ax.set_title(f"plane {p}: {label}", fontsize=8)
+            im = ax.imshow(arr[p], aspect="auto", interpolation="nearest", **kw)
+            ax.set_title(f"plane {p} (segment {seg[p]}, axial {axial[p]}): {label}", fontsize=8)
             ax.set_xlabel("radial bin", fontsize=7)
             ax.set_ylabel("view", fontsize=7)
             ax.tick_params(labelsize=6)
-    fig.suptitle(f"hpc simulate: study {st.id} on scanner {sc.name} ({sc.views} views x {sc.bins} bins)")
+            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    fig.suptitle(f"hpc simulate: study {st.id} on scanner {sc.name} ({layout.views} views x {layout.bins} bins, "
+                 f"{layout.planes} planes)")
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.88, hspace=0.45, wspace=0.3)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -181,9 +226,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adds <id>_low, each count kept with probability F in (0, 1)")
     add_layout_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (each study derives its own)")
-    p.add_argument("--format", choices=("siemens", "stir"), default="siemens",
-                   help="Siemens .s.hdr (default) or STIR .hs headers")
+    p.add_argument("--format", choices=("siemens", "stir"), default=None,
+                   help="Siemens .s.hdr (default) or STIR .hs headers (the default with --planes, whose cut of "
+                        "the layout a Siemens header cannot state)")
     p.add_argument("--png", metavar="FILE", help="picture of the first study (planes, dead blocks, mask)")
+    p.add_argument("--listmode", type=float, metavar="SECONDS",
+                   help="also write each study as Siemens PETLINK list mode over SECONDS (<id>.l + .l.hdr: its "
+                        "prompts, delayeds drawn from its randoms), with the scanner's normalisation (<id>.n.hdr) "
+                        "and the phantom's mu-map (<id>_umap.hv); needs --span 1 (hpc.simulate.listmode)")
 
 
 def _count_level(text: str) -> float | str:
@@ -228,7 +278,7 @@ def _would_replace(out: Path, studies: int) -> list[str]:
     if not out.is_dir():
         return []
     ids = {f"s{i:03d}" for i in range(studies)}
-    name = re.compile(r"(s\d{3,})(?:_(?:low|gaps|mask|expected|randoms|mult))?\.")
+    name = re.compile(r"(s\d{3,})(?:_(?:low|gaps|mask|expected|randoms|mult|umap))?\.")
     return sorted(p.name for p in out.iterdir() if (m := name.match(p.name)) and m.group(1) in ids)
 
 
@@ -236,6 +286,13 @@ def run(args: argparse.Namespace) -> int:
 
     sc = _check_args(args)
     layout = layout_from_args(args, sc)
+    if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1):
+        raise InputError(f"--listmode {args.listmode}: needs SECONDS > 0 and a span-1, unmashed layout (--span 1; "
+                         f"got span {layout.span}, view mashing {layout.view_mashing})")
+    if args.planes is not None and args.format == "siemens":
+        raise InputError(f"--planes {args.planes}: a Siemens header states a scanner's span and maximum ring "
+                         "difference only, not a cut of its planes; use --format stir (the default with --planes)")
+    args.format = args.format or ("stir" if args.planes is not None else "siemens")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     segments = layout.segments
@@ -245,8 +302,10 @@ def run(args: argparse.Namespace) -> int:
         for i, seed in enumerate(study_seeds(args.seed, args.studies)):
             variant = "test" if i >= args.studies - args.test_studies else "train"
             st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose,
-                                phys, variant, layout, args.planes)
+                                phys, variant, layout)
             files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth, layout=layout)
+            if args.listmode:
+                files.update(write_listmode_files(out, st, sc, layout, phys, args.listmode))
             records.append({"id": st.id, "seed": seed, "variant": variant, "counts": int(st.full.sum(dtype=np.int64)),
                             "randoms": float(st.means.randoms.sum()), "max": int(st.full.max()),
                             "dead_blocks": st.dead, "lesions": st.lesions, "files": files})
@@ -260,6 +319,6 @@ def run(args: argparse.Namespace) -> int:
             "shape": list(first.full.shape), "studies": records}
     atomic_write_text(out / "studies.json", json.dumps(meta, indent=1) + "\n")
     if args.png:
-        render_png(first, sc, Path(args.png))
+        render_png(first, sc, Path(args.png), layout)
     print(f"simulate: {args.studies} studies (T, planes, V, X) = {tuple(first.full.shape)} on {sc.name} -> {out}")
     return 0

@@ -277,8 +277,20 @@ def describe(path: str | Path) -> str:
     if path.is_dir():
         ck = Checkpointer(path)
         files = ck.list() + ([ck.best_path] if ck.best_path.exists() else [])
-        lines = [f"run dir {path}: {len(files)} checkpoint(s)"]
-        lines += [f"  {p.name}: " + _one_line(p) for p in files]
+        lines, newest = [f"run dir {path}: {len(files)} checkpoint(s)"], None
+        for p in files:
+            try:
+                s = load(p)
+            except InputError as exc:
+                lines.append(f"  {p.name}: UNREADABLE ({exc})")
+                continue
+            newest = newest or s
+            metric = _metrics(s.get("metrics") or {})
+            lines.append(f"  {p.name}: step {s['step']} epoch {s['epoch']}"
+                         + (f"; {_validated(s)}: {metric}" if metric else ""))
+        splits = ((newest or {}).get("data") or {}).get("splits")
+        if splits:
+            lines.append("  studies: " + " | ".join(f"{k} {', '.join(v) or '-'}" for k, v in splits.items()))
         return "\n".join(lines)
     state = load(path)
     cfg = state["config"]
@@ -293,14 +305,22 @@ def describe(path: str | Path) -> str:
         f"  code: hpc {state.get('version', '?')} git {state.get('git', '') or '?'}",
     ]
     if state.get("metrics"):
-        lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in state["metrics"].items()))
+        lines.append(f"  {_validated(state)}: " + _metrics(state["metrics"]))
+    splits = (state.get("data") or {}).get("splits")
+    if splits:
+        lines.append("  studies: " + " | ".join(f"{k} {', '.join(v) or '-'}" for k, v in splits.items()))
     return "\n".join(lines)
 
 
-def _one_line(p: Path) -> str:
-    try:
-        s = load(p)
-    except InputError as exc:
-        return f"UNREADABLE ({exc})"
-    metric = ", ".join(f"{k}={v:.4g}" for k, v in (s.get("metrics") or {}).items())
-    return f"step {s['step']} epoch {s['epoch']}" + (f" ({metric})" if metric else "")
+def _metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) and v is not None else f"{k}={v}"
+                     for k, v in metrics.items())
+
+
+def _validated(state: dict) -> str:
+    """Whose metrics a checkpoint holds: those of the last validation, which may be older than the
+    checkpoint (checkpoint.every and train.val_every differ)."""
+    at = (state.get("validation") or {}).get("step", -1)
+    if at is None or at < 0:
+        return "metrics (last validation)"
+    return "metrics (this step's validation)" if at == state["step"] else f"metrics (last validation, at step {at})"

@@ -1,9 +1,12 @@
 """Run logging: console progress (rank 0), ``metrics.jsonl`` + ``config.yaml`` in the run dir
 (readable without any service), W&B (rank 0; online / offline / disabled) and optional TensorBoard.
 
+    preflight(cfg)                                    # before anything is written: services, packages
     log = RunLogger(cfg, main=ctx.rank == 0, total=cfg.train.samples)
     log.scalars(step, {"loss": 0.1, "lr": 1e-3}, kind="train")
-    log.images(step, {"input": x, "prediction": y, ...})   # (V, X) tensors
+    log.images(step, {"input": x, "prediction": y, ...})   # (V, X) tensors -> one labelled panel
+    log.best({"nmse_gap": 0.1, "step": 64})           # the W&B run's summary
+    log.end(step)                                     # metrics.jsonl: the run is complete
     log.close()
 
 On other ranks every call does nothing. W&B never prompts: online mode needs WANDB_API_KEY in the
@@ -17,6 +20,7 @@ below the last one it saw. W&B's step is a log counter that only grows, kept in 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,9 +28,6 @@ import re
 import secrets
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from hpc import config as C
 from hpc.errors import ConfigError, OutputError
@@ -64,13 +65,19 @@ def _small_file(path: Path) -> str:
     return read_bounded(path, "run state", 4096, OutputError, follow=False).decode("utf-8", "replace").strip()
 
 
-def to_uint8(img: torch.Tensor, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """(V, X) tensor -> (V, X) uint8 scaled to [lo, hi] (its own range by default)."""
-    a = img.detach().float().cpu().numpy()
-    lo = float(np.nanmin(a)) if lo is None else lo
-    hi = float(np.nanmax(a)) if hi is None else hi
-    scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return (np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
+def preflight(cfg: C.Config) -> None:
+    """What the logger will need, checked before a run directory or a W&B run is created (and by
+    `hpc train --print-config`): a valid W&B mode, its key when online, the packages it imports."""
+    mode = wandb_mode(cfg.log)
+    if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={mode} needs the `wandb` package (pip install 'hpc[wandb]'), "
+                          "or set log.wandb=disabled")
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("log.wandb=online needs WANDB_API_KEY in the environment "
+                          "(or use log.wandb=offline and `wandb sync` later)")
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the `tensorboard` package "
+                          "(pip install tensorboard), or set log.tensorboard=false")
 
 
 class RunLogger:
@@ -81,28 +88,23 @@ class RunLogger:
         self._jsonl = None
         if not main:
             return
+        preflight(cfg)  # nothing is created for a run that cannot log
         self.run_dir.mkdir(parents=True, exist_ok=True)
         C.save(cfg, self.run_dir / "config.yaml")
         self._jsonl = append_open(self.run_dir / "metrics.jsonl")  # one line per record, never through a link
-        self.bar = Progress(total=total, unit="samples", desc="train", enabled=cfg.log.progress)
-        self.bar.update(resumed_step)
+        self.bar = Progress(total=total, unit="samples", desc="train", enabled=cfg.log.progress,
+                            initial=resumed_step)  # a resumed run's rate and ETA count this attempt only
         self.mode = wandb_mode(cfg.log)
         if self.mode != "disabled":
             self.wandb = self._init_wandb(cfg)
         if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("log.tensorboard=true needs the `tensorboard` package "
-                                  "(pip install tensorboard), or set log.tensorboard=false") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(own_dir(self.run_dir / "tensorboard")))
 
     def _init_wandb(self, cfg: C.Config):
         import wandb
 
-        if self.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise ConfigError("log.wandb=online needs WANDB_API_KEY in the environment "
-                              "(or use log.wandb=offline and `wandb sync` later)")
         # the same W&B run continues across requeues/resumes of this run dir
         run_id = _small_file(self.run_dir / "wandb_id") or secrets.token_hex(6)
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
@@ -148,28 +150,53 @@ class RunLogger:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
-    def images(self, step: int, panels: dict[str, torch.Tensor]) -> None:
-        """Image panels, e.g. input/prediction/target/error/mask, each a (V, X) tensor. input,
-        prediction and target share the target's intensity range so they compare by eye."""
+    def images(self, step: int, panels: dict) -> None:
+        """One labelled panel (hpc.train.panel): the validation slice with the most gap pixels as
+        input, prediction, target, |error| and mask, on fixed colour scales with colour bars."""
         if not self.main or (self.wandb is None and self.tb is None):
             return
-        ref = panels.get("target")
-        lo, hi = (float(ref.min()), float(ref.max())) if ref is not None else (None, None)
-        shared = {"input", "prediction", "target"}
-        arrays = {k: to_uint8(v, *((lo, hi) if k in shared else (None, None))) for k, v in panels.items()}
+        from hpc.train.panel import render_panel  # late: matplotlib, only for runs that log images
+
+        rgb, caption = render_panel(panels, step)
         if self.wandb is not None:
             import wandb
 
-            self._wandb_log({f"images/{k}": wandb.Image(a, caption=k) for k, a in arrays.items()}, step)
+            self._wandb_log({"images/panel": wandb.Image(rgb, caption=caption)}, step)
         if self.tb is not None:
-            for k, a in arrays.items():
-                self.tb.add_image(f"images/{k}", a[None], step)
+            self.tb.add_image("images/panel", rgb.transpose(2, 0, 1), step)
+
+    def best(self, values: dict[str, float]) -> None:
+        """The best validation so far into the W&B run's summary (``best/<key>``), which is what the
+        runs table of a project or a sweep shows."""
+        if self.main and self.wandb is not None:
+            self.wandb.summary.update({f"best/{k}": v for k, v in values.items()})
+
+    def end(self, step: int) -> None:
+        """metrics.jsonl's last record: the run is complete (final validation and checkpoint
+        written). `hpc sweep status` says "done" only then."""
+        if self.main:
+            self._jsonl.write(json.dumps({"step": step, "kind": "end"}) + "\n")
+
+    def pause(self) -> None:
+        """Erase the terminal bar (it is drawn again at the next update)."""
+        if self.main and self.bar is not None:
+            self.bar.clear()
+
+    def report(self, text: str) -> None:
+        """A line of what the run did (a validation, ...) on stdout; progress, warnings and errors
+        go to stderr, so `hpc train > run.log` keeps the results."""
+        if self.main:
+            self.pause()
+            print(f"hpc train: {text}", flush=True)
 
     def message(self, text: str) -> None:
         if self.main:
+            if self.bar is not None:
+                self.bar.clear()  # a terminal bar gives up its line; the next update draws it again
             print(f"hpc train: {text}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, best_checkpoint: Path | None = None) -> None:
+        """End the run's logs; ``best_checkpoint`` (online W&B) is logged as a model artifact."""
         if not self.main or self._jsonl.closed:  # closing twice (a failure after close) is a no-op
             return
         self.bar.close()
@@ -179,10 +206,21 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
 
-            run_dir = Path(self.wandb.dir).parent  # .../wandb/offline-run-*/files -> the run's dir
+            if self.mode == "online" and best_checkpoint is not None and best_checkpoint.is_file():
+                art = wandb.Artifact(f"{self.wandb.id}-best", type="model",
+                                     metadata={"run_dir": str(self.run_dir), "summary": dict(self.wandb.summary)})
+                art.add_file(str(best_checkpoint))
+                self.wandb.log_artifact(art)
             self.wandb.finish()
             # finish() returns before wandb-core (a process of its own) has written the offline file;
             # teardown waits for it, so the run is complete on disk when `wandb sync` is suggested
             wandb.teardown()
             if self.mode == "offline":
-                self.message(f"W&B offline run saved; upload it later with:  wandb sync {run_dir}")
+                self.message(f"W&B offline run saved; upload it later with:  {sync_command(self.run_dir)}")
+
+
+def sync_command(run_dir: Path) -> str:
+    """`wandb sync` of every offline attempt of a run dir (one directory per attempt: a resumed run
+    has several, all the same W&B run)."""
+    found = sorted(str(p) for p in (Path(run_dir) / "wandb").glob("offline-run-*") if p.is_dir())
+    return "wandb sync " + " ".join(found)

@@ -28,22 +28,24 @@ from pathlib import Path
 
 import torch
 
-from hpc.config import Config, dump, load_config, validate
+from hpc.config import Config, dump, load_config, to_dict, validate
 from hpc.data import build_loader
+from hpc.data.select import empty_fraction
 from hpc.distributed import dist
 from hpc.distributed.device import device_memory
 from hpc.distributed.launcher import setup_torch_env
 from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError, OutputError
-from hpc.io.dirlock import remove_empty
+from hpc.io.dirlock import missing_dirs, remove_empty
 from hpc.registry import FILLS, LOSSES, MODELS, SCANNERS
 from hpc.train import checkpoint as ck
-from hpc.train.logger import RunLogger
+from hpc.train.logger import RunLogger, preflight
 from hpc.train.losses import build_loss
 from hpc.train.models import build_model, check_fits, input_multiple
 from hpc.train.optim import LRSchedule, build_optimizer, set_numerics
+from hpc.train.report import empty_line, finished_line, model_differences, splits_line, val_line
 from hpc.train.runlock import RunLock
 from hpc.train.state import TrainState, training_data
-from hpc.train.validate import Validator
+from hpc.train.validate import Validator, reproject_iters, slice_baselines
 
 
 class Preemption:
@@ -69,16 +71,18 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         validate(cfg)  # configs built in code (tests, submitit) get the same checks as loaded ones
+        preflight(cfg)  # what logging needs (packages, W&B key), before a run dir or W&B run exists
         self.cfg = cfg
         self.stop = Preemption()  # before the slow set-up: a signal then still ends in a checkpoint
         self.ctx = dist.init(cfg.dist, cfg.data.device)
+        created = missing_dirs([Path(cfg.train.run_dir)])  # what this start creates (removed if it fails)
         self.lock = self._lock()  # before anything is read from or written to the run dir
         try:
             self._build()
         except BaseException:
             self.release()
-            if self.lock is not None:  # a failed start leaves no empty run directory (or runs/) behind
-                remove_empty(self.lock.created)
+            if self.ctx.rank == 0:
+                remove_empty(created)  # a failed start leaves no empty run directory behind
             raise
 
     def _build(self) -> None:
@@ -89,25 +93,44 @@ class Trainer:
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         multiple = input_multiple(cfg)  # the loader pads views and bins to what the model needs
         self.loader = build_loader(cfg, "train", ctx.rank, ctx.world, ctx.device, multiple)
-        val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device, multiple) if cfg.train.val_every \
-            else None
+        limit = cfg.train.val_batches * cfg.data.batch_size * ctx.world  # slices of a bounded validation
+        val_loader = build_loader(cfg, "val", ctx.rank, ctx.world, ctx.device, multiple, limit) \
+            if cfg.train.val_every else None
         # what the data and the memory allow, before anything is allocated (hpc.config bounds the rest)
         check_fits(cfg, ctx.device, self.loader.index.ds.slice_shape, device_memory(ctx.device))
         self.model = build_model(cfg.model, cfg.in_channels()).to(ctx.device, memory_format=self.fmt)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.sched = LRSchedule(cfg.optim, cfg.train.best_mode)
         self.loss = build_loss(cfg.loss)
-        self.validator = Validator(cfg, val_loader, self.model.centre) if val_loader is not None else None
+        self.validator = Validator(cfg, val_loader, self.model.centre, main=ctx.rank == 0) \
+            if val_loader is not None else None
         self.state = TrainState(cfg, self.model, self.optimizer, self.sched, self.loader,
-                                training_data(cfg, self.loader), ctx.rank)
+                                training_data(cfg, self.loader), ctx.rank, self.validator)
         self.ckpt = ck.Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep)
         self.resumed_from = self._resume() if cfg.checkpoint.resume else None
+        self.finished = self.resumed_from is not None and self.state.step >= cfg.train.samples
+        if self.finished:  # nothing to train: no log, no W&B run, no validation
+            return
+        if ctx.rank == 0:
+            self._describe_data()
         self.net = dist.wrap(self.model, cfg.dist, ctx, compile=cfg.train.compile)  # after loading the weights
         self.log = RunLogger(cfg, ctx.rank == 0, cfg.train.samples, self.state.step)
-        self.val_step = -1  # step of the last validation
         self.lr = 0.0  # of the last optimizer step
-        self._steps, self._shown = 0, ""  # optimizer steps of this process; the bar's last logged loss
+        self._steps = 0  # optimizer steps of this process
         self._bad = torch.zeros((), dtype=torch.bool, device=ctx.device)  # a non-finite loss was seen
+        # the bar's loss: this rank's mean over the steps since it was last shown (summed on the device)
+        self._window = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        self._shown = (0.0, "")  # (time, text) of the bar's last loss
+
+    def _describe_data(self) -> None:
+        """Which studies went where, and a warning when the training data are mostly empty."""
+        ids = [s.id for s in self.loader.index.ds.studies]
+        print(f"hpc train: {splits_line(self.state.data['splits'])}", flush=True)  # stdout: what happens
+        index = self.loader.index
+        fraction, n = empty_fraction(index, [ids.index(s) for s in self.loader.studies])
+        warning = empty_line(fraction, n, str(index.ds.root))
+        if warning:
+            print(f"hpc train: warning: {warning}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------ run dir
     def _lock(self) -> RunLock | None:
@@ -137,7 +160,14 @@ class Trainer:
             return None
         if saved["rng"] and len(saved["rng"]) != self.ctx.world:
             raise ConfigError(f"{path}: written by {len(saved['rng'])} rank(s), this job has {self.ctx.world}")
-        self.state.load_state_dict(saved)
+        try:
+            self.state.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError) as exc:  # another network or optimizer than the run's
+            diff = model_differences(saved["config"], to_dict(self.cfg))
+            what = "; ".join(diff) if diff else f"its state does not fit this config ({str(exc).splitlines()[0][:120]})"
+            raise ConfigError(f"{path}: this run directory holds another model: {what}. A run directory holds "
+                              f"one run: start a new one with train.run_dir=NEW_DIR, or drop the changed "
+                              f"overrides to continue this one") from None
         if self.ctx.rank == 0:
             print(f"hpc train: resumed from {path} (step {self.state.step})", file=sys.stderr, flush=True)
         return path
@@ -186,23 +216,38 @@ class Trainer:
         return total / n
 
     def _validate(self) -> bool:
-        """Validate, log (with the baselines), step the plateau schedule; True when a new best."""
+        """Validate, log (with the baselines) and say it on the console, step the plateau
+        schedule; True when a new best."""
         self.net.eval()
+        if self.validator.baselines is None:
+            self.log.report(f"validating at {self.state.step} samples; the first validation also scores the "
+                             f"baselines ({', '.join(slice_baselines())}, and reproject at "
+                             f"{'/'.join(map(str, reproject_iters()))} OSEM iterations when the geometry is "
+                             f"known) on the same slices, once: they are kept in the checkpoints")
+        self.log.pause()  # the validation's progress takes the bar's line
         metrics, panels = self.validator(self._forward)
         key = self.cfg.train.best_metric  # one of hpc.config.Metric: the keys of `metrics`
-        step = self.state.step
+        st = self.state
         if self.cfg.log.images and panels is not None:
-            self.log.images(step, panels)
-        self.state.metrics, self.val_step = metrics, step
+            self.log.images(st.step, panels)
+        st.metrics, st.val_step = metrics, st.step
+        baselines = self.validator.baselines or {}
         values = dict(metrics)
-        for name, m in (self.validator.baselines or {}).items():
+        for name, m in baselines.items():
             values |= {f"{name}_{k}": v for k, v in m.items()}
-        self.log.scalars(step, values, kind="val")
+        self.log.scalars(st.step, values, kind="val")
         self.sched.observe(metrics[key])
-        return self.state.improved(metrics[key])
+        is_best = st.improved(metrics[key])
+        if is_best:
+            self.log.best({**values, "step": st.step})
+        self.log.report(val_line(st.step, self.cfg.train.samples, metrics, baselines, self.cfg.train, is_best,
+                                  st.best, st.best_step))
+        return is_best
 
     # ------------------------------------------------------------ loop
     def run(self) -> dict:
+        if self.finished:
+            return self.already_finished()
         cfg, st = self.cfg, self.state
         batches = self._batches()
         per_step = cfg.data.batch_size * self.ctx.world * cfg.optim.accumulate  # samples, all ranks
@@ -213,7 +258,8 @@ class Trainer:
             st.step += per_step
             self._steps += 1
             self._bad = self._bad | ~torch.isfinite(loss)  # on the device: no sync
-            self.log.progress(per_step, self._shown)  # the last logged loss: no sync for the bar
+            self._window += torch.stack([loss.detach().double(), loss.new_ones((), dtype=torch.float64)])
+            self.log.progress(per_step, self._bar_loss)  # read only when the bar draws a line
             if _crossed(before, st.step, cfg.log.every):
                 window = self._log_train(loss, window)
             validate = self.validator is not None and _crossed(before, st.step, cfg.train.val_every)
@@ -247,6 +293,16 @@ class Trainer:
         flags = dist.all_reduce_sum(torch.cat([signal, self._bad.float().reshape(1)]))
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
+    def _bar_loss(self, force: bool = False) -> str:
+        """The bar's loss: this rank's mean over the steps since it was last read (at most once a
+        second, unless ``force``: reading it waits for the device)."""
+        now = time.perf_counter()
+        if (force or now - self._shown[0] >= 1.0) and float(self._window[1]) > 0:
+            total, n = self._window.tolist()
+            self._window.zero_()
+            self._shown = (now, f"loss {total / n:.4g}")
+        return self._shown[1]
+
     def _newest(self) -> str:
         found = self.ckpt.list()
         return f"newest finite checkpoint: {found[0]}" if found else "no checkpoint yet"
@@ -256,7 +312,6 @@ class Trainer:
         (time, step); returns the next window."""
         now, step = time.perf_counter(), self.state.step
         mean_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))[0] / self.ctx.world  # host sync
-        self._shown = f"loss {float(mean_loss):.4g}"
         values = {"loss": float(mean_loss), "lr": self.lr, "samples_per_s": (step - window[1]) / (now - window[0]),
                   "epoch": self.loader.epoch}
         if self.ctx.device.type == "cuda":
@@ -267,15 +322,30 @@ class Trainer:
     def _finish(self) -> dict:
         """Validate the final weights (unless that just happened) and checkpoint them."""
         st, is_best = self.state, False
-        if self.validator is not None and self.val_step != st.step:
+        if self.validator is not None and st.val_step != st.step:
             is_best = self._validate()
         last = self.ckpt.path(st.step)
         path = self._save(is_best) if is_best or not last.exists() else last
-        self.log.close()
+        self.log.end(st.step)
+        self._bar_loss(force=True)  # the bar's last line shows the last steps' loss, not an older one
+        self.log.close(self.ckpt.best_path)
+        return self._summary(path or last)
+
+    def _summary(self, checkpoint: Path) -> dict:
+        st = self.state
         return {"step": st.step, "epoch": self.loader.epoch, "metrics": st.metrics,
                 "baselines": (self.validator.baselines if self.validator else None) or {}, "best": st.best,
-                "run_dir": str(self.cfg.train.run_dir), "checkpoint": str(path or last),
+                "run_dir": str(self.cfg.train.run_dir), "checkpoint": str(checkpoint),
                 "best_checkpoint": str(self.ckpt.best_path), "resumed_from": str(self.resumed_from or "")}
+
+    def already_finished(self) -> dict:
+        """A resumed run that has seen train.samples: say so, write nothing, return its summary."""
+        st = self.state
+        if self.ctx.rank == 0:
+            line = finished_line(self.cfg.train.run_dir, st.step, self.cfg.train, st.best, st.best_step,
+                                 str(self.resumed_from))
+            print(f"hpc train: {line}", flush=True)
+        return self._summary(self.resumed_from)
 
 
 def train(cfg: Config) -> dict:
@@ -292,7 +362,7 @@ def train(cfg: Config) -> dict:
         if failure is None:
             raise
         message, code = failure
-        if trainer is not None:
+        if trainer is not None and not trainer.finished:
             trainer.log.close()  # rank 0: the W&B run and metrics.jsonl end cleanly
         where = f"rank {dist.rank()} ({socket.gethostname()})"
         if code != EXIT_REQUEUE:
@@ -324,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
     """Launcher env -> train -> clean distributed shutdown (docs/ARCHITECTURE.md) with the run's exit code."""
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)  # also for --print-config: a config that passes it can start
     if args.print_config:
         sys.stdout.write(dump(cfg))
         return 0

@@ -5,6 +5,7 @@ the interpolation baselines on the same gaps.
     net.eval()
     metrics, panels = validator(forward)      # forward(batch) -> (pred (B,1,V',X'), loss)
     validator.baselines                       # {"linear": {...}, "biharmonic": {...}, "reproject": {..., "iters"}}
+    state = validator.state_dict()            # checkpoint's "validation" entry; load_state_dict(state) on resume
 
 Every rank scores its share of the split; the metrics are reduced across ranks as float64 sums
 (hpc.train.metrics.MetricAccumulator), so ranks never average averages. Predictions and baselines are
@@ -12,6 +13,7 @@ floored at 0 counts when data.nonneg is set, so validation scores what `hpc pred
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,6 +24,7 @@ from hpc.data.preprocess import crop, denormalize, floor_counts, normalize
 from hpc.distributed import dist
 from hpc.physics import geometry as G
 from hpc.physics.recon import REPROJECT_SUBSETS, reproject_path
+from hpc.progress import Progress
 from hpc.registry import BASELINES
 from hpc.train.metrics import MetricAccumulator
 
@@ -41,9 +44,11 @@ Forward = Callable[[object], tuple[torch.Tensor, torch.Tensor]]  # Batch -> (pre
 
 
 class Validator:
-    def __init__(self, cfg: Config, loader, centre: int):
+    def __init__(self, cfg: Config, loader, centre: int, main: bool = True):
         self.cfg, self.loader, self.centre = cfg, loader, centre
+        self.main = main  # this process keeps the image panel and shows progress (log.progress): rank 0
         self.device = loader.device
+        self.fingerprint = loader.fingerprint()
         # the validation set is fixed: the baselines are scored on the first pass and kept
         self.baselines: dict[str, dict[str, float]] | None = None
         self.scanner = _geometry(cfg, loader)  # reproject needs the projector's geometry
@@ -66,16 +71,17 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, forward: Forward) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
-        """One pass (at most train.val_batches batches per rank): ``(metrics, panels)``, metrics
-        reduced over all ranks (``loss`` included), panels the first sample's (V, X) images."""
+        """One pass over the validation loader (a stratified sample when train.val_batches bounds
+        it: hpc.data.select): ``(metrics, panels)``, metrics reduced over all ranks (``loss``
+        included), panels the (V, X) images of this rank's slice with the most gap pixels."""
         acc = MetricAccumulator()
         base = {name: MetricAccumulator() for name in slice_baselines()} if self.baselines is None else {}
         rep = {it: MetricAccumulator() for it in reproject_iters()} if base and self.scanner is not None else {}
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of B * loss, sum of B)
-        panels = None
-        for j, batch in enumerate(self.loader):
-            if self.cfg.train.val_batches and j >= self.cfg.train.val_batches:
-                break
+        panels, most = None, -1
+        bar = Progress(len(self.loader), "batches", "validate" + (" + baselines" if base else ""),
+                       enabled=self.main and self.cfg.log.progress, keep=False)
+        for batch in self.loader:
             pred, loss = forward(batch)  # (B, 1, V', X'), ()
             loss_sum += torch.stack([loss.double() * len(pred), loss.new_tensor(len(pred)).double()])
             p, t, m = (crop(a.float(), batch.pad) for a in (pred, batch.target, batch.mask))  # (B, 1, V, X)
@@ -87,9 +93,16 @@ class Validator:
                 b.update(self._floor(baseline_batch(name, centre, m, v), batch.norm), t, m, v)
             if rep:
                 self._reproject(centre, t, m, batch, rep)
-            if panels is None:
-                panels = {"input": centre[0, 0], "prediction": p[0, 0], "target": t[0, 0],
-                          "error": (p - t)[0, 0].abs(), "mask": m[0, 0]}
+            if self.main:  # the panel shows a repair: the slice with the most gap pixels (one host sync)
+                gaps = ((m < 1) & (v > 0.5 if v is not None else True)).flatten(1).sum(1)
+                k = int(gaps.argmax())
+                if int(gaps[k]) > most:
+                    most = int(gaps[k])
+                    panels = {"input": centre[k, 0], "prediction": p[k, 0], "target": t[k, 0],
+                              "error": (p - t)[k, 0].abs(), "mask": m[k, 0], "slice": int(batch.index[k]),
+                              "gap_pixels": most}
+            bar.update(1)
+        bar.close()
         return self._reduce(acc, base, loss_sum, rep), panels
 
     def _reduce(self, acc: MetricAccumulator, base: dict[str, MetricAccumulator],
@@ -102,11 +115,29 @@ class Validator:
             self.baselines = {n: b.compute(dist.all_reduce_sum(b.state(self.device))) for n, b in base.items()}
         if rep:  # the iteration count is chosen here, on validation data, and recorded with its score
             scores = {it: a.compute(dist.all_reduce_sum(a.state(self.device))) for it, a in rep.items()}
-            best = min(scores, key=lambda it: (scores[it]["nmse_gap"], it))
-            self.baselines["reproject"] = {**scores[best], "iters": best}
-        if (self.baselines or {}).get("reproject"):  # saved with the metrics in every checkpoint (hpc evaluate)
-            metrics["reproject_iters"] = self.baselines["reproject"]["iters"]
+            scored = [it for it, sc in scores.items() if math.isfinite(sc["nmse_gap"])]
+            if scored:
+                best = min(scored, key=lambda it: (scores[it]["nmse_gap"], it))
+                self.baselines["reproject"] = {**scores[best], "iters": best}
+            else:  # no gap pixel was scored: nothing to choose from (hpc evaluate keeps its default)
+                self.baselines["reproject"] = scores[max(scores)]
+        iters = (self.baselines or {}).get("reproject", {}).get("iters")
+        if iters is not None:  # saved with the metrics in every checkpoint (hpc evaluate)
+            metrics["reproject_iters"] = iters
         return metrics
+
+    def state_dict(self) -> dict:
+        """The scored baselines and the fingerprint of the slices they were scored on (a checkpoint's
+        ``validation`` entry): a resumed run does not score them again."""
+        return {"fingerprint": self.fingerprint, "baselines": self.baselines or {}}
+
+    def load_state_dict(self, state: dict | None) -> bool:
+        """Take the baselines of a checkpoint when they were scored on the same validation slices
+        (same fingerprint); True when taken."""
+        if state and state.get("baselines") and state.get("fingerprint") == self.fingerprint:
+            self.baselines = {n: dict(m) for n, m in state["baselines"].items()}
+            return True
+        return False
 
 
 def _geometry(cfg: Config, loader):
