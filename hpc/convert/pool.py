@@ -92,11 +92,15 @@ def run_pool(studies: list[Study], out: Path, opts: Options, workers: int, bar: 
         return _pool_entries(pool, queue, studies, out, opts, bar, check)
     except BaseException:
         # an error or Ctrl-C: stop the workers now (not after their current shard), then remove
-        # the temporary shards they leave behind
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list((pool._processes or {}).values()):  # no public API to stop running workers
+        # the temporary shards they leave behind. Killed before the pool is shut down: shutting down
+        # lets the pool's queues go, whose semaphores a worker still starting (unpickling them) then
+        # cannot find, and it printed a traceback after "interrupted"
+        procs = list((pool._processes or {}).values())  # no public API to stop running workers
+        for proc in procs:
             proc.kill()
+        for proc in procs:
             proc.join(timeout=30)
+        pool.shutdown(wait=False, cancel_futures=True)
         sweep_temporaries(out)
         raise
     finally:
