@@ -286,9 +286,10 @@ def run(args: argparse.Namespace) -> int:
 
     sc = _check_args(args)
     layout = layout_from_args(args, sc)
-    if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1):
-        raise InputError(f"--listmode {args.listmode}: needs SECONDS > 0 and a span-1, unmashed layout (--span 1; "
-                         f"got span {layout.span}, view mashing {layout.view_mashing})")
+    if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1
+                                      or args.planes is not None):
+        raise InputError(f"--listmode {args.listmode}: needs SECONDS > 0 and a whole span-1, unmashed layout "
+                         f"(--span 1, no --planes; got span {layout.span}, view mashing {layout.view_mashing})")
     if args.planes is not None and args.format == "siemens":
         raise InputError(f"--planes {args.planes}: a Siemens header states a scanner's span and maximum ring "
                          "difference only, not a cut of its planes; use --format stir (the default with --planes)")
