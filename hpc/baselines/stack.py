@@ -9,7 +9,15 @@ gaps and 0 where no LOR exists (valid False). Registered with metadata:
 
 - ``per_slice``: each plane is repaired alone (validation runs it on its batches' centre slices);
 - ``needs_scanner``: uses the scanner geometry (skipped where the data's scanner is unknown);
-- ``tune``: {parameter: candidate values} chosen on validation studies (e.g. reproject's iterations).
+- ``tune``: {parameter: candidate values} chosen on validation studies (e.g. reproject's iterations);
+  a checkpoint's validation records its choice as the metric ``<baseline>_<parameter>`` (e.g.
+  ``reproject_iters``), which `hpc predict --method NAME --checkpoint CKPT` then uses;
+- ``whole_study``: needs every segment at once (a fully 3-D method): `hpc predict` hands it the whole
+  study's slices as one stack in canonical order (TOF bin, segment, axial position), with
+  ``layout`` set, and ``planes`` indexing those slices.
+
+Free parameters are keyword arguments with defaults (``iters: int = 8``); `hpc predict
+--method-param NAME=VALUE` is checked against the signature and converted to the default's type.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ class Stack:
     randoms: np.ndarray | None = None  # additive background, when known
     scanner: object | None = None  # hpc.physics.geometry.Scanner, when known
     memo: dict = field(default_factory=dict)  # whole-stack results shared by calls on parts of its planes
+    # hpc.physics.projdata.Layout of the slices, when known: set (keyword) for ``whole_study`` baselines,
+    # whose stack is the whole study; None for one segment's stack
+    layout: object | None = None
 
 
 # (stack, planes (n,) indices into the stack, **free parameters) -> (n, V, X) float64

@@ -1,5 +1,7 @@
 """The repair library's inputs and outputs: a sinogram file or a converted dataset's studies in,
-repaired files out (hpc.repair.inference does the repair itself, on slices it is handed).
+repaired files out (hpc.repair.inference does the network's repair itself, on slices it is handed;
+hpc.repair.methods a baseline's). Every function takes a ``Method``: a checkpoint's Repairer (``unet``,
+``hybrid``) or a registered baseline (hpc.repair.methods.BaselineMethod, no checkpoint).
 
     path, counts = predict_file(rep, spec, Path("fixed.s.hdr"), "source", mask, batch=16)
     for job in file_jobs(rep, ["a.s.hdr", "b.s.hdr"], "out/", masks=["a_gaps.s.hdr", "b_gaps.s.hdr"]):
@@ -29,17 +31,17 @@ from hpc.io.shards import Dataset, ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramWriter, writer_paths
 from hpc.io.spec import SinogramSpec, raw_spec
 from hpc.progress import Progress
-from hpc.registry import FILLS
-from hpc.repair.inference import (
-    AUX,
-    Counts,
-    MaskFn,
-    Repairer,
-    check_compatible,
-    gap_mask,
-    needs_repair,
-    repair,
-    valid_fn,
+from hpc.repair.inference import AUX, Counts, MaskFn, Repairer, needs_repair, repair, valid_fn
+from hpc.repair.methods import (
+    BaselineMethod,
+    Method,
+    check_method,
+    describe,
+    geometry_name,
+    method_gaps,
+    models_factors,
+    needs_gaps,
+    repair_baseline,
 )
 
 
@@ -62,7 +64,7 @@ def open_input(path: str | Path, raw: RawLayout | None = None, mask: bool = Fals
     return raw_spec(path, raw.shape, raw.dtype, raw.endian, raw.offset)
 
 
-def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
+def predict_file(rep: Method, spec: SinogramSpec, output: Path, fmt: str, mask: MaskFn | None,
                  batch: int, quiet: bool = False, aux: dict[str, SinogramSpec] | None = None) -> tuple[Path, Counts]:
     """Repair one input file into ``output`` (same format as the source, or HDF5); ``aux``: the
     study's mult / randoms files (data.fill=reproject models them)."""
@@ -76,18 +78,19 @@ def predict_file(rep: Repairer, spec: SinogramSpec, output: Path, fmt: str, mask
             r.close()
 
 
-def predict_study(rep: Repairer, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], output: Path,
+def predict_study(rep: Method, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], output: Path,
                   fmt: str, mask: MaskFn | None, batch: int, quiet: bool = False,
                   aux: dict[str, Callable[[int, int], np.ndarray]] | None = None) -> tuple[Path, Counts]:
     """Repair the slices ``read`` gives (layout ``spec``) into ``output``; nothing appears there
     unless every slice was written."""
     check_outputs([Job(spec, lambda: None, output, fmt)], [spec.source, spec.data_path])
-    comment = f"repaired by hpc predict with {rep.path.name} ({rep.cfg.model.name})"
-    valid = valid_fn(spec, rep.scanner)
+    comment = f"repaired by hpc predict with {describe(rep)}"
+    valid = valid_fn(spec, geometry_name(rep, spec))
     todo = needs_repair(spec, mask, valid)  # progress counts the slices that need the model
     writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
+    run = repair_baseline if isinstance(rep, BaselineMethod) else repair
     with writer, Progress(int(todo.sum()), "slices", f"predict {output.name}", enabled=not quiet) as bar:
-        counts = repair(rep, spec, read, mask, writer.write, batch, bar, aux, valid, todo)
+        counts = run(rep, spec, read, mask, writer.write, batch, bar, aux, valid, todo)
         return writer.commit(), counts
 
 
@@ -132,13 +135,18 @@ def study_layout(ds, info) -> SinogramSpec:
                         scanner=info.scanner)
 
 
-def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: list[str] | None = None,
+def _checkpoint(rep: Method) -> Repairer | None:
+    return rep.checkpoint if isinstance(rep, BaselineMethod) else rep
+
+
+def dataset_jobs(rep: Method, root: str | Path, output: str | Path, studies: list[str] | None = None,
                  split: str | None = None, dead_blocks: list[int] | None = None, scanner: str = "") -> list[Job]:
     """Every study (or those in ``studies``, or the checkpoint's ``split``) of a converted dataset,
     repaired from its stored ``input`` (paired) or ``target``, gaps from its stored ``mask`` or the
-    ``dead_blocks``; each written as ``output/<study>_repaired.h5``."""
+    ``dead_blocks``; each written as ``output/<study>_repaired.h5``. Its stored mult / randoms go
+    to the methods that model them."""
 
-    ds, d = Dataset.open(root), rep.cfg.data
+    ds, ckpt = Dataset.open(root), _checkpoint(rep)
     ids = [s.id for s in ds.studies]
     if studies is not None:
         chosen = studies
@@ -146,21 +154,23 @@ def dataset_jobs(rep: Repairer, root: str | Path, output: str | Path, studies: l
         if missing:
             raise InputError(f"{ds.root}: no study {', '.join(missing)} (have {', '.join(ids)})")
     elif split:
-        chosen = config_split(ids, d, split)
+        if ckpt is None:
+            raise InputError(f"--split {split}: the split is a checkpoint's; give --checkpoint or --studies")
+        chosen = config_split(ids, ckpt.cfg.data, split)
     else:
         chosen = ids
     jobs, geometry = [], {}  # dead-block masks, one per slice layout
     for info in map(ds.study, chosen):
         layout = study_layout(ds, info)
-        check_compatible(rep, layout)
-        if not info.has_mask and dead_blocks is None and rep.cfg.model.inpaint:
+        check_method(rep, layout)
+        if not info.has_mask and dead_blocks is None and needs_gaps(rep):
             raise InputError(f"{ds.root}: study {info.id} has no stored gap mask; give --dead-blocks IDS")
         key = (layout.tof_bins, layout.segments, layout.axial_counts, layout.slice_shape)
         if dead_blocks is not None and key not in geometry:  # checked before anything is written
-            geometry[key] = gap_mask(rep, layout, dead_blocks=dead_blocks, scanner=scanner)
+            geometry[key] = method_gaps(rep, layout, dead_blocks=dead_blocks, scanner=scanner)
 
         opener = partial(_open_study, info, geometry.get(key))
-        aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if FILLS.meta(d.fill).get("aux") else {}
+        aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if models_factors(rep) else {}
         jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5", aux))
     check_outputs(jobs, [], inside=ds.root)
     return jobs
@@ -187,12 +197,12 @@ def _open_study(info, blocks: MaskFn | None):
     return src.read, mask, close
 
 
-def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[str] | None = None,
+def file_jobs(rep: Method, inputs: list[str], output: str | Path, masks: list[str] | None = None,
               fmt: str = "source", raw: RawLayout | None = None, dead_blocks: list[int] | None = None,
               scanner: str = "", aux: dict[str, list[str]] | None = None) -> list[Job]:
     """One input -> the file ``output``; several -> ``output/<input's name>`` each. ``masks``: one
     gap-mask file per input (else ``dead_blocks``, else no gaps); ``aux``: {mult|randoms: one file per
-    input} for data.fill=reproject."""
+    input} for the methods that model them (data.fill=reproject, the reproject baseline)."""
     masks, aux = masks or [], {k: v for k, v in (aux or {}).items() if v}
     for flag, files in (("mask", masks), *aux.items()):
         if files and len(files) != len(inputs):
@@ -201,9 +211,9 @@ def file_jobs(rep: Repairer, inputs: list[str], output: str | Path, masks: list[
     jobs, protected = [], []
     for i, path in enumerate(inputs):
         spec = open_input(path, raw)
-        check_compatible(rep, spec)
+        check_method(rep, spec)
         mask_spec = open_input(masks[i], raw, mask=True) if masks else None
-        mask = gap_mask(rep, spec, mask_spec, dead_blocks, scanner)  # every input checked before any write
+        mask = method_gaps(rep, spec, mask_spec, dead_blocks, scanner)  # every input checked before any write
         out = Path(output) if len(inputs) == 1 else Path(output) / Path(path).name
         extra = {}
         for role, files in aux.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class Repairer:
     device: torch.device
     slice_shape: tuple[int, int] | None  # (V, X) the model was trained on, when recorded
     scanner: str  # geometry preset of the training data ("" when not recorded)
+    metrics: dict = field(default_factory=dict)  # its validation's metrics (e.g. reproject_iters), {} if none
 
     @property
     def context(self) -> int:
@@ -120,7 +121,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     shape = tuple(int(v) for v in data["slice_shape"]) if data.get("slice_shape") else None
     scanner = str(cfg.corrupt.scanner or data.get("scanner") or "")
     pre = build_preprocess(cfg, input_multiple(cfg), float(data.get("scale", 1.0)), scanner)
-    return Repairer(path, cfg, model, pre, device, shape, scanner)
+    return Repairer(path, cfg, model, pre, device, shape, scanner, dict(ckpt.get("metrics") or {}))
 
 
 def check_compatible(rep: Repairer, spec: SinogramSpec) -> None:
@@ -297,16 +298,17 @@ def needs_repair(spec: SinogramSpec, mask: MaskFn | None, valid: ValidFn | None,
 
 
 def compose(src: np.ndarray, pred: np.ndarray, m: np.ndarray | None, v: np.ndarray | None, dtype: np.dtype,
-            counts: Counts) -> np.ndarray:
+            counts: Counts, merged: bool = False) -> np.ndarray:
     """The repaired slices: measured pixels (fraction 1) keep the input's bytes, gaps are the model,
     a partly measured bin its counts plus the lost fraction of the model, c + (1 - m) pred; pixels
-    without a line of response (``v`` False) 0. Predictions are rounded/clipped for integer files."""
+    without a line of response (``v`` False) 0. Predictions are rounded/clipped for integer files.
+    ``merged``: ``pred`` already is c + (1 - m) model there (a baseline's output, hpc.baselines.stack)."""
     out = src.copy()
     change = np.ones(src.shape, bool) if m is None else m < 1
     if v is not None:
         change &= v
-    value = pred[change] if m is None else np.where(m[change] > 0, src[change] + (1 - m[change]) * pred[change],
-                                                    pred[change])
+    value = pred[change] if m is None or merged else np.where(
+        m[change] > 0, src[change] + (1 - m[change]) * pred[change], pred[change])
     out[change] = to_dtype(value, dtype, counts)
     counts.replaced += int(change.sum())
     if v is not None:

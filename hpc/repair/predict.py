@@ -1,6 +1,14 @@
-"""Repair sinograms with a trained checkpoint; the output is written in the source's own format.
+"""Repair sinograms with a trained checkpoint or a physics / interpolation method; the output is
+written in the source's own format.
 
-Slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
+--method unet (default) runs the checkpoint's network; --method hybrid runs a data.fill=reproject
+network on the fill its validation tuned (the OSEM iteration count it chose for reproject); any
+registered baseline (reproject, axial3d, ...) needs no checkpoint: its free parameters are
+--method-param NAME=VALUE (default: the value a --checkpoint's validation chose, else its own);
+geometry-aware ones use --scanner (else the header's `originating system`) and model --mult /
+--randoms when given. Every method keeps the measured bins byte-identical.
+
+For the network, slices are windowed exactly as the training loader windows them (2k+1 neighbouring slices of the
 same TOF bin and segment, edges replicated or reflected), gap pixels are zeroed (or pre-filled) in
 every channel as training corrupted them, then normalized/padded with the checkpoint's
 preprocessing, repaired in batches and mapped back exactly (crop, denormalize): hpc.repair.inference and
@@ -11,6 +19,11 @@ reported. Memory is bounded by --batch slices; the GPU is used when present.
 
 examples:
   hpc predict --checkpoint runs/demo/checkpoints/best.pt s1_gaps.s.hdr --mask s1_mask.s.hdr -o s1_fixed.s.hdr
+  hpc predict --method reproject --method-param iters=8 scan.s.hdr --mask gaps.s.hdr -o fixed.s.hdr \\
+      --mult mult.s.hdr --randoms randoms.s.hdr     # physics: OSEM from the measured LORs, reprojected
+  hpc predict --method reproject --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o fixed.s.hdr  # tuned iters
+  hpc predict --method hybrid --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o fixed.s.hdr
+  hpc predict --method axial3d scan.hs --dead-blocks 3,17 --scanner mmr -o scan_fixed.hs
   hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
   hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
   hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
@@ -35,8 +48,10 @@ from hpc.distributed.launcher import setup_torch_env, torch_ranks
 from hpc.errors import InputError
 from hpc.io.atomic import sweep_stale
 from hpc.io.dirlock import missing_dirs, remove_empty
+from hpc.registry import BASELINES
 from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, output_files, predict_study
 from hpc.repair.inference import load_repairer
+from hpc.repair.methods import UNET, check_method_name, param_help, resolve_method
 
 FORMATS = ("source", "h5")
 
@@ -44,7 +59,14 @@ FORMATS = ("source", "h5")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="Interfile header(s) (STIR .hs, Siemens .s.hdr), raw file(s), or a converted dataset dir")
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
+    p.add_argument("--checkpoint", help="checkpoint .pt written by hpc train (needed by unet and hybrid; with a "
+                                        "baseline: the parameters its validation chose)")
+    baselines = "; ".join(f"{n}" + (f" ({param_help(n)})" if param_help(n) else "") for n in BASELINES.names())
+    p.add_argument("--method", default=UNET, metavar="METHOD",
+                   help=f"unet (default): the checkpoint's network; hybrid: a data.fill=reproject network on the fill "
+                        f"its validation tuned; or a registered baseline, no checkpoint: {baselines}")
+    p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a baseline's free parameter, e.g. iters=8 (repeatable; checked against the baseline)")
     p.add_argument("-o", "--output", required=True,
                    help="output header (or raw file / .h5); a directory for several inputs or a dataset")
     p.add_argument("--format", choices=FORMATS, default=None,
@@ -53,11 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gaps.add_argument("--mask", metavar="FILE", nargs="+",
                       help="gap mask(s) (1 = measured), same layout as INPUT; one per input")
     gaps.add_argument("--dead-blocks", metavar="IDS", help="comma-separated dead block ids (needs a scanner)")
-    p.add_argument("--scanner", default="", help="geometry preset for --dead-blocks (default: the checkpoint's)")
+    p.add_argument("--scanner", default="",
+                   help="geometry preset for --dead-blocks and geometry-aware baselines (default: a network's "
+                        "checkpoint's; a baseline: the header's `originating system`, else the checkpoint's)")
     p.add_argument("--mult", metavar="FILE", nargs="+", default=[],
-                   help="data.fill=reproject models: multiplicative factors (efficiency x attenuation), one per INPUT")
+                   help="multiplicative factors (efficiency x attenuation), one per INPUT: modelled by reproject "
+                        "and data.fill=reproject models")
     p.add_argument("--randoms", metavar="FILE", nargs="+", default=[],
-                   help="data.fill=reproject models: expected randoms, one per INPUT")
+                   help="expected randoms, one per INPUT: modelled by reproject and data.fill=reproject models")
     ds = p.add_argument_group("a converted dataset as INPUT (default: every study)")
     ds.add_argument("--studies", default="", help="comma-separated study ids")
     ds.add_argument("--split", choices=("train", "val", "test"), help="the checkpoint's own split of the studies")
@@ -120,8 +145,10 @@ def _jobs(args: argparse.Namespace, rep) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
+    check_method_name(args.method, bool(args.checkpoint))
     rank, world, device = rank_device(args.device)
-    rep = load_repairer(args.checkpoint, device)
+    ckpt = load_repairer(args.checkpoint, device) if args.checkpoint else None
+    rep = resolve_method(args.method, args.method_param, ckpt, args.scanner)
     jobs = _jobs(args, rep)
     mine = jobs[rank::world]  # whole studies per rank: every output has one writer
     if world > 1 and rank == 0 and len(jobs) < world:
@@ -145,7 +172,7 @@ def _repair_jobs(args: argparse.Namespace, rep, mine: list) -> None:
             print(f"kept {job.output} (exists)", flush=True)
             continue
         read, mask, close = job.open()
-        aux = {k: f() for k, f in job.aux.items()}  # mult / randoms readers (data.fill=reproject)
+        aux = {k: f() for k, f in job.aux.items()}  # mult / randoms readers (reproject, data.fill=reproject)
         try:
             out, counts = predict_study(rep, job.spec, read, job.output, job.fmt, mask, args.batch, args.quiet,
                                         {k: r.read for k, r in aux.items()})
