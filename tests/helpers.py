@@ -274,6 +274,24 @@ def make_checkpoint(path, *, inpaint: bool = True, slice_shape=(V, X), context: 
     return cfg
 
 
+def make_reproject_checkpoint(path, iters: int | None = None, fill_iters: int = 4, fill: str = "reproject"):
+    """make_checkpoint for the "test" scanner's 12 x 12 slices, its config saying data.fill=``fill``
+    with ``fill_iters``; ``iters``: the reproject iteration count its validation chose (metrics)."""
+    import torch
+
+    from hpc.physics.geometry import get_scanner
+
+    sc = get_scanner("test")
+    make_checkpoint(path, slice_shape=(sc.views, sc.bins))  # same seed: the same weights every time
+    state = torch.load(path, weights_only=True)
+    state["config"]["data"]["fill"], state["config"]["data"]["fill_iters"] = fill, fill_iters
+    state["data"]["scanner"] = "test"
+    if iters is not None:
+        state["metrics"] = {"reproject_iters": iters, "nmse_gap": 0.1}
+    torch.save(state, path)
+    return path
+
+
 def study(tmp_path, fmt: str, dtype: str, seed: int = 1, tag: str = ""):
     """(gapped input header, mask header, clean data, mask) with ~1/4 of the pixels missing."""
     from hpc.io.sinogram import write_sinogram

@@ -10,7 +10,7 @@ import torch
 
 from hpc.repair.inference import load_repairer, model_output
 
-from helpers import make_checkpoint, run_hpc
+from helpers import make_checkpoint, make_reproject_checkpoint, run_hpc
 
 V, X = 8, 12
 
@@ -65,3 +65,65 @@ def test_export_needs_a_slice_shape(tmp_path):
     r = run_hpc("export", "--checkpoint", ckpt, "--format", "torchscript", "-o", tmp_path / "m.ts")
     assert r.returncode == 2 and "--slice-shape" in r.stderr
     assert not (tmp_path / "m.ts").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_reproject_fill_model_exports_with_its_fill_outside(tmp_path, capsys, fmt):
+    """data.fill=reproject: the exported graph takes the filled stacks as an input; given the fill the
+    sidecar's command writes (and its Python recipe computes), it repairs as `hpc predict` does,
+    partly measured bin and modelled factors included."""
+    from hpc.cli import main
+    from hpc.io.headers import read_header
+    from hpc.io.sinogram import SinogramReader, write_sinogram
+    from hpc.physics import projdata as P
+    from hpc.physics.geometry import get_scanner
+    from hpc.physics.recon import ReprojectFill
+    from hpc.repair.inference import windows
+
+    sc, rng = get_scanner("test"), np.random.default_rng(5)
+    lay = P.span1_layout(sc, [0])
+    mask = P.dead_block_mask(sc, [1]).astype(np.float32)  # (4, 12, 12)
+    mask[2, 5, 0] = 0.5  # a partly measured bin
+    files = {"gaps": rng.poisson(30.0, mask.shape) * (mask > 0), "mask": mask,
+             "mult": rng.uniform(0.5, 1.0, mask.shape), "randoms": np.full(mask.shape, 1.5)}
+    f = {k: write_sinogram(tmp_path / k, v.astype(np.float32), fmt="stir", layout=lay) for k, v in files.items()}
+    ckpt = make_reproject_checkpoint(tmp_path / "m.pt", iters=3, fill_iters=2)
+    out = tmp_path / ("model.ts" if fmt == "torchscript" else "model.onnx")
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "-o", str(out)]) == 0
+    meta = json.loads((tmp_path / (out.name + ".json")).read_text())
+    fill = meta["fill"]
+    assert list(meta["inputs"]) == ["raw", "mask", "filled"] and meta["inputs"]["filled"] == ["batch", 3, 12, 12]
+    assert (fill["data.fill"], fill["in_graph"], fill["fill_iters"], fill["subsets"], fill["scanner"],
+            fill["hybrid_iters"]) == ("reproject", False, 2, 4, "test", 3)
+    # the sidecar's own command, its placeholders replaced
+    cmd = fill["command"].replace("[--mult MULT --randoms RANDOMS]", f"--mult {f['mult']} "
+                                                  f"--randoms {f['randoms']}")
+    cmd = cmd.replace("INPUT", str(f["gaps"])).replace("MASK", str(f["mask"])).replace("FILLED", str(tmp_path / "f.hs"))
+    assert cmd.startswith("hpc predict --method reproject --method-param iters=2 --scanner test ")
+    assert main([*cmd.split()[1:], "--quiet"]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), str(f["gaps"]), "--mask", str(f["mask"]), "--mult",
+                 str(f["mult"]), "--randoms", str(f["randoms"]), "-o", str(tmp_path / "net.hs"), "--quiet"]) == 0
+    capsys.readouterr()
+    data = {}
+    for k, path in (*f.items(), ("filled", tmp_path / "f.hs"), ("net", tmp_path / "net.hs")):
+        with SinogramReader(read_header(path)) as r:
+            data[k] = r.read(0, 4)
+    rep = load_repairer(ckpt, torch.device("cpu"))
+    ids = windows(rep, read_header(f["gaps"]), np.arange(4))  # (4, 3): the context stacks predict builds
+    raw, m, filled = (torch.from_numpy(np.ascontiguousarray(data[k][ids])) for k in ("gaps", "mask", "filled"))
+    recipe = ReprojectFill(sc, iters=2, subsets=4)(raw, m, {k: torch.from_numpy(data[k][ids]) for k in
+                                                            ("mult", "randoms")})
+    torch.testing.assert_close(recipe, filled, rtol=1e-5, atol=1e-4)  # the Python recipe is that fill
+    if fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(out))(raw, m, filled).numpy()[:, 0]
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {"raw": raw.numpy(), "mask": m.numpy(), "filled": filled.numpy()})
+        got = got[:, 0]
+    repaired = mask < 1
+    assert repaired.sum() > 10 and not np.allclose(data["net"][repaired], data["filled"][repaired], rtol=1e-3)
+    np.testing.assert_allclose(got[repaired], data["net"][repaired], rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(got[~repaired], data["gaps"][~repaired])

@@ -19,7 +19,7 @@ from hpc.registry import BASELINES
 from hpc.repair.inference import load_repairer
 from hpc.repair.methods import method_names, resolve_method
 
-from helpers import make_checkpoint, refuse, study
+from helpers import make_checkpoint, make_reproject_checkpoint, refuse, study
 
 SC = G.get_scanner("test")  # 4 rings, 12 views x 12 bins: OSEM in milliseconds
 
@@ -34,19 +34,6 @@ def predict(capsys, *argv) -> str:
     out = capsys.readouterr()
     assert rc == 0, out.err
     return out.out
-
-
-def reproject_checkpoint(path, iters: int | None = None, fill_iters: int = 4, fill: str = "reproject"):
-    """A tiny untrained network for the test scanner trained (as its config says) with ``fill``;
-    ``iters``: the reproject iteration count its validation chose (metrics)."""
-    make_checkpoint(path, slice_shape=(SC.views, SC.bins))  # same seed: the same weights every time
-    state = torch.load(path, weights_only=True)
-    state["config"]["data"]["fill"], state["config"]["data"]["fill_iters"] = fill, fill_iters
-    state["data"]["scanner"] = "test"
-    if iters is not None:
-        state["metrics"] = {"reproject_iters": iters, "nmse_gap": 0.1}
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +103,7 @@ def test_reproject_recovers_a_noise_free_phantom_in_the_gaps(phantom, tmp_path, 
 
 def test_a_baseline_takes_the_iterations_the_checkpoints_validation_chose(phantom, tmp_path, capsys):
     f = phantom["files"]
-    ckpt = reproject_checkpoint(tmp_path / "m.pt", iters=1)
+    ckpt = make_reproject_checkpoint(tmp_path / "m.pt", iters=1)
     common = ["--method", "reproject", f["gaps"], "--mask", f["mask"]]
     predict(capsys, *common, "--checkpoint", ckpt, "-o", tmp_path / "tuned.hs")
     predict(capsys, *common, "--method-param", "iters=1", "-o", tmp_path / "one.hs")
@@ -176,7 +163,7 @@ def test_hybrid_runs_the_fill_its_validation_chose(phantom, tmp_path, capsys):
     """hybrid = the network with its reproject fill at the checkpoint's reproject_iters: the same file
     as a checkpoint trained with data.fill_iters at that count; 1 and 3 iterations differ."""
     f = phantom["files"]
-    ckpts = {n: reproject_checkpoint(tmp_path / f"{n}.pt", **kw) for n, kw in
+    ckpts = {n: make_reproject_checkpoint(tmp_path / f"{n}.pt", **kw) for n, kw in
              {"val1": {"iters": 1}, "val3": {"iters": 3}, "fill1": {"fill_iters": 1},
               "fill3": {"fill_iters": 3}}.items()}
     common = [f["gaps"], "--mask", f["mask"]]
@@ -209,7 +196,7 @@ def simulated(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     assert main(["simulate", "-o", str(root / "sim"), "--studies", "1", "--scanner", "test", "--dead-blocks", "1",
                  "--counts", "3e5", "--seed", "9"]) == 0
-    return root / "sim" / "s000", reproject_checkpoint(root / "m.pt", iters=2)
+    return root / "sim" / "s000", make_reproject_checkpoint(root / "m.pt", iters=2)
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -271,7 +258,7 @@ def plain(tmp_path):
 ])
 def test_refusals(plain, tmp_path, capsys, argv, words):
     inp, msk, zero = plain
-    noval = reproject_checkpoint(tmp_path / "noval.pt")
+    noval = make_reproject_checkpoint(tmp_path / "noval.pt")
     argv = [a.format(zero=zero, noval=noval) for a in argv]
     gaps = [] if "--no-mask" in argv else ["--mask", msk]
     argv = [a for a in argv if a != "--no-mask"]

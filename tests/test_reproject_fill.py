@@ -84,17 +84,6 @@ def test_validation_chooses_reproject_iterations_and_records_them(dataset, tmp_p
     t.log.close()
 
 
-def test_export_refuses_a_reproject_model(tmp_path):
-
-    ckpt = tmp_path / "m.pt"
-    make_checkpoint(ckpt, slice_shape=(SC.views, SC.bins))
-    state = torch.load(ckpt, weights_only=True)
-    state["config"]["data"]["fill"], state["data"]["scanner"] = "reproject", "test"
-    torch.save(state, ckpt)
-    r = run_hpc("export", "--checkpoint", ckpt, "--format", "onnx", "-o", tmp_path / "m.onnx")
-    assert r.returncode == 2 and "data.fill=reproject" in r.stderr
-
-
 def test_predict_models_the_given_factors(tmp_path):
     """hpc predict --mult/--randoms feeds them to a reproject-fill model: the gaps change with them,
     the measured values never do; the library equals the CLI."""

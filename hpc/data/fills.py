@@ -14,6 +14,8 @@ registered with ``@FILLS.register("name")``; ``data.fill=name`` then uses it eve
 the loader reads: ``fold`` ("always": the fill at a pixel depends on that pixel only, so view
 rotations and mirrors commute with it; "without_gaps": only when nothing is missing; absent: never)
 and ``aux`` (the fill models the shards' mult / randoms, and runs even where nothing is missing).
+``export="outside"``: the fill cannot be traced (a reconstruction), so `hpc export` leaves it out of
+the exported graph, which takes the filled stacks as an input instead.
 
     pre = build_preprocess(cfg, multiple=input_multiple(cfg), scale=ds.scale, scanner=ds.scanner)
 """
@@ -86,7 +88,7 @@ def _linear(cfg: Config, scanner: str) -> GapFill:
     return linear_fill
 
 
-@FILLS.register("reproject", aux=True)
+@FILLS.register("reproject", aux=True, export="outside")
 def _reproject(cfg: Config, scanner: str) -> GapFill:
     try:
         sc = get_scanner(cfg.corrupt.scanner or scanner)
