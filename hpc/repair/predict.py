@@ -15,7 +15,8 @@ preprocessing, repaired in batches and mapped back exactly (crop, denormalize): 
 hpc.repair.files, the library this command line drives. With a gap mask (--mask FILE, or --dead-blocks
 with the scanner geometry) only gap pixels are replaced: every measured value is copied bytewise
 from the input. Predictions written into integer files are rounded and clipped, and the counts are
-reported. Memory is bounded by --batch slices; the GPU is used when present.
+reported. Memory is bounded by --batch slices (a baseline: one segment's stack of planes, or the
+study for a whole-study one); the network uses the GPU when present, baselines the CPU.
 
 examples:
   hpc predict --checkpoint runs/demo/checkpoints/best.pt s1_gaps.s.hdr --mask s1_mask.s.hdr -o s1_fixed.s.hdr
