@@ -124,7 +124,8 @@ def _convert(name: str, p: inspect.Parameter, value: Any, where: str) -> Any:
         else:
             out = kind(value.strip() if isinstance(value, str) else value)
     except (ValueError, KeyError, TypeError):
-        raise InputError(f"{where}: {name}'s {p.name} takes a {kind.__name__}, got {value!r}") from None
+        what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "text")
+        raise InputError(f"{where}: {name}'s {p.name} takes {what}, got {value!r}") from None
     tuned = BASELINES.meta(name).get("tune", {}).get(p.name) or ()
     if kind in (int, float) and (not math.isfinite(out) or (tuned and min(tuned) > 0 and out <= 0)):
         raise InputError(f"{where}: {name}'s {p.name} must be a finite{' positive' if tuned else ''} number, "
