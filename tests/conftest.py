@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # makes `helpers` and `cluster.harness` importable
 
-from helpers import require  # noqa: E402
+from helpers import lm_scanner, require  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +74,14 @@ def tmpfs(tmp_path):
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def sc():
+    """The small list-mode scanner of tests/helpers.py (test_listmode, test_norm, test_randoms)."""
+    return lm_scanner()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261207)

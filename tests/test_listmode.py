@@ -18,16 +18,6 @@ from hpc.simulate import listmode as S
 from helpers import lm_scanner as small_scanner
 
 
-@pytest.fixture
-def sc() -> G.Scanner:
-    return small_scanner()
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(20261207)
-
-
 def sinos(layout, rng, rate=0.3):
     shape = (layout.tof_bins, layout.planes, layout.views, layout.bins)
     return rng.poisson(rate, shape), rng.poisson(rate / 5, shape)

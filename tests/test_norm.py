@@ -13,18 +13,6 @@ from hpc.physics import geometry as G
 from hpc.physics import norm as N
 from hpc.physics import projdata as P
 
-from helpers import lm_scanner as small_scanner
-
-
-@pytest.fixture
-def sc() -> G.Scanner:
-    return small_scanner()
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(20261207)
-
 
 def components(sc, rng, span=3, mrd=7) -> N.NormComponents:
     lay = P.cti_layout(sc, span, mrd)

@@ -13,18 +13,6 @@ from hpc.physics import projdata as P
 from hpc.physics import randoms as R
 from hpc.simulate import listmode as S
 
-from helpers import lm_scanner as small_scanner
-
-
-@pytest.fixture
-def sc() -> G.Scanner:
-    return small_scanner()
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(20261207)
-
 
 def singles(sc, rng):
     s = rng.uniform(0.5, 1.5, (sc.rings, sc.detectors_per_ring)) * 0.6
