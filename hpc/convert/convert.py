@@ -44,7 +44,7 @@ from hpc.io.h5write import COMPRESSIONS, DEFAULT_COMPRESSION
 from hpc.io.headers import read_header
 from hpc.io.regular import read_bounded
 from hpc.io.shards import FORMAT, FORMAT_VERSION, TRUTH
-from hpc.io.spec import SinogramSpec, raw_spec
+from hpc.io.spec import SinogramSpec, parse_raw_shape, raw_spec
 from hpc.progress import Progress
 
 
@@ -93,12 +93,7 @@ def available_cores() -> int:
 def _open_source(path: str, args: argparse.Namespace) -> SinogramSpec:
     if not args.shape:
         return read_header(path)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        raise InputError(f"--shape: expected comma-separated integers like 1,837,252,344, got {args.shape!r}") from None
-    if not args.dtype:
-        raise InputError(f"{path}: a raw file needs --dtype (e.g. uint16)")
+    shape = parse_raw_shape(args.shape, args.dtype, str(path), "1,837,252,344")
     return raw_spec(path, shape, args.dtype, args.endian, args.offset)
 
 

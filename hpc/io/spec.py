@@ -109,6 +109,17 @@ def _check_disjoint(spec: SinogramSpec) -> None:
                              f"({spec.nbytes} bytes each); check the data offsets")
 
 
+def parse_raw_shape(text: str, dtype: str | None, where: str, example: str) -> tuple[int, ...]:
+    """``--shape`` of a raw file as integers (one line naming ``where`` if not), and its ``--dtype`` given."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{where}: --shape must be comma-separated integers like {example}, got {text!r}") from None
+    if not dtype:
+        raise InputError(f"{where}: a raw file needs --dtype (e.g. uint16)")
+    return shape
+
+
 def raw_spec(data_path: str | os.PathLike, shape: tuple[int, ...], dtype: str | np.dtype,
              endian: str = "little", offset: int = 0, flag: str = "--dtype") -> SinogramSpec:
     """A headerless file of ``shape`` = (T, S, V, X) (or (S, V, X)) samples, sinogram-major;

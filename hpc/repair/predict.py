@@ -49,6 +49,7 @@ from hpc.distributed.launcher import setup_torch_env, torch_ranks
 from hpc.errors import InputError
 from hpc.io.atomic import sweep_stale
 from hpc.io.dirlock import missing_dirs, remove_empty
+from hpc.io.spec import parse_raw_shape
 from hpc.registry import BASELINES
 from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, output_files, predict_study
 from hpc.repair.inference import load_repairer
@@ -119,12 +120,7 @@ def _raw_layout(args: argparse.Namespace) -> RawLayout | None:
     """--shape/--dtype/... of headerless inputs (None: the inputs have Interfile headers)."""
     if not args.shape:
         return None
-    try:
-        dims = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        raise InputError(f"{args.inputs[0]}: --shape must be T,S,V,X integers, got {args.shape!r}") from None
-    if not args.dtype:
-        raise InputError(f"{args.inputs[0]}: a raw file needs --dtype (e.g. uint16)")
+    dims = parse_raw_shape(args.shape, args.dtype, str(args.inputs[0]), "T,S,V,X")
     return RawLayout(dims, args.dtype, args.mask_dtype, args.endian, args.offset)
 
 
