@@ -140,3 +140,24 @@ def test_candidates_come_from_every_registered_tune_including_whole_study(toy_ba
         assert got == {"toy3d iters=1": ("toy3d", {"iters": 1}), "toy3d iters=2": ("toy3d", {"iters": 2})}
     finally:
         BASELINES.unregister("toy3d")
+
+
+def test_a_whole_study_baseline_is_tuned_and_run_on_the_whole_study(tmp_path, toy_baseline):
+    """A whole_study baseline sees every slice of the study in one call (as `hpc predict` runs it),
+    on the tuning studies for each candidate and once per held-out study."""
+    calls = []
+
+    def whole(stack, planes, k: int = 1):
+        calls.append((len(stack.y), len(planes), k))
+        return toy(stack, planes, k)
+
+    BASELINES.register("toywhole", order=97, whole_study=True, tune={"k": (1, 2)})(whole)
+    try:
+        val = [flat_study(tmp_path, f"v{i}", 20) for i in range(3)]
+        held = [flat_study(tmp_path, "h0", 20)]
+        m = evaluate(tmp_path, held, val, "--baselines", "toywhole")
+    finally:
+        BASELINES.unregister("toywhole")
+    assert m["tuning"]["params"]["toywhole"]["k"]["value"] == 2
+    assert calls == [(S, S, 1), (S, S, 2)] * 3 + [(S, S, 2)]
+    assert m["results"]["overall"]["toywhole"]["nmse_gap_meas"] == pytest.approx(0.0)
