@@ -19,8 +19,14 @@ OSEM; image NMSE, SSIM and lesion bias against the full-data (`full`) and noise-
 reconstructions. Per study and pooled, in DIR/report.md and DIR/metrics.json; PNG panels
 (sinograms, errors, reconstructed images) in DIR/panels/; with --wandb also to W&B.
 
+Fair protocol (hpc.evaluate.tuning): the baselines' free parameters (registered `tune` candidates)
+are chosen on >= 3 validation studies (--tune-on / --tune-study), never on the scored ones, or
+given (--param reproject.iters=8); every output is scored as `hpc predict` writes it (rounded to
+the file's type); per NMSE metric each method's ratio to the best baseline gets a paired bootstrap
+95 % interval and a wins / ties / loses verdict, and the `hpc predict` command of the winner is printed.
+
 examples:
-  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim -o eval/
+  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim --tune-on s012,s013,s014 -o eval/
   hpc evaluate --checkpoint best.pt --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr expected=s4_expected.s.hdr -o eval/
   hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test --baselines linear,axial3d -o eval/
 """
