@@ -121,11 +121,11 @@ def _comparison(unet_factor: float, spread: float) -> dict:
 def test_verdict_wording_and_command_follow_the_interval(factor, spread, word, method):
     comp = _comparison(factor, spread)
     assert comp["nmse_gap_true"]["methods"]["unet"]["verdict"] == word
-    got, command = tuning.predict_command(comp, {"reproject": {"iters": 6}}, "best.pt", False)
+    tun = tuning.Tuning(["a", "b", "c"], {"reproject": {"iters": tuning.Choice(6, "tuned", {"4": 0.2, "6": 0.1})}})
+    got, command = tuning.predict_command(comp, tun, "best.pt", False)
     assert got == method
     assert command.startswith(f"hpc predict --method {method}")
     assert ("--method-param iters=6" in command) == (method == "reproject")
-    tun = tuning.Tuning(["a", "b", "c"], {"reproject": {"iters": tuning.Choice(6, "tuned", {"4": 0.2, "6": 0.1})}})
     rec = {"method": got, "command": command}
     text = protocol_text({"tuning": tun.to_dict(), "comparison": comp, "recommend": rec})
     assert f" {word}" in text and "reproject.iters = 6: tuned on 3 validation studies" in text
@@ -161,3 +161,30 @@ def test_a_whole_study_baseline_is_tuned_and_run_on_the_whole_study(tmp_path, to
     assert m["tuning"]["params"]["toywhole"]["k"]["value"] == 2
     assert calls == [(S, S, 1), (S, S, 2)] * 3 + [(S, S, 2)]
     assert m["results"]["overall"]["toywhole"]["nmse_gap_meas"] == pytest.approx(0.0)
+
+
+def test_a_reproject_fill_network_has_its_fill_iterations_tuned(tmp_path, capsys):
+    """A data.fill=reproject checkpoint: its fill's OSEM iterations are chosen on the validation
+    studies over reproject's candidates (the lowest pooled in-gap NMSE), recorded with the scores,
+    and the network is scored and recommended as `hpc predict --method hybrid` runs it; given with
+    --param unet.fill_iters=K it is not tuned."""
+    from helpers import make_reproject_checkpoint
+
+    sim = tmp_path / "sim"
+    assert main(["simulate", "-o", str(sim), "--studies", "4", "--test-studies", "1", "--scanner", "test",
+                 "--counts", "2e5", "--dead-blocks", "1", "--seed", "3"]) == 0
+    ckpt = make_reproject_checkpoint(tmp_path / "m.pt", fill_iters=4)
+    base = ["evaluate", "--checkpoint", str(ckpt), "--simulation", str(sim), "--baselines", "linear", "--no-images",
+            "--slices", "2", "--quiet"]
+    assert main([*base, "-o", str(tmp_path / "ev"), "--tune-on", "s000,s001,s002"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    net = m["tuning"]["network"]["fill_iters"]
+    candidates = BASELINES.meta("reproject")["tune"]["iters"]
+    assert net["source"] == "tuned" and set(net["scores"]) == {str(k) for k in candidates}
+    assert net["value"] == int(min(net["scores"], key=net["scores"].get))
+    assert "unet.fill_iters = " in capsys.readouterr().out
+    assert main([*base, "-o", str(tmp_path / "ev2"), "--param", "unet.fill_iters=2"]) == 0
+    m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert m2["tuning"]["network"]["fill_iters"] == {"value": 2, "source": "given", "scores": {}}
+    tun = tuning.Tuning([], {}, network=tuning.Choice(2, "given"), trained=4)
+    assert tun.network_method() == "--method hybrid --method-param iters=2"

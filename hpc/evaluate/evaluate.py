@@ -33,7 +33,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -363,44 +362,14 @@ def _pool(results: dict[str, StudyResult]) -> StudyResult:
     return pooled
 
 
-def tuning_scores(rep: Repairer, studies: list[Study], opts: Options,
-                  variants: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, tuple[float, float]]:
-    """label -> (sse, energy) of tuning.CRITERION (in-gap, against the measured target) pooled over
-    ``studies``: the candidates ``variants`` and the network, sinograms only, as written."""
-    o = dataclasses.replace(opts, variants=variants, images=False, quiet=True, tune_on=[])
-    pooled: dict[str, tuple[float, float]] = {}
-    for st in studies:
-        check_compatible(rep, st.layout)
-        for label, refs in evaluate_study(rep, st, o).sino.items():
-            s, (a, b) = refs["meas"].sums, pooled.get(label, (0.0, 0.0))
-            pooled[label] = (a + s["sse_gap"], b + s["energy_gap"])
-    return pooled
-
-
-def choose_params(rep: Repairer, studies: list[Study], opts: Options) -> tuple[Options, tuning.Tuning]:
-    """The free parameters the held-out ``studies`` are scored with (hpc.evaluate.tuning): given,
-    tuned on ``opts.tune_on`` (refused: fewer than MIN_TUNE_STUDIES, or a held-out one among them),
-    else the checkpoint's validation, else defaults."""
-    given = {b: dict(v) for b, v in opts.given.items()}
-    if opts.reproject_iters and "reproject" in opts.baselines:
-        given.setdefault("reproject", {})["iters"] = opts.reproject_iters
-    tune_ids = [s.id for s in opts.tune_on]
-    if opts.tune_on:
-        tuning.check_studies(tune_ids, [s.id for s in studies], opts.allow_few)
-    chosen = tuning.choose(opts.baselines, given, rep.metrics, tune_ids,
-                           lambda variants: tuning_scores(rep, opts.tune_on, opts, variants))
-    iters = chosen.params().get("reproject", {}).get("iters", opts.reproject_iters or DEFAULT_REPROJECT_ITERS)
-    return dataclasses.replace(opts, params=chosen.params(), reproject_iters=int(iters), tune_on=[]), chosen
-
-
 def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
-    """Choose the free parameters (``choose_params``), score every study with them; write
+    """Choose the free parameters (hpc.evaluate.tuning.choose_params), score every study with them; write
     report.md, metrics.json and panels/. Returns ``{"results": {study | "overall": {method:
     {metric_ref: value}}}, "images", "times", "tuning", "comparison", "recommend", "panels", "report"}``."""
     check_output_dir(out_dir)
     scanners = {geometry(rep, st.layout) for st in [*studies, *opts.tune_on]} - {None}
     setup = sum(warm_projectors(sc) for sc in scanners)
-    opts, chosen = choose_params(rep, studies, opts)
+    rep, opts, chosen = tuning.choose_params(rep, studies, opts, evaluate_study)
     results, panels = {}, []
     with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
                   enabled=not opts.quiet) as bar:
@@ -409,7 +378,7 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
             results[st.id] = evaluate_study(rep, st, opts, bar)
     comp = tuning.comparisons(results)
     aux = bool(FILLS.meta(rep.cfg.data.fill).get("aux"))
-    method, command = tuning.predict_command(comp, chosen.params(), str(rep.path), aux)
+    method, command = tuning.predict_command(comp, chosen, str(rep.path), aux)
     protocol = {"tuning": chosen.to_dict(), "comparison": comp, "recommend": {"method": method, "command": command}}
     try:  # outputs only once every study is scored: a bad study leaves no panels without a report
         for st in studies:

@@ -79,6 +79,11 @@ def _params(tuning: dict) -> list[str]:
                    "default": "the default (nothing chose it)"}[c["source"]]
             cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
             lines.append(f"{name}.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
+    for key, c in tuning.get("network", {}).items():
+        how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies", "given": "given, not tuned",
+               "trained": "as trained (data.fill_iters), not tuned"}[c["source"]]
+        cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
+        lines.append(f"unet.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
     if "unet" in tuning["scores"]:
         lines.append(f"unet (as trained, not tuned): {tuning['criterion']} {_fmt(tuning['scores']['unet'])} on the "
                      "validation studies")

@@ -8,7 +8,9 @@ from paired bootstrap intervals.
   the lowest chosen. A value given on the command line (``--param reproject.iters=6``,
   ``--reproject-iters``) is used as given and recorded so; without tuning studies a value comes
   from the checkpoint's validation (metric ``<baseline>_<param>``), else the baseline's default.
-  The network is the checkpoint as trained (its fill's iterations are data.fill_iters): not tuned here.
+  The network: a ``data.fill=reproject`` checkpoint's fill iterations are tuned alike, over
+  reproject's candidates (the network then runs as `hpc predict --method hybrid --method-param
+  iters=K`); given with ``--param unet.fill_iters=K``; otherwise the checkpoint runs as trained.
 - Verdicts: per NMSE metric, every method's ratio to the best baseline on the held-out studies with a
   paired bootstrap interval (hpc.evaluate.protocol.compare); "wins" / "loses" only where it excludes 1.
 
@@ -17,18 +19,26 @@ from paired bootstrap intervals.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.errors import InputError
 from hpc.evaluate.protocol import compare
 from hpc.registry import BASELINES
-from hpc.repair.methods import free_parameters, parse_params
+from hpc.repair.inference import Repairer, check_compatible
+from hpc.repair.methods import free_parameters, hybrid_repairer, parse_params
+
+if TYPE_CHECKING:
+    from hpc.evaluate.evaluate import Options, StudyResult
+    from hpc.evaluate.studies import Study
 
 MIN_TUNE_STUDIES = 3  # fewer only with --allow-few-tune-studies
 CRITERION = "nmse_gap_meas"  # what chooses: in-gap NMSE against the measured target, pooled over studies
@@ -37,6 +47,7 @@ METRICS = (("nmse_gap_true", "sino", "true", "gap"), ("nmse_gap_meas", "sino", "
            ("nmse_all_true", "sino", "true", "all"), ("nmse_all_meas", "sino", "meas", "all"),
            ("img_nmse_true", "image", "true", ""), ("img_nmse_full", "image", "full", ""))
 NOT_METHODS = ("full", "gapped")  # image-domain versions that are references, not repairs
+NETWORK, FILL_ITERS = "unet", "fill_iters"  # the network's free parameter: its reproject fill's iterations
 
 Score = Callable[[dict[str, tuple[str, dict[str, Any]]]], dict[str, tuple[float, float]]]
 
@@ -45,7 +56,7 @@ Score = Callable[[dict[str, tuple[str, dict[str, Any]]]], dict[str, tuple[float,
 class Choice:
     """One free parameter's value and where it came from."""
     value: Any
-    source: str  # "tuned" | "given" | "checkpoint" (its training's validation) | "default"
+    source: str  # "tuned" | "given" | "checkpoint" (its training's validation) | "default" | "trained"
     scores: dict[str, float] = field(default_factory=dict)  # candidate -> criterion on the tuning studies
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,13 +68,22 @@ class Tuning:
     studies: list[str]  # the tuning (validation) studies, [] when nothing was tuned here
     choices: dict[str, dict[str, Choice]]  # baseline -> parameter -> Choice
     scores: dict[str, float] = field(default_factory=dict)  # every label scored on the tuning studies
+    network: Choice | None = None  # the network's fill iterations (a data.fill=reproject checkpoint)
+    trained: int = 0  # its data.fill_iters
 
     def params(self) -> dict[str, dict[str, Any]]:
         return {b: {k: c.value for k, c in ps.items()} for b, ps in self.choices.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"studies": self.studies, "criterion": CRITERION, "scores": self.scores,
-                "params": {b: {k: c.to_dict() for k, c in ps.items()} for b, ps in self.choices.items()}}
+                "params": {b: {k: c.to_dict() for k, c in ps.items()} for b, ps in self.choices.items()},
+                "network": {FILL_ITERS: self.network.to_dict()} if self.network else {}}
+
+    def network_method(self) -> str:
+        """How `hpc predict` runs the network as scored: unet, or hybrid at the chosen fill iterations."""
+        if self.network is None or self.network.value == self.trained:
+            return "--method unet"
+        return f"--method hybrid --method-param iters={self.network.value}"
 
 
 def parse_param_items(items: list[str], baselines: list[str]) -> dict[str, dict[str, Any]]:
@@ -73,9 +93,14 @@ def parse_param_items(items: list[str], baselines: list[str]) -> dict[str, dict[
     for item in items:
         head, sep, value = item.partition("=")
         name, dot, key = head.strip().partition(".")
+        if sep and name == NETWORK and key == FILL_ITERS:
+            if not value.strip().isdigit() or int(value) < 1:
+                raise InputError(f"--param {item}: {NETWORK}.{FILL_ITERS} takes a positive integer")
+            out.setdefault(NETWORK, {})[FILL_ITERS] = int(value)
+            continue
         if not (sep and dot and name in BASELINES):
             raise InputError(f"--param {item}: expected BASELINE.NAME=VALUE with BASELINE in "
-                             f"{', '.join(BASELINES.names())} (e.g. reproject.iters=8)")
+                             f"{', '.join(BASELINES.names())} (e.g. reproject.iters=8), or {NETWORK}.{FILL_ITERS}=K")
         if name not in baselines:
             raise InputError(f"--param {item}: {name} is not among --baselines ({', '.join(baselines)})")
         out.setdefault(name, {})[key] = parse_params(name, [f"{key}={value}"])[key]
@@ -169,8 +194,7 @@ def comparisons(results: dict, seed: int = 0) -> dict[str, dict]:
     return out
 
 
-def predict_command(comp: dict[str, dict], params: dict[str, dict[str, Any]], checkpoint: str,
-                    fill_aux: bool) -> tuple[str, str]:
+def predict_command(comp: dict[str, dict], tuned: Tuning, checkpoint: str, fill_aux: bool) -> tuple[str, str]:
     """(method, the `hpc predict` command that runs it): on the first metric compared, the learned
     method where it wins against the best baseline, else that baseline (nothing beats it for sure)."""
     if not comp:
@@ -182,6 +206,71 @@ def predict_command(comp: dict[str, dict], params: dict[str, dict[str, Any]], ch
         return "", ""
     if method in LEARNED:
         aux = " --mult MULT --randoms RANDOMS" if fill_aux else ""
-        return method, f"hpc predict --method {method} --checkpoint {checkpoint} INPUT --mask MASK{aux} -o OUTPUT"
-    args = "".join(f" --method-param {k}={v}" for k, v in params.get(method, {}).items())
+        net = tuned.network_method()
+        return method, f"hpc predict {net} --checkpoint {checkpoint} INPUT --mask MASK{aux} -o OUTPUT"
+    args = "".join(f" --method-param {k}={v}" for k, v in tuned.params().get(method, {}).items())
     return method, f"hpc predict --method {method}{args} INPUT --mask MASK [--mult MULT --randoms RANDOMS] -o OUTPUT"
+
+
+# ---------------------------------------------------------------- running it (hpc.evaluate.evaluate)
+RunStudy = Callable[[Repairer, "Study", "Options"], "StudyResult"]
+
+
+def tuning_scores(rep: Repairer, studies: list[Study], opts: Options, run_study: RunStudy,
+                  variants: dict[str, tuple[str, dict[str, Any]]], network: bool = True
+                  ) -> dict[str, tuple[float, float]]:
+    """label -> (sse, energy) of CRITERION (in-gap, against the measured target) pooled over
+    ``studies``: the candidates ``variants`` (and the network as ``unet``), sinograms only, as written."""
+    o = dataclasses.replace(opts, variants=variants, images=False, quiet=True, tune_on=[], network=network)
+    pooled: dict[str, tuple[float, float]] = {}
+    for st in studies:
+        check_compatible(rep, st.layout)
+        for label, refs in run_study(rep, st, o).sino.items():
+            s, (a, b) = refs["meas"].sums, pooled.get(label, (0.0, 0.0))
+            pooled[label] = (a + s["sse_gap"], b + s["energy_gap"])
+    return pooled
+
+
+def choose_network(rep: Repairer, given: dict[str, Any], score: Callable[[Repairer], tuple[float, float]] | None
+                   ) -> tuple[Repairer, Choice | None]:
+    """A data.fill=reproject network's fill iterations: given, else tuned over reproject's candidates
+    by ``score`` (None: no tuning studies), else as trained. Other networks have none (None)."""
+    if rep.cfg.data.fill != "reproject":
+        return rep, None
+    if FILL_ITERS in given:
+        return hybrid_repairer(rep, given[FILL_ITERS]), Choice(given[FILL_ITERS], "given")
+    if score is None:
+        return rep, Choice(rep.cfg.data.fill_iters, "trained")
+    scores = {}
+    for k in BASELINES.meta("reproject").get("tune", {}).get("iters", ()):
+        s, e = score(hybrid_repairer(rep, k))
+        scores[str(k)] = s / e if e > 0 else math.nan
+    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        return rep, Choice(rep.cfg.data.fill_iters, "trained", scores)
+    best = int(min(finite, key=lambda k: finite[k]))
+    return hybrid_repairer(rep, best), Choice(best, "tuned", scores)
+
+
+def choose_params(rep: Repairer, studies: list[Study], opts: Options, run_study: RunStudy
+                  ) -> tuple[Repairer, Options, Tuning]:
+    """The network and free parameters the held-out ``studies`` are scored with: given, tuned on
+    ``opts.tune_on`` (refused: fewer than MIN_TUNE_STUDIES, or a held-out one among them), else the
+    checkpoint's validation (or its training), else defaults."""
+    given = {b: dict(v) for b, v in opts.given.items() if b != NETWORK}
+    if opts.reproject_iters and "reproject" in opts.baselines:
+        given.setdefault("reproject", {})["iters"] = opts.reproject_iters
+    tune_ids = [s.id for s in opts.tune_on]
+    if opts.tune_on:
+        check_studies(tune_ids, [s.id for s in studies], opts.allow_few)
+    tuned_net = rep.cfg.data.fill == "reproject" and FILL_ITERS not in opts.given.get(NETWORK, {})
+    chosen = choose(opts.baselines, given, rep.metrics, tune_ids,
+                    lambda v: tuning_scores(rep, opts.tune_on, opts, run_study, v, network=not tuned_net))
+    net_score = (lambda r: tuning_scores(r, opts.tune_on, opts, run_study, {}).get(NETWORK, (0.0, 0.0))
+                 ) if opts.tune_on else None
+    chosen.trained = rep.cfg.data.fill_iters
+    rep, chosen.network = choose_network(rep, opts.given.get(NETWORK, {}), net_score)
+    if chosen.network is not None:
+        chosen.scores.update({f"{NETWORK} {FILL_ITERS}={k}": v for k, v in chosen.network.scores.items()})
+    iters = chosen.params().get("reproject", {}).get("iters", opts.reproject_iters or DEFAULT_ITERS)
+    return rep, dataclasses.replace(opts, params=chosen.params(), reproject_iters=int(iters), tune_on=[]), chosen
