@@ -25,20 +25,21 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.errors import InputError
 from hpc.evaluate.protocol import compare
+from hpc.evaluate.studies import Study
 from hpc.registry import BASELINES
 from hpc.repair.inference import Repairer, check_compatible
 from hpc.repair.methods import free_parameters, hybrid_repairer, parse_params
 
-if TYPE_CHECKING:
-    from hpc.evaluate.evaluate import Options, StudyResult
-    from hpc.evaluate.studies import Study
+# hpc.evaluate.evaluate's Options and StudyResult (it imports this module: typed by description here)
+Options = Any
+StudyResult = Any
 
 MIN_TUNE_STUDIES = 3  # fewer only with --allow-few-tune-studies
 CRITERION = "nmse_gap_meas"  # what chooses: in-gap NMSE against the measured target, pooled over studies
@@ -213,7 +214,7 @@ def predict_command(comp: dict[str, dict], tuned: Tuning, checkpoint: str, fill_
 
 
 # ---------------------------------------------------------------- running it (hpc.evaluate.evaluate)
-RunStudy = Callable[[Repairer, "Study", "Options"], "StudyResult"]
+RunStudy = Callable[[Repairer, Study, Options], StudyResult]  # hpc.evaluate.evaluate.evaluate_study
 
 
 def tuning_scores(rep: Repairer, studies: list[Study], opts: Options, run_study: RunStudy,
