@@ -5,13 +5,13 @@ efficiencies, randoms, lesions and dead detector blocks (STIR files, 3 segments;
 studies from a phantom variant training never sees) -> `hpc convert` the training studies with their
 noise-free counts and multiplicative/additive factors -> `hpc train` a small UNet (configs/demo.yaml)
 whose input gaps are pre-filled by the reprojection of the measured bins (data.fill=reproject) and
-which learns the correction -> `hpc evaluate` with the fair protocol: every baseline's free
-parameters (reproject's iterations, ...) tuned on the 3 validation studies, then the held-out
-studies scored: UNet, reproject, axial3d, biharmonic and linear against the measured and the
-noise-free counts, and in reconstructed images, each method's ratio to the best baseline with a
-paired bootstrap interval and a wins / ties / loses verdict (docs/EVALUATION.md) -> `hpc predict`
-one held-out study back into STIR format. Prints where the report, panels, metrics and W&B offline
-runs are. Deterministic for a given --seed (CPU, one
+which learns the correction -> `hpc evaluate` with the fair protocol: every method's free
+parameters (reproject's iterations, the network's fill iterations) tuned on the 3 validation
+studies, then the held-out studies scored: UNet, reproject, axial3d, biharmonic and linear against
+the measured and the noise-free counts, and in reconstructed images, each method's ratio to the
+best baseline with a paired bootstrap interval and a wins / ties / loses verdict
+(docs/EVALUATION.md) -> `hpc predict` one held-out study back into STIR format. Prints where the
+report, panels, metrics and W&B offline runs are. Deterministic for a given --seed (CPU, one
 thread). The exit status is 1 if the UNet does not beat linear interpolation inside the gaps (NMSE)
 on the held-out studies (--quick trains too briefly for that claim and only reports the numbers).
 
