@@ -16,7 +16,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "held-out in-gap NMSE (vs noise-free counts; vs measured)" in r.stdout
     assert "UNet vs linear interpolation inside the gaps" in r.stdout
     assert "wandb sync " in r.stdout
-    results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
+    summary = json.loads((out / "eval" / "metrics.json").read_text())
+    results = summary["results"]
+    tuned = summary["tuning"]  # the fair protocol: parameters chosen on 3 validation studies, none held out
+    assert len(tuned["studies"]) == 3 and not set(tuned["studies"]) & set(results)
+    iters = tuned["params"]["reproject"]["iters"]
+    assert iters["source"] == "tuned" and iters["scores"]
+    assert "nmse_gap_true" in summary["comparison"] and summary["recommend"]["command"].startswith("hpc predict")
+    assert "held-out verdicts" in r.stdout
     methods = {"unet", "reproject", "axial3d", "biharmonic", "linear"}
     assert set(results["overall"]) == methods
     assert all("nmse_gap_true" in v and "nmse_gap_meas" in v for v in results["overall"].values())

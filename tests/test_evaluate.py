@@ -109,6 +109,7 @@ def test_simulation_truth_reproject_and_images(tmp_path):
     image table scores every version against the full-data and noise-free reconstructions."""
     import torch
 
+    from hpc.evaluate.protocol import as_written
     from hpc.physics import geometry as G
     from hpc.physics import recon as R
     from hpc.physics.recon import REPROJECT_SUBSETS
@@ -136,6 +137,7 @@ def test_simulation_truth_reproject_and_images(tmp_path):
     assert files["target"].segments == (0,)  # direct planes only: one stack, every slice scored
     rep = R.reproject(sc, arr["gaps"], arr["mask"], 5, REPROJECT_SUBSETS, valid=arr["mult"] > 0, mult=arr["mult"],
                       add=arr["randoms"]).double()
+    rep = torch.from_numpy(as_written(rep.numpy(), files["gaps"].dtype))  # scored as hpc predict writes it
     ex, gap = arr["expected"].double(), (arr["mask"] == 0) & (arr["mult"] > 0)
     got = m["results"]["s001"]["reproject"]
     assert got["nmse_gap_true"] == pytest.approx(float(((rep - ex)[gap] ** 2).sum() / (ex[gap] ** 2).sum()), rel=1e-4)

@@ -19,20 +19,26 @@ OSEM; image NMSE, SSIM and lesion bias against the full-data (`full`) and noise-
 reconstructions. Per study and pooled, in DIR/report.md and DIR/metrics.json; PNG panels
 (sinograms, errors, reconstructed images) in DIR/panels/; with --wandb also to W&B.
 
+Fair protocol (hpc.evaluate.tuning): the baselines' free parameters (registered `tune` candidates)
+are chosen on >= 3 validation studies (--tune-on / --tune-study), never on the scored ones, or
+given (--param reproject.iters=8); every output is scored as `hpc predict` writes it (rounded to
+the file's type); per NMSE metric each method's ratio to the best baseline gets a paired bootstrap
+95 % interval and a wins / ties / loses verdict, and the `hpc predict` command of the winner is printed.
+
 examples:
-  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim -o eval/
+  hpc evaluate --checkpoint runs/demo/checkpoints/best.pt --simulation demo/sim --tune-on s012,s013,s014 -o eval/
   hpc evaluate --checkpoint best.pt --study s4_gaps.s.hdr s4.s.hdr s4_mask.s.hdr expected=s4_expected.s.hdr -o eval/
   hpc evaluate --checkpoint best.pt --dataset data/sim-ds --split test --baselines linear,axial3d -o eval/
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,18 +47,34 @@ from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.baselines.stack import Stack
 from hpc.distributed.device import DEVICES, resolve_device
 from hpc.errors import InputError, OutputError
-from hpc.evaluate.report import log_wandb, save_panel, sino_table, write_report
+from hpc.evaluate import tuning
+from hpc.evaluate.protocol import as_written
+from hpc.evaluate.report import log_wandb, protocol_text, save_panel, sino_table, write_report
 from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_SUBSETS, ImageScore, SinoScore, lesion_rois
-from hpc.evaluate.studies import Study, dataset_studies, open_study, parse_study_args, simulation_studies
+from hpc.evaluate.studies import (
+    Study,
+    dataset_studies,
+    open_study,
+    parse_study_args,
+    simulation_studies,
+    tune_studies,
+)
 from hpc.io.spec import SinogramSpec
 from hpc.physics import geometry as G
 from hpc.physics import recon as R
 from hpc.physics.geometry import find_scanner
 from hpc.physics.projector import cached_projector, default_grid
 from hpc.progress import Progress
-from hpc.registry import BASELINES
-from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
-from hpc.train.checkpoint import load
+from hpc.registry import BASELINES, FILLS
+from hpc.repair.inference import (
+    Repairer,
+    check_compatible,
+    load_repairer,
+    model_output,
+    spec_layout,
+    stack_bounds,
+    windows,
+)
 
 UNET = "unet"
 DEFAULT_REPROJECT_ITERS = DEFAULT_ITERS  # when neither --reproject-iters nor the checkpoint's validation chose one
@@ -63,9 +85,16 @@ class Options:
     baselines: list[str]
     slices: int = 0  # evenly spaced slices per study (0 = all)
     batch: int = 8
-    reproject_iters: int = 0  # 0: the count the checkpoint's validation chose, else DEFAULT_REPROJECT_ITERS
+    reproject_iters: int = 0  # given (--reproject-iters), else chosen (hpc.evaluate.tuning); 0: not given
     images: bool = True
     quiet: bool = False
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # baseline -> free parameters (resolved)
+    # label -> (baseline, parameters): what runs instead of ``baselines`` (tuning's candidates), None: baselines
+    variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+    network: bool = True  # the checkpoint's network runs too
+    tune_on: list[Study] = field(default_factory=list)  # validation studies the free parameters are chosen on
+    given: dict[str, dict[str, Any]] = field(default_factory=dict)  # --param / --reproject-iters: not tuned
+    allow_few: bool = False  # tune on fewer than tuning.MIN_TUNE_STUDIES studies
 
 
 def pick_slices(n: int, limit: int) -> np.ndarray:
@@ -93,27 +122,54 @@ def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: 
     return np.concatenate(out)
 
 
+def method_runs(sc, opts: Options) -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (registered baseline, its free parameters): ``opts.variants``, else ``opts.baselines``
+    with ``opts.params``; those that need the scanner geometry left out where it is unknown."""
+    runs = opts.variants if opts.variants is not None else {b: (b, opts.params.get(b, {})) for b in opts.baselines}
+    return {k: v for k, v in runs.items() if sc is not None or not BASELINES.meta(v[0]).get("needs_scanner")}
+
+
 def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, stack: Stack, planes: np.ndarray,
-                opts: Options, times: dict[str, float]) -> dict[str, np.ndarray]:
-    """Every method's repair (n, V, X) of the stack planes ``planes``: the network and the registered
-    baselines in ``opts.baselines`` (hpc.registry.BASELINES); adds each method's wall time."""
+                opts: Options, times: dict[str, float], whole: dict | None = None) -> dict[str, np.ndarray]:
+    """Every method's repair (n, V, X) of the stack planes ``planes``, as `hpc predict` writes it
+    (hpc.evaluate.protocol.as_written, the study's file type): the network and the registered
+    baselines (``method_runs``; ``whole``: the whole_study ones' repairs by slice, computed before);
+    adds each method's wall time."""
     y, w, valid = data["input"][planes], stack.w, stack.valid
     floor = (lambda a: np.maximum(a, 0.0)) if rep.pre.nonneg else (lambda a: a)
-    params = {"reproject": {"iters": opts.reproject_iters}}
-    runs: dict[str, Callable[[], np.ndarray]] = {
-        UNET: lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
-                                    torch.from_numpy(_unet(rep, st, lo, data, w, planes, opts.batch)),
-                                    torch.from_numpy(valid[planes])).numpy(),
-    }
-    for name in opts.baselines:
-        if sc is None and BASELINES.meta(name).get("needs_scanner"):
-            continue
-        runs[name] = lambda name=name: BASELINES.get(name)(stack, planes, **params.get(name, {}))
+    runs: dict[str, Callable[[], np.ndarray]] = {}
+    if opts.network:
+        runs[UNET] = lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
+                                           torch.from_numpy(_unet(rep, st, lo, data, w, planes, opts.batch)),
+                                           torch.from_numpy(valid[planes])).numpy()
+    for label, (name, params) in method_runs(sc, opts).items():
+        if whole is not None and label in whole:
+            runs[label] = lambda label=label: np.stack([whole[label][lo + int(p)] for p in planes])
+        else:
+            runs[label] = lambda name=name, params=params: BASELINES.get(name)(stack, planes, **params)
     out = {}
     for name, run_one in runs.items():
         t0 = time.perf_counter()
-        out[name] = floor(np.asarray(run_one(), np.float64))
+        out[name] = as_written(floor(np.asarray(run_one(), np.float64)), st.layout.dtype)
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def whole_study_repairs(sc, st: Study, readers: dict, scored: np.ndarray, opts: Options,
+                        times: dict[str, float]) -> dict[str, dict[int, np.ndarray]]:
+    """The whole_study baselines' repairs {label: {slice: (V, X)}} of the ``scored`` slices: each
+    sees the whole study as one stack in canonical order, with its layout (as `hpc predict` runs it)."""
+    runs = {k: v for k, v in method_runs(sc, opts).items() if BASELINES.meta(v[0]).get("whole_study")}
+    if not runs:
+        return {}
+    _, stack = _read_stack(readers, st, sc, 0, st.layout.num_slices)
+    stack.layout = spec_layout(st.layout, sc.name if sc is not None else "")
+    out = {}
+    for label, (name, params) in runs.items():
+        t0 = time.perf_counter()
+        got = np.asarray(BASELINES.get(name)(stack, scored, **params), np.float64)
+        times[label] = times.get(label, 0.0) + time.perf_counter() - t0
+        out[label] = dict(zip(scored.tolist(), got, strict=True))
     return out
 
 
@@ -208,10 +264,10 @@ def _read_stack(readers: dict, st: Study, sc, lo: int, hi: int) -> tuple[dict, S
 
 
 def _score_chunk(rep: Repairer, sc, st: Study, res: StudyResult, lo: int, data: dict, stack: Stack,
-                 planes: np.ndarray, z: np.ndarray | None, opts: Options) -> None:
+                 planes: np.ndarray, z: np.ndarray | None, opts: Options, whole: dict | None = None) -> None:
     """Repair the stack planes ``planes`` with every method, score them (sinograms, and images
     when ``z`` gives their axial positions) and keep the panel of the slice with the most gaps."""
-    repaired = run_methods(rep, sc, st, lo, data, stack, planes, opts, res.times)
+    repaired = run_methods(rep, sc, st, lo, data, stack, planes, opts, res.times, whole)
     w, valid = stack.w[planes], stack.valid[planes]
     for name, out in repaired.items():
         for ref in ("target", "expected"):
@@ -238,6 +294,7 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
     scored = pick_slices(st.layout.num_slices, opts.slices)
     readers = st.open()
     try:
+        whole = whole_study_repairs(sc, st, readers, scored, opts, res.times)
         lo_all, hi_all = stack_bounds(st.layout)
         for lo, hi in sorted(set(zip(lo_all.tolist(), hi_all.tolist(), strict=True))):
             sel = scored[(scored >= lo) & (scored < hi)] - lo
@@ -246,7 +303,7 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
             z = _image_planes(sc, st, lo, hi, opts)
             data, stack = _read_stack(readers, st, sc, lo, hi)
             for a in range(0, len(sel), CHUNK):
-                _score_chunk(rep, sc, st, res, lo, data, stack, sel[a:a + CHUNK], z, opts)
+                _score_chunk(rep, sc, st, res, lo, data, stack, sel[a:a + CHUNK], z, opts, whole)
                 if bar is not None:
                     bar.update(len(sel[a:a + CHUNK]))
             del data, stack
@@ -306,23 +363,28 @@ def _pool(results: dict[str, StudyResult]) -> StudyResult:
 
 
 def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
-    """Score every study; write report.md, metrics.json and panels/. Returns ``{"results": {study |
-    "overall": {method: {metric_ref: value}}}, "images": {...}, "times": {...}, "panels", "report"}``."""
+    """Choose the free parameters (hpc.evaluate.tuning.choose_params), score every study with them; write
+    report.md, metrics.json and panels/. Returns ``{"results": {study | "overall": {method:
+    {metric_ref: value}}}, "images", "times", "tuning", "comparison", "recommend", "panels", "report"}``."""
     check_output_dir(out_dir)
-    if not opts.reproject_iters:
-        opts = dataclasses.replace(opts, reproject_iters=checkpoint_reproject_iters(rep) or DEFAULT_REPROJECT_ITERS)
+    scanners = {geometry(rep, st.layout) for st in [*studies, *opts.tune_on]} - {None}
+    setup = sum(warm_projectors(sc) for sc in scanners)
+    rep, opts, chosen = tuning.choose_params(rep, studies, opts, evaluate_study)
     results, panels = {}, []
-    setup = sum(warm_projectors(sc) for sc in {geometry(rep, st.layout) for st in studies} - {None})
     with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
                   enabled=not opts.quiet) as bar:
         for st in studies:
             check_compatible(rep, st.layout)
             results[st.id] = evaluate_study(rep, st, opts, bar)
+    comp = tuning.comparisons(results)
+    aux = bool(FILLS.meta(rep.cfg.data.fill).get("aux"))
+    method, command = tuning.predict_command(comp, chosen, str(rep.path), aux)
+    protocol = {"tuning": chosen.to_dict(), "comparison": comp, "recommend": {"method": method, "command": command}}
     try:  # outputs only once every study is scored: a bad study leaves no panels without a report
         for st in studies:
             panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
         results["overall"] = _pool(results)
-        return write_report(rep, results, panels, out_dir, opts, setup)
+        return write_report(rep, results, panels, out_dir, opts, setup, protocol)
     except BaseException:
         for p in panels:
             Path(p).unlink(missing_ok=True)
@@ -346,6 +408,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reproject-iters", type=int, default=0,
                    help="OSEM iterations of reproject (default: the count the checkpoint's validation chose, "
                         f"else {DEFAULT_REPROJECT_ITERS})")
+    p.add_argument("--param", action="append", default=[], metavar="BASELINE.NAME=VALUE",
+                   help="a baseline's free parameter, used as given (not tuned), e.g. reproject.iters=8; repeatable")
+    tune = p.add_argument_group("fair protocol: free parameters chosen on validation studies, never held-out ones")
+    tune.add_argument("--tune-on", default="", metavar="STUDIES",
+                      help="with --simulation: comma-separated study ids; with --dataset: a split of the checkpoint "
+                           f"(val, train) or study ids; at least {tuning.MIN_TUNE_STUDIES}, none of them scored")
+    tune.add_argument("--tune-study", nargs="+", action="append", metavar="FILE",
+                      help="with --study: a validation study's INPUT TARGET MASK [role=F ...]; repeat per study")
+    tune.add_argument("--allow-few-tune-studies", action="store_true",
+                      help=f"accept fewer than {tuning.MIN_TUNE_STUDIES} tuning studies")
     p.add_argument("--no-images", action="store_true",
                    help="skip the image domain: no OSEM reconstruction of the scored direct planes (for each "
                         "method, the gapped data and the full-data and noise-free references), so no img_* or "
@@ -361,12 +433,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def checkpoint_reproject_iters(rep: Repairer) -> int:
-    """The reproject iteration count chosen by the checkpoint's validation, or 0."""
-
-    return int((load(rep.path).get("metrics") or {}).get("reproject_iters", 0) or 0)
-
-
 def run(args: argparse.Namespace) -> int:
 
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -376,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.reproject_iters < 0 or args.slices < 0:
         raise InputError(f"--batch must be >= 1, --reproject-iters >= 0 and --slices >= 0 (0 = all); got "
                          f"--batch {args.batch} --reproject-iters {args.reproject_iters} --slices {args.slices}")
+    given = tuning.parse_param_items(args.param, baselines)
     check_output_dir(Path(args.output), [Path(p) for p in (args.dataset, args.simulation) if p])
     rep = load_repairer(args.checkpoint, resolve_device(args.device, what="--device"))
     if args.dataset:
@@ -384,10 +451,13 @@ def run(args: argparse.Namespace) -> int:
         studies = simulation_studies(args.simulation, [s for s in args.studies.split(",") if s])
     else:
         studies = [open_study(*parse_study_args(items)) for items in args.study]
-    opts = Options(baselines, args.slices, args.batch, args.reproject_iters, not args.no_images, args.quiet)
+    tune_on = tune_studies(rep, args.tune_on, args.tune_study, args.study, args.simulation, args.dataset)
+    opts = Options(baselines, args.slices, args.batch, args.reproject_iters, not args.no_images, args.quiet,
+                   tune_on=tune_on, given=given, allow_few=args.allow_few_tune_studies)
     out = Path(args.output)
     summary = evaluate(rep, studies, out, opts)
     print(sino_table(summary["results"], summary["times"]), end="")
+    print(protocol_text(summary), end="")
     done = summary["scored"]["overall"]
     images = (f"{done['image_planes']} direct planes reconstructed for each version (--no-images skips this)"
               if opts.images else "not evaluated (--no-images)")

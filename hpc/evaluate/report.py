@@ -69,7 +69,45 @@ def image_table(image: dict) -> str:
     return _table(image, IMAGE_COLUMNS)
 
 
-def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, setup_s: float = 0.0) -> dict:
+def _params(tuning: dict) -> list[str]:
+    """One line per free parameter: value, where it came from, the candidates' validation scores."""
+    lines = []
+    for name, params in tuning["params"].items():
+        for key, c in params.items():
+            how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies ({', '.join(tuning['studies'])})",
+                   "given": "given, not tuned", "checkpoint": "the checkpoint's validation chose it",
+                   "default": "the default (nothing chose it)"}[c["source"]]
+            cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
+            lines.append(f"{name}.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
+    for key, c in tuning.get("network", {}).items():
+        how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies", "given": "given, not tuned",
+               "trained": "as trained (data.fill_iters), not tuned"}[c["source"]]
+        cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
+        lines.append(f"unet.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
+    if "unet" in tuning["scores"]:
+        lines.append(f"unet (as trained, not tuned): {tuning['criterion']} {_fmt(tuning['scores']['unet'])} on the "
+                     "validation studies")
+    return lines
+
+
+def protocol_text(protocol: dict) -> str:
+    """The fair protocol's part of the console output and report: parameters, verdicts, the command."""
+    lines = ["parameters:"] + [f"  {line}" for line in _params(protocol["tuning"])]
+    lines.append("held-out verdicts (ratio to the best baseline, paired bootstrap 95 % interval over studies):")
+    for metric, c in protocol["comparison"].items():
+        lines.append(f"  {metric}: best {c['best']}, reference {c['reference']} ({c['studies']} studies)")
+        for m, v in c["methods"].items():
+            if m != c["reference"]:
+                lines.append(f"    {m:<11} {_fmt(v['nmse'])}  x{_fmt(v['ratio'])} [{_fmt(v['low'])}, {_fmt(v['high'])}]"
+                             f" {v['verdict']}")
+    rec = protocol["recommend"]
+    if rec["command"]:
+        lines.append(f"use: {rec['command']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, setup_s: float = 0.0,
+                 protocol: dict | None = None) -> dict:
 
     sino, image, times = flatten(results)
     recon = {"iterations": IMAGE_ITERS, "subsets": IMAGE_SUBSETS, "planes": "direct (segment 0)"}
@@ -85,11 +123,14 @@ def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, set
                  f"noise-free one; lesion bias: mean relative ROI-mean error over the known lesions. `gapped`: "
                  f"the damaged data reconstructed as it is (gaps as zero counts); `full`: the data without dead "
                  f"blocks (its distance from `true` is the noise floor).\n\n" + image_table(image))
+    if protocol:
+        text += "\n## Fair protocol (docs/EVALUATION.md)\n\n```\n" + protocol_text(protocol) + "```\n"
     text += "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels)
     summary = {"checkpoint": str(rep.path), "reproject_iters": opts.reproject_iters, "setup_s": setup_s,
                "reproject_subsets": REPROJECT_SUBSETS, "image_recon": recon, "results": sino, "images": image,
                "times": times, "scored": scored(results), "options": {"slices": opts.slices, "images": opts.images,
-                                                                      "baselines": list(opts.baselines)}}
+                                                                      "baselines": list(opts.baselines)},
+               **(protocol or {})}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
     report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
     return {**summary, "panels": panels, "report": str(report)}

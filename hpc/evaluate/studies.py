@@ -118,3 +118,27 @@ def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
         out.append(Study(info.id, study_layout(ds, info),
                          lambda info=info, names=names: {k: ShardArray(info, n) for k, n in names.items()}))
     return out
+
+
+def tune_studies(rep: Repairer, tune_on: str, tune_study: list[list[str]] | None, files: object, simulation: str | None,
+                 dataset: str | None) -> list[Study]:
+    """`hpc evaluate`'s validation studies (hpc.evaluate.tuning): --tune-on ids of the --simulation
+    directory, a split (val, train) or ids of the --dataset; --tune-study files with --study."""
+    ids = [s.strip() for s in tune_on.split(",") if s.strip()]
+    if tune_study and not files:
+        raise InputError("--tune-study goes with --study; with --simulation or --dataset use --tune-on")
+    if ids and files:
+        raise InputError("--tune-on goes with --simulation or --dataset; with --study use --tune-study")
+    if tune_study:
+        return [open_study(*parse_study_args(items)) for items in tune_study]
+    if not ids:
+        return []
+    if simulation:
+        return simulation_studies(simulation, ids)
+    if len(ids) == 1 and ids[0] in ("val", "train"):
+        return dataset_studies(rep, str(dataset), ids[0])
+    chosen = [s for s in dataset_studies(rep, str(dataset), "all") if s.id in ids]
+    missing = sorted(set(ids) - {s.id for s in chosen})
+    if missing:
+        raise InputError(f"--tune-on: {dataset} has no studies {', '.join(missing)}")
+    return chosen
