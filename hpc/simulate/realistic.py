@@ -142,11 +142,12 @@ def _randoms(layout: P.Layout, ph: Phantom, eff: np.ndarray) -> tuple[np.ndarray
     return singles, PR.randoms(singles, layout).astype(np.float64)
 
 
-def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.random.Generator
-                    ) -> tuple[SC.Means, dict]:
+def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.random.Generator,
+                    parts_out: dict | None = None) -> tuple[SC.Means, dict]:
     """(means, info): ``means.expected`` (1, P, V, X) the true expected prompts, ``means.randoms``
     the additive estimate randoms_hat + scatter_hat, ``means.mult`` (P, V, X) the mean over each
-    bin's real LORs of eff_hat x att_hat; ``info`` the measured fractions and errors (studies.json)."""
+    bin's real LORs of eff_hat x att_hat; ``info`` the measured fractions and errors (studies.json).
+    ``parts_out``, if given, receives the (P, V, X) float64 truths and estimates by name (tests)."""
     check(preset)
     sc = layout.scanner
     if layout.tof_bins != 1 or layout.bins != sc.bins:
@@ -176,6 +177,9 @@ def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.rando
     means = SC.Means(expected[None].astype(np.float32), (randoms_hat + scatter_hat)[None].astype(np.float32),
                      mult.astype(np.float32))
     info = measure(expected, trues, scatter, scatter_hat, randoms, randoms_hat, body, eff, eff_hat)
+    if parts_out is not None:
+        parts_out.update(expected=expected, trues=trues, scatter=scatter, scatter_hat=scatter_hat, randoms=randoms,
+                         randoms_hat=randoms_hat, body=body, eff=eff, eff_hat=eff_hat, lors=pt.lors)
     info.update(r_info)
     return means, info
 
@@ -217,8 +221,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"scatter fraction of the prompts in the body (default {S.FRACTION} with the preset)")
     g.add_argument("--eff-error", type=float, metavar="E", help="relative error of the estimated crystal "
                    f"efficiencies (default {E.EFF_ERROR} with the preset)")
-    g.add_argument("--mu-shift", type=float, metavar="MM", help="x shift of the estimated (bone-free) mu-map "
-                   f"(default {E.MU_SHIFT_MM} with the preset)")
+    g.add_argument("--mu-shift", type=float, metavar="MM", help="x shift of the estimated mu-map (bone-free "
+                   f"with the preset; default {E.MU_SHIFT_MM} with the preset)")
     g.add_argument("--scatter-error", type=float, metavar="E",
                    help=f"relative error of the scatter estimate (default {E.SCATTER_ERROR} with the preset)")
     g.add_argument("--counts-per-bin", type=float, metavar="C", help="mean expected prompts per bin in the body "

@@ -21,6 +21,13 @@ fraction of each bin's LORs) and <id>_mask (the measured fraction: uint8 0/1, fl
 view mashing make bins partly lost). The layout is the scanner's own (mMR span 11, mCT TOF with
 view mashing; hpc.physics.projdata, hpc.simulate.layout) unless --span etc. say otherwise. --format stir writes
 STIR .hs headers; both kinds of header are valid STIR input.
+--preset realistic (hpc.simulate.realistic) adds the physics that decides how repair methods rank:
+fully 3-D LORs with finite ring width, detector blur, scatter (35 % of the prompts in the body),
+and factor files that hold ESTIMATES (_mult = eff_hat x att_hat: 2 % crystal errors, a bone-free
+mu-map shifted 3 mm; _randoms = ML randoms from noisy delayeds + scatter estimated 15 % low), while
+_expected holds the true expected prompts; 4 expected prompts per body bin (--counts-per-bin); a slab
+of --rings K rings (default 8) of the real scanner, non-TOF (its files name the scanner
+'<name> slab K', which hpc convert / evaluate resolve to a K-ring scanner). ~12 s per mMR 8-ring study.
 studies.json lists ids, seeds, variants, counts, dead blocks and the
 lesions (centre x, y in mm, z in mm from the first ring's centre, semi-axes, contrast = lesion to
 background activity at its centre). Headers record `originating system`, so `hpc convert` knows
@@ -34,6 +41,8 @@ examples:
   hpc simulate -o data/mct --studies 1 --scanner mct --format stir     # 621 x 168 x 400 x 13 TOF
   hpc simulate -o data/t --scanner mmr --span 1 --max-segment 2 --dead-blocks 2   # span 1, 5 segments
   hpc simulate -o data/ci --scanner mct --planes 5 --randoms 0     # real transaxial size, 5 central planes
+  hpc simulate -o data/real --studies 4 --scanner mmr --preset realistic --rings 8 --dead-blocks 2
+  hpc simulate -o data/blur --scanner mmr --rings 8 --blur-fwhm 4.3      # only the blur (2-D planes)
 """
 from __future__ import annotations
 

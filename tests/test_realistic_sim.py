@@ -1,0 +1,173 @@
+"""The realistic simulation engine (issue 22): exact 3-D lines against numerical integration, the
+span convention, detector blur, scatter fraction, estimated factors with their stated errors,
+count level, and a slab that the rest of the pipeline reads back with its own ring count."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from hpc.cli import main
+from hpc.evaluate.studies import simulation_studies
+from hpc.io.shards import Dataset
+from hpc.physics import blur as B
+from hpc.physics import factors as F
+from hpc.physics import geometry as G
+from hpc.physics import projdata as P
+from hpc.simulate import estimates as E
+from hpc.simulate import lines3d as L3
+from hpc.simulate import realistic as R
+from hpc.simulate.phantom import random_phantom
+
+DEMO = G.get_scanner("demo")
+MMR = G.get_scanner("mmr")
+
+
+def _phantom(sc: G.Scanner, seed: int = 3):
+    return random_phantom(sc, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("rd", range(8))
+def test_3d_lines_match_numerical_integration_for_every_ring_difference(rd):
+    """Activity, mu and attenuated activity along lines from ring 0 to ring rd (and back), at
+    sub-positions across the rings' widths, within 1 % of a fine midpoint rule (point tests only)."""
+    sc, ph = DEMO, _phantom(DEMO)
+    lines = L3.Lines(sc, ph)
+    e1, e2 = G.lor_endpoints(sc)
+    rng = np.random.default_rng(rd)
+    v, x = rng.integers(0, sc.views, 40), rng.integers(0, sc.bins, 40)
+    off = L3.sub_offsets(sc, 2)
+    for ra, rb in ((0, rd), (rd, 0)):
+        for ua, ub in ((off[0], off[1]), (off[1], off[0])):
+            za, zb = float(L3.ring_z(sc, ph, ra)) + ua, float(L3.ring_z(sc, ph, rb)) + ub
+            act, mu = lines.integrals(za, zb)
+            p1 = np.c_[e1[v, x], np.full(v.size, za)]
+            p2 = np.c_[e2[v, x], np.full(v.size, zb)]
+            n_act, n_mu = L3.numeric_integrals(ph, p1, p2, steps=20000)
+            ok = n_act > 0.05 * n_act.max()
+            assert ok.sum() > 10
+            np.testing.assert_allclose(act[v, x][ok], n_act[ok], rtol=0.01)
+            np.testing.assert_allclose(mu[v, x][ok], n_mu[ok], rtol=0.01)
+            np.testing.assert_allclose((act * np.exp(-mu))[v, x][ok], (n_act * np.exp(-n_mu))[ok], rtol=0.01)
+
+
+def test_a_compressed_plane_sums_its_ring_pairs_lines():
+    """Span 3 on the demo's 8 rings: every plane of every segment is the sum over its ring pairs of
+    the mean over sub-lines (the convention of hpc.simulate.layout and projdata.Layout.ring_pairs)."""
+    sc, ph = G.slab(DEMO, 8), _phantom(DEMO)
+    layout = P.cti_layout(sc, 3, 7)
+    preset = dataclasses.replace(R.NONE, lines3d=True, sub=2)
+    eff = np.ones((sc.rings, sc.detectors_per_ring))
+    pt = R.parts(layout, ph, preset, eff, eff)
+    plane, ra, rb = layout.ring_pairs
+    lines = L3.Lines(sc, ph)
+    for p in range(layout.planes):
+        sel = plane == p
+        att, _ = L3.pair_attenuated(sc, ph, ra[sel], rb[sel], 2, lines=lines)
+        np.testing.assert_allclose(pt.trues[p], att.sum(0), rtol=1e-12)
+    assert set(np.abs(rb - ra)) == set(range(8))
+
+
+def test_the_engine_blurs_the_attenuated_projection_with_the_scanners_kernel():
+    sc, ph = G.slab(MMR, 1), _phantom(MMR)
+    layout = P.cti_layout(sc, 1, 0)
+    eff = np.ones((sc.rings, sc.detectors_per_ring))
+    sharp = R.parts(layout, ph, R.NONE, eff, eff)
+    blurred = R.parts(layout, ph, dataclasses.replace(R.NONE, blur_fwhm_mm=B.FWHM0_MM), eff, eff)
+    k = B.blur_matrix(sc)
+    np.testing.assert_allclose(blurred.smooth, sharp.smooth @ k.T, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(B.fwhm_mm(np.array([0.0, 100.0, 200.0])), [4.3, 4.76, 5.93], atol=0.01)
+    assert blurred.smooth.sum() == pytest.approx(sharp.smooth.sum(), rel=1e-3)  # the outer bins keep the tails
+
+
+@pytest.fixture(scope="module")
+def demo_study():
+    sc = G.slab(DEMO, 4)
+    layout = P.cti_layout(sc, 1, 3)
+    out: dict = {}
+    means, info = R.realistic_means(layout, _phantom(sc, 5), R.REALISTIC, np.random.default_rng(2), out)
+    return layout, means, info, out
+
+
+def test_scatter_randoms_and_count_level_are_what_was_asked(demo_study):
+    _, means, info, t = demo_study
+    body = t["body"]
+    prompts = means.expected[0][body].sum(dtype=np.float64)
+    assert t["scatter"][body].sum() / prompts == pytest.approx(0.35, rel=1e-6)
+    assert t["randoms"][body].sum() / prompts == pytest.approx(0.25, rel=1e-6)
+    assert means.expected[0][body].mean(dtype=np.float64) == pytest.approx(R.REALISTIC.counts_per_bin, rel=1e-5)
+    np.testing.assert_allclose(means.expected[0], t["trues"] + t["scatter"] + t["randoms"], rtol=1e-5)
+    assert info["scatter_fraction"] == pytest.approx(0.35, rel=1e-6)
+    # scatter is smooth and reaches past the body, but only real crystals
+    assert (t["scatter"][~body & (t["lors"] > 0)] > 0).any()
+    assert (t["scatter"][t["lors"] == 0] == 0).all()
+
+
+def test_the_files_hold_the_estimates_with_their_stated_errors(demo_study):
+    _, means, info, t = demo_study
+    body = t["body"]
+    assert t["scatter_hat"][body].sum() / t["scatter"][body].sum() == pytest.approx(0.85, rel=1e-9)
+    np.testing.assert_allclose(means.randoms[0], t["randoms_hat"] + t["scatter_hat"], rtol=1e-5)
+    ratio = t["randoms_hat"][body].sum() / t["randoms"][body].sum()
+    assert ratio == pytest.approx(1.0, abs=0.02)  # unbiased: ML singles of Poisson delayeds
+    assert 0.0 < info["randoms_error_rms"] < 0.15
+    real = t["eff"] > 0
+    assert np.std(np.log(t["eff_hat"][real] / t["eff"][real])) == pytest.approx(0.02, rel=0.3)  # 4 x 128 crystals
+
+
+def test_estimated_efficiencies_have_the_stated_error():
+    eff = F.crystal_efficiencies(MMR)
+    hat = E.efficiencies(eff, 0.02, np.random.default_rng(0))
+    real = eff > 0
+    assert np.std(np.log(hat[real] / eff[real])) == pytest.approx(0.02, rel=0.03)
+    assert (hat[~real] == 0).all()
+
+
+def test_estimated_mu_map_has_no_bone_and_is_shifted_by_the_stated_mm():
+    sc = G.slab(MMR, 1)
+    ph = _phantom(sc)
+    bone = F.MU["bone"] - F.MU["soft tissue"]
+    assert np.isclose(ph.organs[:, 8], bone).any()  # the spine
+    hat = E.mu_phantom(ph, 3.0)
+    assert not np.isclose(hat.organs[:, 8], bone).any()
+    no_bone = E.mu_phantom(ph, 0.0)
+    z = float(L3.ring_z(sc, ph, 0))
+    phi, s = G.lor_coordinates(sc)
+    view = int(np.argmin(np.abs(np.cos(phi[:, 0]) - 1)))  # normal along x: s = x
+    even = np.arange(0, sc.bins, 2)  # the even bins share the view's exact angle
+    centroid = []
+    for p in (no_bone, hat):
+        mu = L3.Lines(sc, p).integrals(z, z)[1][view, even]
+        centroid.append(float((s[view, even] * mu).sum() / mu.sum()))
+    assert centroid[1] - centroid[0] == pytest.approx(3.0, abs=0.1)
+
+
+def test_slab_round_trip_through_simulate_convert_and_evaluate(tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", "-o", str(out), "--studies", "1", "--scanner", "demo", "--preset", "realistic",
+                 "--rings", "4", "--dead-blocks", "1", "--seed", "4"]) == 0
+    meta = json.loads((out / "studies.json").read_text())
+    assert meta["scanner"] == "demo-slab4" and meta["realistic"]["rings"] == 4
+    assert meta["realistic"]["scatter"] == 0.35 and meta["realistic"]["blur_fwhm_mm_at_0_100_200"][0] == 4.3
+    rec = meta["studies"][0]["realistic"]
+    assert rec["scatter_fraction"] == pytest.approx(0.35) and rec["scatter_estimate_ratio"] == pytest.approx(0.85)
+    (st,) = simulation_studies(out)
+    assert st.layout.layout().scanner.rings == 4
+    readers = st.open()
+    assert {"expected", "randoms", "mult"} <= set(readers)
+    ds = tmp_path / "ds"
+    files = meta["studies"][0]["files"]
+    assert main(["convert", str(out / files["target"]), "--mask", str(out / files["mask"]), "-o", str(ds)]) == 0
+    d = Dataset.open(ds)
+    assert G.get_scanner(d.studies[0].scanner).rings == d.studies[0].layout().scanner.rings == 4
+
+
+def test_slab_names_resolve_and_bad_values_are_refused():
+    assert G.get_scanner("Siemens mMR slab 8") == G.slab(MMR, 8) == G.get_scanner("mmr-slab8")
+    assert G.slab(MMR, 64) is MMR
+    with pytest.raises(ValueError, match="1..64"):
+        G.slab(MMR, 65)
+    with pytest.raises(ValueError, match="sum < 1"):
+        R.check(dataclasses.replace(R.REALISTIC, scatter=0.8))
