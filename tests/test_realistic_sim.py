@@ -162,6 +162,11 @@ def test_slab_round_trip_through_simulate_convert_and_evaluate(tmp_path):
     assert main(["convert", str(out / files["target"]), "--mask", str(out / files["mask"]), "-o", str(ds)]) == 0
     d = Dataset.open(ds)
     assert G.get_scanner(d.studies[0].scanner).rings == d.studies[0].layout().scanner.rings == 4
+    fixed = tmp_path / "fixed.s.hdr"  # a geometry-aware method reads the slab's factor files
+    assert main(["predict", "--method", "axial3d", str(out / files["gaps"]), "--mask", str(out / files["mask"]),
+                 "--mult", str(out / files["mult"]), "--randoms", str(out / files["randoms"]), "-o", str(fixed),
+                 "--quiet"]) == 0
+    assert fixed.exists()
 
 
 def test_slab_names_resolve_and_bad_values_are_refused():
