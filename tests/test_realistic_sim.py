@@ -16,12 +16,14 @@ from hpc.physics import blur as B
 from hpc.physics import factors as F
 from hpc.physics import geometry as G
 from hpc.physics import projdata as P
+from hpc.simulate import counts as SC
 from hpc.simulate import estimates as E
 from hpc.simulate import lines3d as L3
 from hpc.simulate import realistic as R
-from hpc.simulate.phantom import random_phantom
+from hpc.simulate.phantom import ellipses_at, random_phantom
 
 DEMO = G.get_scanner("demo")
+TOF_DEMO = dataclasses.replace(DEMO, name="tof-demo", tof_bins=5, tof_fwhm_ps=400.0, tof_bin_ps=300.0)
 MMR = G.get_scanner("mmr")
 
 
@@ -53,6 +55,39 @@ def test_3d_lines_match_numerical_integration_for_every_ring_difference(rd):
             np.testing.assert_allclose((act * np.exp(-mu))[v, x][ok], (n_act * np.exp(-n_mu))[ok], rtol=0.01)
 
 
+def test_3d_tof_lines_follow_the_2d_simulators_convention_and_numerical_integration():
+    """A direct plane's 3-D TOF split is the 2-D simulator's (hpc.simulate.counts.project) to rounding;
+    an oblique line's matches a midpoint rule weighting each point by its TOF bin probability."""
+    from scipy.special import ndtr
+
+    sc, ph = TOF_DEMO, _phantom(TOF_DEMO)
+    lines = L3.Lines(sc, ph)
+    z = float(L3.ring_z(sc, ph, 3))
+    act, _ = lines.tof_integrals(z, z, sc)
+    phi, s = G.lor_coordinates(sc)
+    np.testing.assert_allclose(act, SC.project(sc, ellipses_at(ph, z), phi, s), atol=1e-9 * act.max())
+    za, zb = float(L3.ring_z(sc, ph, 0)), float(L3.ring_z(sc, ph, 7))
+    act, mu = lines.tof_integrals(za, zb, sc)
+    np.testing.assert_allclose(act.sum(0), lines.integrals(za, zb)[0], rtol=1e-10, atol=1e-9)
+    e1, e2 = G.lor_endpoints(sc)
+    rng = np.random.default_rng(1)
+    t = (np.arange(20000) + 0.5) / 20000
+    sigma, edges = G.tof_kernel(sc)
+    checked = 0
+    for vi, xi in zip(rng.integers(0, sc.views, 30), rng.integers(0, sc.bins, 30), strict=True):
+        p1, p2 = np.r_[e1[vi, xi], za], np.r_[e2[vi, xi], zb]
+        length = np.linalg.norm(p2 - p1)
+        dens = L3.point_values(ph, p1[None, :] + t[:, None] * (p2 - p1)[None, :])[0]  # (S,)
+        pos = lines.tof_sign[vi, xi] * (t - 0.5) * length  # along d, from the midpoint
+        prob = np.diff(ndtr((edges[:, None] - pos[None, :]) / sigma), axis=0)  # (T, S) each point's TOF bins
+        want = (prob * dens).sum(1) * length / t.size
+        if want.sum() < 0.05 * act.sum(0).max():
+            continue
+        checked += 1
+        np.testing.assert_allclose(act[:, vi, xi], want, rtol=0.01, atol=0.002 * want.sum())
+    assert checked > 10
+
+
 def test_a_compressed_plane_sums_its_ring_pairs_lines():
     """Span 3 on the demo's 8 rings: every plane of every segment is the sum over its ring pairs of
     the mean over sub-lines (the convention of hpc.simulate.layout and projdata.Layout.ring_pairs)."""
@@ -66,7 +101,7 @@ def test_a_compressed_plane_sums_its_ring_pairs_lines():
     for p in range(layout.planes):
         sel = plane == p
         att, _ = L3.pair_attenuated(sc, ph, ra[sel], rb[sel], 2, lines=lines)
-        np.testing.assert_allclose(pt.trues[p], att.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(pt.trues[0, p], att.sum(0), rtol=1e-12)
     assert set(np.abs(rb - ra)) == set(range(8))
 
 
@@ -176,3 +211,21 @@ def test_slab_names_resolve_and_bad_values_are_refused():
         G.slab(MMR, 65)
     with pytest.raises(ValueError, match="sum < 1"):
         R.check(dataclasses.replace(R.REALISTIC, scatter=0.8))
+
+
+def test_tof_engine_splits_the_truth_and_keeps_the_fractions():
+    """TOF layouts: (T, P, V, X) expected prompts whose TOF sum obeys the fractions and count level;
+    the additive estimate spreads randoms evenly and scatter as each TOF bin's smoothed trues."""
+    sc = G.slab(TOF_DEMO, 2)
+    layout = P.cti_layout(sc, 1, 1, 1, 1)
+    t: dict = {}
+    means, info = R.realistic_means(layout, _phantom(sc, 7), R.REALISTIC, np.random.default_rng(3), t)
+    assert means.expected.shape == means.randoms.shape == (5, layout.planes, sc.views, sc.bins)
+    body = t["body"]
+    np.testing.assert_allclose(means.expected.sum(0), t["expected"], rtol=1e-5)
+    assert t["scatter"][body].sum() / t["expected"][body].sum() == pytest.approx(0.35, rel=1e-6)
+    assert t["expected"][body].mean() == pytest.approx(R.REALISTIC.counts_per_bin, rel=1e-5)
+    np.testing.assert_allclose(means.randoms.sum(0), t["randoms_hat"] + t["scatter_hat"], rtol=1e-5)
+    profile = means.expected.sum(axis=(1, 2, 3), dtype=np.float64)
+    assert profile.std() > 0.05 * profile.mean()  # not the randoms' flat split: the trues' TOF profile
+    assert info["scatter_estimate_ratio"] == pytest.approx(0.85)

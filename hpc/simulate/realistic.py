@@ -11,8 +11,11 @@ how repair methods rank, each an option of :class:`Preset`:
 - a clinical count level: mean expected prompts per bin in the body (``counts_per_bin``);
 - a slab of the scanner's first ``rings`` rings (hpc.physics.geometry.slab), its own span.
 
-Non-TOF only: 3-D lines with TOF kernels are not implemented. Fractions are of the expected prompts
-summed over the bins in the body (bins whose LORs cross the phantom's activity, real crystals).
+TOF (mCT): each 3-D chord is split over the TOF bins by the Gaussian timing kernel along the 3-D
+line (lines3d.Lines.tof_integrals; a LOR's split is its central line's), blurred per TOF bin;
+scatter follows each TOF bin's smoothed trues, randoms spread evenly. Fractions and the count
+level are of the expected prompts (TOF bins summed) over the bins in the body (bins whose real
+LORs cross the phantom's activity).
 
     means, info = realistic_means(layout, phantom, Preset(), rng)
 """
@@ -31,6 +34,7 @@ from hpc.physics import projdata as P
 from hpc.physics import randoms as PR
 from hpc.simulate import counts as SC
 from hpc.simulate import estimates as E
+from hpc.simulate import layout as SL
 from hpc.simulate import lines3d as L3
 from hpc.simulate import scatter as S
 from hpc.simulate.phantom import Phantom, mu_at
@@ -76,21 +80,24 @@ def check(p: Preset) -> None:
 @dataclass
 class Parts:
     """Per plane (P, V, X) sums over each bin's LORs, in arbitrary units until scaled."""
-    trues: np.ndarray  # eff x K(att x A): the true trues
-    smooth: np.ndarray  # K(att x A): what scatter follows (no efficiencies)
+    trues: np.ndarray  # (T, P, V, X) eff x K(att x A): the true trues (T = 1 without TOF)
+    smooth: np.ndarray  # (T, P, V, X) K(att x A): what scatter follows (no efficiencies)
     geo: np.ndarray  # A: where the activity is (the body)
     mult_hat: np.ndarray  # eff_hat x att_hat, summed (divided by lors for the mean)
     lors: np.ndarray  # number of real LORs
 
 
-def _pair_geometry(sc: G.Scanner, ph: Phantom, ra: int, rb: int, preset: Preset, lines: L3.Lines | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(att x A, A) (V, X) of one ring pair: 3-D sub-lines, or the 2-D plane at its mid z."""
+def _pair_geometry(sc: G.Scanner, ph: Phantom, ra: int, rb: int, preset: Preset, lines: L3.Lines | None,
+                   tof: G.Scanner) -> tuple[np.ndarray, np.ndarray]:
+    """(att x A (T, V, X) over the TOF bins of ``tof``, A (V, X)) of one ring pair: 3-D sub-lines,
+    or the 2-D plane at its mid z."""
+    flat = dataclasses.replace(sc, tof_bins=1, tof_mashing=1)
     if lines is not None:
-        att, geo = L3.pair_attenuated(sc, ph, np.array([ra]), np.array([rb]), preset.sub, lines=lines)
-        return att[0], geo[0]
-    geo = SC.plane_integrals(sc, ph, [ra], [rb])[0, 0]
-    return geo * np.exp(-SC.plane_integrals(sc, ph, [ra], [rb], mu_at)[0, 0]), geo
+        att, geo = L3.pair_attenuated(sc, ph, np.array([ra]), np.array([rb]), preset.sub, lines=lines,
+                                      tof=tof if tof.tof_bins > 1 else None)
+        return att[0].reshape(tof.tof_bins, sc.views, sc.bins), geo[0]
+    act = SC.plane_integrals(tof, ph, [ra], [rb])[:, 0]  # (T, V, X)
+    return act * np.exp(-SC.plane_integrals(flat, ph, [ra], [rb], mu_at)[0, 0]), act.sum(0)
 
 
 def _hat_acf(sc: G.Scanner, ph_hat: Phantom, ra: int, rb: int, lines_hat: L3.Lines | None) -> np.ndarray:
@@ -105,20 +112,26 @@ def parts(layout: P.Layout, ph: Phantom, preset: Preset, eff: np.ndarray, eff_ha
     """Every ring pair of ``layout`` projected, blurred, weighted and summed into its plane and
     mashed view (the convention of hpc.simulate.layout: a plane sums its ring pairs' LORs)."""
     sc = layout.scanner
+    tof = SL.tof_scanner(layout)  # the layout's (mashed) TOF bins as the scanner's own
     plane, ra, rb = layout.ring_pairs
     k = B.blur_matrix(sc, preset.blur_fwhm_mm).T if preset.blur_fwhm_mm > 0 else None  # (X_in, X_out)
     ph_hat = E.mu_phantom(ph, preset.mu_shift_mm, preset.mu_bone)
     lines = L3.Lines(sc, ph) if preset.lines3d else None
     lines_hat = L3.Lines(sc, ph_hat) if preset.lines3d else None
     shape = (layout.planes, layout.views, layout.bins)
-    out = Parts(*(np.zeros(shape) for _ in range(5)))
+    out = Parts(np.zeros((layout.tof_bins, *shape)), np.zeros((layout.tof_bins, *shape)),
+                *(np.zeros(shape) for _ in range(3)))
     m = layout.view_mashing
 
-    def add(arr: np.ndarray, p: int, x: np.ndarray) -> None:  # (U, X) uncompressed views -> mashed
-        arr[p] += x.reshape(layout.views, m, layout.bins).sum(1)
+    def add(arr: np.ndarray, p: int, x: np.ndarray) -> None:  # (..., U, X) uncompressed views -> mashed
+        mashed = x.reshape(*x.shape[:-2], layout.views, m, layout.bins).sum(-2)
+        if arr.ndim == 4:
+            arr[:, p] += mashed
+        else:
+            arr[p] += mashed
 
     for p, a, b in zip(plane, ra, rb, strict=True):
-        att, geo = _pair_geometry(sc, ph, int(a), int(b), preset, lines)
+        att, geo = _pair_geometry(sc, ph, int(a), int(b), preset, lines, tof)
         blurred = att @ k if k is not None else att
         w = F.lor_product(sc, eff, [a], [b])[0]  # (U, X), 0 through virtual crystals
         w_hat = F.lor_product(sc, eff_hat, [a], [b])[0]
@@ -150,20 +163,19 @@ def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.rando
     ``parts_out``, if given, receives the (P, V, X) float64 truths and estimates by name (tests)."""
     check(preset)
     sc = layout.scanner
-    if layout.tof_bins != 1 or layout.bins != sc.bins:
-        raise ValueError(f"the realistic engine is non-TOF with the scanner's {sc.bins} bins; got "
-                         f"{layout.tof_bins} TOF bins, {layout.bins} bins")
+    if layout.bins != sc.bins:
+        raise ValueError(f"the realistic engine needs the scanner's {sc.bins} bins; got {layout.bins}")
     eff = F.crystal_efficiencies(sc)
     eff_hat = E.efficiencies(eff, preset.eff_error, rng)
     pt = parts(layout, ph, preset, eff, eff_hat)
     body = (pt.geo > 1e-6 * pt.geo.max()) & (pt.lors > 0)  # (P, V, X) bins whose real LORs cross activity
     singles, r_shape = _randoms(layout, ph, eff)
-    s_shape = S.scatter_shape(layout, pt.smooth, pt.lors)
+    s_shape = np.stack([S.scatter_shape(layout, sm, pt.lors) for sm in pt.smooth])  # (T, P, V, X)
     trues_fraction = 1 - preset.scatter - preset.randoms
-    n_body = int(body.sum())
-    k = preset.counts_per_bin * n_body * trues_fraction / float(pt.trues[body].sum())  # counts per unit
+    n_body = int(body.sum())  # counts per bin and fractions: of the TOF bins summed
+    k = preset.counts_per_bin * n_body * trues_fraction / float(pt.trues[:, body].sum())  # counts per unit
     trues = pt.trues * k
-    prompts_body = float(trues[body].sum()) / trues_fraction
+    prompts_body = float(trues[:, body].sum()) / trues_fraction
     scatter = S.scale_to_fraction(s_shape, body, prompts_body, preset.scatter)
     c = preset.randoms * prompts_body / float(r_shape[body].sum()) if preset.randoms > 0 else 0.0
     randoms = r_shape * c
@@ -172,12 +184,14 @@ def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.rando
     else:
         randoms_hat, r_info = randoms.copy(), {}
     scatter_hat = E.scatter_estimate(scatter, preset.scatter_error)
-    expected = trues + scatter + randoms
+    t = layout.tof_bins  # randoms: spread evenly over the TOF bins (hpc.simulate.counts)
+    expected = trues + scatter + randoms[None] / t  # (T, P, V, X)
     mult = np.where(pt.lors > 0, pt.mult_hat / np.maximum(pt.lors, 1), 0.0)
-    means = SC.Means(expected[None].astype(np.float32), (randoms_hat + scatter_hat)[None].astype(np.float32),
+    means = SC.Means(expected.astype(np.float32), (randoms_hat[None] / t + scatter_hat).astype(np.float32),
                      mult.astype(np.float32))
+    trues, scatter, scatter_hat, expected = trues.sum(0), scatter.sum(0), scatter_hat.sum(0), expected.sum(0)
     info = measure(expected, trues, scatter, scatter_hat, randoms, randoms_hat, body, eff, eff_hat)
-    if parts_out is not None:
+    if parts_out is not None:  # TOF bins summed
         parts_out.update(expected=expected, trues=trues, scatter=scatter, scatter_hat=scatter_hat, randoms=randoms,
                          randoms_hat=randoms_hat, body=body, eff=eff, eff_hat=eff_hat, lors=pt.lors)
     info.update(r_info)
@@ -207,7 +221,7 @@ def measure(expected: np.ndarray, trues: np.ndarray, scatter: np.ndarray, scatte
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "realistic physics (--preset realistic turns all on; any option below alone turns on just it; "
-        "non-TOF, the scanner's bins; see hpc.simulate.realistic)")
+        "the scanner's bins; see hpc.simulate.realistic)")
     g.add_argument("--preset", choices=("realistic",), help="3-D LORs with ring width, detector blur, scatter, "
                    "estimated factors, --counts-per-bin, a slab of --rings rings")
     g.add_argument("--rings", type=int, metavar="K",
@@ -234,7 +248,7 @@ def describe(p: Preset, sc: G.Scanner, name: str | None) -> dict:
     the scanner (slab) and what the factor files hold."""
     fwhm = B.fwhm_mm(np.array([0.0, 100.0, 200.0]), p.blur_fwhm_mm) if p.blur_fwhm_mm > 0 else np.zeros(3)
     return {"preset": name or "custom", **dataclasses.asdict(p), "scanner": sc.name, "scanner_rings": sc.rings,
-            "blur_fwhm_mm_at_0_100_200": [round(float(f), 3) for f in fwhm], "tof": False,
+            "blur_fwhm_mm_at_0_100_200": [round(float(f), 3) for f in fwhm],
             "files": {"expected": "true expected prompts eff K(att A) + scatter + randoms",
                       "mult": "estimate: mean over a bin's LORs of eff_hat x att_hat",
                       "randoms": "estimate: randoms_hat + scatter_hat (the additive term)"}}

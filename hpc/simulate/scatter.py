@@ -54,11 +54,11 @@ def scatter_shape(layout: P.Layout, trues: np.ndarray, lors: np.ndarray) -> np.n
 
 
 def scale_to_fraction(shape: np.ndarray, body: np.ndarray, prompts_in_body: float, fraction: float) -> np.ndarray:
-    """``shape`` scaled so that its sum over ``body`` (bool, same shape) is ``fraction`` x
+    """``shape`` scaled so that its sum over ``body`` (bool, its last three axes' shape) is ``fraction`` x
     ``prompts_in_body``; ValueError for a fraction outside [0, 1) or a shape empty in the body."""
     if not 0 <= fraction < 1:
         raise ValueError(f"scatter fraction must be in [0, 1), got {fraction}")
-    inside = float(shape[body].sum())
+    inside = float(shape[..., body].sum())  # shape (..., P, V, X), e.g. TOF bins first
     if fraction > 0 and not inside > 0:
         raise ValueError("scatter shape is 0 inside the body: nothing to scale")
     return shape * (fraction * prompts_in_body / inside) if fraction > 0 else np.zeros_like(shape)

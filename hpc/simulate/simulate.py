@@ -26,7 +26,7 @@ fully 3-D LORs with finite ring width, detector blur, scatter (35 % of the promp
 and factor files that hold ESTIMATES (_mult = eff_hat x att_hat: 2 % crystal errors, a bone-free
 mu-map shifted 3 mm; _randoms = ML randoms from noisy delayeds + scatter estimated 15 % low), while
 _expected holds the true expected prompts; 4 expected prompts per body bin (--counts-per-bin); a slab
-of --rings K rings (default 8) of the real scanner, non-TOF (its files name the scanner
+of --rings K rings (default 8) of the real scanner, TOF as the layout says (its files name the scanner
 '<name> slab K', which hpc convert / evaluate resolve to a K-ring scanner). ~12 s per mMR 8-ring study.
 studies.json lists ids, seeds, variants, counts, dead blocks and the
 lesions (centre x, y in mm, z in mm from the first ring's centre, semi-axes, contrast = lesion to
@@ -316,11 +316,8 @@ def run(args: argparse.Namespace) -> int:
 
     sc = _check_args(args)
     preset = args.realistic
-    if preset is not None:
-        if args.tof_mashing not in (None, 0) or args.listmode is not None:
-            raise InputError("the realistic engine (--preset, --rings, --lines, ...) is non-TOF sinograms only: "
-                             "drop --tof-mashing / --listmode (3-D lines with TOF are not implemented)")
-        args.tof_mashing = 0
+    if preset is not None and args.listmode is not None:
+        raise InputError("the realistic engine (--preset, --rings, ...) writes sinograms only: drop --listmode")
     layout = layout_from_args(args, sc)
     if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1
                                       or args.planes is not None):
