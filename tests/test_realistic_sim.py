@@ -207,6 +207,9 @@ def test_slab_round_trip_through_simulate_convert_and_evaluate(tmp_path):
 def test_slab_names_resolve_and_bad_values_are_refused():
     assert G.get_scanner("Siemens mMR slab 8") == G.slab(MMR, 8) == G.get_scanner("mmr-slab8")
     assert G.slab(MMR, 64) is MMR
+    assert (G.slab(MMR, 8).span, G.slab(MMR, 8).max_ring_diff) == (11, 7)
+    assert G.slab(MMR, 2).span == 3  # span 11 needs 6 rings: the slab takes the largest its rings allow
+    assert P.default_layout(G.slab(MMR, 2)).planes == 3
     with pytest.raises(ValueError, match="1..64"):
         G.slab(MMR, 65)
     with pytest.raises(ValueError, match="sum < 1"):

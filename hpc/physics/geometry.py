@@ -149,7 +149,8 @@ SLAB_NAME = re.compile(r"(.+?)[\s-]+slab\s*(\d+)")  # "mmr-slab8", "Siemens mMR 
 
 def slab(sc: Scanner, rings: int) -> Scanner:
     """The first ``rings`` rings of ``sc`` as a scanner of their own (``hpc simulate --rings``): the
-    same transaxial geometry, span and blocks, maximum ring difference ``rings - 1``, named
+    same transaxial geometry, span (at most 2 rings - 1, what K rings allow) and blocks, maximum
+    ring difference ``rings - 1``, named
     ``<name>-slab<K>`` / ``<STIR name> slab <K>`` so that files declaring it resolve back to it
     (:func:`get_scanner`); ValueError unless 1 <= rings <= sc.rings."""
     if not 1 <= rings <= sc.rings:
@@ -157,7 +158,7 @@ def slab(sc: Scanner, rings: int) -> Scanner:
     if rings == sc.rings:
         return sc
     return dataclasses.replace(sc, name=f"{sc.name}-slab{rings}", stir_name=f"{sc.stir_name} slab {rings}",
-                               rings=rings, max_ring_diff=rings - 1, aliases=())
+                               rings=rings, max_ring_diff=rings - 1, span=min(sc.span, 2 * rings - 1), aliases=())
 
 
 def get_scanner(name: str) -> Scanner:
