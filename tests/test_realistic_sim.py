@@ -55,6 +55,33 @@ def test_3d_lines_match_numerical_integration_for_every_ring_difference(rd):
             np.testing.assert_allclose((act * np.exp(-mu))[v, x][ok], (n_act * np.exp(-n_mu))[ok], rtol=0.01)
 
 
+def test_every_plane_of_a_span_layout_matches_numerical_integration():
+    """Each plane of a span-3 layout of a 4-ring slab (ring differences 0..3): the engine's sum over
+    its ring pairs of the mean over sub-lines of A exp(-mu), against the same sum by a midpoint rule."""
+    sc = G.slab(DEMO, 4)
+    ph = _phantom(sc, 6)
+    layout = P.cti_layout(sc, 3, 3)
+    eff = np.ones((sc.rings, sc.detectors_per_ring))
+    pt = R.parts(layout, ph, dataclasses.replace(R.NONE, lines3d=True, sub=2), eff, eff)
+    plane, ra, rb = layout.ring_pairs
+    e1, e2 = G.lor_endpoints(sc)
+    rng = np.random.default_rng(0)
+    v, x = rng.integers(0, sc.views, 20), rng.integers(0, sc.bins, 20)
+    off = L3.sub_offsets(sc, 2)
+    for p in range(layout.planes):
+        want = np.zeros(v.size)
+        for a, b in zip(ra[plane == p], rb[plane == p], strict=True):
+            for ua in off:
+                for ub in off:
+                    za, zb = float(L3.ring_z(sc, ph, a)) + ua, float(L3.ring_z(sc, ph, b)) + ub
+                    act, mu = L3.numeric_integrals(ph, np.c_[e1[v, x], np.full(v.size, za)],
+                                                   np.c_[e2[v, x], np.full(v.size, zb)], steps=4000)
+                    want += act * np.exp(-mu) / off.size ** 2
+        ok = want > 0.05 * want.max()
+        np.testing.assert_allclose(pt.trues[0, p][v, x][ok], want[ok], rtol=0.01)
+    assert sorted(set(np.abs(rb - ra))) == [0, 1, 2, 3]
+
+
 def test_3d_tof_lines_follow_the_2d_simulators_convention_and_numerical_integration():
     """A direct plane's 3-D TOF split is the 2-D simulator's (hpc.simulate.counts.project) to rounding;
     an oblique line's matches a midpoint rule weighting each point by its TOF bin probability."""

@@ -29,6 +29,7 @@ from hpc.simulate.counts import tof_weights
 from hpc.simulate.phantom import Phantom
 
 BODY_STEPS = 3  # fixed-point steps of the body's wobbling outline (each shrinks the error ~100x)
+BODY_TOL_MM = 1e-3  # a body crossing's error estimate |g / g'| (mm along the line) above this: bisection
 SUB = 2  # sub-positions across each ring's width: SUB x SUB lines per ring pair
 
 
@@ -48,6 +49,12 @@ def wobble(ph: Phantom, z: np.ndarray) -> np.ndarray:
     """The body outline's scale at body coordinate z (phantom._sections)."""
     phase, freq = ph.body[5], ph.body[6]
     return 1 + 0.04 * (1 + np.sin(2 * np.pi * freq * z + phase))
+
+
+def wobble_slope(ph: Phantom, z: np.ndarray) -> np.ndarray:
+    """d wobble / dz (1/mm)."""
+    phase, freq = ph.body[5], ph.body[6]
+    return 0.04 * 2 * np.pi * freq * np.cos(2 * np.pi * freq * z + phase)
 
 
 class Lines:
@@ -79,18 +86,37 @@ class Lines:
         return dux ** 2 + duy ** 2, u0x * dux + u0y * duy, u0x ** 2 + u0y ** 2
 
     def _body_span(self, za: float, dz: float) -> tuple[np.ndarray, np.ndarray]:
-        """(t_in, t_out) (V, X) where the lines enter and leave the body (equal where they miss it);
-        the outline's scale is taken at each crossing's own z."""
+        """(t_in, t_out) (V, X) where the lines enter and leave the body (equal where they miss it):
+        roots of g(t) = |u(t)|^2 - wobble(z(t))^2, the outline's scale at each crossing's own z. A
+        few fixed-point steps solve almost every line; a grazing one (where the step does not
+        contract) is bisected in [0, t_min] / [t_min, 1] around g's minimum t_min."""
         qa, qb, qc = self.body
+
+        def g(t: np.ndarray, i) -> np.ndarray:
+            return (qa[i] * t + 2 * qb[i]) * t + qc[i] - wobble(self.ph, za + t * dz) ** 2
+
+        everywhere = np.s_[...]
+        t_min = -qb / qa  # g's minimum: the quadratic's, moved by the outline's slope (g' = 0)
+        for _ in range(BODY_STEPS):
+            z = za + np.clip(t_min, 0, 1) * dz
+            t_min = (-qb + wobble(self.ph, z) * wobble_slope(self.ph, z) * dz) / qa
+        t_min = np.clip(t_min, 0, 1)
+        inside = g(t_min, everywhere) < 0  # the deepest point of the line is in the body
         t = []
         for sign in (-1.0, 1.0):  # entry, exit
             w = np.full(qa.shape, wobble(self.ph, za + 0.5 * dz))
             for _ in range(BODY_STEPS):
                 root = np.sqrt(np.maximum(qb * qb - qa * (qc - w * w), 0))
-                tk = (-qb + sign * root) / qa
-                w = wobble(self.ph, za + np.clip(tk, 0, 1) * dz)
-            t.append(np.clip(tk, 0, 1))
-        inside = qb * qb - qa * (qc - w * w) > 0
+                tk = np.clip((-qb + sign * root) / qa, 0, 1)
+                w = wobble(self.ph, za + tk * dz)
+            slope = np.maximum(np.abs(2 * (qa * tk + qb)), 1e-12)  # |dg/dt| without the wobble's small part
+            error_mm = np.abs(g(tk, everywhere)) / slope * np.sqrt(self.len2 + dz * dz)
+            bad = np.flatnonzero((inside & (error_mm > BODY_TOL_MM)).ravel())
+            if bad.size:
+                i = np.unravel_index(bad, qa.shape)
+                lo, hi = (np.zeros(bad.size), t_min[i]) if sign < 0 else (t_min[i], np.ones(bad.size))
+                tk[i] = _bisect(lambda t, i=i, sg=sign: g(t, i) * sg, lo, hi)  # f < 0 on the body side
+            t.append(tk)
         return np.where(inside, t[0], 0.0), np.where(inside, t[1], 0.0)
 
     def chords(self, za: float, zb: float) -> list[tuple[float, float, np.ndarray, np.ndarray]]:
@@ -139,6 +165,15 @@ class Lines:
         qa, qb, qc = self.quad[0][e] + dw * dw, self.quad[1][e] + w0 * dw, self.quad[2][e] + w0 * w0 - 1
         root = np.sqrt(np.maximum(qb * qb - qa * qc, 0))
         return np.clip((-qb - root) / qa, 0, 1), np.clip((-qb + root) / qa, 0, 1)
+
+
+def _bisect(f, lo: np.ndarray, hi: np.ndarray, steps: int = 48) -> np.ndarray:
+    """Roots of ``f`` (vectorised, f(lo) < 0 <= f(hi)) to (hi - lo) / 2^steps."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        neg = f(mid) < 0
+        lo, hi = np.where(neg, mid, lo), np.where(neg, hi, mid)
+    return 0.5 * (lo + hi)
 
 
 def pair_attenuated(sc: G.Scanner, ph: Phantom, ring_a: np.ndarray, ring_b: np.ndarray, sub: int = SUB,
