@@ -265,3 +265,16 @@ def test_tof_engine_splits_the_truth_and_keeps_the_fractions():
     profile = means.expected.sum(axis=(1, 2, 3), dtype=np.float64)
     assert profile.std() > 0.05 * profile.mean()  # not the randoms' flat split: the trues' TOF profile
     assert info["scatter_estimate_ratio"] == pytest.approx(0.85)
+
+
+def test_2d_engine_with_tof_uses_non_tof_attenuation_for_the_estimate():
+    """--lines 2d on a TOF layout: with exact factors (R.NONE) the mult estimate is the truth's."""
+    sc = G.slab(TOF_DEMO, 2)
+    layout = P.cti_layout(sc, 1, 1, 1, 1)
+    means, _ = R.realistic_means(layout, _phantom(sc, 8), R.NONE, np.random.default_rng(0))
+    ph = _phantom(sc, 8)
+    _, ra, rb = layout.ring_pairs
+    flat = dataclasses.replace(sc, tof_bins=1, tof_mashing=1)
+    acf = np.exp(-SC.plane_integrals(flat, ph, ra, rb, SC.mu_at)[0])
+    want = F.lor_product(sc, F.crystal_efficiencies(sc), ra, rb) * acf
+    np.testing.assert_allclose(means.mult, want, rtol=1e-5, atol=1e-7)

@@ -105,7 +105,8 @@ def _hat_acf(sc: G.Scanner, ph_hat: Phantom, ra: int, rb: int, lines_hat: L3.Lin
     if lines_hat is not None:
         z = L3.ring_z(sc, ph_hat, np.array([ra, rb]))
         return np.exp(-lines_hat.integrals(z[0], z[1])[1])
-    return np.exp(-SC.plane_integrals(sc, ph_hat, [ra], [rb], mu_at)[0, 0])
+    flat = dataclasses.replace(sc, tof_bins=1, tof_mashing=1)  # attenuation does not depend on TOF
+    return np.exp(-SC.plane_integrals(flat, ph_hat, [ra], [rb], mu_at)[0, 0])
 
 
 def parts(layout: P.Layout, ph: Phantom, preset: Preset, eff: np.ndarray, eff_hat: np.ndarray) -> Parts:
@@ -157,8 +158,8 @@ def _randoms(layout: P.Layout, ph: Phantom, eff: np.ndarray) -> tuple[np.ndarray
 
 def realistic_means(layout: P.Layout, ph: Phantom, preset: Preset, rng: np.random.Generator,
                     parts_out: dict | None = None) -> tuple[SC.Means, dict]:
-    """(means, info): ``means.expected`` (1, P, V, X) the true expected prompts, ``means.randoms``
-    the additive estimate randoms_hat + scatter_hat, ``means.mult`` (P, V, X) the mean over each
+    """(means, info): ``means.expected`` (T, P, V, X) the true expected prompts, ``means.randoms``
+    (T, P, V, X) the additive estimate randoms_hat + scatter_hat, ``means.mult`` (P, V, X) the mean over each
     bin's real LORs of eff_hat x att_hat; ``info`` the measured fractions and errors (studies.json).
     ``parts_out``, if given, receives the (P, V, X) float64 truths and estimates by name (tests)."""
     check(preset)
