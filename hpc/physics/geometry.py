@@ -27,7 +27,9 @@ block and record nothing: LORs through them are neither data nor gaps.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,10 +144,31 @@ def _norm_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).lower()
 
 
+SLAB_NAME = re.compile(r"(.+?)[\s-]+slab\s*(\d+)")  # "mmr-slab8", "Siemens mMR slab 8": a slab's names
+
+
+def slab(sc: Scanner, rings: int) -> Scanner:
+    """The first ``rings`` rings of ``sc`` as a scanner of their own (``hpc simulate --rings``): the
+    same transaxial geometry, span (at most 2 rings - 1, what K rings allow) and blocks, maximum
+    ring difference ``rings - 1``, named
+    ``<name>-slab<K>`` / ``<STIR name> slab <K>`` so that files declaring it resolve back to it
+    (:func:`get_scanner`); ValueError unless 1 <= rings <= sc.rings."""
+    if not 1 <= rings <= sc.rings:
+        raise ValueError(f"slab of {rings} rings: {sc.name!r} has 1..{sc.rings}")
+    if rings == sc.rings:
+        return sc
+    return dataclasses.replace(sc, name=f"{sc.name}-slab{rings}", stir_name=f"{sc.stir_name} slab {rings}",
+                               rings=rings, max_ring_diff=rings - 1, span=min(sc.span, 2 * rings - 1), aliases=())
+
+
 def get_scanner(name: str) -> Scanner:
     """The preset called ``name``: hpc's key, STIR's name or one of its aliases (case, blanks and
-    underscores ignored, so ``Siemens mMR``, ``siemens_mmr`` and ``mmr`` are the same scanner)."""
+    underscores ignored, so ``Siemens mMR``, ``siemens_mmr`` and ``mmr`` are the same scanner);
+    ``<preset> slab <K>`` (or ``<key>-slab<K>``) is that preset's first K rings (:func:`slab`)."""
     key = _norm_name(name)
+    m = SLAB_NAME.fullmatch(key)
+    if m:
+        return slab(get_scanner(m.group(1)), int(m.group(2)))
     for sc in SCANNERS.values():
         if key in (_norm_name(n) for n in sc.names):
             return sc

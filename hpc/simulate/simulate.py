@@ -21,6 +21,14 @@ fraction of each bin's LORs) and <id>_mask (the measured fraction: uint8 0/1, fl
 view mashing make bins partly lost). The layout is the scanner's own (mMR span 11, mCT TOF with
 view mashing; hpc.physics.projdata, hpc.simulate.layout) unless --span etc. say otherwise. --format stir writes
 STIR .hs headers; both kinds of header are valid STIR input.
+--preset realistic (hpc.simulate.realistic) adds the physics that decides how repair methods rank:
+fully 3-D LORs with finite ring width, detector blur, scatter (35 % of the prompts in the body),
+and factor files that hold ESTIMATES (_mult = eff_hat x att_hat: 2 % crystal errors, a bone-free
+mu-map shifted 3 mm; _randoms = ML randoms from noisy delayeds + scatter estimated 15 % low), while
+_expected holds the true expected prompts; 4 expected prompts per body bin (--counts-per-bin); a slab
+of --rings K rings (default 8) of the real scanner, TOF as the layout says (its files name the scanner
+'<name> slab K', which hpc convert / evaluate resolve to a K-ring scanner). One core: ~13 s per mMR
+8-ring study, ~40 s per mCT one (13 TOF bins, 1.8 GB).
 studies.json lists ids, seeds, variants, counts, dead blocks and the
 lesions (centre x, y in mm, z in mm from the first ring's centre, semi-axes, contrast = lesion to
 background activity at its centre). Headers record `originating system`, so `hpc convert` knows
@@ -34,6 +42,8 @@ examples:
   hpc simulate -o data/mct --studies 1 --scanner mct --format stir     # 621 x 168 x 400 x 13 TOF
   hpc simulate -o data/t --scanner mmr --span 1 --max-segment 2 --dead-blocks 2   # span 1, 5 segments
   hpc simulate -o data/ci --scanner mct --planes 5 --randoms 0     # real transaxial size, 5 central planes
+  hpc simulate -o data/real --studies 4 --scanner mmr --preset realistic --rings 8 --dead-blocks 2
+  hpc simulate -o data/blur --scanner mmr --rings 8 --blur-fwhm 4.3      # only the blur (2-D planes)
 """
 from __future__ import annotations
 
@@ -54,6 +64,7 @@ from hpc.physics import geometry as G
 from hpc.physics import projdata as P
 from hpc.progress import Progress
 from hpc.simulate import layout as SL
+from hpc.simulate import realistic as R
 from hpc.simulate.counts import Means, Physics, efficiencies, study_means, to_uint16
 from hpc.simulate.layout import add_layout_arguments, layout_from_args, storage_tof
 from hpc.simulate.phantom import random_phantom
@@ -71,18 +82,28 @@ class Study:
     lesions: list[dict] = field(default_factory=list)  # positions (mm, z from ring 0's centre), contrasts
     variant: str = "train"
     gaps: np.ndarray | None = None  # (T, P, V, X) the counts the dead blocks leave (binomial thinning)
+    realistic: dict = field(default_factory=dict)  # measured fractions and factor errors (--preset realistic)
 
 
 def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str, segments: tuple[int, ...],
                    dead_blocks: int = 0, low_dose: float = 0.0, phys: Physics = Physics(),  # noqa: B008 (frozen)
-                   variant: str = "train", layout=None, planes: int | None = None) -> Study:
+                   variant: str = "train", layout=None, planes: int | None = None,
+                   preset: R.Preset | None = None) -> Study:
     """One study, a function of ``seed`` (and the physics, variant and layout) only. ``layout``
     (hpc.physics.projdata.Layout; default: span 1 with ``segments``): compressed planes, mashed views and
-    TOF; ``planes``: only the first planes get counts (hpc.simulate.layout)."""
+    TOF; ``planes``: only the first planes get counts (hpc.simulate.layout). ``preset``: the
+    realistic engine (hpc.simulate.realistic) instead of ``counts`` and ``phys``."""
     layout = layout or P.span1_layout(sc, segments, tof_bins=sc.tof_bins)
     rng = np.random.default_rng(seed)
     ph = random_phantom(sc, rng, variant)
-    if SL.plain(layout, planes):
+    info: dict = {}
+    if preset is not None:
+        try:
+            means, info = R.realistic_means(layout, ph, preset, rng)
+        except ValueError as exc:
+            raise InputError(f"--preset/--rings/...: {exc}") from None
+        full = to_uint16(rng.poisson(means.expected), study_id)
+    elif SL.plain(layout, planes):
         means = study_means(sc, ph, layout.segments, counts, phys)
         full = to_uint16(rng.poisson(means.expected), study_id)
     else:
@@ -94,7 +115,7 @@ def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str,
         gaps, mask = SL.thin_dead_blocks(layout, full, dead, rng)
         if np.isin(mask, (0.0, 1.0)).all():
             mask = mask.astype(np.uint8)
-    return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant, gaps)
+    return Study(study_id, seed, full, low, mask, [int(b) for b in dead], means, ph.lesions, variant, gaps, info)
 
 
 def _dead_blocks(layout, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -207,10 +228,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--studies", type=int, default=4, help="number of studies (default 4)")
     p.add_argument("--scanner", default="demo", help=f"geometry preset: {', '.join(G.SCANNERS)} (default demo)")
-    p.add_argument("--counts", default="3e6",
+    p.add_argument("--counts", default=None,
                    help="expected total prompts per study, or a count level: "
                         f"{', '.join(f'{k} ({v:g})' for k, v in F.COUNT_LEVELS.items())} mean prompts per LOR through "
-                        "the body, for an mMR-sized LOR (scaled by the scanner's bin area; default 3e6)")
+                        "the body, for an mMR-sized LOR (scaled by the scanner's bin area; default 3e6; with "
+                        "--preset realistic use --counts-per-bin)")
     p.add_argument("--randoms", type=float, default=Physics.randoms, metavar="F",
                    help=f"randoms fraction of the prompts (default {Physics.randoms}; 0 = none)")
     p.add_argument("--no-attenuation", action="store_true", help="no attenuation (mu-map of each phantom)")
@@ -234,6 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write each study as Siemens PETLINK list mode over SECONDS (<id>.l + .l.hdr: its "
                         "prompts, delayeds drawn from its randoms), with the scanner's normalisation (<id>.n.hdr) "
                         "and the phantom's mu-map (<id>_umap.hv); needs --span 1 (hpc.simulate.listmode)")
+    R.add_arguments(p)
 
 
 def _count_level(text: str) -> float | str:
@@ -253,8 +276,16 @@ def _check_args(args: argparse.Namespace) -> G.Scanner:
         sc = G.get_scanner(args.scanner)
     except ValueError as exc:
         raise InputError(f"--scanner: {exc}") from None
+    try:
+        args.realistic = R.preset_from_args(args)
+        if args.realistic is not None and args.realistic.rings:
+            sc = G.slab(sc, args.realistic.rings)
+    except ValueError as exc:
+        raise InputError(f"--preset/--rings/...: {exc}") from None
+    if args.realistic is not None and args.counts is not None:
+        raise InputError(f"--counts {args.counts}: the realistic engine sets its count level with --counts-per-bin")
     n_blocks = G.block_counts(sc)[1]
-    args.counts = _count_level(args.counts)
+    args.counts = _count_level(args.counts or "3e6")
     checks = [(args.studies >= 1, f"--studies must be >= 1, got {args.studies}"),
               (0 <= args.test_studies <= args.studies, f"--test-studies must be in [0, {args.studies}]"),
               (0 <= args.randoms < 1, f"--randoms must be in [0, 1), got {args.randoms}"),
@@ -285,6 +316,9 @@ def _would_replace(out: Path, studies: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
 
     sc = _check_args(args)
+    preset = args.realistic
+    if preset is not None and args.listmode is not None:
+        raise InputError("the realistic engine (--preset, --rings, ...) writes sinograms only: drop --listmode")
     layout = layout_from_args(args, sc)
     if args.listmode is not None and (not args.listmode > 0 or layout.span != 1 or layout.view_mashing != 1
                                       or args.planes is not None):
@@ -303,13 +337,15 @@ def run(args: argparse.Namespace) -> int:
         for i, seed in enumerate(study_seeds(args.seed, args.studies)):
             variant = "test" if i >= args.studies - args.test_studies else "train"
             st = simulate_study(sc, f"s{i:03d}", seed, args.counts, segments, args.dead_blocks, args.low_dose,
-                                phys, variant, layout)
+                                phys, variant, layout, preset=preset)
             files = write_study(out, st, sc, args.format, segments, truth=not args.no_truth, layout=layout)
             if args.listmode:
                 files.update(write_listmode_files(out, st, sc, layout, phys, args.listmode))
             records.append({"id": st.id, "seed": seed, "variant": variant, "counts": int(st.full.sum(dtype=np.int64)),
                             "randoms": float(st.means.randoms.sum()), "max": int(st.full.max()),
                             "dead_blocks": st.dead, "lesions": st.lesions, "files": files})
+            if preset is not None:
+                records[-1]["realistic"] = st.realistic
             first = first or st
             bar.update(1)
     meta = {"scanner": sc.name, "format": args.format, "seed": args.seed, "counts": args.counts,
@@ -318,6 +354,9 @@ def run(args: argparse.Namespace) -> int:
                        "axial_counts": list(layout.axial_counts), "views": layout.views,
                        "view_mashing": layout.view_mashing, "tof_bins": layout.tof_bins, "planes": args.planes},
             "shape": list(first.full.shape), "studies": records}
+    if preset is not None:
+        meta["realistic"] = R.describe(preset, sc, args.preset)
+        meta["counts"] = f"{preset.counts_per_bin:g} per bin in the body"
     atomic_write_text(out / "studies.json", json.dumps(meta, indent=1) + "\n")
     if args.png:
         render_png(first, sc, Path(args.png), layout)
