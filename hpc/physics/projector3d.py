@@ -1,0 +1,220 @@
+"""Matrix-free 3-D ray-driven (Joseph) projector of a span-compressed slab, in torch, with its exact adjoint.
+
+Every LOR of every ring pair of a layout is traced between its two crystals in 3-D: the transaxial
+endpoints are ``hpc.physics.geometry.lor_endpoints`` (d1 in ring_a, d2 in ring_b), the axial ones
+the rings' positions. A stored plane is the SUM of the LORs of its ring pairs
+(``hpc.physics.projdata.Layout.ring_pairs``) and a stored view the sum of its mashed views, as in
+hpc.simulate.layout.
+
+The volume (nz, ny, nx) covers the rings the layout's ring pairs touch, r0 .. r1: its z voxels are
+half a ring spacing (STIR's convention), voxel k at ring r0 + k / 2, so nz = 2 (r1 - r0) + 1 and ring r
+sits exactly on voxel 2 (r - r0); it is centred on the slab. Transaxially it is an
+``hpc.physics.projector.ImageGrid`` (square pixels centred on the axis; default 2x the bin size,
+see ``default_volume``).
+
+Joseph's method (as hpc.physics.projector, in 3-D): step along the LOR's major transaxial axis one
+pixel column at a time; each sample interpolates bilinearly between the 2 pixels straddling the ray
+on the minor axis and the 2 z voxels straddling its axial position (z varies linearly along the
+LOR); the step's weight is its 3-D length, ``pixel * |d| / |d_major|`` with d the 3-D direction.
+Samples outside the chord or the grid weigh 0. On a direct plane (ring_a == ring_b) the axial
+position is a voxel centre, so the projection equals the 2-D projector's on the same grid.
+
+Nothing is stored but the endpoints: indices and weights are recomputed per chunk (a few views x a
+few ring pairs, ``CHUNK_SAMPLES`` samples), on the tensors' device. ``forward`` gathers with them,
+``adjoint`` index_adds the same weights at the same indices, so <A x, y> = <x, A^T y> up to float
+summation order. Detector blur (hpc.physics.blur) is optional: forward ``blur(A x)``, adjoint
+``A^T blur_adjoint(y)``.
+
+    P = Projector3D(layout)                 # all stored views; views=... for an OSEM subset
+    sino = P.forward(vol)                   # (..., nz, ny, nx) -> (..., planes, V_subset, X)
+    back = P.adjoint(sino)                  # (..., planes, V_subset, X) -> (..., nz, ny, nx)
+
+Not supported: TOF (ValueError), stored bins other than the scanner's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpc.physics import blur as BL
+from hpc.physics import geometry as G
+from hpc.physics.projdata import Layout
+from hpc.physics.projector import ImageGrid
+
+CHUNK_SAMPLES = 2_000_000  # samples (x 4 neighbours, ~40 bytes each) per chunk: ~0.3 GB of temporaries
+
+
+@dataclass(frozen=True)
+class Volume:
+    """The voxel grid of a slab: ``grid`` transaxially, ``nz`` half-ring z planes from ring ``ring0``."""
+    grid: ImageGrid
+    nz: int
+    ring0: int
+    dz_mm: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.nz, self.grid.ny, self.grid.nx
+
+
+def layout_rings(layout: Layout) -> tuple[int, int]:
+    """(first, last) ring the layout's ring pairs touch."""
+    _, ra, rb = layout.ring_pairs
+    return int(min(ra.min(), rb.min())), int(max(ra.max(), rb.max()))
+
+
+def default_volume(layout: Layout, size: int = 0, pixel_mm: float = 0.0) -> Volume:
+    """The slab's volume: z voxels of half the ring spacing over its rings; transaxially ``size`` x
+    ``size`` pixels (default: half the scanner's bins) of ``pixel_mm`` (default: covering the bins'
+    field of view, i.e. 2x the bin size at the default size)."""
+    sc = layout.scanner
+    size = size or max(1, sc.bins // 2)
+    grid = ImageGrid(size, size, pixel_mm or sc.bin_size_mm * sc.bins / size)
+    r0, r1 = layout_rings(layout)
+    return Volume(grid, 2 * (r1 - r0) + 1, r0, sc.ring_spacing_mm / 2)
+
+
+class Projector3D:
+    """Joseph 3-D projector of ``layout``'s planes over ``volume`` (see module doc).
+
+    ``views``: only these stored views (an OSEM subset), in this order; ``blur``: model the detector
+    blur of hpc.physics.blur; ``dtype``: of the weights and outputs (float64 for exact tests)."""
+
+    def __init__(self, layout: Layout, volume: Volume | None = None, *, views: np.ndarray | None = None,
+                 blur: bool = False, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 chunk_samples: int = CHUNK_SAMPLES):
+        sc = layout.scanner
+        if layout.tof_bins > 1:
+            raise ValueError(f"projector3d: TOF layouts ({layout.tof_bins} TOF bins) are not supported")
+        if layout.bins != sc.bins:
+            raise ValueError(f"projector3d: layout stores {layout.bins} bins, scanner {sc.name!r} has {sc.bins}")
+        self.layout, self.volume = layout, volume or default_volume(layout)
+        g = self.volume.grid
+        if g.nx != g.ny:
+            raise ValueError(f"projector3d: the transaxial grid must be square, got {g.ny} x {g.nx}")
+        r0, r1 = layout_rings(layout)
+        if self.volume.ring0 > r0 or self.volume.ring0 + (self.volume.nz - 1) / 2 < r1:
+            raise ValueError(f"projector3d: volume (rings {self.volume.ring0}.., {self.volume.nz} z voxels) does "
+                             f"not cover the layout's rings {r0}..{r1}")
+        self.views = np.arange(layout.views) if views is None else np.asarray(views, np.int64)
+        if self.views.size == 0 or self.views.min() < 0 or self.views.max() >= layout.views:
+            raise ValueError(f"projector3d: views must be in [0, {layout.views})")
+        self.device, self.dtype = torch.device(device), dtype
+        self.chunk_samples = int(chunk_samples)
+        m = layout.view_mashing
+        uviews = (self.views[:, None] * m + np.arange(m)[None]).reshape(-1)  # (Vs * m,) uncompressed
+        pa, pb = G.lor_endpoints(sc)  # (U, X, 2) each
+        self._pa = torch.from_numpy(pa[uviews]).to(self.device)  # (Vs * m, X, 2) float64
+        self._pb = torch.from_numpy(pb[uviews]).to(self.device)
+        plane, ra, rb = layout.ring_pairs
+        self._pairs = (plane, ra - self.volume.ring0, rb - ra)  # (M,) plane, ring offset, ring difference
+        self._blur = torch.from_numpy(BL.blur_matrix(sc)).to(self.device, dtype) if blur else None
+
+    @property
+    def sino_shape(self) -> tuple[int, int, int]:
+        return self.layout.planes, self.views.size, self.layout.bins
+
+    # ------------------------------------------------------------ samples
+    def _chunks(self) -> list[tuple[slice, np.ndarray]]:
+        """(stored-view slice, ring-pair indices of one ring difference) of every chunk."""
+        sc, m = self.layout.scanner, self.layout.view_mashing
+        per_view = m * sc.bins * self.volume.grid.nx  # samples of one stored view and ring pair
+        out = []
+        _, _, diff = self._pairs
+        for d in np.unique(diff):
+            pairs = np.flatnonzero(diff == d)
+            vstep = max(1, min(self.views.size, self.chunk_samples // (per_view * pairs.size) or 1))
+            qstep = max(1, min(pairs.size, self.chunk_samples // (per_view * vstep)))
+            for v in range(0, self.views.size, vstep):
+                for q in range(0, pairs.size, qstep):
+                    out.append((slice(v, min(v + vstep, self.views.size)), pairs[q:q + qstep]))
+        return out
+
+    def _transaxial(self, vs: slice, d: int) -> tuple[torch.Tensor, ...]:
+        """Joseph samples of the LORs of stored views ``vs`` with ring difference ``d``: (pix (L, S, 2)
+        pixel indices of the 2 minor neighbours, w (L, S, 2) their 3-D step-length weights, t (L, S)
+        the ray parameter from d1 (0) to d2 (1)); L = views x mashing x X LORs, S = nx steps."""
+        g, m = self.volume.grid, self.layout.view_mashing
+        p0 = self._pa[vs.start * m:vs.stop * m].reshape(-1, 2)  # (L, 2)
+        p1 = self._pb[vs.start * m:vs.stop * m].reshape(-1, 2)
+        delta = p1 - p0
+        xmaj = delta[:, 0].abs() >= delta[:, 1].abs()  # (L,) step along x (columns), else y (rows)
+        a0 = torch.where(xmaj, p0[:, 0], p0[:, 1])[:, None]  # major / minor coordinates (L, 1)
+        da = torch.where(xmaj, delta[:, 0], delta[:, 1])[:, None]
+        b0 = torch.where(xmaj, p0[:, 1], p0[:, 0])[:, None]
+        db = torch.where(xmaj, delta[:, 1], delta[:, 0])[:, None]
+        c = (torch.arange(g.nx, device=self.device, dtype=torch.float64) - (g.nx - 1) / 2) * g.pixel_mm  # (S,)
+        t = (c[None, :] - a0) / da  # (L, S)
+        r = (b0 + t * db - c[0]) / g.pixel_mm  # (L, S) minor coordinate in pixels
+        lo = torch.floor(r)
+        f = r - lo
+        dz = d * self.layout.scanner.ring_spacing_mm
+        step = g.pixel_mm * torch.sqrt(delta[:, 0] ** 2 + delta[:, 1] ** 2 + dz ** 2) / da[:, 0].abs()  # (L,)
+        k = torch.stack([lo, lo + 1], -1).long()  # (L, S, 2) minor index
+        w = torch.stack([1 - f, f], -1) * step[:, None, None]
+        inside = (t >= 0) & (t <= 1)
+        w = torch.where(inside[..., None] & (k >= 0) & (k < g.nx), w, 0.0)
+        k = k.clamp(0, g.nx - 1)
+        col = torch.arange(g.nx, device=self.device)[None, :, None]  # (1, S, 1) major index
+        pix = torch.where(xmaj[:, None, None], k * g.nx + col, col * g.nx + k)  # i * nx + j
+        return pix, w, t
+
+    def _entries(self, vs: slice, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (Q, L, S * 4) into the flat volume, weight (Q, L, S * 4)) of ring pairs ``pairs``
+        (one ring difference) and views ``vs``: 2 minor x 2 z neighbours per sample."""
+        _, ring, diff = self._pairs
+        d = int(diff[pairs[0]])
+        pix, w, t = self._transaxial(vs, d)
+        nz, npix = self.volume.nz, self.volume.grid.ny * self.volume.grid.nx
+        u = t * (2 * d)  # (L, S) z offset from ring_a's voxel, in voxels
+        zo = torch.floor(u)
+        fz = u - zo
+        z = torch.as_tensor(2 * ring[pairs], device=self.device)[:, None, None, None] + \
+            torch.stack([zo, zo + 1], -1).long()[None]  # (Q, L, S, 2)
+        wz = torch.where((z >= 0) & (z < nz), torch.stack([1 - fz, fz], -1)[None], 0.0)  # (Q, L, S, 2)
+        z = z.clamp(0, nz - 1)
+        idx = z[..., :, None] * npix + pix[None, :, :, None, :]  # (Q, L, S, 2 z, 2 minor)
+        wt = wz[..., :, None] * w[None, :, :, None, :]
+        q = len(pairs)
+        return idx.reshape(q, idx.shape[1], -1), wt.reshape(q, wt.shape[1], -1).to(self.dtype)
+
+    # ------------------------------------------------------------ operators
+    def forward(self, vol: torch.Tensor) -> torch.Tensor:
+        """(..., nz, ny, nx) -> (..., planes, V_subset, X): line integrals (activity x mm) summed over
+        each plane's ring pairs and each view's mashed views (then blurred, with ``blur``)."""
+        if tuple(vol.shape[-3:]) != self.volume.shape:
+            raise ValueError(f"projector3d: volume {tuple(vol.shape[-3:])} is not {self.volume.shape}")
+        lead = vol.shape[:-3]
+        x = vol.reshape(-1, math.prod(self.volume.shape)).to(self.device, self.dtype)  # (B, N)
+        p, nv, nb = self.sino_shape
+        m = self.layout.view_mashing
+        out = torch.zeros(x.shape[0], p, nv, nb, device=self.device, dtype=self.dtype)
+        plane = torch.as_tensor(self._pairs[0], device=self.device)
+        for vs, pairs in self._chunks():
+            idx, wt = self._entries(vs, pairs)  # (Q, L, E)
+            vals = (x[:, idx.reshape(-1)].view(x.shape[0], *idx.shape) * wt).sum(-1)  # (B, Q, L)
+            vals = vals.view(x.shape[0], len(pairs), vs.stop - vs.start, m, nb).sum(3)  # (B, Q, v, X)
+            out[:, :, vs].index_add_(1, plane[pairs], vals)
+        if self._blur is not None:
+            out = BL.blur(out, self._blur)
+        return out.reshape(*lead, p, nv, nb)
+
+    def adjoint(self, sino: torch.Tensor) -> torch.Tensor:
+        """(..., planes, V_subset, X) -> (..., nz, ny, nx): the exact transpose of ``forward``."""
+        if tuple(sino.shape[-3:]) != self.sino_shape:
+            raise ValueError(f"projector3d: sinogram {tuple(sino.shape[-3:])} is not {self.sino_shape}")
+        lead = sino.shape[:-3]
+        y = sino.reshape(-1, *self.sino_shape).to(self.device, self.dtype)  # (B, P, V, X)
+        if self._blur is not None:
+            y = BL.blur_adjoint(y, self._blur)
+        m = self.layout.view_mashing
+        x = torch.zeros(y.shape[0], math.prod(self.volume.shape), device=self.device, dtype=self.dtype)
+        for vs, pairs in self._chunks():
+            idx, wt = self._entries(vs, pairs)  # (Q, L, E)
+            part = y[:, self._pairs[0][pairs], vs]  # (B, Q, v, X): each pair reads its plane
+            part = part[:, :, :, None].expand(-1, -1, -1, m, -1).reshape(y.shape[0], len(pairs), -1)  # (B, Q, L)
+            x.index_add_(1, idx.reshape(-1), (part[..., None] * wt).reshape(y.shape[0], -1))
+        return x.reshape(*lead, *self.volume.shape)
