@@ -33,7 +33,6 @@ Not supported: TOF (ValueError), stored bins other than the scanner's.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +43,7 @@ from hpc.physics import geometry as G
 from hpc.physics.projdata import Layout
 from hpc.physics.projector import ImageGrid
 
-CHUNK_SAMPLES = 2_000_000  # samples (x 4 neighbours, ~40 bytes each) per chunk: ~0.3 GB of temporaries
+CHUNK_SAMPLES = 500_000  # transaxial samples (LORs x steps) per chunk: ~0.2 GB of temporaries (mMR)
 
 
 @dataclass(frozen=True)
@@ -118,25 +117,17 @@ class Projector3D:
         return self.layout.planes, self.views.size, self.layout.bins
 
     # ------------------------------------------------------------ samples
-    def _chunks(self) -> list[tuple[slice, np.ndarray]]:
-        """(stored-view slice, ring-pair indices of one ring difference) of every chunk."""
-        sc, m = self.layout.scanner, self.layout.view_mashing
-        per_view = m * sc.bins * self.volume.grid.nx  # samples of one stored view and ring pair
-        out = []
-        _, _, diff = self._pairs
-        for d in np.unique(diff):
-            pairs = np.flatnonzero(diff == d)
-            vstep = max(1, min(self.views.size, self.chunk_samples // (per_view * pairs.size) or 1))
-            qstep = max(1, min(pairs.size, self.chunk_samples // (per_view * vstep)))
-            for v in range(0, self.views.size, vstep):
-                for q in range(0, pairs.size, qstep):
-                    out.append((slice(v, min(v + vstep, self.views.size)), pairs[q:q + qstep]))
-        return out
+    def _view_chunks(self) -> list[slice]:
+        """Stored-view slices of about ``chunk_samples`` transaxial samples (LORs x nx steps) each."""
+        per_view = self.layout.view_mashing * self.layout.bins * self.volume.grid.nx
+        step = max(1, self.chunk_samples // per_view)
+        return [slice(v, min(v + step, self.views.size)) for v in range(0, self.views.size, step)]
 
-    def _transaxial(self, vs: slice, d: int) -> tuple[torch.Tensor, ...]:
-        """Joseph samples of the LORs of stored views ``vs`` with ring difference ``d``: (pix (L, S, 2)
-        pixel indices of the 2 minor neighbours, w (L, S, 2) their 3-D step-length weights, t (L, S)
-        the ray parameter from d1 (0) to d2 (1)); L = views x mashing x X LORs, S = nx steps."""
+    def _transaxial(self, vs: slice) -> tuple[torch.Tensor, ...]:
+        """Joseph samples of the LORs of stored views ``vs``: pix (L, S, 2) pixel indices ``i * nx + j``
+        of the 2 minor neighbours, w (L, S, 2) their transaxial step-length weights (as the 2-D
+        projector's), t (L, S) the ray parameter from d1 (0) to d2 (1), dxy (L,) the transaxial chord
+        length; L = views x mashing x X LORs, S = nx steps."""
         g, m = self.volume.grid, self.layout.view_mashing
         p0 = self._pa[vs.start * m:vs.stop * m].reshape(-1, 2)  # (L, 2)
         p1 = self._pb[vs.start * m:vs.stop * m].reshape(-1, 2)
@@ -151,8 +142,8 @@ class Projector3D:
         r = (b0 + t * db - c[0]) / g.pixel_mm  # (L, S) minor coordinate in pixels
         lo = torch.floor(r)
         f = r - lo
-        dz = d * self.layout.scanner.ring_spacing_mm
-        step = g.pixel_mm * torch.sqrt(delta[:, 0] ** 2 + delta[:, 1] ** 2 + dz ** 2) / da[:, 0].abs()  # (L,)
+        dxy = torch.hypot(delta[:, 0], delta[:, 1])  # (L,)
+        step = g.pixel_mm * dxy / da[:, 0].abs()  # (L,) transaxial length per column
         k = torch.stack([lo, lo + 1], -1).long()  # (L, S, 2) minor index
         w = torch.stack([1 - f, f], -1) * step[:, None, None]
         inside = (t >= 0) & (t <= 1)
@@ -160,26 +151,37 @@ class Projector3D:
         k = k.clamp(0, g.nx - 1)
         col = torch.arange(g.nx, device=self.device)[None, :, None]  # (1, S, 1) major index
         pix = torch.where(xmaj[:, None, None], k * g.nx + col, col * g.nx + k)  # i * nx + j
-        return pix, w, t
+        return pix, w.to(self.dtype), t, dxy
 
-    def _entries(self, vs: slice, pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index (Q, L, S * 4) into the flat volume, weight (Q, L, S * 4)) of ring pairs ``pairs``
-        (one ring difference) and views ``vs``: 2 minor x 2 z neighbours per sample."""
-        _, ring, diff = self._pairs
-        d = int(diff[pairs[0]])
-        pix, w, t = self._transaxial(vs, d)
-        nz, npix = self.volume.nz, self.volume.grid.ny * self.volume.grid.nx
-        u = t * (2 * d)  # (L, S) z offset from ring_a's voxel, in voxels
+    def _axial(self, t: torch.Tensor, dxy: torch.Tensor, d: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Axial interpolation of ring difference d, the same for every ring pair of it: E (L, S, O)
+        the weight of each sample's column at z offset ``omin + o`` from ring_a's voxel (2 non-zeros
+        per sample: the z voxels straddling it, O = 2 |d| + 2 offsets), ``omin`` and the LORs' tilt
+        factor |d_3D| / |d_xy| (L,) that turns transaxial step lengths into 3-D ones."""
+        u = t * (2 * d)  # (L, S) z offset from ring_a's voxel, in voxels (half rings)
         zo = torch.floor(u)
         fz = u - zo
-        z = torch.as_tensor(2 * ring[pairs], device=self.device)[:, None, None, None] + \
-            torch.stack([zo, zo + 1], -1).long()[None]  # (Q, L, S, 2)
-        wz = torch.where((z >= 0) & (z < nz), torch.stack([1 - fz, fz], -1)[None], 0.0)  # (Q, L, S, 2)
-        z = z.clamp(0, nz - 1)
-        idx = z[..., :, None] * npix + pix[None, :, :, None, :]  # (Q, L, S, 2 z, 2 minor)
-        wt = wz[..., :, None] * w[None, :, :, None, :]
-        q = len(pairs)
-        return idx.reshape(q, idx.shape[1], -1), wt.reshape(q, wt.shape[1], -1).to(self.dtype)
+        omin, n_off = min(0, 2 * d), 2 * abs(d) + 2
+        o = (zo - omin).long().clamp(0, n_off - 2)  # samples off the chord (t outside [0, 1]) weigh 0 anyway
+        e = torch.zeros(*t.shape, n_off, device=self.device, dtype=self.dtype)
+        e.scatter_(2, o[..., None], (1 - fz)[..., None].to(self.dtype))
+        e.scatter_add_(2, o[..., None] + 1, fz[..., None].to(self.dtype))
+        dz = d * self.layout.scanner.ring_spacing_mm
+        return e, omin, torch.sqrt(1 + (dz / dxy) ** 2).to(self.dtype)
+
+    def _pick(self, pairs: np.ndarray, omin: int, n_off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ring pairs ``pairs`` (Q,) read the (nz, O) table of axially summed columns: flat index
+        (Q, O) of z voxel ``2 ring_a + omin + o`` and offset o, and a (Q, O) mask of those in the volume."""
+        ring = torch.as_tensor(2 * self._pairs[1][pairs], device=self.device)[:, None]
+        off = torch.arange(n_off, device=self.device)[None, :]
+        z = ring + omin + off  # (Q, O)
+        ok = (z >= 0) & (z < self.volume.nz)
+        return z.clamp(0, self.volume.nz - 1) * n_off + off, ok.to(self.dtype)
+
+    def _groups(self) -> list[tuple[int, np.ndarray]]:
+        """(ring difference, its ring-pair indices) of every ring difference."""
+        diff = self._pairs[2]
+        return [(int(d), np.flatnonzero(diff == d)) for d in np.unique(diff)]
 
     # ------------------------------------------------------------ operators
     def forward(self, vol: torch.Tensor) -> torch.Tensor:
@@ -188,16 +190,26 @@ class Projector3D:
         if tuple(vol.shape[-3:]) != self.volume.shape:
             raise ValueError(f"projector3d: volume {tuple(vol.shape[-3:])} is not {self.volume.shape}")
         lead = vol.shape[:-3]
-        x = vol.reshape(-1, math.prod(self.volume.shape)).to(self.device, self.dtype)  # (B, N)
-        p, nv, nb = self.sino_shape
-        m = self.layout.view_mashing
-        out = torch.zeros(x.shape[0], p, nv, nb, device=self.device, dtype=self.dtype)
+        nz = self.volume.nz
+        # pixel-major, z last: a sample's z column is one contiguous row  (B, ny * nx, nz)
+        xt = vol.reshape(-1, nz, self.volume.grid.ny * self.volume.grid.nx).to(self.device, self.dtype)
+        xt = xt.transpose(1, 2).contiguous()
+        b, (p, nv, nb), m = xt.shape[0], self.sino_shape, self.layout.view_mashing
+        out = torch.zeros(b, p, nv, nb, device=self.device, dtype=self.dtype)
         plane = torch.as_tensor(self._pairs[0], device=self.device)
-        for vs, pairs in self._chunks():
-            idx, wt = self._entries(vs, pairs)  # (Q, L, E)
-            vals = (x[:, idx.reshape(-1)].view(x.shape[0], *idx.shape) * wt).sum(-1)  # (B, Q, L)
-            vals = vals.view(x.shape[0], len(pairs), vs.stop - vs.start, m, nb).sum(3)  # (B, Q, v, X)
-            out[:, :, vs].index_add_(1, plane[pairs], vals)
+        for vs in self._view_chunks():
+            pix, w, t, dxy = self._transaxial(vs)
+            n_lor, s = t.shape
+            # transaxially interpolated z columns of every sample  (B, L, S, nz)
+            col = (xt[:, pix.reshape(-1)].view(b, n_lor, s, 2, nz) * w[None, ..., None]).sum(3)
+            for d, pairs in self._groups():
+                e, omin, tilt = self._axial(t, dxy, d)  # (L, S, O)
+                # each sample's column summed into its 2 z offsets (a batched matmul over LORs)
+                r = torch.einsum("blsz,lso->blzo", col, e).reshape(b, n_lor, -1)  # (B, L, nz * O)
+                idx, ok = self._pick(pairs, omin, e.shape[2])  # (Q, O)
+                vals = (r[:, :, idx.reshape(-1)].view(b, n_lor, *idx.shape) * ok).sum(-1) * tilt[:, None]  # (B, L, Q)
+                vals = vals.view(b, vs.stop - vs.start, m, nb, len(pairs)).sum(2).permute(0, 3, 1, 2)  # (B, Q, v, X)
+                out[:, :, vs].index_add_(1, plane[pairs], vals)
         if self._blur is not None:
             out = BL.blur(out, self._blur)
         return out.reshape(*lead, p, nv, nb)
@@ -210,11 +222,20 @@ class Projector3D:
         y = sino.reshape(-1, *self.sino_shape).to(self.device, self.dtype)  # (B, P, V, X)
         if self._blur is not None:
             y = BL.blur_adjoint(y, self._blur)
-        m = self.layout.view_mashing
-        x = torch.zeros(y.shape[0], math.prod(self.volume.shape), device=self.device, dtype=self.dtype)
-        for vs, pairs in self._chunks():
-            idx, wt = self._entries(vs, pairs)  # (Q, L, E)
-            part = y[:, self._pairs[0][pairs], vs]  # (B, Q, v, X): each pair reads its plane
-            part = part[:, :, :, None].expand(-1, -1, -1, m, -1).reshape(y.shape[0], len(pairs), -1)  # (B, Q, L)
-            x.index_add_(1, idx.reshape(-1), (part[..., None] * wt).reshape(y.shape[0], -1))
-        return x.reshape(*lead, *self.volume.shape)
+        b, m, nz = y.shape[0], self.layout.view_mashing, self.volume.nz
+        xt = torch.zeros(b, self.volume.grid.ny * self.volume.grid.nx, nz, device=self.device, dtype=self.dtype)
+        for vs in self._view_chunks():
+            pix, w, t, dxy = self._transaxial(vs)
+            n_lor, s = t.shape
+            col = torch.zeros(b, n_lor, s, nz, device=self.device, dtype=self.dtype)  # (B, L, S, nz)
+            for d, pairs in self._groups():
+                e, omin, tilt = self._axial(t, dxy, d)
+                idx, ok = self._pick(pairs, omin, e.shape[2])  # (Q, O)
+                part = y[:, self._pairs[0][pairs], vs].permute(0, 2, 3, 1)  # (B, v, X, Q): each pair reads its plane
+                part = part[:, :, None].expand(-1, -1, m, -1, -1).reshape(b, n_lor, len(pairs)) * tilt[:, None]
+                r = torch.zeros(b, n_lor, nz * e.shape[2], device=self.device, dtype=self.dtype)
+                r.index_add_(2, idx.reshape(-1), (part[..., None] * ok).reshape(b, n_lor, -1))  # (B, L, nz * O)
+                col += torch.einsum("blzo,lso->blsz", r.view(b, n_lor, nz, -1), e)
+            spread = (col[:, :, :, None, :] * w[None, ..., None]).reshape(b, -1, nz)  # (B, L * S * 2, nz)
+            xt.index_add_(1, pix.reshape(-1), spread)
+        return xt.transpose(1, 2).reshape(*lead, *self.volume.shape)
