@@ -211,3 +211,21 @@ def test_hpc_predict_method_reproject3d(tmp_path, capsys):
     got = outs["blur"]
     assert np.array_equal(got[mask > 0], data[mask > 0]) and (got[mask == 0] > 0).all()
     assert not np.array_equal(got, outs["noblur"])
+
+
+def test_baseline_without_layout(recwarn):
+    """hpc evaluate hands segment stacks without a layout: span-1 segment 0 (one plane per ring) is
+    still reconstructed in 3-D; any other stack falls back to the 2-D reproject, with a warning."""
+    lay = PD.span1_layout(TINY, [0])
+    y, mult, add, w = noise_free(lay)
+    st = Stack(y.numpy(), w.numpy(), np.ones(y.shape, bool), mult.numpy(), add.numpy(), TINY)
+    planes = np.arange(TINY.rings)
+    got = BASELINES.get("reproject3d")(st, planes, iters=2)
+    want = BASELINES.get("reproject3d")(dataclasses.replace(st, layout=lay, memo={}), planes, iters=2)
+    np.testing.assert_array_equal(got, want)
+    assert not recwarn.list
+    part = dataclasses.replace(st, y=st.y[:3], w=st.w[:3], valid=st.valid[:3], mult=st.mult[:3],
+                               randoms=st.randoms[:3], memo={})
+    with pytest.warns(UserWarning, match="2-D reproject"):
+        got = BASELINES.get("reproject3d")(part, np.arange(3), iters=2)
+    np.testing.assert_array_equal(got, BASELINES.get("reproject")(part, np.arange(3), iters=2))
