@@ -9,8 +9,8 @@ hpc.simulate.layout.
 The volume (nz, ny, nx) covers the rings the layout's ring pairs touch, r0 .. r1: its z voxels are
 half a ring spacing (STIR's convention), voxel k at ring r0 + k / 2, so nz = 2 (r1 - r0) + 1 and ring r
 sits exactly on voxel 2 (r - r0); it is centred on the slab. Transaxially it is an
-``hpc.physics.projector.ImageGrid`` (square pixels centred on the axis; default 2x the bin size,
-see ``default_volume``).
+``hpc.physics.projector.ImageGrid`` (square pixels centred on the axis; default 2x the bin size over
+the field of view, see ``default_volume``).
 
 Joseph's method (as hpc.physics.projector, in 3-D): step along the LOR's major transaxial axis one
 pixel column at a time; each sample interpolates bilinearly between the 2 pixels straddling the ray
@@ -33,6 +33,7 @@ Not supported: TOF (ValueError), stored bins other than the scanner's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,14 +67,17 @@ def layout_rings(layout: Layout) -> tuple[int, int]:
 
 
 def default_volume(layout: Layout, size: int = 0, pixel_mm: float = 0.0) -> Volume:
-    """The slab's volume: z voxels of half the ring spacing over its rings; transaxially ``size`` x
-    ``size`` pixels (default: half the scanner's bins) of ``pixel_mm`` (default: covering the bins'
-    field of view, i.e. 2x the bin size at the default size)."""
+    """The slab's volume: z voxels of half the ring spacing over its rings; transaxially square pixels
+    of ``pixel_mm`` (default: 2x the bin size, 4.17 mm on the mMR; the detector blur is 4.3-6 mm FWHM)
+    and ``size`` x ``size`` of them (default: the fewest, even, that cover the field of view of the
+    stored bins, 142 on the mMR; with only ``size`` given: pixels covering the bins' extent)."""
     sc = layout.scanner
-    size = size or max(1, sc.bins // 2)
-    grid = ImageGrid(size, size, pixel_mm or sc.bin_size_mm * sc.bins / size)
+    if size and not pixel_mm:
+        pixel_mm = sc.bin_size_mm * sc.bins / size
+    pixel_mm = pixel_mm or 2 * sc.bin_size_mm
+    size = size or 2 * math.ceil(sc.fov_radius_mm / pixel_mm)
     r0, r1 = layout_rings(layout)
-    return Volume(grid, 2 * (r1 - r0) + 1, r0, sc.ring_spacing_mm / 2)
+    return Volume(ImageGrid(size, size, pixel_mm), 2 * (r1 - r0) + 1, r0, sc.ring_spacing_mm / 2)
 
 
 class Projector3D:
