@@ -17,12 +17,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "UNet vs linear interpolation inside the gaps" in r.stdout
     assert "wandb sync " in r.stdout
     results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
-    methods = {"unet", "reproject", "axial3d", "biharmonic", "linear"}
+    methods = {"unet", "reproject", "reproject3d", "axial3d", "biharmonic", "linear"}
     assert set(results["overall"]) == methods
     assert all("nmse_gap_true" in v and "nmse_gap_meas" in v for v in results["overall"].values())
     images = json.loads((out / "eval" / "metrics.json").read_text())["images"]["overall"]
     assert set(images) == methods | {"full", "gapped"}
-    assert (out / "eval" / "report.md").read_text().count("| overall |") == 5 + 7
+    assert (out / "eval" / "report.md").read_text().count("| overall |") == 6 + 8
     held_out = json.loads((out / "sim" / "studies.json").read_text())["studies"][-1]
     assert (out / "eval" / "panels" / f"{held_out['id']}.png").stat().st_size > 0
     src = read_header(out / "sim" / held_out["files"]["gaps"])
