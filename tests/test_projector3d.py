@@ -229,3 +229,17 @@ def test_baseline_without_layout(recwarn):
     with pytest.warns(UserWarning, match="2-D reproject"):
         got = BASELINES.get("reproject3d")(part, np.arange(3), iters=2)
     np.testing.assert_array_equal(got, BASELINES.get("reproject")(part, np.arange(3), iters=2))
+
+
+def test_a_slab_of_central_planes_is_its_rings_of_the_whole():
+    """A layout of central planes (hpc simulate --planes) touches rings 1..2 only: its volume starts at
+    ring 1 and its projection is the whole scanner's projection of those planes."""
+    whole = PD.cti_layout(TINY, span=3, max_ring_diff=1)  # segment 0 only: 7 planes at half-ring steps
+    part = PD.Layout(TINY, (0,), (-1,), (1,), (3,))  # its 3 central planes
+    vp, vw = volume(part), volume(whole)
+    assert (vp.ring0, vp.nz, vw.nz) == (1, 3, 7)
+    x = torch.rand(*vw.shape, dtype=torch.float64)
+    x[:2], x[5:] = 0, 0  # nothing outside the part's rings
+    got = Projector3D(part, vp, dtype=torch.float64).forward(x[2:5])
+    want = Projector3D(whole, vw, dtype=torch.float64).forward(x)[2:5]
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
