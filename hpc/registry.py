@@ -109,4 +109,5 @@ SCANNERS: Registry = Registry("scanner", "hpc.physics.geometry")
 MODELS: Registry = Registry("model", "hpc.train.models")
 LOSSES: Registry = Registry("loss term", "hpc.train.losses")
 FILLS: Registry = Registry("gap fill", "hpc.data.fills")
-BASELINES: Registry = Registry("baseline", "hpc.baselines.interp", "hpc.baselines.reproject")
+BASELINES: Registry = Registry("baseline", "hpc.baselines.interp", "hpc.baselines.reproject",
+                               "hpc.baselines.reproject3d")

@@ -24,12 +24,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert iters["source"] == "tuned" and iters["scores"]
     assert "nmse_gap_true" in summary["comparison"] and summary["recommend"]["command"].startswith("hpc predict")
     assert "held-out verdicts" in r.stdout
-    methods = {"unet", "reproject", "axial3d", "biharmonic", "linear"}
+    methods = {"unet", "reproject", "reproject3d", "axial3d", "biharmonic", "linear"}
     assert set(results["overall"]) == methods
     assert all("nmse_gap_true" in v and "nmse_gap_meas" in v for v in results["overall"].values())
     images = json.loads((out / "eval" / "metrics.json").read_text())["images"]["overall"]
     assert set(images) == methods | {"full", "gapped"}
-    assert (out / "eval" / "report.md").read_text().count("| overall |") == 5 + 7
+    assert (out / "eval" / "report.md").read_text().count("| overall |") == 6 + 8
     held_out = json.loads((out / "sim" / "studies.json").read_text())["studies"][-1]
     assert (out / "eval" / "panels" / f"{held_out['id']}.png").stat().st_size > 0
     src = read_header(out / "sim" / held_out["files"]["gaps"])

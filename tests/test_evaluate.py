@@ -126,7 +126,7 @@ def test_simulation_truth_reproject_and_images(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(m["results"]) == {"s001", "overall"}  # the test-variant study only
-    assert set(m["results"]["s001"]) == {"unet", "reproject", "axial3d", "biharmonic", "linear"}
+    assert set(m["results"]["s001"]) == {"unet", "reproject", "reproject3d", "axial3d", "biharmonic", "linear"}
 
     rec = json.loads((sim / "studies.json").read_text())["studies"][1]
     files = {k: read_header(sim / v) for k, v in rec["files"].items()}
@@ -143,7 +143,7 @@ def test_simulation_truth_reproject_and_images(tmp_path):
     assert got["nmse_gap_true"] == pytest.approx(float(((rep - ex)[gap] ** 2).sum() / (ex[gap] ** 2).sum()), rel=1e-4)
     assert got["nmse_gap_true"] < m["results"]["s001"]["linear"]["nmse_gap_true"]
     images = m["images"]["s001"]
-    assert set(images) == {"full", "gapped", "unet", "reproject", "axial3d", "biharmonic", "linear"}
+    assert set(images) == {"full", "gapped", "unet", "reproject", "reproject3d", "axial3d", "biharmonic", "linear"}
     assert "img_nmse_full" not in images["full"] and images["full"]["img_nmse_true"] > 0
     assert images["reproject"]["img_nmse_full"] < images["gapped"]["img_nmse_full"]
     assert (tmp_path / "ev" / "panels" / "s001.png").read_bytes()[:4] == b"\x89PNG"
