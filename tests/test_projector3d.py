@@ -243,3 +243,19 @@ def test_a_slab_of_central_planes_is_its_rings_of_the_whole():
     got = Projector3D(part, vp, dtype=torch.float64).forward(x[2:5])
     want = Projector3D(whole, vw, dtype=torch.float64).forward(x)[2:5]
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_planned_iteration_counts_come_from_one_run():
+    """hpc evaluate's tuning plans several iteration counts on one stack: the first call runs OSEM once
+    to the largest and keeps every planned count; each equals a run of its own."""
+    lay = PD.span1_layout(TINY, [0])
+    y, mult, add, w = noise_free(lay)
+    st = Stack(y.numpy(), w.numpy(), np.ones(y.shape, bool), mult.numpy(), add.numpy(), TINY, layout=lay)
+    st.planned["reproject3d"] = [{"iters": 1}, {"iters": 3}, {"iters": 3, "blur": False}]
+    planes = np.arange(TINY.rings)
+    first = BASELINES.get("reproject3d")(st, planes, iters=1)
+    assert {k for k in st.memo if k[0] == "reproject3d"} == {("reproject3d", 1, True), ("reproject3d", 3, True)}
+    for iters, got in ((1, first), (3, BASELINES.get("reproject3d")(st, planes, iters=3))):
+        alone = BASELINES.get("reproject3d")(dataclasses.replace(st, memo={}, planned={}), planes, iters=iters)
+        np.testing.assert_allclose(got, alone, rtol=1e-6)
+    assert not np.allclose(first, BASELINES.get("reproject3d")(st, planes, iters=3))

@@ -50,10 +50,15 @@ def reproject3d(stack: Stack, planes: np.ndarray, iters: int = DEFAULT_ITERS, bl
                          f"({layout.planes}, {layout.views}, {layout.bins}) (TOF is not supported)")
     key = ("reproject3d", int(iters), bool(blur))
     if key not in stack.memo:  # one reconstruction per study, whatever planes each call asks for
+        # every iteration count planned on this stack with the same blur (hpc evaluate's tuning
+        # candidates) from one OSEM run: 8 iterations for all of (1, 2, 3, 4, 6, 8) instead of 24
+        want = {int(iters)} | {int(p.get("iters", DEFAULT_ITERS)) for p in stack.planned.get("reproject3d", ())
+                               if bool(p.get("blur", True)) == bool(blur)}
         # float32 reconstruction; the repair in float64, so measured bins keep their exact values
-        out = R3.reproject3d(layout, torch.from_numpy(np.asarray(stack.y, np.float64)), _tensor(stack.w),
-                             int(iters), R3.SUBSETS, valid=torch.from_numpy(np.ascontiguousarray(stack.valid)),
-                             mult=_tensor(stack.mult), add=_tensor(stack.randoms), blur=bool(blur),
-                             dtype=torch.float32)
-        stack.memo[key] = out.double().numpy()
+        path = R3.reproject3d_path(layout, torch.from_numpy(np.asarray(stack.y, np.float64)), _tensor(stack.w),
+                                   sorted(want), R3.SUBSETS, valid=torch.from_numpy(np.ascontiguousarray(stack.valid)),
+                                   mult=_tensor(stack.mult), add=_tensor(stack.randoms), blur=bool(blur),
+                                   dtype=torch.float32)
+        for it, out in path.items():
+            stack.memo[("reproject3d", it, bool(blur))] = out.double().numpy()
     return stack.memo[key][np.asarray(planes)]

@@ -43,6 +43,9 @@ class Stack:
     # hpc.physics.projdata.Layout of the slices, when known: set (keyword) for ``whole_study`` baselines,
     # whose stack is the whole study; None for one segment's stack
     layout: object | None = None
+    # baseline name -> every parameter set it will be called with on this stack (set by `hpc evaluate`
+    # when it tunes): an iterative baseline can compute them all in one run
+    planned: dict = field(default_factory=dict)
 
 
 # (stack, planes (n,) indices into the stack, **free parameters) -> (n, V, X) float64

@@ -164,6 +164,8 @@ def whole_study_repairs(sc, st: Study, readers: dict, scored: np.ndarray, opts: 
         return {}
     _, stack = _read_stack(readers, st, sc, 0, st.layout.num_slices)
     stack.layout = spec_layout(st.layout, sc.name if sc is not None else "")
+    for name, params in runs.values():  # the tuning candidates: one OSEM path can serve them all
+        stack.planned.setdefault(name, []).append(params)
     out = {}
     for label, (name, params) in runs.items():
         t0 = time.perf_counter()
