@@ -188,3 +188,13 @@ def test_a_reproject_fill_network_has_its_fill_iterations_tuned(tmp_path, capsys
     assert m2["tuning"]["network"]["fill_iters"] == {"value": 2, "source": "given", "scores": {}}
     tun = tuning.Tuning([], {}, network=tuning.Choice(2, "given"), trained=4)
     assert tun.network_method() == "--method hybrid --method-param iters=2"
+
+
+def test_a_tuned_value_at_the_largest_candidate_is_flagged():
+    from hpc.evaluate.report import _params
+    tuning = {"studies": ["a", "b", "c"], "criterion": "nmse_gap_meas", "scores": {},
+              "params": {"reproject": {"iters": {"value": 8, "source": "tuned",
+                                                 "scores": {"2": 0.3, "4": 0.2, "8": 0.1}}},
+                         "toy": {"k": {"value": 4, "source": "tuned", "scores": {"2": 0.3, "4": 0.2, "8": 0.25}}}}}
+    lines = _params(tuning)
+    assert "optimum may lie beyond" in lines[0] and "optimum may lie beyond" not in lines[1]

@@ -172,7 +172,7 @@ def test_baseline_whole_study():
     lay = span3()
     y, mult, add, w = noise_free(lay)
     meta = BASELINES.meta("reproject3d")
-    assert meta["whole_study"] and meta["needs_scanner"] and meta["tune"] == {"iters": (1, 2, 3, 4, 6, 8)}
+    assert meta["whole_study"] and meta["needs_scanner"] and meta["tune"] == {"iters": (1, 2, 3, 4, 6, 8, 12, 16)}
     st = Stack(y.numpy(), w.numpy(), np.ones(y.shape, bool), mult.numpy(), add.numpy(), TINY, layout=lay)
     planes = np.array([2, 9])
     got = BASELINES.get("reproject3d")(st, planes, iters=2)

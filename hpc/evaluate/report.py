@@ -69,6 +69,16 @@ def image_table(image: dict) -> str:
     return _table(image, IMAGE_COLUMNS)
 
 
+def _edge(c: dict) -> str:
+    """A warning when a tuned number is the largest of several candidates: the optimum may lie beyond."""
+    try:
+        values = [float(k) for k in c["scores"]]
+    except ValueError:
+        return ""
+    at_edge = c["source"] == "tuned" and len(values) > 2 and float(c["value"]) == max(values)
+    return " (the largest candidate: the optimum may lie beyond; give larger values with --param)" if at_edge else ""
+
+
 def _params(tuning: dict) -> list[str]:
     """One line per free parameter: value, where it came from, the candidates' validation scores."""
     lines = []
@@ -78,7 +88,8 @@ def _params(tuning: dict) -> list[str]:
                    "given": "given, not tuned", "checkpoint": "the checkpoint's validation chose it",
                    "default": "the default (nothing chose it)"}[c["source"]]
             cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
-            lines.append(f"{name}.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
+            lines.append(f"{name}.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else "")
+                         + _edge(c))
     for key, c in tuning.get("network", {}).items():
         how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies", "given": "given, not tuned",
                "trained": "as trained (data.fill_iters), not tuned"}[c["source"]]
