@@ -112,13 +112,15 @@ def geometry(rep: Repairer, layout: SinogramSpec):
 
 
 # ---------------------------------------------------------------- methods
-def _unet(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray, planes: np.ndarray, batch: int) -> np.ndarray:
-    """Model output (n, V, X) for stack planes ``planes`` (context windows as the loader builds them)."""
+def _unet(rep: Repairer, st: Study, lo: int, data: dict, stack: Stack, planes: np.ndarray, batch: int) -> np.ndarray:
+    """Model output (n, V, X) for stack planes ``planes`` (context windows as the loader builds them),
+    with the lines of response as `hpc predict` and training give them: without them the fill treats
+    the virtual crystals' empty bins as measured zeros (the mMR's one per block)."""
     out = []
     for a in range(0, len(planes), batch):
         ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
         aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}  # data.fill=reproject models them
-        out.append(model_output(rep, data["input"][ids], w[ids], aux))
+        out.append(model_output(rep, data["input"][ids], stack.w[ids], aux, stack.valid[ids]))
     return np.concatenate(out)
 
 
@@ -140,7 +142,7 @@ def run_methods(rep: Repairer, sc, st: Study, lo: int, data: dict, stack: Stack,
     runs: dict[str, Callable[[], np.ndarray]] = {}
     if opts.network:
         runs[UNET] = lambda: R.repair_with(torch.from_numpy(y), torch.from_numpy(w[planes]),
-                                           torch.from_numpy(_unet(rep, st, lo, data, w, planes, opts.batch)),
+                                           torch.from_numpy(_unet(rep, st, lo, data, stack, planes, opts.batch)),
                                            torch.from_numpy(valid[planes])).numpy()
     for label, (name, params) in method_runs(sc, opts).items():
         if whole is not None and label in whole:
