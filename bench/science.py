@@ -8,7 +8,7 @@ point (the UNet's NMSE, its ratio to the best baseline with the paired bootstrap
 baselines' NMSE) and a PNG: NMSE against samples (log), the baselines as horizontal lines, the
 network's interval as error bars.
 
-    python bench/science.py --samples 600,1200,2400,4800,9600 -o /tmp/science --json docs/science-demo.json \
+    python bench/science.py --samples 600,1200,2400,4800,9600 -o /tmp/science --json docs/results/science-demo.json \
         --png docs/images/science-demo.png
 """
 from __future__ import annotations
