@@ -151,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PLANS), default="demo",
                    help="demo: the 2-minute 2-D demo scanner (default); realistic: the fair benchmark of "
                         "docs/EVALUATION.md on an mMR 8-ring slab (3-D lines, blur, scatter, estimated factors, "
-                        "clinical counts; 10 train / 3 validation / 6 held-out studies; ~1 h on 2 CPU cores)")
+                        "clinical counts; 10 train / 3 validation / 6 held-out studies; ~1.5 h on one CPU core)")
 
 
 def run(args: argparse.Namespace) -> int:

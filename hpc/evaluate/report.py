@@ -79,6 +79,12 @@ def _edge(c: dict) -> str:
     return " (the largest candidate: the optimum may lie beyond; give larger values with --param)" if at_edge else ""
 
 
+def _scores(c: dict, criterion: str) -> str:
+    """`` [criterion candidate: score; ...]`` of a choice's validation scores, "" when none."""
+    cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
+    return f" [{criterion} {cands}]" if cands else ""
+
+
 def _params(tuning: dict) -> list[str]:
     """One line per free parameter: value, where it came from, the candidates' validation scores."""
     lines = []
@@ -87,14 +93,11 @@ def _params(tuning: dict) -> list[str]:
             how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies ({', '.join(tuning['studies'])})",
                    "given": "given, not tuned", "checkpoint": "the checkpoint's validation chose it",
                    "default": "the default (nothing chose it)"}[c["source"]]
-            cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
-            lines.append(f"{name}.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else "")
-                         + _edge(c))
+            lines.append(f"{name}.{key} = {c['value']}: {how}" + _scores(c, tuning["criterion"]) + _edge(c))
     for key, c in tuning.get("network", {}).items():
         how = {"tuned": f"tuned on {len(tuning['studies'])} validation studies", "given": "given, not tuned",
                "trained": "as trained (data.fill_iters), not tuned"}[c["source"]]
-        cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
-        lines.append(f"unet.{key} = {c['value']}: {how}" + (f" [{tuning['criterion']} {cands}]" if cands else ""))
+        lines.append(f"unet.{key} = {c['value']}: {how}" + _scores(c, tuning["criterion"]))
     if "unet" in tuning["scores"]:
         lines.append(f"unet (as trained, not tuned): {tuning['criterion']} {_fmt(tuning['scores']['unet'])} on the "
                      "validation studies")
