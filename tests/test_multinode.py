@@ -9,6 +9,7 @@ end, a 2-node job preempted with USR2 checkpoints, requeues and resumes to the e
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,13 @@ def test_hpc_submit_two_nodes_trains_to_completion(slurm2, dataset, tmp_path):
     job = r.stdout.split()[2]
     assert "(slurm: 2 node(s) x 1 task(s))" in r.stdout and f"job {job} finished: step 48" in r.stdout
     assert max(rec.get("step", 0) for rec in _records(tmp_path / "runs" / "two")) == 48
-    nodes = slurm2.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"]).stdout.split()
-    assert nodes == ["node[1-2]"]
+    # Where the ranks ran, from the tasks' own logs (submitit prints each task's hostname and rank).
+    # Not sacct's NodeList: its completion record was once written as "node1" for a job that ran
+    # on both nodes (CI of 2026-12-07), the accounting view of a 2-node job that was completing.
+    logs = sorted((tmp_path / "runs" / "slurm").glob(f"{job}_*_log.out"))
+    envs = {m for p in logs for m in re.findall(r"hostname=(node\d), local_rank=0\(1\), node=(\d)\(2\), "
+                                                  r"global_rank=(\d)\(2\)", p.read_text())}
+    assert envs == {("node1", "0", "0"), ("node2", "1", "1")}, [p.read_text()[-2000:] for p in logs]
 
 
 @pytest.mark.slow
