@@ -66,7 +66,7 @@ QUICK = Plan(3, 3, 1, ("train.samples=64", "train.val_every=64", "data.batch_siz
 # 3-D lines of response, detector blur, 35 % scatter (estimate 15 % low), estimated efficiencies and a
 # misregistered bone-free mu-map, ~4 counts per bin. The network's fill is radial interpolation: the
 # 2-D reprojection fill costs ~1 s per mMR plane on a CPU core, too slow to train on here.
-REALISTIC = Plan(10, 3, 6, ("data.fill=linear", "data.batch_size=8", "train.samples=1600", "train.val_every=800",
+REALISTIC = Plan(10, 3, 10, ("data.fill=linear", "data.batch_size=8", "train.samples=1600", "train.val_every=800",
                              "optim.restart_samples=1600", "log.every=400", "model.base=16", "model.depth=3"), 0,
                  ("--scanner", "mmr", "--preset", "realistic", "--rings", 8))
 PLANS = {"demo": FULL, "realistic": REALISTIC}
@@ -151,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PLANS), default="demo",
                    help="demo: the 2-minute 2-D demo scanner (default); realistic: the fair benchmark of "
                         "docs/EVALUATION.md on an mMR 8-ring slab (3-D lines, blur, scatter, estimated factors, "
-                        "clinical counts; 10 train / 3 validation / 6 held-out studies; ~1.5 h on one CPU core)")
+                        "clinical counts; 10 train / 3 validation / 10 held-out studies; ~2 h on one CPU core)")
 
 
 def run(args: argparse.Namespace) -> int:
