@@ -5,6 +5,7 @@
     LOSSES     hpc.train.losses       loss terms: `loss.<name>=<weight>`
     FILLS      hpc.data.fills         what the network sees in the gaps: `data.fill`
     BASELINES  hpc.baselines.*       repairs without learning: validation's and `hpc evaluate`'s methods
+    DENOISERS  hpc.baselines.denoise low-dose denoising without learning: `hpc evaluate --task denoise`
 
 An entry is added where it is implemented, in the registry's home module, with a decorator:
 
@@ -111,3 +112,4 @@ LOSSES: Registry = Registry("loss term", "hpc.train.losses")
 FILLS: Registry = Registry("gap fill", "hpc.data.fills")
 BASELINES: Registry = Registry("baseline", "hpc.baselines.interp", "hpc.baselines.reproject",
                                "hpc.baselines.reproject3d")
+DENOISERS: Registry = Registry("denoiser", "hpc.baselines.denoise")

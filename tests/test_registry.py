@@ -16,7 +16,7 @@ from hpc.config import load_config
 from hpc.errors import ConfigError
 from hpc.io.sinogram import write_sinogram
 from hpc.physics import geometry as G
-from hpc.registry import BASELINES, FILLS, LOSSES, MODELS, SCANNERS, Registry
+from hpc.registry import BASELINES, DENOISERS, FILLS, LOSSES, MODELS, SCANNERS, Registry
 
 from helpers import TINY, make_checkpoint, make_dataset, records
 
@@ -50,6 +50,11 @@ def toy_baseline(stack: Stack, planes: np.ndarray) -> np.ndarray:
     return np.where(w >= 1, y, w * y + (1 - w) * mean) * stack.valid[planes]
 
 
+def toy_denoiser(d, planes: np.ndarray, k: float = 1.0) -> np.ndarray:
+    """The low-dose counts scaled by k / dose: k = 1 is unbiased, k = 2 twice too high."""
+    return np.where(d.valid[planes], k * d.y[planes] / d.dose, 0.0)
+
+
 @pytest.fixture
 def toys():
     """Register one toy entry in each registry, remove them afterwards."""
@@ -58,8 +63,9 @@ def toys():
     FILLS.register("toy")(toy_fill)
     BASELINES.register("toy", per_slice=True)(toy_baseline)
     SCANNERS.register("toy")(dataclasses.replace(G.get_scanner("test"), name="toy", aliases=()))
+    DENOISERS.register("toy", tune={"k": (1.0, 2.0)})(toy_denoiser)
     yield
-    for reg in (MODELS, LOSSES, FILLS, BASELINES, SCANNERS):
+    for reg in (MODELS, LOSSES, FILLS, BASELINES, SCANNERS, DENOISERS):
         reg.unregister("toy")
 
 
@@ -128,3 +134,19 @@ def test_toy_baseline_is_evaluated_and_listed(toys, tmp_path):
     want = (((mean - target)[np.broadcast_to(gap, target.shape)]) ** 2).sum() / (target[gap] ** 2).sum()
     assert res["toy"]["nmse_gap_meas"] == pytest.approx(want, rel=1e-6)
     assert res["linear"]["nmse_gap_meas"] < res["toy"]["nmse_gap_meas"]
+
+
+def test_toy_denoiser_is_tuned_evaluated_and_listed(toys, tmp_path):
+    """The toy's free parameter is tuned on validation studies (k = 1, the unbiased scale, must win
+    over k = 2) and the toy is scored beside the registered denoisers."""
+    sim = tmp_path / "sim"
+    assert main(["simulate", "-o", str(sim), "--studies", "5", "--test-studies", "2", "--scanner", "test",
+                 "--low-dose", "0.5", "--format", "stir"]) == 0
+    assert "gauss" in build_parser("evaluate")[0].format_help()
+    assert main(["evaluate", "--task", "denoise", "--simulation", str(sim), "--tune-on", "s000,s001,s002",
+                 "--baselines", "toy,scaled", "-o", str(tmp_path / "ev"), "--quiet", "--no-images"]) == 0
+    out = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    k = out["tuning"]["params"]["toy"]["k"]
+    assert k["value"] == 1.0 and k["source"] == "tuned"
+    res = out["results"]["overall"]
+    assert res["toy"]["nmse_all_true"] == pytest.approx(res["scaled"]["nmse_all_true"], rel=1e-12)

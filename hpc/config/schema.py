@@ -46,6 +46,7 @@ UpMode = Literal["transposed", "nearest", "bilinear"]
 OptimName = Literal["adam", "adamw", "sgd", "rmsprop"]  # == hpc.train.optim.OPTIMIZERS (tested)
 Scheduler = Literal["none", "step", "cosine_restarts", "plateau"]
 Precision = Literal["auto", "fp32", "bf16"]
+DoseTarget = Literal["rest", "full"]
 Metric = Literal["nmse", "psnr", "ssim", "nmse_gap", "psnr_gap", "ssim_gap", "loss"]  # validation's keys
 BestMode = Literal["min", "max"]
 DistBackend = Literal["auto", "nccl", "gloo"]
@@ -89,7 +90,11 @@ class CorruptConfig:
     scanner: str = ""  # geometry preset; "" = the one recorded in the dataset manifest
     dead_blocks: int = 2  # random dead blocks per sample (0 = none)
     use_stored_mask: bool = False  # use the shard's `mask` instead of random blocks
-    dose: float = 1.0  # < 1: binomial thinning of the counts to this fraction
+    dose: float = 1.0  # < 1: binomial thinning of the counts to this fraction (a denoising input)
+    # what a thinned input is trained against: "rest", the counts the thinning did not keep, scaled by
+    # 1 / (1 - dose): the right mean and independent of the input; "full", the whole scan, which holds
+    # the input's own counts (a network trained on it keeps a fraction `dose` of the input's noise)
+    dose_target: DoseTarget = "rest"
     paired: bool = False  # use the shard's stored `input` (e.g. low-count) as the input
 
 

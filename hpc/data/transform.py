@@ -248,7 +248,11 @@ class DeviceTransform:
         c, stack = self.cfg.corrupt, raw["target"]
         inp = raw["input"].float() if c.paired else stack
         if c.dose < 1.0:
-            inp = A.thin(inp, c.dose, gen) / c.dose  # back to the full-dose scale of the target
+            kept = A.thin(inp, c.dose, gen)
+            if c.dose_target == "rest" and not c.paired:  # the counts not kept: independent of the input
+                k = stack.shape[1] // 2
+                raw["rest"] = (stack[:, k:k + 1].round().clamp_min(0) - kept[:, k:k + 1]) / (1 - c.dose)  # (B, 1, V, X)
+            inp = kept / c.dose  # back to the full-dose scale of the target
         valid = None
         if self.geometry is not None:
             valid = self.geometry.valid(raw["ids"])  # (B, C, V, X)
@@ -292,7 +296,7 @@ class DeviceTransform:
         stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
         k = stack.shape[1] // 2
         inp, mask_c, valid_c = self.corrupt(raw, epoch, gen, flipped, folded)
-        target = stack[:, k:k + 1]  # (B, 1, V, X), normalized out of place by like()
+        target = raw.pop("rest", stack[:, k:k + 1])  # (B, 1, V, X), normalized out of place by like()
         ones = torch.ones(1, 1, 1, 1, device=self.device).expand_as(target)  # a broadcast view, no memory
         mask = mask_c[:, k:k + 1] if mask_c is not None else ones
         valid = valid_c[:, k:k + 1] if valid_c is not None else ones

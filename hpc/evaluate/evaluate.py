@@ -46,11 +46,22 @@ import torch
 from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.baselines.stack import Stack
 from hpc.distributed.device import DEVICES, resolve_device
-from hpc.errors import InputError, OutputError
+from hpc.errors import InputError
 from hpc.evaluate import tuning
+from hpc.evaluate.common import (
+    StudyResult,
+    check_output_dir,
+    geometry,
+    image_planes,
+    pick_slices,
+    pool,
+    reconstruct,
+    valid_lors,
+    warm_projectors,
+)
 from hpc.evaluate.protocol import as_written
 from hpc.evaluate.report import log_wandb, protocol_text, save_panel, sino_table, write_report
-from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_SUBSETS, ImageScore, SinoScore, lesion_rois
+from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import (
     Study,
     dataset_studies,
@@ -59,13 +70,10 @@ from hpc.evaluate.studies import (
     simulation_studies,
     tune_studies,
 )
-from hpc.io.spec import SinogramSpec
-from hpc.physics import geometry as G
 from hpc.physics import recon as R
-from hpc.physics.geometry import find_scanner
-from hpc.physics.projector import cached_projector, default_grid
+from hpc.physics.projector import default_grid
 from hpc.progress import Progress
-from hpc.registry import BASELINES, FILLS
+from hpc.registry import BASELINES, DENOISERS, FILLS
 from hpc.repair.inference import (
     Repairer,
     check_compatible,
@@ -95,20 +103,6 @@ class Options:
     tune_on: list[Study] = field(default_factory=list)  # validation studies the free parameters are chosen on
     given: dict[str, dict[str, Any]] = field(default_factory=dict)  # --param / --reproject-iters: not tuned
     allow_few: bool = False  # tune on fewer than tuning.MIN_TUNE_STUDIES studies
-
-
-def pick_slices(n: int, limit: int) -> np.ndarray:
-    """All slices, or ``limit`` evenly spaced ones (deterministic)."""
-    if limit <= 0 or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
-
-
-def geometry(rep: Repairer, layout: SinogramSpec):
-    """The scanner whose projector matches these slices (uncompressed views), or None."""
-
-    sc = find_scanner(rep.scanner) or find_scanner(str(layout.fields.get("originating system", "")))
-    return sc if sc is not None and (sc.views, sc.bins) == tuple(layout.slice_shape) else None
 
 
 # ---------------------------------------------------------------- methods
@@ -178,46 +172,6 @@ def whole_study_repairs(sc, st: Study, readers: dict, scored: np.ndarray, opts: 
 
 
 # ---------------------------------------------------------------- one study
-@dataclass
-class StudyResult:
-    sino: dict[str, dict[str, SinoScore]] = field(default_factory=dict)  # method -> ref -> score
-    image: dict[str, dict[str, ImageScore]] = field(default_factory=dict)
-    times: dict[str, float] = field(default_factory=dict)  # method -> seconds for this study
-    panel: dict | None = None
-    panel_rank: tuple[bool, int] = (False, -1)  # (has images, gap pixels) of the panel's slice: the most wins
-    slices: int = 0  # slices scored
-    image_planes: int = 0  # direct planes reconstructed (for each version) for the image metrics
-
-
-def _valid(sc, data: dict, shape: tuple[int, ...]) -> np.ndarray:
-    """Pixels that can hold counts: mult > 0 when known, else the scanner's real-crystal LORs."""
-
-    if "mult" in data:
-        return data["mult"] > 0
-    if sc is not None:
-        return np.broadcast_to(G.gap_mask(sc) > 0, shape).copy()
-    return np.ones(shape, bool)
-
-
-def _image_planes(sc, st: Study, lo: int, hi: int, opts: Options) -> np.ndarray | None:
-    """Axial positions (mm from the first ring) of a segment-0 stack's planes, if it gets images."""
-    seg, counts = st.layout.segments, st.layout.axial_counts
-    if not opts.images or sc is None or lo != 0 or st.layout.tof_bins != 1 or seg[0] != 0:
-        return None
-    if counts[0] == sc.rings:
-        return np.arange(hi - lo) * sc.ring_spacing_mm
-    if counts[0] == 2 * sc.rings - 1:  # span-compressed segment 0: half-ring steps
-        return np.arange(hi - lo) * sc.ring_spacing_mm / 2
-    return None
-
-
-def reconstruct(sc, sino: np.ndarray, valid: np.ndarray, data: dict) -> np.ndarray:
-    """OSEM (IMAGE_ITERS x IMAGE_SUBSETS) images (N, ny, nx) of sinograms (N, V, X), every valid bin
-    used (gaps of a gapped sinogram are zeros to it), mult and randoms modelled when known."""
-    t = {k: torch.from_numpy(np.ascontiguousarray(data[k])).float() for k in ("mult", "randoms") if k in data}
-    x = R.osem(sc, torch.from_numpy(np.ascontiguousarray(sino)).float(), IMAGE_ITERS, IMAGE_SUBSETS,
-               weight=torch.from_numpy(valid).float(), mult=t.get("mult"), add=t.get("randoms"))
-    return x.double().numpy()
 
 
 def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, repaired: dict,
@@ -242,18 +196,6 @@ def score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray,
     return {**images, **{f"ref:{k}": v for k, v in refs.items()}}
 
 
-def warm_projectors(sc, device: torch.device | str = "cpu") -> float:
-    """Build (and cache) the system matrices reproject and the image reconstruction use; their one-time
-    cost is reported apart from the methods' times. Returns the seconds it took."""
-
-    t0 = time.perf_counter()
-    grid = default_grid(sc)
-    for subsets in (R.REPROJECT_SUBSETS, IMAGE_SUBSETS):
-        R.subset_projectors(sc, grid, subsets, False, torch.device(device))
-    cached_projector(sc, grid, False, 0, 1, device)
-    return time.perf_counter() - t0
-
-
 CHUNK = 16  # planes repaired, scored and reconstructed at a time: memory follows it, not the stack's size
 
 
@@ -263,7 +205,7 @@ def _read_stack(readers: dict, st: Study, sc, lo: int, hi: int) -> tuple[dict, S
     _finite_mask(data["mask"], readers["mask"], st, lo)
     w = np.clip(data["mask"], 0, 1)
     data["input"] = np.where(w > 0, data["input"], 0.0)  # gap values never enter a method
-    valid = _valid(sc, data, w.shape)
+    valid = valid_lors(sc, data, w.shape)
     return data, Stack(data["input"], w, valid, data.get("mult"), data.get("randoms"), sc)
 
 
@@ -304,7 +246,7 @@ def evaluate_study(rep: Repairer, st: Study, opts: Options, bar: Progress | None
             sel = scored[(scored >= lo) & (scored < hi)] - lo
             if sel.size == 0:
                 continue
-            z = _image_planes(sc, st, lo, hi, opts)
+            z = image_planes(sc, st, lo, hi, opts.images)
             data, stack = _read_stack(readers, st, sc, lo, hi)
             for a in range(0, len(sel), CHUNK):
                 _score_chunk(rep, sc, st, res, lo, data, stack, sel[a:a + CHUNK], z, opts, whole)
@@ -326,20 +268,6 @@ def _finite_mask(mask: np.ndarray, reader, st: Study, lo: int) -> None:
                          "0 = gap)")
 
 
-def check_output_dir(out: Path, inputs: list[Path] = ()) -> None:
-    """-o must be a directory (or not exist yet), never an existing file, and never the input
-    dataset or simulation directory or a place inside it (``inputs``): evaluate never writes into
-    what it reads (as `hpc predict` refuses)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory (evaluate writes report.md, metrics.json "
-                          "and panels/ into a directory)")
-    real = os.path.realpath(out)
-    for src in inputs:
-        banned = os.path.realpath(src)
-        if real == banned or real.startswith(banned + os.sep):
-            raise OutputError(f"{out}: inside the input {src}; write the evaluation elsewhere (-o)")
-
-
 def _panel(data: dict, stack: Stack, planes: np.ndarray, k: int, lo: int, repaired: dict,
            images: dict | None) -> dict:
     """Plane ``planes[k]`` (``k`` indexes the chunk's repairs and images): its sinograms (and
@@ -349,21 +277,6 @@ def _panel(data: dict, stack: Stack, planes: np.ndarray, k: int, lo: int, repair
             "expected": data["expected"][p] if "expected" in data else None, "mask": stack.w[p],
             "methods": {n: o[k] for n, o in repaired.items()},
             "images": None if images is None else {n: im[k] for n, im in images.items()}}
-
-
-def _pool(results: dict[str, StudyResult]) -> StudyResult:
-    pooled = StudyResult()
-    for res in results.values():
-        for attr in ("sino", "image"):
-            for name, refs in getattr(res, attr).items():
-                for ref, score in refs.items():
-                    dst = getattr(pooled, attr).setdefault(name, {})
-                    dst[ref] = dst[ref].add(score) if ref in dst else type(score)().add(score)
-        for name, t in res.times.items():
-            pooled.times[name] = pooled.times.get(name, 0.0) + t / len(results)  # mean per study
-        pooled.slices += res.slices
-        pooled.image_planes += res.image_planes
-    return pooled
 
 
 def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) -> dict:
@@ -387,7 +300,7 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
     try:  # outputs only once every study is scored: a bad study leaves no panels without a report
         for st in studies:
             panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
-        results["overall"] = _pool(results)
+        results["overall"] = pool(results)
         return write_report(rep, results, panels, out_dir, opts, setup, protocol)
     except BaseException:
         for p in panels:
@@ -396,7 +309,11 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by hpc train")
+    p.add_argument("--task", choices=("repair", "denoise"), default="repair",
+                   help="repair: fill dead-block gaps (default); denoise: estimate the full-dose counts of an "
+                        "`hpc simulate --low-dose F` directory's low-dose twins (hpc.evaluate.denoise; "
+                        "--simulation, --tune-on, --param gauss.sigma=1.5; --checkpoint optional)")
+    p.add_argument("--checkpoint", help="checkpoint .pt written by hpc train (required for --task repair)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--study", nargs="+", action="append", metavar="FILE",
                      help="INPUT TARGET MASK [expected=F randoms=F mult=F]: gapped acquisition, clean target, gap "
@@ -407,8 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
                    help="with --dataset: which of the checkpoint's study splits (default test)")
     p.add_argument("-o", "--output", required=True, help="directory for report.md, metrics.json, panels/")
-    p.add_argument("--baselines", default=",".join(BASELINES.names()),
-                   help=f"comma-separated, from: {', '.join(BASELINES.names())} (default all)")
+    p.add_argument("--baselines", default="",
+                   help=f"comma-separated, from: {', '.join(BASELINES.names())} (default all; --task denoise: "
+                        f"from {', '.join(DENOISERS.names())})")
     p.add_argument("--reproject-iters", type=int, default=0,
                    help="OSEM iterations of reproject (default: the count the checkpoint's validation chose, "
                         f"else {DEFAULT_REPROJECT_ITERS})")
@@ -439,7 +357,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if args.task == "denoise":
+        from hpc.evaluate import denoise  # it builds on this module (a module-level import is a cycle)
+
+        return denoise.run(args)
+    if not args.checkpoint:
+        raise InputError("--checkpoint is required for --task repair (the network to score)")
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()] or list(BASELINES.names())
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise InputError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES.names())}")

@@ -142,3 +142,28 @@ def tune_studies(rep: Repairer, tune_on: str, tune_study: list[list[str]] | None
     if missing:
         raise InputError(f"--tune-on: {dataset} has no studies {', '.join(missing)}")
     return chosen
+
+
+def low_dose_studies(root: str | Path, ids: list[str] | None = None) -> list[tuple[Study, float]]:
+    """(study, dose) of an `hpc simulate --low-dose F` directory for `hpc evaluate --task denoise`:
+    ``ids``, else its held-out test-variant studies; roles input (the low-dose twin), target (the full
+    scan), expected, and mult / randoms when written."""
+    root = Path(root)
+    records = _simulation_records(root / "studies.json")  # checked (and bounded) first
+    dose = json.loads(read_bounded(root / "studies.json", "studies.json", 64 << 20)).get("low_dose") or 0.0
+    test = [r for r in records if r.get("variant") == "test"]
+    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
+    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
+    if missing or not chosen:
+        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
+    out = []
+    for r in chosen:
+        files = r["files"]
+        if not (isinstance(dose, float) and 0 < dose < 1 and "input" in files and "expected" in files):
+            raise InputError(f"{root}: study {r['id']} has no low-dose twin with its noise-free counts (simulate "
+                             "with --low-dose F and without --no-truth)")
+        specs = {role: read_header(root / files[key]) for role, key in
+                 (("input", "input"), ("target", "target"), ("expected", "expected"), ("mult", "mult"),
+                  ("randoms", "randoms")) if key in files}
+        out.append((Study(r["id"], specs["input"], lambda specs=specs: _readers(specs), r.get("lesions", [])), dose))
+    return out

@@ -33,7 +33,7 @@ from hpc.baselines.reproject import DEFAULT_ITERS
 from hpc.errors import InputError
 from hpc.evaluate.protocol import compare
 from hpc.evaluate.studies import Study
-from hpc.registry import BASELINES
+from hpc.registry import BASELINES, Registry
 from hpc.repair.inference import Repairer, check_compatible
 from hpc.repair.methods import free_parameters, hybrid_repairer, parse_params
 
@@ -123,12 +123,14 @@ def _label(name: str, combo: dict[str, Any]) -> str:
     return f"{name} " + ",".join(f"{k}={v}" for k, v in combo.items())
 
 
-def candidates(baselines: list[str], given: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+def candidates(baselines: list[str], given: dict[str, dict[str, Any]], registry: Registry = BASELINES
+               ) -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (baseline, parameters): every combination of each baseline's ``tune`` candidates for
-    the parameters not given (given ones fixed), e.g. ``"reproject iters=4"``."""
+    the parameters not given (given ones fixed), e.g. ``"reproject iters=4"``; ``registry``: where the
+    names are registered (the denoisers' for `hpc evaluate --task denoise`)."""
     out = {}
     for name in baselines:
-        tune = {k: tuple(v) for k, v in (BASELINES.meta(name).get("tune") or {}).items()
+        tune = {k: tuple(v) for k, v in (registry.meta(name).get("tune") or {}).items()
                 if k not in given.get(name, {})}
         for values in itertools.product(*tune.values()) if tune else ():
             combo = dict(zip(tune, values, strict=True))

@@ -108,8 +108,9 @@ def simulate_study(sc: G.Scanner, study_id: str, seed: int, counts: float | str,
         full = to_uint16(rng.poisson(means.expected), study_id)
     else:
         means, full = SL.sample(layout, ph, counts, phys, planes, rng, study_id)
-    low = rng.binomial(full, low_dose).astype(np.uint16) if low_dose > 0 else None
     dead = _dead_blocks(layout, dead_blocks, rng)
+    # its own stream: a study is the same with or without its low-dose twin
+    low = np.random.default_rng([seed, 1]).binomial(full, low_dose).astype(np.uint16) if low_dose > 0 else None
     gaps = mask = None
     if dead_blocks > 0:
         gaps, mask = SL.thin_dead_blocks(layout, full, dead, rng)
