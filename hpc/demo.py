@@ -35,16 +35,20 @@ from hpc.cli import main
 from hpc.config import load_config
 from hpc.distributed.device import resolve_device
 from hpc.errors import HpcError, InputError, OutputError
+from hpc.evaluate.denoise import evaluate_denoising
 from hpc.evaluate.evaluate import Options, evaluate
 from hpc.evaluate.report import image_table, log_wandb, protocol_text, sino_table
-from hpc.evaluate.studies import simulation_studies
+from hpc.evaluate.studies import low_dose_studies, simulation_studies
 from hpc.io.headers import read_header
-from hpc.registry import BASELINES
+from hpc.registry import BASELINES, DENOISERS
 from hpc.repair.files import predict_file
 from hpc.repair.inference import file_mask, load_repairer
 from hpc.train.train import train
 
 CONFIG = Path(str(resources.files("hpc") / "configs" / "demo.yaml"))  # package data (also pip install .)
+
+
+DOSE = 0.25  # the low-dose twins keep a quarter of the counts (hpc simulate --low-dose)
 
 
 @dataclass(frozen=True)
@@ -56,19 +60,27 @@ class Plan:
     overrides: tuple[str, ...]  # on top of configs/demo.yaml
     eval_slices: int  # per held-out study (0 = all)
     # what `hpc simulate` is asked for besides -o/--studies/--seed/--test-studies/--dead-blocks/--format
-    simulate: tuple = ("--scanner", "demo", "--counts", "clinical", "--max-ring-diff", 1)
+    simulate: tuple = ("--scanner", "demo", "--counts", "clinical", "--max-ring-diff", 1, "--low-dose", DOSE)
+    # the denoising network's size (on top of overrides + DENOISE); None: no denoising part
+    denoise: tuple[str, ...] | None = ("model.base=16", "train.samples=2400", "optim.restart_samples=2400",
+                                       "train.val_every=2400")
 
 
+# The denoiser: configs/demo.yaml without gaps, trained on thinned counts (corrupt.dose) against the
+# counts the thinning did not keep (corrupt.dose_target=rest, the default), MSE (the mean is what a
+# denoiser estimates), the best checkpoint by validation NMSE over all bins.
+DENOISE = ("corrupt.dead_blocks=0", f"corrupt.dose={DOSE}", "data.fill=zero", "model.mask_input=false",
+           "model.inpaint=false", "loss.gaps_only=false", "loss.l1=0", "loss.mse=1", "train.best_metric=nmse")
 FULL = Plan(12, 3, 3, (), 0)  # 3 validation studies: the fair protocol tunes on >= 3 (hpc.evaluate.tuning)
 QUICK = Plan(3, 3, 1, ("train.samples=64", "train.val_every=64", "data.batch_size=8",
-                       "model.base=4", "log.every=32", "optim.restart_samples=64"), 6)
+                       "model.base=4", "log.every=32", "optim.restart_samples=64"), 6, denoise=())
 # The fair, realistic benchmark (issue 22): an 8-ring slab of the mMR at its real 2.09 mm bins, span 11,
 # 3-D lines of response, detector blur, 35 % scatter (estimate 15 % low), estimated efficiencies and a
 # misregistered bone-free mu-map, ~4 counts per bin. The network's fill is radial interpolation: the
 # 2-D reprojection fill costs ~1 s per mMR plane on a CPU core, too slow to train on here.
 REALISTIC = Plan(10, 3, 10, ("data.fill=linear", "data.batch_size=8", "train.samples=1600", "train.val_every=800",
                              "optim.restart_samples=1600", "log.every=400", "model.base=16", "model.depth=3"), 0,
-                 ("--scanner", "mmr", "--preset", "realistic", "--rings", 8))
+                 ("--scanner", "mmr", "--preset", "realistic", "--rings", 8), denoise=None)
 PLANS = {"demo": FULL, "realistic": REALISTIC}
 
 
@@ -111,11 +123,11 @@ def simulate_and_convert(out: Path, plan: Plan, seed: int) -> tuple[Path, list[d
 
 
 def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list[str],
-                val_ids: list[str]) -> dict:
+                val_ids: list[str], run: str = "run", extra: tuple[str, ...] = ()) -> dict:
 
-    overrides = [f"data.path={dataset}", f"train.run_dir={out / 'run'}", f"data.train_studies={train_ids}",
+    overrides = [f"data.path={dataset}", f"train.run_dir={out / run}", f"data.train_studies={train_ids}",
                  f"data.val_studies={val_ids}", f"data.seed={seed}", f"augment.seed={seed}",
-                 f"train.seed={seed}", *plan.overrides]
+                 f"train.seed={seed}", *plan.overrides, *extra]
     cfg = load_config(CONFIG, overrides)
     return train(cfg)
 
@@ -132,6 +144,18 @@ def evaluate_held_out(out: Path, plan: Plan, sim: Path, held_out: list[dict], ch
     mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)
     wandb_dir = log_wandb(summary, mode, out / "eval", rep) if mode != "disabled" else ""
     return rep, summary, wandb_dir
+
+
+def denoise_held_out(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list[str], val_ids: list[str],
+                     held_out: list[dict]) -> dict:
+    """Train the denoiser (DENOISE) on the same studies, then `hpc evaluate --task denoise` with the
+    fair protocol: gauss's width and reproject's iterations tuned on the validation studies' twins."""
+    result = train_model(out, plan, seed, dataset, train_ids, val_ids, "run-denoise", (*DENOISE, *plan.denoise))
+    ckpt = result["best_checkpoint"] if Path(result["best_checkpoint"]).is_file() else result["checkpoint"]
+    rep = load_repairer(ckpt, resolve_device("auto"))
+    sim = out / "sim"
+    return evaluate_denoising(rep, low_dose_studies(sim, [s["id"] for s in held_out]), low_dose_studies(sim, val_ids),
+                              out / "eval-denoise", list(DENOISERS.names()), {}, quiet=True)
 
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
@@ -169,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         # torch's 2 OpenMP threads and at 11 samples/s with 1 (threads spinning in barriers); one
         # thread count also keeps the run's numbers reproducible from machine to machine.
         torch.set_num_threads(1)
-    step = Steps(5)
+    step = Steps(5 + (plan.denoise is not None))
     step(f"simulate {plan.train_studies + plan.val_studies + plan.test_studies} studies with 2 dead blocks "
          f"each, convert {plan.train_studies + plan.val_studies} for training -> {out}")
     dataset, held_out, train_ids, val_ids = simulate_and_convert(out, plan, args.seed)
@@ -178,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = result["best_checkpoint"] if Path(result["best_checkpoint"]).is_file() else result["checkpoint"]
     step(f"evaluate {ckpt} on held-out studies {', '.join(s['id'] for s in held_out)}")
     rep, summary, wandb_eval = evaluate_held_out(out, plan, out / "sim", held_out, ckpt, val_ids)
+    denoised = None
+    if plan.denoise is not None:
+        step(f"denoise: train on {DOSE:g}-dose thinnings of the same studies, evaluate on the held-out twins")
+        denoised = denoise_held_out(out, plan, args.seed, dataset, train_ids, val_ids, held_out)
     step(f"predict {held_out[0]['id']} (STIR in, STIR out)")
     predicted = predict_one(out, rep, out / "sim", held_out[0])
     overall, times = summary["results"]["overall"], summary["times"]["overall"]
@@ -193,11 +221,16 @@ def run(args: argparse.Namespace) -> int:
               f"   {times.get(m, float('nan')):.2f} s/study")
     print(f"UNet vs linear interpolation inside the gaps: {unet:.4g} vs {lin:.4g} "
           f"({'UNet better' if unet < lin else 'UNet NOT better'})")
+    if denoised is not None:
+        print(f"\ndenoising ({DOSE:g} of the counts -> the full-dose expected counts), held-out, parameters chosen "
+              f"on the validation studies' twins:\n" + denoised["table"] + protocol_text(denoised), end="")
+        print(f"best denoiser on NMSE vs the noise-free counts: {denoised['recommend']['method']}")
     run_dir = Path(result["run_dir"])
-    print(f"report:      {summary['report']}\npanels:      {', '.join(summary['panels'])}\n"
+    print(f"report:      {summary['report']}" + (f" (denoising: {denoised['report']})" if denoised else "")
+          + f"\npanels:      {', '.join(summary['panels'])}\n"
           f"metrics:     {out / 'eval' / 'metrics.json'}, {run_dir / 'metrics.jsonl'}\n"
           f"checkpoint:  {ckpt}\npredicted:   {predicted}")
-    runs = sorted(str(p) for p in run_dir.glob("wandb/offline-run-*")) + ([wandb_eval] if wandb_eval else [])
+    runs = sorted(str(p) for d in (run_dir, out / "run-denoise") for p in d.glob("wandb/offline-run-*")) + ([wandb_eval] if wandb_eval else [])
     if runs:
         print("W&B offline runs (upload with `wandb sync DIR`):\n" + "".join(f"  wandb sync {r}\n" for r in runs),
               end="")
