@@ -10,7 +10,10 @@ parameters (reproject's iterations, the network's fill iterations) tuned on the 
 studies, then the held-out studies scored: UNet, reproject, axial3d, biharmonic and linear against
 the measured and the noise-free counts, and in reconstructed images, each method's ratio to the
 best baseline with a paired bootstrap interval and a wins / ties / loses verdict
-(docs/EVALUATION.md) -> `hpc predict` one held-out study back into STIR format. Prints where the
+(docs/EVALUATION.md) -> the denoising task (demo preset): a second small UNet trained on quarter-dose
+thinnings of the same studies, scored with `hpc evaluate --task denoise` against the tuned physics
+denoisers (gauss, reproject, scaled) on the held-out studies' low-dose twins -> `hpc predict` one
+held-out study back into STIR format. Prints where the
 report, panels, metrics and W&B offline runs are. Deterministic for a given --seed (CPU, one
 thread). The exit status is 1 if the UNet does not beat linear interpolation inside the gaps (NMSE)
 on the held-out studies (--quick trains too briefly for that claim and only reports the numbers).
@@ -230,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
           + f"\npanels:      {', '.join(summary['panels'])}\n"
           f"metrics:     {out / 'eval' / 'metrics.json'}, {run_dir / 'metrics.jsonl'}\n"
           f"checkpoint:  {ckpt}\npredicted:   {predicted}")
-    runs = sorted(str(p) for d in (run_dir, out / "run-denoise") for p in d.glob("wandb/offline-run-*")) + ([wandb_eval] if wandb_eval else [])
+    runs = sorted(str(p) for d in (run_dir, out / "run-denoise")
+                  for p in d.glob("wandb/offline-run-*")) + ([wandb_eval] if wandb_eval else [])
     if runs:
         print("W&B offline runs (upload with `wandb sync DIR`):\n" + "".join(f"  wandb sync {r}\n" for r in runs),
               end="")

@@ -41,5 +41,11 @@ def test_demo_quick_end_to_end(tmp_path):
         measured = m.read(0, src.num_slices) == 1
         assert (a.read(0, src.num_slices)[measured] == b.read(0, src.num_slices)[measured]).all()
     assert list((out / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the denoising task: a denoiser trained on thinnings, scored on the held-out twins with tuned physics
+    dn = json.loads((out / "eval-denoise" / "metrics.json").read_text())
+    assert dn["task"] == "denoise" and set(dn["results"]) == {held_out["id"], "overall"}
+    assert set(dn["results"]["overall"]) == {"unet", "reproject", "gauss", "scaled"}
+    assert dn["tuning"]["params"]["gauss"]["sigma"]["source"] == "tuned" and len(dn["tuning"]["studies"]) == 3
+    assert "best denoiser on NMSE vs the noise-free counts" in r.stdout
     r = run_hpc("demo", "--quick", "-o", out)  # never writes into a used directory
     assert r.returncode == 2 and "not empty" in r.stderr
