@@ -12,12 +12,19 @@ import torch
 from hpc.baselines import denoise as D
 from hpc.cli import main
 from hpc.data.loader import build_loader
+from hpc.evaluate import denoise as DN
+from hpc.evaluate.protocol import as_written
+from hpc.evaluate.studies import low_dose_studies
+from hpc.io.headers import read_header
+from hpc.io.sinogram import SinogramReader
 from hpc.physics import geometry as G
 from hpc.physics import recon as R
 from hpc.physics.projector import default_grid
+from hpc.registry import DENOISERS
+from hpc.repair.inference import load_repairer
 from hpc.simulate import simulate as S
 
-from helpers import TINY, loader_cfg, make_dataset, refuse
+from helpers import TINY, loader_cfg, make_checkpoint, make_dataset, refuse
 
 
 def _low_dose(shape=(3, 16, 12), dose=0.5, seed=0) -> D.LowDose:
@@ -113,12 +120,17 @@ def low_dose_sim(tmp_path_factory):
     return root
 
 
-def test_evaluate_denoise_scores_a_trained_denoiser_against_tuned_physics(low_dose_sim, tmp_path):
+@pytest.fixture(scope="module")
+def denoiser(low_dose_sim):
     root = low_dose_sim
-    assert main(["train", "--config", str(TINY), f"data.path={root / 'ds'}", f"train.run_dir={tmp_path / 'run'}",
+    assert main(["train", "--config", str(TINY), f"data.path={root / 'ds'}", f"train.run_dir={root / 'run'}",
                  "data.train_studies=[s000,s001]", "data.val_studies=[s002,s003,s004]", "corrupt.use_stored_mask=false",
                  "corrupt.dose=0.25", "model.inpaint=false", "train.best_metric=nmse"]) == 0
-    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    return root / "run" / "checkpoints" / "best.pt"
+
+
+def test_evaluate_denoise_scores_a_trained_denoiser_against_tuned_physics(low_dose_sim, denoiser, tmp_path):
+    root, ckpt = low_dose_sim, denoiser
     out = tmp_path / "ev"
     assert main(["evaluate", "--task", "denoise", "--checkpoint", str(ckpt), "--simulation", str(root / "sim"),
                  "--tune-on", "s002,s003,s004", "-o", str(out), "--quiet"]) == 0
@@ -151,3 +163,59 @@ def test_evaluate_denoise_refuses_what_it_cannot_score(low_dose_sim, tmp_path, c
     capsys.readouterr()
     refuse(capsys, ["evaluate", "--task", "denoise", "--simulation", str(plain), "--studies", "s000", "-o",
                     str(tmp_path / "e")], words=["--low-dose"])
+
+
+def _held_out(root):
+    st = json.loads((root / "sim" / "studies.json").read_text())["studies"][-1]
+    return st, {k: root / "sim" / v for k, v in st["files"].items()}
+
+
+def _read(path) -> np.ndarray:
+    spec = read_header(path)
+    with SinogramReader(spec) as r:
+        return r.read(0, spec.num_slices)
+
+
+def test_predict_dose_writes_what_evaluate_scores(low_dose_sim, denoiser, tmp_path):
+    """`hpc predict --dose` (a physics denoiser, the network) writes the very numbers `hpc evaluate
+    --task denoise` scored for the same study: the same method, parameters, scale and rounding."""
+    st, f = _held_out(low_dose_sim)
+    for name, param in (("gauss", "sigma=1.5"), ("scaled", None)):
+        out = tmp_path / f"{name}.hs"
+        assert main(["predict", "--dose", "0.25", "--method", name, *(["--method-param", param] if param else []),
+                     str(f["input"]), "--mult", str(f["mult"]), "--randoms", str(f["randoms"]), "-o", str(out),
+                     "--quiet"]) == 0
+        low, mult = _read(f["input"]).astype(np.float64), _read(f["mult"]).astype(np.float64)
+        d = D.LowDose(low, 0.25, mult > 0, mult, _read(f["randoms"]).astype(np.float64))
+        kwargs = {"sigma": 1.5} if param else {}
+        want = as_written(np.maximum(DENOISERS.get(name)(d, np.arange(len(low)), **kwargs), 0),
+                          read_header(f["input"]).dtype)
+        np.testing.assert_array_equal(_read(out), want)
+    rep = load_repairer(denoiser, torch.device("cpu"))
+    study, dose = low_dose_studies(low_dose_sim / "sim", [st["id"]])[0]
+    readers = study.open()
+    data = {k: r.read(0, study.layout.num_slices).astype(np.float64) for k, r in readers.items()}
+    for r in readers.values():
+        r.close()
+    want = as_written(np.maximum(DN._network(rep, study, 0, data, data["mult"] > 0, np.arange(len(data["input"])),
+                                             dose, 8), 0), study.layout.dtype)
+    out = tmp_path / "unet.hs"
+    assert main(["predict", "--dose", "0.25", "--checkpoint", str(denoiser), str(f["input"]), "--mult", str(f["mult"]),
+                 "-o", str(out), "--quiet"]) == 0
+    np.testing.assert_array_equal(_read(out), want)
+
+
+def test_predict_dose_refuses_what_it_cannot_do(low_dose_sim, denoiser, tmp_path, capsys):
+    st, f = _held_out(low_dose_sim)
+    repairer = tmp_path / "repair.pt"
+    make_checkpoint(repairer)
+    cases = [(["--dose", "1.5", "--method", "gauss"], ["--dose", "(0, 1)"]),
+             (["--dose", "0.25", "--method", "linear"], ["linear", "does not denoise"]),
+             (["--dose", "0.25", "--method", "gauss", "--mask", str(f["input"])], ["--mask"]),
+             (["--dose", "0.25", "--method", "gauss", "--method-param", "width=2"], ["sigma="]),
+             (["--dose", "0.25", "--checkpoint", str(repairer)], ["not a denoising network"]),
+             (["--dose", "0.25", "--method", "unet"], ["--checkpoint"])]
+    for i, (extra, words) in enumerate(cases):
+        out = tmp_path / f"o{i}.hs"
+        refuse(capsys, ["predict", str(f["input"]), *extra, "-o", str(out)], words=words, outputs=[out],
+               sources=[low_dose_sim / "sim"])

@@ -46,6 +46,7 @@ from hpc.io.atomic import atomic_write_text
 from hpc.physics.projector import default_grid
 from hpc.progress import Progress
 from hpc.registry import DENOISERS
+from hpc.repair.denoise import check_denoiser, network_input
 from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
 
 NETWORK = "unet"
@@ -55,19 +56,6 @@ COLUMNS = (("nmse_all_true", "NMSE (true)"), ("nmse_all_meas", "NMSE (meas)"), (
            ("ssim_all_true", "SSIM (true)"), ("img_nmse_true", "img NMSE (true)"), ("img_ssim_true", "img SSIM (true)"),
            ("lesion_bias_true", "lesion bias (true)"), ("lesion_absbias_true", "lesion |bias| (true)"))
 CHUNK = 16
-
-
-def network_input(rep: Repairer, low: np.ndarray, dose: float) -> np.ndarray:
-    """What the network was trained on: the stored low-dose counts (corrupt.paired), or thinned
-    counts scaled back to the full dose (corrupt.dose < 1: hpc.data.transform)."""
-    return low if rep.cfg.corrupt.paired else low / dose
-
-
-def check_denoiser(rep: Repairer) -> None:
-    c = rep.cfg.corrupt
-    if not (c.paired or c.dose < 1):
-        raise InputError(f"{rep.path}: not a denoising network (trained with corrupt.dose = {c.dose} and "
-                         "corrupt.paired = false); train with e.g. corrupt.dose=0.25 corrupt.dead_blocks=0")
 
 
 def _network(rep: Repairer, st: Study, lo: int, data: dict, valid: np.ndarray, planes: np.ndarray, dose: float,

@@ -31,6 +31,7 @@ from hpc.io.shards import Dataset, ShardArray
 from hpc.io.sinogram import SinogramReader, SinogramWriter, writer_paths
 from hpc.io.spec import SinogramSpec, raw_spec
 from hpc.progress import Progress
+from hpc.repair.denoise import DenoiseMethod, denoise_study
 from hpc.repair.inference import AUX, Counts, MaskFn, Repairer, needs_repair, repair, valid_fn
 from hpc.repair.methods import (
     BaselineMethod,
@@ -88,7 +89,8 @@ def predict_study(rep: Method, spec: SinogramSpec, read: Callable[[int, int], np
     valid = valid_fn(spec, geometry_name(rep, spec))
     todo = needs_repair(spec, mask, valid)  # progress counts the slices that need the model
     writer = RepairedH5Writer(spec, output, comment) if fmt == "h5" else SinogramWriter(spec, output, comment)
-    run = repair_baseline if isinstance(rep, BaselineMethod) else repair
+    run = denoise_study if isinstance(rep, DenoiseMethod) else repair_baseline if isinstance(rep, BaselineMethod) \
+        else repair
     with writer, Progress(int(todo.sum()), "slices", f"predict {output.name}", enabled=not quiet) as bar:
         counts = run(rep, spec, read, mask, writer.write, batch, bar, aux, valid, todo)
         return writer.commit(), counts
@@ -136,7 +138,7 @@ def study_layout(ds, info) -> SinogramSpec:
 
 
 def _checkpoint(rep: Method) -> Repairer | None:
-    return rep.checkpoint if isinstance(rep, BaselineMethod) else rep
+    return rep.checkpoint if isinstance(rep, BaselineMethod | DenoiseMethod) else rep
 
 
 def dataset_jobs(rep: Method, root: str | Path, output: str | Path, studies: list[str] | None = None,

@@ -38,6 +38,7 @@ from hpc.io.spec import SinogramSpec
 from hpc.physics.geometry import find_scanner
 from hpc.progress import Progress
 from hpc.registry import BASELINES, FILLS, SCANNERS
+from hpc.repair.denoise import DenoiseMethod
 from hpc.repair.inference import (
     Counts,
     MaskFn,
@@ -84,7 +85,7 @@ class BaselineMethod:
         return f"--method {self.name}" + (f" ({args})" if args else "")
 
 
-Method = Repairer | BaselineMethod
+Method = Repairer | BaselineMethod | DenoiseMethod  # the last: `hpc predict --dose` (hpc.repair.denoise)
 
 
 # ---------------------------------------------------------------- parameters
@@ -220,6 +221,9 @@ def check_method(m: Method, spec: SinogramSpec) -> None:
     if isinstance(m, Repairer):
         check_compatible(m, spec)
         return
+    if isinstance(m, DenoiseMethod) and m.checkpoint is not None and m.name == "unet":
+        check_compatible(m.checkpoint, spec)
+        return
     if not m.meta.get("needs_scanner"):
         return
     name = m.scanner_name(spec)
@@ -239,6 +243,10 @@ def method_gaps(m: Method, spec: SinogramSpec, mask_spec: SinogramSpec | None = 
     baseline has nothing to do without gaps, so it needs a mask or dead blocks."""
     if isinstance(m, Repairer):
         return gap_mask(m, spec, mask_spec, dead_blocks, scanner)
+    if isinstance(m, DenoiseMethod):
+        if mask_spec is not None or dead_blocks is not None:
+            raise InputError(f"{spec.source}: --dose denoises the whole scan; --mask / --dead-blocks are for repairs")
+        return None
     if mask_spec is not None:
         return file_mask(spec, mask_spec)
     if dead_blocks is not None:
@@ -250,12 +258,14 @@ def method_gaps(m: Method, spec: SinogramSpec, mask_spec: SinogramSpec | None = 
 
 
 def needs_gaps(m: Method) -> bool:
+    if isinstance(m, DenoiseMethod):
+        return False
     return isinstance(m, BaselineMethod) or m.cfg.model.inpaint
 
 
 def models_factors(m: Method) -> bool:
     """Whether the method uses a study's mult / randoms (a baseline may: it gets them when known)."""
-    return isinstance(m, BaselineMethod) or bool(FILLS.meta(m.cfg.data.fill).get("aux"))
+    return isinstance(m, BaselineMethod | DenoiseMethod) or bool(FILLS.meta(m.cfg.data.fill).get("aux"))
 
 
 def geometry_name(m: Method, spec: SinogramSpec) -> str:
@@ -264,8 +274,9 @@ def geometry_name(m: Method, spec: SinogramSpec) -> str:
 
 def describe(m: Method) -> str:
     """What the output header's comment says repaired it."""
-    if isinstance(m, BaselineMethod):
-        return m.describe()
+    if isinstance(m, BaselineMethod | DenoiseMethod):
+        return m.describe() + (f" ({m.checkpoint.path.name})" if isinstance(m, DenoiseMethod) and m.name == "unet"
+                               else "")
     return f"{m.path.name} ({m.cfg.model.name}, data.fill={m.cfg.data.fill})"
 
 

@@ -25,6 +25,8 @@ examples:
   hpc predict --method reproject --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o fixed.s.hdr  # tuned iters
   hpc predict --method hybrid --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o fixed.s.hdr
   hpc predict --method axial3d scan.hs --dead-blocks 3,17 --scanner mmr -o scan_fixed.hs
+  hpc predict --dose 0.25 --method reproject --method-param iters=2 low.hs --mult m.hs --randoms r.hs -o full.hs
+  hpc predict --dose 0.25 --checkpoint denoiser.pt low.hs -o full.hs     # a corrupt.dose=0.25 network
   hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
   hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
   hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
@@ -50,7 +52,8 @@ from hpc.errors import InputError
 from hpc.io.atomic import sweep_stale
 from hpc.io.dirlock import missing_dirs, remove_empty
 from hpc.io.spec import parse_raw_shape
-from hpc.registry import BASELINES
+from hpc.registry import BASELINES, DENOISERS
+from hpc.repair.denoise import resolve_denoise
 from hpc.repair.files import RawLayout, dataset_jobs, file_jobs, output_files, predict_study
 from hpc.repair.inference import load_repairer
 from hpc.repair.methods import UNET, check_method_name, param_help, resolve_method
@@ -67,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=UNET, metavar="METHOD",
                    help=f"unet (default): the checkpoint's network; hybrid: a data.fill=reproject network on the fill "
                         f"its validation tuned; or a registered baseline, no checkpoint: {baselines}")
+    p.add_argument("--dose", type=float, default=0.0, metavar="F",
+                   help="denoise instead of repair: INPUT is a low-dose scan holding a fraction F of a full scan's "
+                        "counts; the output estimates the full-dose counts. --method unet (a checkpoint trained "
+                        f"with corrupt.dose or corrupt.paired) or {', '.join(DENOISERS.names())} (no checkpoint; "
+                        "--mult / --randoms: the full-dose factors); no --mask (docs/EVALUATION.md, \"Denoising\")")
     p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
                    help="a baseline's free parameter, e.g. iters=8 (repeatable; checked against the baseline)")
     p.add_argument("-o", "--output", required=True,
@@ -142,10 +150,14 @@ def _jobs(args: argparse.Namespace, rep) -> list:
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
-    check_method_name(args.method, bool(args.checkpoint))
+    if not args.dose:
+        check_method_name(args.method, bool(args.checkpoint))
+    elif len(args.inputs) == 1 and Path(args.inputs[0]).is_dir():
+        raise InputError(f"{args.inputs[0]}: --dose denoises files (a converted dataset's studies: not yet)")
     rank, world, device = rank_device(args.device)
     ckpt = load_repairer(args.checkpoint, device) if args.checkpoint else None
-    rep = resolve_method(args.method, args.method_param, ckpt, args.scanner)
+    rep = (resolve_denoise(args.method, args.method_param, ckpt, args.dose, args.scanner) if args.dose
+           else resolve_method(args.method, args.method_param, ckpt, args.scanner))
     jobs = _jobs(args, rep)
     mine = jobs[rank::world]  # whole studies per rank: every output has one writer
     if world > 1 and rank == 0 and len(jobs) < world:
