@@ -39,7 +39,7 @@ from hpc.evaluate.common import (
     warm_projectors,
 )
 from hpc.evaluate.protocol import as_written, compare
-from hpc.evaluate.report import _fmt, _table, flatten, protocol_text
+from hpc.evaluate.report import flatten, fmt, markdown_table, protocol_text
 from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import Study, low_dose_studies
 from hpc.io.atomic import atomic_write_text
@@ -211,13 +211,13 @@ def write(rep: Repairer | None, results: dict, protocol: dict, out_dir: Path, do
             f"{sorted(set(doses))}; every method estimates the full-dose expected counts. `true`: against the "
             "noise-free counts; `meas`: against the counts the low-dose scan did not keep, scaled (independent of "
             "the input). `full`: the full-dose scan reconstructed as measured (the noise floor of one full scan). "
-            "Pooled over pixels (docs/EVALUATION.md, \"Denoising\").\n\n" + _table(rows, COLUMNS, times)
+            "Pooled over pixels (docs/EVALUATION.md, \"Denoising\").\n\n" + markdown_table(rows, COLUMNS, times)
             + "\n## Fair protocol\n\n```\n" + protocol_text(protocol) + "```\n")
     summary = {"task": "denoise", "checkpoint": str(rep.path) if rep else "", "doses": doses, "results": sino,
                "images": image, "times": times, **protocol}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
-    return {**summary, "report": str(atomic_write_text(out_dir / "report.md", text)), "table": _table(rows, COLUMNS,
-                                                                                                     times)}
+    report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
+    return {**summary, "report": str(report), "table": markdown_table(rows, COLUMNS, times)}
 
 
 def parse_given(items: list[str], names: list[str]) -> dict:
@@ -266,5 +266,5 @@ def verdict_line(comparison: dict, metric: str = METRICS[0]) -> str:
     c = comparison.get(metric)
     if not c:
         return ""
-    return ", ".join(f"{m} x{_fmt(v['ratio'])} [{_fmt(v['low'])}, {_fmt(v['high'])}] {v['verdict']}"
+    return ", ".join(f"{m} x{fmt(v['ratio'])} [{fmt(v['low'])}, {fmt(v['high'])}] {v['verdict']}"
                      for m, v in c["methods"].items() if m != c["reference"])

@@ -28,7 +28,7 @@ IMAGE_COLUMNS = (("img_nmse_full", "img NMSE (full)"), ("img_nmse_true", "img NM
                  ("lesion_absbias_true", "lesion |bias| (true)"))
 
 
-def _fmt(v: float | None) -> str:
+def fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
@@ -48,25 +48,25 @@ def scored(results: dict) -> dict:
     return {s: {"slices": r.slices, "image_planes": r.image_planes} for s, r in results.items()}
 
 
-def _table(rows: dict, columns, times: dict | None = None) -> str:
+def markdown_table(rows: dict, columns, times: dict | None = None) -> str:
     head = "| study | method | " + " | ".join(c for _, c in columns) + (" | s / study |" if times else " |")
     lines = [head, "|---|---|" + "---:|" * (len(columns) + (1 if times else 0))]
     for study, methods in rows.items():
         for method, vals in methods.items():
-            cells = [_fmt(vals.get(k)) for k, _ in columns]
+            cells = [fmt(vals.get(k)) for k, _ in columns]
             if times:
-                cells.append(_fmt(times.get(study, {}).get(method)))
+                cells.append(fmt(times.get(study, {}).get(method)))
             lines.append(f"| {study} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def sino_table(sino: dict, times: dict | None = None) -> str:
     """Markdown: one row per (study, method), sinogram metrics and the method's seconds per study."""
-    return _table(sino, SINO_COLUMNS, times)
+    return markdown_table(sino, SINO_COLUMNS, times)
 
 
 def image_table(image: dict) -> str:
-    return _table(image, IMAGE_COLUMNS)
+    return markdown_table(image, IMAGE_COLUMNS)
 
 
 def _edge(c: dict) -> str:
@@ -81,7 +81,7 @@ def _edge(c: dict) -> str:
 
 def _scores(c: dict, criterion: str) -> str:
     """`` [criterion candidate: score; ...]`` of a choice's validation scores, "" when none."""
-    cands = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["scores"].items())
+    cands = "; ".join(f"{k}: {fmt(v)}" for k, v in c["scores"].items())
     return f" [{criterion} {cands}]" if cands else ""
 
 
@@ -99,7 +99,7 @@ def _params(tuning: dict) -> list[str]:
                "trained": "as trained (data.fill_iters), not tuned"}[c["source"]]
         lines.append(f"unet.{key} = {c['value']}: {how}" + _scores(c, tuning["criterion"]))
     if "unet" in tuning["scores"]:
-        lines.append(f"unet (as trained, not tuned): {tuning['criterion']} {_fmt(tuning['scores']['unet'])} on the "
+        lines.append(f"unet (as trained, not tuned): {tuning['criterion']} {fmt(tuning['scores']['unet'])} on the "
                      "validation studies")
     return lines
 
@@ -112,7 +112,7 @@ def protocol_text(protocol: dict) -> str:
         lines.append(f"  {metric}: best {c['best']}, reference {c['reference']} ({c['studies']} studies)")
         for m, v in c["methods"].items():
             if m != c["reference"]:
-                lines.append(f"    {m:<11} {_fmt(v['nmse'])}  x{_fmt(v['ratio'])} [{_fmt(v['low'])}, {_fmt(v['high'])}]"
+                lines.append(f"    {m:<11} {fmt(v['nmse'])}  x{fmt(v['ratio'])} [{fmt(v['low'])}, {fmt(v['high'])}]"
                              f" {v['verdict']}")
     rec = protocol["recommend"]
     if rec["command"]:

@@ -62,12 +62,7 @@ def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
 def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
     """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
     root = Path(root)
-    records = _simulation_records(root / "studies.json")
-    test = [r for r in records if r.get("variant") == "test"]
-    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
-    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
-    if missing or not chosen:
-        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
+    chosen = _chosen(root, ids)
     out = []
     for r in chosen:
         files = r["files"]
@@ -77,6 +72,17 @@ def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[S
         out.append(open_study([str(root / files[k]) for k in ("gaps", "target", "mask")], truth, r["id"],
                               r.get("lesions", [])))
     return out
+
+
+def _chosen(root: Path, ids: list[str] | None) -> list[dict]:
+    """The records of ``ids``, else the held-out test-variant studies, else all (one line if any is missing)."""
+    records = _simulation_records(root / "studies.json")
+    test = [r for r in records if r.get("variant") == "test"]
+    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
+    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
+    if missing or not chosen:
+        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
+    return chosen
 
 
 def _simulation_records(path: Path) -> list[dict]:
@@ -149,13 +155,8 @@ def low_dose_studies(root: str | Path, ids: list[str] | None = None) -> list[tup
     ``ids``, else its held-out test-variant studies; roles input (the low-dose twin), target (the full
     scan), expected, and mult / randoms when written."""
     root = Path(root)
-    records = _simulation_records(root / "studies.json")  # checked (and bounded) first
+    chosen = _chosen(root, ids)  # studies.json checked (and bounded) first
     dose = json.loads(read_bounded(root / "studies.json", "studies.json", 64 << 20)).get("low_dose") or 0.0
-    test = [r for r in records if r.get("variant") == "test"]
-    chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
-    missing = sorted(set(ids or []) - {r["id"] for r in chosen})
-    if missing or not chosen:
-        raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
     out = []
     for r in chosen:
         files = r["files"]
