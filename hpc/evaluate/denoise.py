@@ -131,7 +131,6 @@ def denoise_study(rep: Repairer | None, st: Study, dose: float, runs: dict, slic
     return res
 
 
-
 def _default(name: str, key: str):
     return inspect.signature(DENOISERS.get(name)).parameters[key].default
 
