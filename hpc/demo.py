@@ -158,7 +158,7 @@ def denoise_held_out(out: Path, plan: Plan, seed: int, dataset: Path, train_ids:
     rep = load_repairer(ckpt, resolve_device("auto"))
     sim = out / "sim"
     return evaluate_denoising(rep, low_dose_studies(sim, [s["id"] for s in held_out]), low_dose_studies(sim, val_ids),
-                              out / "eval-denoise", list(DENOISERS.names()), {}, quiet=True)
+                              out / "eval-denoise", list(DENOISERS.names()), {}, plan.eval_slices, quiet=True)
 
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
