@@ -53,9 +53,10 @@ def spawn(root: Path, name: str, cmd: list[str], pidfile: Path, timeout: float =
     its PID from the daemon's own pid file."""
     log_name = log_name or name
     out = root / "log" / f"{log_name}.out"
-    with open(out, "ab") as log:
+    with open(out, "ab") as log:  # cwd: the cluster's root, never the caller's (it may be deleted while the
+        # daemons live on: slurmstepd then prints "Unable to get current working directory" into job output)
         subprocess.run(["setsid", "--fork", *cmd], stdin=subprocess.DEVNULL, stdout=log,
-                       stderr=subprocess.STDOUT, close_fds=True, check=True,
+                       stderr=subprocess.STDOUT, close_fds=True, check=True, cwd=root,
                        env={**os.environ, "PATH": SBIN_PATH, "SLURM_CONF": str(root / "etc" / "slurm.conf")})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
