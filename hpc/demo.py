@@ -19,7 +19,7 @@ thread). The exit status is 1 if the UNet does not beat linear interpolation ins
 on the held-out studies (--quick trains too briefly for that claim and only reports the numbers).
 
 examples:
-  hpc demo                      # under 2 minutes of CPU time (docs/DEMO.md), into ./demo
+  hpc demo                      # ~1.5 minutes on 2 CPU cores (docs/DEMO.md), into ./demo
   hpc demo --quick -o /tmp/demo # end to end in well under a minute (smoke test)
   hpc demo --seed 3 -o demo3
 """
@@ -179,7 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data, corruption, augmentation and model")
     p.add_argument("--quick", action="store_true", help="tiny data and a few steps: an end-to-end smoke test")
     p.add_argument("--preset", choices=sorted(PLANS), default="demo",
-                   help="demo: the 2-minute 2-D demo scanner (default); realistic: the fair benchmark of "
+                   help="demo: the 2-D demo scanner, ~1.5 minutes (default); realistic: the fair benchmark of "
                         "docs/EVALUATION.md on an mMR 8-ring slab (3-D lines, blur, scatter, estimated factors, "
                         "clinical counts; 10 train / 3 validation / 10 held-out studies; ~2 h on one CPU core)")
 
