@@ -16,7 +16,6 @@ paired bootstrap 95 % interval over studies (hpc.evaluate.protocol.compare).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from hpc.io.atomic import atomic_write_text
 from hpc.physics.projector import default_grid
 from hpc.progress import Progress
 from hpc.registry import DENOISERS
-from hpc.repair.denoise import check_denoiser, network_input
+from hpc.repair.denoise import check_denoiser, denoiser_defaults, denoiser_value, network_input
 from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
 
 NETWORK = "unet"
@@ -131,10 +130,6 @@ def denoise_study(rep: Repairer | None, st: Study, dose: float, runs: dict, slic
     return res
 
 
-def _default(name: str, key: str):
-    return inspect.signature(DENOISERS.get(name)).parameters[key].default
-
-
 def choose(names: list[str], given: dict, tune: list[tuple[Study, float]], slices: int) -> dict:
     """The fair protocol's choices (report.protocol_text's ``tuning``): every free parameter given,
     else the candidate with the lowest pooled CRITERION on the ``tune`` studies."""
@@ -156,7 +151,8 @@ def choose(names: list[str], given: dict, tune: list[tuple[Study, float]], slice
             if key in given.get(name, {}):
                 continue
             if best is None:  # nothing to tune on (--allow-few-tune-studies with none): the default
-                params.setdefault(name, {})[key] = {"value": _default(name, key), "source": "default", "scores": {}}
+                value = denoiser_defaults(name)[key]
+                params.setdefault(name, {})[key] = {"value": value, "source": "default", "scores": {}}
             else:
                 cand = {str(p[key]): scores[k] for k, p in mine.items()}
                 params.setdefault(name, {})[key] = {"value": mine[best][key], "source": "tuned", "scores": cand}
@@ -206,17 +202,18 @@ def write(rep: Repairer | None, results: dict, protocol: dict, out_dir: Path, do
     for s, ms in image.items():  # the full-dose scan's own image ("full"): the noise floor of one scan
         if "full" in ms:
             rows.setdefault(s, {})["full"] = ms["full"]
+    table = markdown_table(rows, COLUMNS, times)
     text = (f"# Denoising evaluation{f' of {rep.path}' if rep else ''}\n\nLow-dose fraction(s) "
             f"{sorted(set(doses))}; every method estimates the full-dose expected counts. `true`: against the "
             "noise-free counts; `meas`: against the counts the low-dose scan did not keep, scaled (independent of "
             "the input). `full`: the full-dose scan reconstructed as measured (the noise floor of one full scan). "
-            "Pooled over pixels (docs/EVALUATION.md, \"Denoising\").\n\n" + markdown_table(rows, COLUMNS, times)
+            "Pooled over pixels (docs/EVALUATION.md, \"Denoising\").\n\n" + table
             + "\n## Fair protocol\n\n```\n" + protocol_text(protocol) + "```\n")
     summary = {"task": "denoise", "checkpoint": str(rep.path) if rep else "", "doses": doses, "results": sino,
                "images": image, "times": times, **protocol}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
     report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
-    return {**summary, "report": str(report), "table": markdown_table(rows, COLUMNS, times)}
+    return {**summary, "report": str(report), "table": table}
 
 
 def parse_given(items: list[str], names: list[str]) -> dict:
@@ -228,10 +225,7 @@ def parse_given(items: list[str], names: list[str]) -> dict:
         if not (sep and dot and name in names and key in tune):
             raise InputError(f"--param {item}: expected DENOISER.NAME=VALUE with DENOISER in {', '.join(names)} "
                              "(e.g. gauss.sigma=1.5, reproject.iters=4)")
-        try:
-            out.setdefault(name, {})[key] = type(tune[key][0])(value)
-        except ValueError:
-            raise InputError(f"--param {item}: {value!r} is not a {type(tune[key][0]).__name__}") from None
+        out.setdefault(name, {})[key] = denoiser_value(name, key, value, f"--param {item}")
     return out
 
 

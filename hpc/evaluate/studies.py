@@ -62,7 +62,7 @@ def parse_study_args(items: list[str]) -> tuple[list[str], dict[str, str]]:
 def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[Study]:
     """Studies of an `hpc simulate` directory: ``ids``, else its held-out test-variant studies, else all."""
     root = Path(root)
-    chosen = _chosen(root, ids)
+    chosen, _ = _chosen(root, ids)
     out = []
     for r in chosen:
         files = r["files"]
@@ -74,26 +74,27 @@ def simulation_studies(root: str | Path, ids: list[str] | None = None) -> list[S
     return out
 
 
-def _chosen(root: Path, ids: list[str] | None) -> list[dict]:
+def _chosen(root: Path, ids: list[str] | None) -> tuple[list[dict], dict]:
     """The records of ``ids``, else the held-out test-variant studies, else all (one line if any is missing)."""
-    records = _simulation_records(root / "studies.json")
+    records, doc = _simulation_records(root / "studies.json")
     test = [r for r in records if r.get("variant") == "test"]
     chosen = [r for r in records if r["id"] in ids] if ids else (test or records)
     missing = sorted(set(ids or []) - {r["id"] for r in chosen})
     if missing or not chosen:
         raise InputError(f"{root}: no studies {missing or ''} (have {', '.join(r['id'] for r in records)})")
-    return chosen
+    return chosen, doc
 
 
-def _simulation_records(path: Path) -> list[dict]:
-    """studies.json's records, checked: ids are plain names (they name the panels written under -o:
-    ``../x`` must not write outside it), files a role -> relative file name map."""
+def _simulation_records(path: Path) -> tuple[list[dict], dict]:
+    """studies.json's records, checked (ids are plain names (they name the panels written under -o:
+    ``../x`` must not write outside it), files a role -> relative file name map), and the whole document."""
 
     if not path.exists():
         raise InputError(f"{path.parent}: not an hpc simulate directory (no studies.json)")
     text = read_bounded(path, "studies.json", 64 << 20)  # a FIFO or /dev/zero must not hang it
     try:
-        records = json.loads(text)["studies"]
+        doc = json.loads(text)
+        records = doc["studies"]
         if not isinstance(records, list):
             raise ValueError("'studies' is not a list")
         for r in records:
@@ -103,7 +104,7 @@ def _simulation_records(path: Path) -> list[dict]:
                 raise ValueError(f"study {r['id']}: files must map roles to file names")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: malformed studies.json ({exc})") from None
-    return records
+    return records, doc
 
 
 def dataset_studies(rep: Repairer, root: str, split: str) -> list[Study]:
@@ -155,8 +156,8 @@ def low_dose_studies(root: str | Path, ids: list[str] | None = None) -> list[tup
     ``ids``, else its held-out test-variant studies; roles input (the low-dose twin), target (the full
     scan), expected, and mult / randoms when written."""
     root = Path(root)
-    chosen = _chosen(root, ids)  # studies.json checked (and bounded) first
-    dose = json.loads(read_bounded(root / "studies.json", "studies.json", 64 << 20)).get("low_dose") or 0.0
+    chosen, doc = _chosen(root, ids)
+    dose = doc.get("low_dose") or 0.0
     out = []
     for r in chosen:
         files = r["files"]

@@ -84,17 +84,27 @@ def resolve_denoise(name: str, items: list[str], rep: Repairer | None, dose: flo
             raise InputError(f"--method-param {items[0]}: unet takes no parameters")
         check_denoiser(rep)
         return DenoiseMethod(name, {}, dose, scanner, rep)
-    sig = {k: p.default for k, p in list(inspect.signature(DENOISERS.get(name)).parameters.items())[2:]}
-    params = dict(sig)
+    params = denoiser_defaults(name)
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in sig:
-            raise InputError(f"--method-param {item}: {name} takes {', '.join(f'{k}=' for k in sig) or 'nothing'}")
-        try:
-            params[key] = type(sig[key])(value)
-        except ValueError:
-            raise InputError(f"--method-param {item}: {value!r} is not a {type(sig[key]).__name__}") from None
+        if not sep or key not in params:
+            raise InputError(f"--method-param {item}: {name} takes {', '.join(f'{k}=' for k in params) or 'nothing'}")
+        params[key] = denoiser_value(name, key, value, f"--method-param {item}")
     return DenoiseMethod(name, params, dose, scanner, rep)
+
+
+def denoiser_defaults(name: str) -> dict[str, Any]:
+    """A registered denoiser's free parameters (keywords after ``(d, planes)``) and their defaults."""
+    return {k: p.default for k, p in list(inspect.signature(DENOISERS.get(name)).parameters.items())[2:]}
+
+
+def denoiser_value(name: str, key: str, value: str, where: str) -> Any:
+    """``value`` as the type of the parameter's default (one line naming ``where`` if it is not one)."""
+    kind = type(denoiser_defaults(name)[key])
+    try:
+        return kind(value)
+    except ValueError:
+        raise InputError(f"{where}: {value!r} is not a {kind.__name__}") from None
 
 
 def denoise_study(m: DenoiseMethod, spec: SinogramSpec, read: Callable[[int, int], np.ndarray], mask: MaskFn | None,
