@@ -161,7 +161,7 @@ def test_the_network_sees_the_lines_of_response_as_in_predict(tmp_path, monkeypa
 
     from hpc.evaluate import evaluate as E
     from hpc.evaluate.studies import simulation_studies
-    from hpc.repair.inference import load_repairer
+    from hpc.repair.inference import load_repairer, windows
 
     sim = tmp_path / "sim"
     r = run_hpc("simulate", "-o", sim, "--studies", "1", "--scanner", "mmr", "--rings", "2", "--counts-per-bin", "4",
@@ -179,6 +179,6 @@ def test_the_network_sees_the_lines_of_response_as_in_predict(tmp_path, monkeypa
     assert not stack.valid.all()  # the virtual crystals' bins
     E._unet(rep, st, 0, data, stack, np.arange(3), 8)
     assert seen and seen[0] is not None
-    ids = E.windows(rep, st.layout, np.arange(3))
+    ids = windows(rep, st.layout, np.arange(3))
     np.testing.assert_array_equal(seen[0].numpy() > 0, stack.valid[ids])
     assert torch.is_tensor(seen[0])

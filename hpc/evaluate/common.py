@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hpc.physics import geometry as G
 from hpc.physics import recon as R
 from hpc.physics.geometry import find_scanner
 from hpc.physics.projector import cached_projector, default_grid
-from hpc.repair.inference import Repairer
+from hpc.repair.inference import Repairer, model_output, windows
 
 
 def pick_slices(n: int, limit: int) -> np.ndarray:
@@ -120,3 +121,19 @@ def pool(results: dict[str, StudyResult]) -> StudyResult:
         pooled.slices += res.slices
         pooled.image_planes += res.image_planes
     return pooled
+
+
+def network_output(rep: Repairer, st: Study, lo: int, data: dict, w: np.ndarray | None, valid: np.ndarray,
+                   planes: np.ndarray, batch: int, prepare: Callable[[np.ndarray], np.ndarray] | None = None
+                   ) -> np.ndarray:
+    """Model output (n, V, X) for stack planes ``planes``: context windows of ``data["input"]`` as the
+    loader builds them (``prepare``d as the network was trained, e.g. a denoiser's dose scale), their
+    measured fractions ``w`` (None: nothing missing), lines of response ``valid`` and, for a
+    data.fill=reproject network, mult / randoms."""
+    out = []
+    for a in range(0, len(planes), batch):
+        ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
+        aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}  # data.fill=reproject models them
+        x = data["input"][ids] if prepare is None else prepare(data["input"][ids])
+        out.append(model_output(rep, x, None if w is None else w[ids], aux, valid[ids]))
+    return np.concatenate(out)

@@ -31,6 +31,7 @@ from hpc.evaluate.common import (
     check_output_dir,
     geometry,
     image_planes,
+    network_output,
     pick_slices,
     pool,
     reconstruct,
@@ -46,7 +47,7 @@ from hpc.physics.projector import default_grid
 from hpc.progress import Progress
 from hpc.registry import DENOISERS
 from hpc.repair.denoise import check_denoiser, denoiser_defaults, denoiser_value, network_input
-from hpc.repair.inference import Repairer, check_compatible, load_repairer, model_output, stack_bounds, windows
+from hpc.repair.inference import Repairer, check_compatible, load_repairer, stack_bounds
 
 NETWORK = "unet"
 CRITERION = "nmse_all_meas"  # chooses: NMSE over all bins against the independent remainder, pooled
@@ -59,13 +60,10 @@ CHUNK = 16
 
 def _network(rep: Repairer, st: Study, lo: int, data: dict, valid: np.ndarray, planes: np.ndarray, dose: float,
              batch: int) -> np.ndarray:
-    """(n, V, X) full-dose estimate of the stack planes ``planes`` (context windows as the loader builds them)."""
-    out = []
-    for a in range(0, len(planes), batch):
-        ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
-        aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}
-        out.append(model_output(rep, network_input(rep, data["input"][ids], dose), None, aux, valid[ids]))
-    return np.where(valid[planes], np.concatenate(out), 0.0)
+    """(n, V, X) full-dose estimate of the stack planes ``planes``: every bin through the network, fed
+    the scale it was trained on."""
+    out = network_output(rep, st, lo, data, None, valid, planes, batch, lambda x: network_input(rep, x, dose))
+    return np.where(valid[planes], out, 0.0)
 
 
 def _outputs(rep: Repairer | None, st: Study, lo: int, data: dict, d: LowDose, planes: np.ndarray,

@@ -53,6 +53,7 @@ from hpc.evaluate.common import (
     check_output_dir,
     geometry,
     image_planes,
+    network_output,
     pick_slices,
     pool,
     reconstruct,
@@ -78,10 +79,8 @@ from hpc.repair.inference import (
     Repairer,
     check_compatible,
     load_repairer,
-    model_output,
     spec_layout,
     stack_bounds,
-    windows,
 )
 
 UNET = "unet"
@@ -110,12 +109,7 @@ def _unet(rep: Repairer, st: Study, lo: int, data: dict, stack: Stack, planes: n
     """Model output (n, V, X) for stack planes ``planes`` (context windows as the loader builds them),
     with the lines of response as `hpc predict` and training give them: without them the fill treats
     the virtual crystals' empty bins as measured zeros (the mMR's one per block)."""
-    out = []
-    for a in range(0, len(planes), batch):
-        ids = windows(rep, st.layout, lo + planes[a:a + batch]) - lo  # (b, C) within the stack
-        aux = {k: data[k][ids] for k in ("mult", "randoms") if k in data}  # data.fill=reproject models them
-        out.append(model_output(rep, data["input"][ids], stack.w[ids], aux, stack.valid[ids]))
-    return np.concatenate(out)
+    return network_output(rep, st, lo, data, stack.w, stack.valid, planes, batch)
 
 
 def method_runs(sc, opts: Options) -> dict[str, tuple[str, dict[str, Any]]]:
