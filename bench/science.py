@@ -10,6 +10,13 @@ network's interval as error bars.
 
     python bench/science.py --samples 600,1200,2400,4800,9600 -o /tmp/science --json docs/results/science-demo.json \
         --png docs/images/science-demo.png
+
+The realistic preset's baselines cost an hour per evaluation on a CPU core (reproject3d: ~6 min per
+study); they do not change with the network, so a curve can reuse the data and the baselines of an
+earlier `hpc demo --preset realistic` run of the same seed: ``--data RUN --baselines-from
+RUN/eval/metrics.json``. Each point then scores the network (and linear, whose NMSE must equal the
+earlier run's to the digit: the same studies) and compares it with the earlier per-study NMSEs, the
+paired bootstrap over squared errors = NMSE x the studies' reference energies.
 """
 from __future__ import annotations
 
@@ -22,12 +29,17 @@ from pathlib import Path
 
 import torch
 
-from hpc.demo import PLANS, evaluate_held_out, simulate_and_convert, train_model
+from hpc.demo import PLANS, evaluate_held_out, simulate_and_convert, study_split, train_model
+from hpc.distributed.device import resolve_device
+from hpc.evaluate.evaluate import Options, evaluate
+from hpc.evaluate.protocol import compare
+from hpc.evaluate.studies import simulation_studies
+from hpc.repair.inference import load_repairer
 
 METRIC = "nmse_gap_true"
 
 
-def point(out: Path, plan, seed: int, data: tuple, samples: int) -> dict:
+def point(out: Path, plan, seed: int, data: tuple, samples: int, prior: dict | None) -> dict:
     """Train for ``samples`` and score it with the fair protocol: one point of the curve."""
     dataset, held_out, train_ids, val_ids = data
     budget = (f"train.samples={samples}", f"train.val_every={samples}", f"optim.restart_samples={samples}",
@@ -37,12 +49,35 @@ def point(out: Path, plan, seed: int, data: tuple, samples: int) -> dict:
     result = train_model(out, plan, seed, dataset, train_ids, val_ids)
     seconds = time.perf_counter() - t0
     ckpt = result["best_checkpoint"] if Path(result["best_checkpoint"]).is_file() else result["checkpoint"]
-    _, summary, _ = evaluate_held_out(out, plan, out.parent / "sim", held_out, ckpt, val_ids)
-    overall = summary["results"]["overall"]
-    comp = summary["comparison"][METRIC]
+    sim = dataset.parent / "sim"
+    if prior is None:
+        _, summary, _ = evaluate_held_out(out, plan, sim, held_out, ckpt, val_ids)
+        comp = summary["comparison"][METRIC]
+    else:
+        rep = load_repairer(ckpt, resolve_device("auto"))
+        opts = Options(["linear"], plan.eval_slices, images=False, quiet=True,
+                       tune_on=simulation_studies(sim, val_ids))
+        summary = evaluate(rep, simulation_studies(sim, [s["id"] for s in held_out]), out / "eval", opts)
+        comp = against(summary, prior)
     return {"samples": samples, "train_seconds": round(seconds, 1),
-            "nmse": {m: overall[m][METRIC] for m in overall}, "reference": comp["reference"],
+            "nmse": {m: row["nmse"] for m, row in comp["methods"].items()}, "reference": comp["reference"],
             "unet_ratio": comp["methods"]["unet"], "tuning": summary["tuning"]["params"]}
+
+
+def against(summary: dict, prior: dict) -> dict:
+    """The network of ``summary`` compared (hpc.evaluate.protocol.compare) with the baselines of an
+    earlier evaluation ``prior`` on the same held-out studies, checked by linear's NMSE."""
+    per_study = {}
+    for sid, energy in ((s, e[METRIC.replace("nmse_", "")]) for s, e in summary["energy"].items() if s != "overall"):
+        now, then = summary["results"][sid], prior["results"][sid]
+        if abs(now["linear"][METRIC] - then["linear"][METRIC]) > 1e-9 * then["linear"][METRIC]:
+            raise SystemExit(f"science: {sid} is not the study the baselines were scored on "
+                             f"(linear {now['linear'][METRIC]} vs {then['linear'][METRIC]})")
+        per_study[sid] = {m: (v[METRIC] * energy, energy) for m, v in then.items() if m != "unet"}
+        per_study[sid]["unet"] = (now["unet"][METRIC] * energy, energy)
+    if set(per_study) != set(prior["results"]) - {"overall"}:
+        raise SystemExit("science: the held-out studies differ from those of --baselines-from")
+    return compare(per_study, {"unet"})
 
 
 def plot(runs: list[dict], png: Path, title: str) -> None:
@@ -84,6 +119,11 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every training (e.g. model.base=16), repeatable")
     ap.add_argument("-o", "--output", type=Path, help="new directory for the runs")
+    ap.add_argument("--data", type=Path, help="reuse the sim/ and dataset/ of this earlier `hpc demo` run "
+                                              "(same --preset and --seed) instead of simulating")
+    ap.add_argument("--baselines-from", type=Path, metavar="METRICS_JSON",
+                    help="the baselines' held-out scores from an evaluation of --data's run (its eval/metrics.json): "
+                         "the points score only the network (and linear, as a check)")
     ap.add_argument("--json", type=Path, help="where the points go")
     ap.add_argument("--png", type=Path, required=True)
     ap.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",
@@ -102,14 +142,17 @@ def main() -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # as the demo: one thread is faster on shared cores and reproducible
     plan = dataclasses.replace(PLANS[a.preset], overrides=PLANS[a.preset].overrides + tuple(a.set))
-    data = simulate_and_convert(a.output, plan, a.seed)
+    if a.baselines_from and not a.data:
+        ap.error("--baselines-from needs --data (the run whose studies it scored)")
+    data = study_split(a.data, plan) if a.data else simulate_and_convert(a.output, plan, a.seed)
+    prior = json.loads(a.baselines_from.read_text()) if a.baselines_from else None
     points = []
     for n in (int(v) for v in a.samples.split(",")):
-        points.append(point(a.output / f"n{n}", plan, a.seed, data, n))
+        points.append(point(a.output / f"n{n}", plan, a.seed, data, n, prior))
         print(json.dumps(points[-1]), flush=True)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"preset": a.preset, "seed": a.seed, "set": a.set, "metric": METRIC,
-                                      "points": points},
+                                      "baselines_from": str(a.baselines_from or ""), "points": points},
                                      indent=1) + "\n")
     extra = f" ({', '.join(a.set)})" if a.set else ""
     plot([{"points": points, "set": a.set}], a.png,

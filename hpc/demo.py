@@ -118,14 +118,24 @@ def simulate_and_convert(out: Path, plan: Plan, seed: int) -> tuple[Path, list[d
     n = plan.train_studies + plan.val_studies + plan.test_studies
     _hpc("simulate", "-o", sim, "--studies", n, *plan.simulate, "--dead-blocks", 2, "--format", "stir",
          "--seed", seed, "--test-studies", plan.test_studies)
-    studies = json.loads((sim / "studies.json").read_text())["studies"]
-    fit, held_out = studies[:plan.train_studies + plan.val_studies], studies[-plan.test_studies:]
-    dataset = out / "dataset"
+    fit, held_out = _split(sim, plan)
     truth = [a for role in ("expected", "randoms", "mult")  # noise-free counts and the physics reproject models
              for a in (f"--{role}", *[sim / s["files"][role] for s in fit])]
-    _hpc("convert", *[sim / s["files"]["target"] for s in fit], *truth, "-o", dataset, "--quiet")
+    _hpc("convert", *[sim / s["files"]["target"] for s in fit], *truth, "-o", out / "dataset", "--quiet")
+    return study_split(out, plan)
+
+
+def _split(sim: Path, plan: Plan) -> tuple[list[dict], list[dict]]:
+    """(training + validation study records, held-out records) of a simulation directory."""
+    studies = json.loads((sim / "studies.json").read_text())["studies"]
+    return studies[:plan.train_studies + plan.val_studies], studies[-plan.test_studies:]
+
+
+def study_split(out: Path, plan: Plan) -> tuple[Path, list[dict], list[str], list[str]]:
+    """What simulate_and_convert returns, for a demo directory ``out`` that already has sim/ and dataset/."""
+    fit, held_out = _split(out / "sim", plan)
     ids = [s["id"] for s in fit]
-    return dataset, held_out, ids[:plan.train_studies], ids[plan.train_studies:]
+    return out / "dataset", held_out, ids[:plan.train_studies], ids[plan.train_studies:]
 
 
 def train_model(out: Path, plan: Plan, seed: int, dataset: Path, train_ids: list[str],

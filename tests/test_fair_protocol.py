@@ -73,6 +73,24 @@ def test_parameters_are_chosen_on_the_validation_studies_only(tmp_path, toy_base
     assert "toy.k = 1: tuned on 3 validation studies" in out and "nmse_gap_meas: best" in out
 
 
+def test_the_bootstrap_can_be_recomputed_from_metrics_json(tmp_path, toy_baseline):
+    """metrics.json stores each study's reference energies: squared errors (nmse x energy) give back
+    the stored comparison exactly, so a later method can be compared with baselines scored earlier."""
+    from hpc.evaluate.protocol import compare
+
+    val = [flat_study(tmp_path, f"v{i}", 10) for i in range(3)]
+    held = [flat_study(tmp_path, f"h{i}", level) for i, level in enumerate((12, 20, 31))]
+    m = evaluate(tmp_path, held, val, "--baselines", "toy")  # (linear is exact on flat studies: no ratio)
+    assert m["energy"]["h1"]["gap_meas"] == pytest.approx(S * V * 4 * 20.0 ** 2)  # the band of 4 gap bins
+    per_study = {s: {meth: (m["results"][s][meth]["nmse_gap_meas"] * m["energy"][s]["gap_meas"],
+                            m["energy"][s]["gap_meas"]) for meth in ("toy", "unet")}
+                 for s in ("h0", "h1", "h2")}
+    again, stored = compare(per_study, {"unet"}), m["comparison"]["nmse_gap_meas"]
+    assert again["reference"] == stored["reference"] == "toy" and again["best"] == stored["best"]
+    for meth, row in stored["methods"].items():
+        assert again["methods"][meth] == pytest.approx(row)
+
+
 def test_given_parameters_are_used_and_recorded_as_given(tmp_path, toy_baseline):
     held = [flat_study(tmp_path, "h0", 20)]
     m = evaluate(tmp_path, held, [], "--param", "toy.k=2")

@@ -48,6 +48,19 @@ def scored(results: dict) -> dict:
     return {s: {"slices": r.slices, "image_planes": r.image_planes} for s, r in results.items()}
 
 
+def energies(results: dict) -> dict:
+    """{study | "overall": {"gap_true": sum of the reference's squares, ...}}: the denominators of the
+    sinogram NMSEs, the same for every method, so that a metric's squared errors (nmse x energy) and
+    the paired bootstrap of hpc.evaluate.protocol can be recomputed from metrics.json alone (e.g. a new
+    network against baselines scored in an earlier run on the same studies: bench/science.py)."""
+    out = {}
+    for sid, r in results.items():
+        refs = next(iter(r.sino.values()), {})
+        out[sid] = {f"{region}_{ref}": score.sums[f"energy_{region}"]
+                    for ref, score in refs.items() for region in ("gap", "all")}
+    return out
+
+
 def markdown_table(rows: dict, columns, times: dict | None = None) -> str:
     head = "| study | method | " + " | ".join(c for _, c in columns) + (" | s / study |" if times else " |")
     lines = [head, "|---|---|" + "---:|" * (len(columns) + (1 if times else 0))]
@@ -142,8 +155,8 @@ def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, set
     text += "\n" + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels)
     summary = {"checkpoint": str(rep.path), "reproject_iters": opts.reproject_iters, "setup_s": setup_s,
                "reproject_subsets": REPROJECT_SUBSETS, "image_recon": recon, "results": sino, "images": image,
-               "times": times, "scored": scored(results), "options": {"slices": opts.slices, "images": opts.images,
-                                                                      "baselines": list(opts.baselines)},
+               "times": times, "scored": scored(results), "energy": energies(results),
+               "options": {"slices": opts.slices, "images": opts.images, "baselines": list(opts.baselines)},
                **(protocol or {})}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
     report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
