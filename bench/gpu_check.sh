@@ -12,7 +12,8 @@
 #
 # Stages (default tests,step,data,loader,train); each gets what is left of --budget (default 420 s)
 # less a reserve for writing the results, and JSON is rewritten after every row and every stage:
-#   tests   pytest -m gpu: the CUDA cases of tests/test_gpu.py, test_projector.py, test_device.py
+#   tests   pytest -m gpu: the CUDA cases of tests/test_gpu.py, test_projector.py, test_projector3d.py,
+#           test_device.py
 #   step    bench/step.py badblock 168x400 batch 32: fp32 eager vs bf16 + channels_last + compile,
 #           MFU against the datasheet and against a matrix product timed first on the same GPU
 #   data    a synthetic dataset: 12 studies x 109 slices of 168x400 (Siemens mCT segment 0), blosc
@@ -51,7 +52,7 @@ while [ $# -gt 0 ]; do
         --stages) [ $# -ge 2 ] || die "--stages needs a list"; STAGES=$2; shift 2 ;;
         --cpu) CPU=1; shift ;;
         --dali) DALI=1; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;  # the comment block above
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -175,7 +176,7 @@ else
     STEP_ARGS=(--modes fp32,bf16 --batch 32 --warmup 3 --steps 10); STEP_MODE=bf16
     LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320)
 fi
-TEST_ARGS=(-m gpu tests/test_gpu.py tests/test_projector.py tests/test_device.py)
+TEST_ARGS=(-m gpu tests/test_gpu.py tests/test_projector.py tests/test_projector3d.py tests/test_device.py)
 if [ "$DALI" = 1 ]; then  # the call after the parts: little time is left, DALI's rows first
     TEST_ARGS=(-m gpu -k dali tests/test_gpu.py); BACKENDS=dali,torch
     [ "$CPU" = 1 ] || { T_TESTS=45; T_DATA=30; T_LOADER=60; T_TRAIN=50; LOADER_ARGS=(--workers 4 --epochs 2); }

@@ -52,6 +52,7 @@ def test_script_is_valid_bash_and_refuses_bad_input_in_one_line():
     r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
     for word in ("tests", "step", "loader", "train", "--wheels", "--dali", "--cpu", "--budget", "$OUT"):
         assert word in r.stdout
+    assert "set -uo" not in r.stdout and r.stdout.rstrip().endswith("says which).")  # the comment block only
     for bad, why in ((["--frobnicate"], "unknown argument"), (["--stages", "tests,warp"], "unknown stage 'warp'"),
                      (["--budget", "7m"], "expected whole seconds"), (["--wheels", "/nonexistent"], "no such folder")):
         r = subprocess.run(["bash", str(SCRIPT), *bad], capture_output=True, text=True)

@@ -168,6 +168,27 @@ def test_reproject3d_keeps_measured_bins_byte_identical():
     assert float(out[~valid].abs().max()) == 0 and bool((out[w == 0] > 0).all())
 
 
+def test_reproject3d_on_the_device_equals_the_cpu(device):
+    """The baseline on ``device`` (CUDA on a GPU node: `pytest -m gpu`) gives the CPU's float64 repair
+    to rounding, and the measured bins byte for byte."""
+    lay = span3()
+    y, mult, add, w = noise_free(lay)
+    y = torch.poisson(y * 50, generator=torch.Generator().manual_seed(4)).double()
+    args = dict(valid=None, mult=mult.double(), add=add.double() * 50, volume=volume(lay))
+    cpu = R3.reproject3d(lay, y, w, 3, 2, **args)
+    on = R3.reproject3d(lay, y.to(device), w.to(device), 3, 2,
+                        **{k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()})
+    assert on.device.type == device.type
+    on = on.cpu()
+    assert torch.equal(on[w > 0], y[w > 0])
+    assert torch.allclose(on, cpu, rtol=1e-9, atol=0)
+    st = Stack(y.numpy(), w.numpy(), np.ones(y.shape, bool), mult.numpy(), add.numpy() * 50, TINY, layout=lay)
+    run = BASELINES.get("reproject3d")
+    got, want = (run(dataclasses.replace(st, memo={}), np.arange(lay.planes), iters=3, device=d)
+                 for d in (device.type, "cpu"))
+    np.testing.assert_allclose(got, want, rtol=1e-4)  # float32 reconstructions: sums in another order
+
+
 def test_baseline_whole_study():
     lay = span3()
     y, mult, add, w = noise_free(lay)
@@ -182,6 +203,8 @@ def test_baseline_whole_study():
     assert not np.array_equal(no_blur, got)
     with pytest.raises(ValueError, match="non-TOF"):
         BASELINES.get("reproject3d")(dataclasses.replace(st, y=y.numpy()[:3], memo={}), planes)
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
+        BASELINES.get("reproject3d")(st, planes, device="gpu")
 
 
 def test_hpc_predict_method_reproject3d(tmp_path, capsys):
