@@ -62,9 +62,10 @@ def reproject3d(stack: Stack, planes: np.ndarray, iters: int = DEFAULT_ITERS, bl
                                if bool(p.get("blur", True)) == bool(blur)}
         # float32 reconstruction; the repair in float64, so measured bins keep their exact values
         dev = resolve_device(device, what="reproject3d's device")
-        path = R3.reproject3d_path(layout, _tensor(stack.y, dev, torch.float64), _tensor(stack.w, dev), sorted(want),
-                                   R3.SUBSETS, valid=_tensor(stack.valid, dev, torch.bool), mult=_tensor(stack.mult, dev),
-                                   add=_tensor(stack.randoms, dev), blur=bool(blur), dtype=torch.float32)
+        t = {k: _tensor(getattr(stack, k), dev) for k in ("w", "mult", "randoms")}
+        path = R3.reproject3d_path(layout, _tensor(stack.y, dev, torch.float64), t["w"], sorted(want), R3.SUBSETS,
+                                   valid=_tensor(stack.valid, dev, torch.bool), mult=t["mult"], add=t["randoms"],
+                                   blur=bool(blur), dtype=torch.float32)
         for it, out in path.items():
             stack.memo[("reproject3d", it, bool(blur))] = out.double().cpu().numpy()
     return stack.memo[key][np.asarray(planes)]
