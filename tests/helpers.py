@@ -168,9 +168,10 @@ def _sha(a: np.ndarray) -> str:
 def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,), axial: tuple[int, ...] = (8,),
                  tof: int = 1, views: int = 6, bins: int = 8, shard_slices: int = 5, paired: bool = False,
                  mask: bool = False, scanner: str = "", counts: bool = False, seed: int = 0,
-                 aux: bool = False) -> Path:
+                 aux: bool = False, expected: bool = False) -> Path:
     """A dataset dir per FORMAT.md. ``counts``: uint16 Poisson counts instead of encoded ids;
-    ``aux``: float32 ``mult`` (0 on a few bins, like virtual crystals) and ``randoms`` datasets."""
+    ``aux``: float32 ``mult`` (0 on a few bins, like virtual crystals) and ``randoms`` datasets;
+    ``expected``: float32 noise-free counts, the target + 0.25 (the same slice ids when encoded)."""
     import h5py
 
     rng = np.random.default_rng(seed)
@@ -194,6 +195,8 @@ def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,),
         if aux:
             extra["mult"] = (rng.random((n, views, bins)) * (rng.random((n, views, bins)) > 0.05)).astype(np.float32)
             extra["randoms"] = rng.random((n, views, bins)).astype(np.float32)
+        if expected:
+            extra["expected"] = target.astype(np.float32) + np.float32(0.25)
         shards = []
         for k, lo in enumerate(range(0, n, shard_slices)):
             hi = min(n, lo + shard_slices)
@@ -215,7 +218,7 @@ def make_dataset(root: Path, studies: int = 3, segments: tuple[int, ...] = (0,),
                         "num_slices": n, "slice_shape": [views, bins], "dtype": str(target.dtype),
                         "tof_bins": tof, "segments": list(segments), "axial_counts": list(axial),
                         "has_input": paired, "has_mask": mask, "has_mult": aux, "has_randoms": aux,
-                        "scanner": scanner,
+                        "has_expected": expected, "scanner": scanner,
                         "max": float(target.max()), "shards": shards})
         gid += n
     manifest = {"format": "hpc-sinogram", "format_version": 1, "slice_shape": [views, bins],

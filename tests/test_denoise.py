@@ -12,6 +12,7 @@ import torch
 from hpc.baselines import denoise as D
 from hpc.cli import main
 from hpc.data.loader import build_loader
+from hpc.errors import InputError
 from hpc.evaluate import denoise as DN
 from hpc.evaluate.protocol import as_written
 from hpc.evaluate.studies import low_dose_studies
@@ -106,6 +107,29 @@ def test_thinned_input_is_trained_against_the_counts_it_did_not_keep(tmp_path):
         x = rest.input[:, 1:2] * 0.3  # the kept counts of the centre slice
         torch.testing.assert_close(x + rest.target * 0.7, full.target, rtol=0, atol=1e-3)
         assert not torch.allclose(rest.target, full.target)
+
+
+@pytest.mark.parametrize("dose", [1.0, 0.3])
+def test_data_target_expected_trains_against_the_noise_free_counts(tmp_path, dose):
+    """data.target=expected: the same input (same draws), the target the centre slice's stored
+    noise-free counts (with or without thinning); a dataset without them is refused in one line."""
+    root = make_dataset(tmp_path / "d", studies=2, axial=(6,), counts=True, scanner="", expected=True)
+    batches = {}
+    for target in ("measured", "expected"):
+        cfg = loader_cfg(root, target=target)
+        cfg.corrupt.dose = dose
+        loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+        loader.set_epoch(0)
+        batches[target] = list(loader)
+    for meas, exp in zip(batches["measured"], batches["expected"], strict=True):
+        assert torch.equal(meas.input, exp.input) and torch.equal(meas.index, exp.index)
+        full = meas.input[:, 1:2] if dose == 1 else None  # unthinned: the input's centre is the stored target
+        if full is not None:
+            torch.testing.assert_close(exp.target, full + 0.25, rtol=0, atol=1e-6)
+        assert torch.all(exp.target % 1 == 0.25)  # the stored float32 expected counts, not the measured
+    plain = make_dataset(tmp_path / "p", studies=2, axial=(6,), counts=True, scanner="")
+    with pytest.raises(InputError, match=r"store no noise-free `expected` counts \(data.target=expected"):
+        build_loader(loader_cfg(plain, target="expected"), "train", 0, 1, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

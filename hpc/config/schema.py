@@ -41,6 +41,7 @@ Edge = Literal["replicate", "reflect"]
 Normalize = Literal["max", "scale", "anscombe", "none"]
 PadBins = Literal["zero", "reflect"]
 Device = Literal["auto", "cpu", "cuda"]
+Target = Literal["measured", "expected"]
 Norm = Literal["batch", "instance", "group", "none"]
 UpMode = Literal["transposed", "nearest", "bilinear"]
 OptimName = Literal["adam", "adamw", "sgd", "rmsprop"]  # == hpc.train.optim.OPTIMIZERS (tested)
@@ -79,6 +80,10 @@ class DataConfig:
     fill: str = "zero"  # gaps in the network input (hpc.registry.FILLS): zero, linear, reproject, ...
     fill_iters: int = 4  # data.fill=reproject: OSEM iterations (x 4 subsets) of the plane before projecting
     nonneg: bool = True  # counts >= 0: predictions, baselines floored at 0 (false: e.g. randoms-subtracted)
+    # what the loss compares with: "measured", the stored counts (all real data has); "expected", the
+    # noise-free counts a simulated dataset stores (hpc convert --expected): no Poisson noise in the
+    # target (at ~4 counts per bin it dominates), for networks trained on simulations only
+    target: Target = "measured"
     pad_multiple: int = 0  # 0 = from the model (2**depth)
     stage_to: str = ""  # node-local dir (e.g. /raid/$USER) to copy shards to before epoch 0
     device: Device = "auto"

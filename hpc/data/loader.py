@@ -36,10 +36,15 @@ from hpc.registry import FILLS
 def aux_datasets(cfg: Config, ds: Dataset, split: str) -> tuple[str, ...]:
     """The mult / randoms datasets to read: those every study stores, when data.fill=reproject models
     them (a fill with ``aux``, e.g. data.fill=reproject; any split) or the validation's reproject
-    baseline does (val)."""
+    baseline does (val); and ``expected`` with data.target=expected (every study must store it)."""
+    truth = ("expected",) if cfg.data.target == "expected" else ()
+    missing = [s.id for s in ds.studies if truth and "expected" not in s.truth]
+    if missing:
+        raise InputError(f"{ds.root}: studies {missing} store no noise-free `expected` counts (data.target=expected "
+                         f"needs a simulated dataset converted with --expected)")
     if not FILLS.meta(cfg.data.fill).get("aux") and split != "val":
-        return ()
-    return tuple(n for n in AUX if all(n in s.truth for s in ds.studies))
+        return truth
+    return tuple(n for n in AUX if all(n in s.truth for s in ds.studies)) + truth
 
 
 class Loader:

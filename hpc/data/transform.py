@@ -290,13 +290,15 @@ class DeviceTransform:
                 v = raw["target"].shape[1]
                 folded = prm = A.draw_augment(self.cfg.augment, window.shape[0], v, gen, self.device)
             raw["target"], peak = stack_rows_float(raw["target"], window, prm, with_max=True)
-            for name in ("input", "mask", *AUX):
+            for name in ("input", "mask", "expected", *AUX):
                 if name in raw:  # (U, V, X) -> (B, C, V, X) float32 (every use below casts to float)
                     raw[name] = stack_rows_float(raw[name], window, prm)
         stack = raw["target"] = raw["target"].float()  # (B, C, V, X)
         k = stack.shape[1] // 2
         inp, mask_c, valid_c = self.corrupt(raw, epoch, gen, flipped, folded)
         target = raw.pop("rest", stack[:, k:k + 1])  # (B, 1, V, X), normalized out of place by like()
+        if self.cfg.data.target == "expected":  # the noise-free counts (simulations), same scale and pixels
+            target = raw["expected"][:, k:k + 1].float()
         ones = torch.ones(1, 1, 1, 1, device=self.device).expand_as(target)  # a broadcast view, no memory
         mask = mask_c[:, k:k + 1] if mask_c is not None else ones
         valid = valid_c[:, k:k + 1] if valid_c is not None else ones
