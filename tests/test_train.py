@@ -90,6 +90,19 @@ def test_bf16_channels_last_accumulation_schedule_and_best_by_max(dataset, tmp_p
     assert ck.load(run / "checkpoints" / "best.pt")["step"] == best["step"]
 
 
+def test_the_signal_handlers_are_given_back_when_training_returns(dataset, tmp_path):
+    """After train() the process's SIGTERM/SIGUSR2 handlers are what they were: a SIGTERM to `hpc demo`
+    during its evaluation ends it (the trainer's handler only sets a flag nobody reads any more)."""
+    from hpc.config import load_config
+    from hpc.train.train import train
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    cfg = load_config(TINY, [f"data.path={dataset}", f"train.run_dir={tmp_path / 'run'}", "train.samples=8",
+                             "train.val_every=8", "log.wandb=disabled"])
+    train(cfg)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_unknown_best_metric_is_one_line_error(dataset, tmp_path):
     r = run_hpc(*args(dataset, tmp_path / "run", "train.best_metric=accuracy"))
     assert r.returncode == 2

@@ -354,6 +354,9 @@ def train(cfg: Config) -> dict:
     process group is broken) when a collective got no answer within dist.timeout_s; DistributedError
     when another rank went away. Each rank then prints one line naming itself."""
     trainer = None
+    # the trainer's SIGUSR2/SIGTERM handlers only set a flag its loop reads: once it has returned they
+    # would swallow the signals of whatever the process does next (hpc demo's evaluation, a sweep)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
     try:
         trainer = Trainer(cfg)
         return trainer.run()
@@ -372,6 +375,8 @@ def train(cfg: Config) -> dict:
     finally:
         if trainer is not None:
             trainer.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
