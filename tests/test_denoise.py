@@ -169,7 +169,18 @@ def test_evaluate_denoise_scores_a_trained_denoiser_against_tuned_physics(low_do
     assert comp["methods"]["unet"]["verdict"] in ("wins", "ties", "loses")
     assert {"iters", "sigma"} == {k for p in m["tuning"]["params"].values() for k in p}
     assert m["images"]["overall"]["full"]["img_nmse_true"] > 0  # the full scan's own image: the noise floor
-    assert "unet" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "unet" in report
+    held = sorted(s for s in m["results"] if s != "overall")
+    for sid in held:  # a panel per held-out study, in the report, a real PNG
+        png = out / "panels" / f"{sid}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(panels/{sid}.png)" in report
+    rec = m["recommend"]
+    params = m["tuning"]["params"].get(rec["method"], {})
+    want = "".join(f" --method-param {k}={v['value']}" for k, v in params.items())
+    assert rec["command"].startswith(f"hpc predict --dose 0.25 --method {rec['method']}{want} INPUT") \
+        if rec["method"] != "unet" else rec["command"].startswith(f"hpc predict --dose 0.25 --checkpoint {ckpt}")
+    assert set(m["energy"]) == {*held, "overall"} and m["energy"]["overall"]["all_true"] > 0
 
 
 def test_evaluate_denoise_refuses_what_it_cannot_score(low_dose_sim, tmp_path, capsys):

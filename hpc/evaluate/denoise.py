@@ -39,7 +39,7 @@ from hpc.evaluate.common import (
     warm_projectors,
 )
 from hpc.evaluate.protocol import as_written, compare
-from hpc.evaluate.report import flatten, fmt, markdown_table, protocol_text
+from hpc.evaluate.report import energies, flatten, fmt, markdown_table, protocol_text, save_panel
 from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import Study, low_dose_studies
 from hpc.io.atomic import atomic_write_text
@@ -80,14 +80,29 @@ def _outputs(rep: Repairer | None, st: Study, lo: int, data: dict, d: LowDose, p
     return out
 
 
-def _score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, outs: dict, z: np.ndarray) -> None:
+def _score_images(sc, st: Study, res: StudyResult, data: dict, valid: np.ndarray, outs: dict, z: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Score every version's reconstruction; returns them (n, ny, nx) by name ("ref:true", "ref:full": the
+    full-dose scan's, and the methods') for the panel."""
     grid = default_grid(sc)
-    refs = {"true": reconstruct(sc, data["expected"], valid, data)}
+    imgs = {"ref:true": reconstruct(sc, data["expected"], valid, data)}
     rois, support = lesion_rois(st.lesions, z, grid), grid.fov_mask(sc.fov_radius_mm)
     for name, sino in {"full": data["target"], **outs}.items():
-        img = reconstruct(sc, sino, valid, data)
-        res.image.setdefault(name, {}).setdefault("true", ImageScore()).update(img, refs["true"], support, rois)
+        img = imgs["ref:full" if name == "full" else name] = reconstruct(sc, sino, valid, data)
+        res.image.setdefault(name, {}).setdefault("true", ImageScore()).update(img, imgs["ref:true"], support, rois)
     res.image_planes += len(z)
+    return imgs
+
+
+def _panel(data: dict, planes: np.ndarray, lo: int, dose: float, outs: dict, imgs: dict | None) -> dict:
+    """hpc.evaluate.report.save_panel's dict for the middle plane of ``planes``: the low-dose input on the
+    full-dose scale, the full-dose scan, the noise-free counts, each method (and their images)."""
+    k = len(planes) // 2
+    p = planes[k]
+    return {"slice": lo + int(p), "input": data["input"][p] / dose, "target": data["target"][p],
+            "expected": data["expected"][p], "mask": None, "methods": {n: o[k] for n, o in outs.items()},
+            "images": None if imgs is None else {n: im[k] for n, im in imgs.items()},
+            "labels": (f"low dose / {dose:g}", "full dose"), "why": "the middle of the first scored stack"}
 
 
 def denoise_study(rep: Repairer | None, st: Study, dose: float, runs: dict, slices: int, images: bool,
@@ -117,8 +132,10 @@ def denoise_study(rep: Repairer | None, st: Study, dose: float, runs: dict, slic
                     for ref, arr in (("true", data["expected"]), ("meas", rest)):
                         score = res.sino.setdefault(name, {}).setdefault(ref, SinoScore())
                         score.update(out, arr[planes], np.ones(out.shape), valid[planes])
-                if z is not None:
-                    _score_images(sc, st, res, {k: v[planes] for k, v in data.items()}, valid[planes], outs, z[planes])
+                imgs = None if z is None else _score_images(sc, st, res, {k: v[planes] for k, v in data.items()},
+                                                            valid[planes], outs, z[planes])
+                if res.panel is None or (imgs is not None and res.panel["images"] is None):
+                    res.panel = _panel(data, planes, lo, dose, outs, imgs)  # a stack with images if any
                 res.slices += len(planes)
                 if bar is not None:
                     bar.update(len(planes))
@@ -180,21 +197,38 @@ def evaluate_denoising(rep: Repairer | None, studies: list[tuple[Study, float]],
         per_study = tuning.paired_errors(results, metric)
         if per_study and all(per_study.values()):
             comparison[metric] = compare(per_study, {NETWORK}, seed=0)
-    results["overall"] = pool(results)
-    return write(rep, results, {"tuning": chosen, "comparison": comparison, "recommend": recommend(comparison)},
-                 out_dir, [d for _, d in studies])
+    doses = [d for _, d in studies]
+    protocol = {"tuning": chosen, "comparison": comparison, "recommend": recommend(comparison, chosen, doses, rep)}
+    panels = []
+    try:  # outputs only once every study is scored: a bad study leaves no panels without a report
+        for st, _ in studies:
+            panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
+        results["overall"] = pool(results)
+        return write(rep, results, protocol, out_dir, doses, panels)
+    except BaseException:
+        for p in panels:
+            Path(p).unlink(missing_ok=True)
+        raise
 
 
-def recommend(comparison: dict) -> dict:
-    """The method to use: the network where it wins on the first metric, else the best physics denoiser."""
+def recommend(comparison: dict, chosen: dict, doses: list[float], rep: Repairer | None) -> dict:
+    """The method to use: the network where it wins on the first metric, else the best physics
+    denoiser; and the `hpc predict --dose` command that runs it with the chosen parameters."""
     c = comparison.get(METRICS[0])
     if not c:
         return {"method": "", "command": ""}
     wins = c["methods"].get(NETWORK, {}).get("verdict") == "wins"
-    return {"method": NETWORK if wins else c["reference"], "command": ""}
+    method = NETWORK if wins else c["reference"]
+    dose = f"--dose {doses[0]:g}" if len(set(doses)) == 1 else "--dose F"
+    if method == NETWORK:
+        return {"method": method, "command": f"hpc predict {dose} --checkpoint {rep.path} INPUT -o OUTPUT"}
+    args = "".join(f" --method-param {k}={v['value']}" for k, v in chosen["params"].get(method, {}).items())
+    return {"method": method,
+            "command": f"hpc predict {dose} --method {method}{args} INPUT [--mult MULT --randoms RANDOMS] -o OUTPUT"}
 
 
-def write(rep: Repairer | None, results: dict, protocol: dict, out_dir: Path, doses: list[float]) -> dict:
+def write(rep: Repairer | None, results: dict, protocol: dict, out_dir: Path, doses: list[float],
+          panels: list[str]) -> dict:
     sino, image, times = flatten(results)
     rows = {s: {m: {**v, **image.get(s, {}).get(m, {})} for m, v in ms.items()} for s, ms in sino.items()}
     for s, ms in image.items():  # the full-dose scan's own image ("full"): the noise floor of one scan
@@ -206,12 +240,13 @@ def write(rep: Repairer | None, results: dict, protocol: dict, out_dir: Path, do
             "noise-free counts; `meas`: against the counts the low-dose scan did not keep, scaled (independent of "
             "the input). `full`: the full-dose scan reconstructed as measured (the noise floor of one full scan). "
             "Pooled over pixels (docs/EVALUATION.md, \"Denoising\").\n\n" + table
-            + "\n## Fair protocol\n\n```\n" + protocol_text(protocol) + "```\n")
+            + "\n## Fair protocol\n\n```\n" + protocol_text(protocol) + "```\n\n"
+            + "".join(f"![{Path(p).stem}](panels/{Path(p).name})\n" for p in panels))
     summary = {"task": "denoise", "checkpoint": str(rep.path) if rep else "", "doses": doses, "results": sino,
-               "images": image, "times": times, **protocol}
+               "images": image, "times": times, "energy": energies(results), **protocol}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=True))
     report = atomic_write_text(out_dir / "report.md", text)  # last: its presence means the evaluation is complete
-    return {**summary, "report": str(report), "table": table}
+    return {**summary, "report": str(report), "table": table, "panels": panels}
 
 
 def parse_given(items: list[str], names: list[str]) -> dict:
@@ -248,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     print(summary["table"], end="")
     print(protocol_text(summary), end="")
     best = summary["recommend"]["method"]
-    print(f"best on held-out NMSE vs the noise-free counts: {best or 'n/a'}\nreport: {summary['report']}")
+    print(f"best on held-out NMSE vs the noise-free counts: {best or 'n/a'}")
+    print(f"report: {summary['report']}\npanels: {', '.join(summary['panels'])}")
     return 0
 
 

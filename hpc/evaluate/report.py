@@ -165,7 +165,8 @@ def write_report(rep, results: dict, panels: list[str], out_dir: Path, opts, set
 
 def save_panel(p: dict | None, study: str, path: Path) -> Path:
     """Columns: gapped input, target, noise-free, each method. Rows: sinograms; |error| against the
-    noise-free counts (else the target); reconstructed images (when made)."""
+    noise-free counts (else the target); reconstructed images (when made). Optional keys of ``p``:
+    ``labels`` for the first two columns (default gapped, target) and ``why`` the slice was chosen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,14 +175,15 @@ def save_panel(p: dict | None, study: str, path: Path) -> Path:
     if p is None:
         raise ValueError(f"{study}: nothing was scored")
     ref = p["expected"] if p["expected"] is not None else p["target"]
-    cols = [("gapped", p["input"]), ("target", p["target"])]
+    first, second = p.get("labels", ("gapped", "target"))
+    cols = [(first, p["input"]), (second, p["target"])]
     cols += [("noise-free", p["expected"])] if p["expected"] is not None else []
     cols += list(p["methods"].items())
     imgs = p["images"] or {}
-    img_key = {"gapped": "gapped", "target": "ref:full", "noise-free": "ref:true"}
+    img_key = {first: "gapped", second: "ref:full", "noise-free": "ref:true"}
     rows = 3 if imgs else 2
     vmax = float(max(ref.max(), 1e-12))
-    errs = {n: np.abs(a - ref) for n, a in cols if n not in ("target", "noise-free")}
+    errs = {n: np.abs(a - ref) for n, a in cols if n not in (second, "noise-free")}
     emax = float(max(max((e.max() for e in errs.values()), default=0.0), 1e-12))
     imax = float(max(imgs.get("ref:full", np.zeros(1)).max(), 1e-12))
     fig, axes = plt.subplots(rows, len(cols), figsize=(2.1 * len(cols), 2.2 * rows + 0.5), squeeze=False)
@@ -199,7 +201,7 @@ def save_panel(p: dict | None, study: str, path: Path) -> Path:
             ax.imshow(a, cmap=cmap, vmin=0, vmax=top, aspect="auto" if i < 2 else "equal", interpolation="nearest",
                       origin="upper" if i < 2 else "lower")
             ax.set_title(title, fontsize=7)
-    fig.suptitle(f"{study}, slice {p['slice']} (most gap pixels); errors against the "
+    fig.suptitle(f"{study}, slice {p['slice']} ({p.get('why', 'most gap pixels')}); errors against the "
                  f"{'noise-free' if p['expected'] is not None else 'target'} counts", fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.25)
     with atomic_path(path) as tmp:  # creates panels/ when needed
