@@ -183,6 +183,28 @@ def test_evaluate_denoise_scores_a_trained_denoiser_against_tuned_physics(low_do
     assert set(m["energy"]) == {*held, "overall"} and m["energy"]["overall"]["all_true"] > 0
 
 
+def test_evaluate_denoise_logs_a_wandb_run_read_back(low_dose_sim, tmp_path):
+    """--wandb offline: one W&B run (job type evaluate, named after the output, task and doses in its
+    config) with the metrics table and a panel per held-out study, read back from its offline file."""
+    from test_logger import written_records
+
+    out = tmp_path / "dn"
+    assert main(["evaluate", "--task", "denoise", "--simulation", str(low_dose_sim / "sim"), "--baselines",
+                 "scaled,gauss", "--tune-on", "s002,s003,s004", "--no-images", "--wandb", "offline", "-o", str(out),
+                 "--quiet"]) == 0
+    (path,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    records = written_records(path)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.job_type, run.display_name) == ("evaluate", "dn-eval-denoise")
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["task"] == "denoise" and config["doses"] == [0.25, 0.25] and config["checkpoint"] == ""
+    assert "sigma" in config["tuning"]["gauss"]
+    logged = {i.key or i.nested_key[0] for r in records if r.WhichOneof("record_type") == "history"
+              for i in r.history.item}
+    assert {"metrics", "panels"} <= logged
+    assert len(list(out.glob("wandb/offline-run-*/files/media/images/*.png"))) == 2
+
+
 def test_evaluate_denoise_refuses_what_it_cannot_score(low_dose_sim, tmp_path, capsys):
     sim = str(low_dose_sim / "sim")
     refuse(capsys, ["evaluate", "--task", "denoise", "--simulation", sim, "--tune-on", "s000", "-o",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from hpc.evaluate.common import (
     warm_projectors,
 )
 from hpc.evaluate.protocol import as_written, compare
-from hpc.evaluate.report import energies, flatten, fmt, markdown_table, protocol_text, save_panel
+from hpc.evaluate.report import energies, flatten, fmt, log_wandb, markdown_table, protocol_text, save_panel
 from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import Study, low_dose_studies
 from hpc.io.atomic import atomic_write_text
@@ -285,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     best = summary["recommend"]["method"]
     print(f"best on held-out NMSE vs the noise-free counts: {best or 'n/a'}")
     print(f"report: {summary['report']}\npanels: {', '.join(summary['panels'])}")
+    mode = os.environ.get("WANDB_MODE", args.wandb)
+    if mode != "disabled":
+        print(f"W&B run: {log_wandb(summary, mode, Path(args.output), rep, args.project)}")
     return 0
 
 

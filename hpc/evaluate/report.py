@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc.config import to_dict
+from hpc.config import LogConfig, to_dict
 from hpc.evaluate.scoring import IMAGE_ITERS, IMAGE_METRICS, IMAGE_SUBSETS, SINO_METRICS
 from hpc.io.atomic import atomic_path, atomic_write_text
 from hpc.physics.recon import REPROJECT_SUBSETS
@@ -232,21 +232,28 @@ def log_wandb(summary: dict, mode: str, out_dir: Path, rep, project: str = "") -
     the checkpoint and the training run's id and config as its config. Returns the run directory."""
     import wandb
 
-    train = training_run(rep)
-    config = {"checkpoint": summary["checkpoint"], "train_run_id": train["wandb_id"], "train_run_dir": train["run_dir"],
-              "reproject_iters": summary["reproject_iters"], **summary["options"], "train": to_dict(rep.cfg)}
+    # a physics-only denoising evaluation (no checkpoint) is a run of its own in the default project
+    train = training_run(rep) if rep is not None else {"wandb_id": "", "run_dir": "", "project": LogConfig().project,
+                                                       "entity": "", "group": "", "name": out_dir.name}
+    task = summary.get("task", "repair")
+    config = {"task": task, "checkpoint": summary["checkpoint"], "train_run_id": train["wandb_id"],
+              "train_run_dir": train["run_dir"], "reproject_iters": summary.get("reproject_iters"),
+              "doses": summary.get("doses"), **summary.get("options", {}),
+              "tuning": summary.get("tuning", {}).get("params"), "train": to_dict(rep.cfg) if rep else None}
+    suffix = "-eval" if task == "repair" else f"-eval-{task}"
     run = wandb.init(project=project or train["project"], entity=train["entity"] or None, job_type="evaluate",
-                     group=train["group"] or train["wandb_id"] or None, name=f"{train['name']}-eval", mode=mode,
+                     group=train["group"] or train["wandb_id"] or None, name=f"{train['name']}{suffix}", mode=mode,
                      dir=str(out_dir), config=config, reinit="finish_previous",
                      settings=wandb.Settings(console="off", silent=True))
     keys = [f"{m}_{r}" for m in SINO_METRICS for r in ("meas", "true")]
     table = wandb.Table(columns=["study", "method", *keys, "seconds"])
     for study, methods in summary["results"].items():
         for method, vals in methods.items():
-            table.add_data(study, method, *[vals.get(k) for k in keys], summary["times"][study].get(method))
+            table.add_data(study, method, *[vals.get(k) for k in keys], summary["times"].get(study, {}).get(method))
     logged = {"metrics": table, "panels": [wandb.Image(p, caption=Path(p).stem) for p in summary["panels"]]}
     if summary["images"]:
-        ikeys = [f"{m}_{r}" for m in IMAGE_METRICS for r in ("full", "true")]
+        ikeys = [f"{m}_{r}" for m in IMAGE_METRICS for r in ("full", "true")
+                 if any(f"{m}_{r}" in v for ms in summary["images"].values() for v in ms.values())]
         itable = wandb.Table(columns=["study", "method", *ikeys])
         for study, methods in summary["images"].items():
             for method, vals in methods.items():
