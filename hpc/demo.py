@@ -170,8 +170,12 @@ def denoise_held_out(out: Path, plan: Plan, seed: int, dataset: Path, train_ids:
     ckpt = result["best_checkpoint"] if Path(result["best_checkpoint"]).is_file() else result["checkpoint"]
     rep = load_repairer(ckpt, resolve_device("auto"))
     sim = out / "sim"
-    return evaluate_denoising(rep, low_dose_studies(sim, [s["id"] for s in held_out]), low_dose_studies(sim, val_ids),
-                              out / "eval-denoise", list(DENOISERS.names()), {}, plan.eval_slices, quiet=True)
+    summary = evaluate_denoising(rep, low_dose_studies(sim, [s["id"] for s in held_out]),
+                                 low_dose_studies(sim, val_ids), out / "eval-denoise", list(DENOISERS.names()), {},
+                                 plan.eval_slices, quiet=True)
+    mode = os.environ.get("WANDB_MODE", rep.cfg.log.wandb)
+    summary["wandb"] = log_wandb(summary, mode, out / "eval-denoise", rep) if mode != "disabled" else ""
+    return summary
 
 
 def predict_one(out: Path, rep, sim: Path, study: dict) -> str:
@@ -243,11 +247,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"best denoiser on NMSE vs the noise-free counts: {denoised['recommend']['method']}")
     run_dir = Path(result["run_dir"])
     print(f"report:      {summary['report']}" + (f" (denoising: {denoised['report']})" if denoised else "")
-          + f"\npanels:      {', '.join(summary['panels'])}\n"
+          + f"\npanels:      {', '.join(summary['panels'] + (denoised['panels'] if denoised else []))}\n"
           f"metrics:     {out / 'eval' / 'metrics.json'}, {run_dir / 'metrics.jsonl'}\n"
           f"checkpoint:  {ckpt}\npredicted:   {predicted}")
-    runs = sorted(str(p) for d in (run_dir, out / "run-denoise")
-                  for p in d.glob("wandb/offline-run-*")) + ([wandb_eval] if wandb_eval else [])
+    evals = [w for w in (wandb_eval, (denoised or {}).get("wandb")) if w]
+    runs = sorted(str(p) for d in (run_dir, out / "run-denoise") for p in d.glob("wandb/offline-run-*")) + evals
     if runs:
         print("W&B offline runs (upload with `wandb sync DIR`):\n" + "".join(f"  wandb sync {r}\n" for r in runs),
               end="")

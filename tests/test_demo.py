@@ -48,5 +48,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(dn["results"]["overall"]) == {"unet", "reproject", "gauss", "scaled"}
     assert dn["tuning"]["params"]["gauss"]["sigma"]["source"] == "tuned" and len(dn["tuning"]["studies"]) == 3
     assert "best denoiser on NMSE vs the noise-free counts" in r.stdout
+    assert (out / "eval-denoise" / "panels" / f"{held_out['id']}.png").stat().st_size > 0
+    (dn_run,) = (out / "eval-denoise" / "wandb").glob("offline-run-*")
+    assert f"wandb sync {dn_run}" in r.stdout
     r = run_hpc("demo", "--quick", "-o", out)  # never writes into a used directory
     assert r.returncode == 2 and "not empty" in r.stderr
