@@ -101,6 +101,11 @@ def plot(runs: list[dict], png: Path, title: str) -> None:
         if name != ref and name in last["nmse"]:
             ax.axhline(last["nmse"][name] / last["nmse"][ref], color="gray", linestyle=":", label=f"{name} (tuned)")
     ax.axhline(0.90, color="tab:green", linestyle="-.", label="goal: 0.90")
+    if max(q["unet_ratio"]["high"] for run in runs for q in run["points"]) > 3:
+        ax.set_yscale("log")  # networks 10x from the physics line next to one near it
+        if "linear" in last["nmse"]:  # the radial-interpolation fill those networks start from
+            ax.axhline(last["nmse"]["linear"] / last["nmse"][ref], color="tab:red", linestyle=":",
+                       label="linear (the radial fill)")
     ax.set_xscale("log")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel(f"held-out in-gap NMSE (true) / {ref}")
