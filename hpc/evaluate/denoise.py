@@ -40,7 +40,7 @@ from hpc.evaluate.common import (
     warm_projectors,
 )
 from hpc.evaluate.protocol import as_written, compare
-from hpc.evaluate.report import energies, flatten, fmt, log_wandb, markdown_table, protocol_text, save_panel
+from hpc.evaluate.report import energies, flatten, fmt, log_wandb, markdown_table, protocol_text, with_panels
 from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import Study, low_dose_studies
 from hpc.io.atomic import atomic_write_text
@@ -200,16 +200,12 @@ def evaluate_denoising(rep: Repairer | None, studies: list[tuple[Study, float]],
             comparison[metric] = compare(per_study, {NETWORK}, seed=0)
     doses = [d for _, d in studies]
     protocol = {"tuning": chosen, "comparison": comparison, "recommend": recommend(comparison, chosen, doses, rep)}
-    panels = []
-    try:  # outputs only once every study is scored: a bad study leaves no panels without a report
-        for st, _ in studies:
-            panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
+
+    def finish(panels: list[str]) -> dict:
         results["overall"] = pool(results)
         return write(rep, results, protocol, out_dir, doses, panels)
-    except BaseException:
-        for p in panels:
-            Path(p).unlink(missing_ok=True)
-        raise
+
+    return with_panels(results, out_dir, finish)
 
 
 def recommend(comparison: dict, chosen: dict, doses: list[float], rep: Repairer | None) -> dict:

@@ -61,7 +61,7 @@ from hpc.evaluate.common import (
     warm_projectors,
 )
 from hpc.evaluate.protocol import as_written
-from hpc.evaluate.report import log_wandb, protocol_text, save_panel, sino_table, write_report
+from hpc.evaluate.report import log_wandb, protocol_text, sino_table, with_panels, write_report
 from hpc.evaluate.scoring import ImageScore, SinoScore, lesion_rois
 from hpc.evaluate.studies import (
     Study,
@@ -281,7 +281,7 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
     scanners = {geometry(rep, st.layout) for st in [*studies, *opts.tune_on]} - {None}
     setup = sum(warm_projectors(sc) for sc in scanners)
     rep, opts, chosen = tuning.choose_params(rep, studies, opts, evaluate_study)
-    results, panels = {}, []
+    results = {}
     with Progress(sum(len(pick_slices(s.layout.num_slices, opts.slices)) for s in studies), "slices", "evaluate",
                   enabled=not opts.quiet) as bar:
         for st in studies:
@@ -291,15 +291,12 @@ def evaluate(rep: Repairer, studies: list[Study], out_dir: Path, opts: Options) 
     aux = bool(FILLS.meta(rep.cfg.data.fill).get("aux"))
     method, command = tuning.predict_command(comp, chosen, str(rep.path), aux)
     protocol = {"tuning": chosen.to_dict(), "comparison": comp, "recommend": {"method": method, "command": command}}
-    try:  # outputs only once every study is scored: a bad study leaves no panels without a report
-        for st in studies:
-            panels.append(str(save_panel(results[st.id].panel, st.id, out_dir / "panels" / f"{st.id}.png")))
+
+    def finish(panels: list[str]) -> dict:
         results["overall"] = pool(results)
         return write_report(rep, results, panels, out_dir, opts, setup, protocol)
-    except BaseException:
-        for p in panels:
-            Path(p).unlink(missing_ok=True)
-        raise
+
+    return with_panels(results, out_dir, finish)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

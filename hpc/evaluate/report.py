@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,21 @@ def save_panel(p: dict | None, study: str, path: Path) -> Path:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
+
+
+def with_panels(results: dict, out_dir: Path, finish: Callable[[list[str]], dict]) -> dict:
+    """Save each scored study's panel (``results``: study -> StudyResult) into ``out_dir``/panels, then
+    ``finish(panels)`` (pool, write the report). Outputs only once every study is scored, and none
+    left behind if this fails: a bad study never leaves panels without a report."""
+    panels = []
+    try:
+        for sid in list(results):
+            panels.append(str(save_panel(results[sid].panel, sid, out_dir / "panels" / f"{sid}.png")))
+        return finish(panels)
+    except BaseException:
+        for p in panels:
+            Path(p).unlink(missing_ok=True)
+        raise
 
 
 def training_run(rep) -> dict:
