@@ -342,7 +342,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                    help="also log to W&B (WANDB_MODE overrides)")
-    p.add_argument("--project", default="", help="W&B project (default: the training run's log.project; without a checkpoint: hpc)")
+    p.add_argument("--project", default="",
+                   help="W&B project (default: the training run's log.project; without a checkpoint: hpc)")
     p.add_argument("--quiet", action="store_true")
 
 
