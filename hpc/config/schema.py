@@ -172,6 +172,7 @@ class TrainConfig:
     best_metric: Metric = "nmse_gap"
     best_mode: BestMode = "min"
     seed: int = 0
+    ema: float = 0.0  # decay per step of the weights' moving average that is validated and used (0 = off)
 
 
 @dataclass
@@ -355,6 +356,7 @@ RANGES: dict[str, Rule] = {
     "optim.patience": _ge(0), "optim.clip_grad": _ge(0), "optim.accumulate": _ge(1),
     "train.run_dir": ((lambda v: bool(v.strip())), "a directory (not empty)"),
     "train.samples": _ge(1), "train.val_every": _ge(0), "train.val_batches": _ge(0), "train.seed": _ge(0),
+    "train.ema": ((lambda v: 0 <= v < 1), "in [0, 1) (0 = off; 0.999 averages ~1,000 steps)"),
     "dist.timeout_s": _ge(1), "dist.bucket_mb": _ge(0), "dist.preempt_every": _ge(1),
     "checkpoint.every": _ge(0), "checkpoint.keep": _ge(1),
     "log.every": _ge(1),

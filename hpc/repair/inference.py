@@ -41,6 +41,7 @@ from hpc.physics.geometry import find_scanner
 from hpc.physics.projdata import DeadBlockTables, dead_fractions, layout_for
 from hpc.progress import Progress
 from hpc.train.checkpoint import load, require_finite
+from hpc.train.ema import inference_weights
 from hpc.train.models import build_model, input_multiple, shapes
 
 
@@ -108,7 +109,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
         raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "
                          f"neither the checkpoint nor data.path ({cfg.data.path or 'unset'}) gives it")
-    weights = _strip_wrappers(ckpt["model"])
+    weights = _strip_wrappers(inference_weights(ckpt))  # the moving average when the run kept one
     _check_shapes(path, cfg, weights)  # before building: a stored config of model.base=200000 allocates TBs
     model = build_model(cfg.model, cfg.in_channels())
     try:

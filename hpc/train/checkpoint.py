@@ -149,7 +149,7 @@ def load(path: str | Path) -> dict:
 
 def require_finite(state: dict, path: str | Path) -> dict:
     """``state``, or an InputError when its model weights hold NaN/inf (a diverged run)."""
-    bad = nonfinite(state)
+    bad = nonfinite(state, ("model", "ema"))
     if bad is not None:
         raise InputError(f"{path}: weights are not finite ({bad} holds NaN or inf: the run diverged); "
                          "use an earlier checkpoint")
@@ -222,7 +222,7 @@ class Checkpointer:
         payload, copy it to best.pt when ``is_best``, then delete all but the newest ``keep`` step
         files. Weights or optimizer moments with NaN/inf are never written (NonFiniteError), so the
         file just written, always kept, is the newest finite checkpoint."""
-        bad = nonfinite(state, ("model", "optim"))
+        bad = nonfinite(state, ("model", "optim", "ema"))
         if bad is not None:
             raise NonFiniteError(f"{self.dir}: step {step}: {bad} holds NaN or inf; checkpoint not written "
                                  f"(newest finite: {self.list()[0].name if self.list() else 'none'})")
@@ -295,10 +295,12 @@ def describe(path: str | Path) -> str:
     state = load(path)
     cfg = state["config"]
     n_params = sum(t.numel() for t in state["model"].values() if torch.is_tensor(t))
+    ema = state.get("ema")
     lines = [
         f"checkpoint {path} ({path.stat().st_size / 1e6:.1f} MB)",
         f"  step (samples seen): {state['step']}   epoch: {state['epoch']}",
-        f"  model: {cfg['model']['name']} ({n_params:,} values in {len(state['model'])} tensors)",
+        f"  model: {cfg['model']['name']} ({n_params:,} values in {len(state['model'])} tensors)"
+        + (f"; runs its moving average (decay {ema['decay']}, {ema['updates']} steps)" if ema else ""),
         f"  optimizer: {cfg['optim']['name']} lr={cfg['optim']['lr']}   "
         f"scheduler: {cfg['optim']['scheduler']}",
         f"  ranks with RNG state: {len(state.get('rng', []))}",

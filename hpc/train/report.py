@@ -69,7 +69,7 @@ def finished_line(run_dir: str, step: int, train_cfg, best: float, best_step: in
 def model_differences(saved: dict, current: dict) -> list[str]:
     """``model.base=4 -> 16``-style differences of the config sections that shape the network."""
     out = []
-    for section, keys in (("model", None), ("data", ("context",))):
+    for section, keys in (("model", None), ("data", ("context",)), ("train", ("ema",))):
         old, new = saved.get(section, {}), current.get(section, {})
         for k in keys or sorted(set(old) | set(new)):
             if old.get(k) != new.get(k):

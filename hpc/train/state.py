@@ -20,7 +20,7 @@ from hpc.data.index import SPLITS, config_split
 from hpc.train import checkpoint as ck
 
 KEYS = ("model", "optim", "sched", "step", "epoch", "loader", "rng", "config", "metrics", "best", "validation",
-        "data", "version", "git")
+        "data", "ema", "version", "git")
 
 
 def training_data(cfg: Config, loader) -> dict:
@@ -38,9 +38,9 @@ class TrainState:
     """The model, optimizer, LR schedule and loader plus the loop's counters, saved and restored as one."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched, loader,
-                 data: dict, rank: int = 0, validator=None):
+                 data: dict, rank: int = 0, validator=None, ema=None):
         self.cfg, self.model, self.optimizer, self.sched, self.loader = cfg, model, optimizer, sched, loader
-        self.data, self.rank, self.validator = data, rank, validator
+        self.data, self.rank, self.validator, self.ema = data, rank, validator, ema  # ema: hpc.train.ema.EMA
         self.step = 0  # samples seen by all ranks (runs on different GPU counts compare)
         self.best = math.inf if cfg.train.best_mode == "min" else -math.inf  # of train.best_metric
         self.metrics: dict[str, float] = {}  # the last validation's
@@ -56,6 +56,7 @@ class TrainState:
                  "loader": self.loader.state_dict(), "rng": rng if rng is not None else [ck.rng_state()],
                  "config": to_dict(self.cfg), "metrics": self.metrics, "best": self.best,
                  "validation": self.validation(), "data": self.data,
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
                  **self.code}  # keys in the order of KEYS (tests/test_train_state.py checks it)
 
     def validation(self) -> dict:
@@ -71,6 +72,10 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise ValueError("the checkpoint has no moving average of the weights (train.ema was 0)")
+            self.ema.load_state_dict(state["ema"])
         self.loader.load_state_dict(state["loader"])  # continues mid-epoch at the same batch
         ck.set_rng_state(state["rng"][self.rank])
         self.step, self.best, self.metrics = int(state["step"]), float(state["best"]), dict(state["metrics"])

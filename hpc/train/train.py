@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from hpc.errors import EXIT_REQUEUE, ConfigError, DistributedError, HpcError, Ou
 from hpc.io.dirlock import missing_dirs, remove_empty
 from hpc.registry import FILLS, LOSSES, MODELS, SCANNERS
 from hpc.train import checkpoint as ck
+from hpc.train.ema import EMA
 from hpc.train.logger import RunLogger, preflight
 from hpc.train.losses import build_loss
 from hpc.train.models import build_model, check_fits, input_multiple
@@ -100,12 +102,13 @@ class Trainer:
         check_fits(cfg, ctx.device, self.loader.index.ds.slice_shape, device_memory(ctx.device))
         self.model = build_model(cfg.model, cfg.in_channels()).to(ctx.device, memory_format=self.fmt)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.sched = LRSchedule(cfg.optim, cfg.train.best_mode)
         self.loss = build_loss(cfg.loss)
         self.validator = Validator(cfg, val_loader, self.model.centre, main=ctx.rank == 0) \
             if val_loader is not None else None
         self.state = TrainState(cfg, self.model, self.optimizer, self.sched, self.loader,
-                                training_data(cfg, self.loader), ctx.rank, self.validator)
+                                training_data(cfg, self.loader), ctx.rank, self.validator, self.ema)
         self.ckpt = ck.Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep)
         self.resumed_from = self._resume() if cfg.checkpoint.resume else None
         self.finished = self.resumed_from is not None and self.state.step >= cfg.train.samples
@@ -176,7 +179,9 @@ class Trainer:
         """Every rank contributes its RNG state (a collective); rank 0 alone writes. Non-finite
         weights or optimizer moments are never written: every rank checks its own (identical under
         DDP) copy, so all of them stop together with exit 2."""
-        bad = ck.nonfinite({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}, ("model", "optim"))
+        tensors = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+                   "ema": self.ema.weights() if self.ema is not None else {}}
+        bad = ck.nonfinite(tensors, tuple(tensors))
         if bad is not None:
             raise ck.NonFiniteError(f"{self.cfg.train.run_dir}: step {self.state.step}: {bad} holds NaN or inf; "
                                     f"no checkpoint written ({self._newest()})")
@@ -213,6 +218,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()  # on the device, no sync
         return total / n
 
     def _validate(self) -> bool:
@@ -225,7 +232,8 @@ class Trainer:
                              f"{'/'.join(map(str, reproject_iters()))} OSEM iterations when the geometry is "
                              f"known) on the same slices, once: they are kept in the checkpoints")
         self.log.pause()  # the validation's progress takes the bar's line
-        metrics, panels = self.validator(self._forward)
+        with self.ema.applied() if self.ema is not None else nullcontext():  # the weights users will run
+            metrics, panels = self.validator(self._forward)
         key = self.cfg.train.best_metric  # one of hpc.config.Metric: the keys of `metrics`
         st = self.state
         if self.cfg.log.images and panels is not None:
