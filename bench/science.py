@@ -34,13 +34,15 @@ from hpc.distributed.device import resolve_device
 from hpc.evaluate.evaluate import Options, evaluate
 from hpc.evaluate.protocol import compare
 from hpc.evaluate.studies import simulation_studies
-from hpc.repair.inference import load_repairer
+from hpc.repair.inference import load_repairer, strip_wrappers
+from hpc.train import checkpoint as ck
 
 METRIC = "nmse_gap_true"
 
 
-def point(out: Path, plan, seed: int, data: tuple, samples: int, prior: dict | None) -> dict:
-    """Train for ``samples`` and score it with the fair protocol: one point of the curve."""
+def point(out: Path, plan, seed: int, data: tuple, samples: int, prior: dict | None, raw: bool = False) -> dict:
+    """Train for ``samples`` and score it with the fair protocol: one point of the curve. ``raw``: a
+    run with train.ema also scores its raw weights (the same training) against the same baselines."""
     dataset, held_out, train_ids, val_ids = data
     budget = (f"train.samples={samples}", f"train.val_every={samples}", f"optim.restart_samples={samples}",
               f"log.every={max(samples // 4, 1)}", "log.wandb=disabled")
@@ -59,9 +61,26 @@ def point(out: Path, plan, seed: int, data: tuple, samples: int, prior: dict | N
                        tune_on=simulation_studies(sim, val_ids))
         summary = evaluate(rep, simulation_studies(sim, [s["id"] for s in held_out]), out / "eval", opts)
         comp = against(summary, prior)
-    return {"samples": samples, "train_seconds": round(seconds, 1),
-            "nmse": {m: row["nmse"] for m, row in comp["methods"].items()}, "reference": comp["reference"],
-            "unet_ratio": comp["methods"]["unet"], "tuning": summary["tuning"]["params"]}
+    result = {"samples": samples, "train_seconds": round(seconds, 1),
+              "nmse": {m: row["nmse"] for m, row in comp["methods"].items()}, "reference": comp["reference"],
+              "unet_ratio": comp["methods"]["unet"], "tuning": summary["tuning"]["params"]}
+    if raw:
+        base = prior or json.loads((out / "eval" / "metrics.json").read_text())
+        result["raw_ratio"] = raw_weights(out, plan, sim, held_out, val_ids, ckpt, base)
+    return result
+
+
+def raw_weights(out: Path, plan, sim: Path, held_out: list[dict], val_ids: list[str], ckpt: str, prior: dict) -> dict:
+    """The ratio of a train.ema run's raw weights (what it trained, not the average it validated) to
+    the baselines of ``prior``: the average's A/B on one training, paired over the same studies."""
+    state = ck.load(ckpt)
+    if not state.get("ema"):
+        raise SystemExit(f"science: {ckpt} has no moving average (--also-raw needs --set train.ema=D)")
+    rep = load_repairer(ckpt, resolve_device("auto"))
+    rep.model.load_state_dict(strip_wrappers(state["model"]))
+    opts = Options(["linear"], plan.eval_slices, images=False, quiet=True, tune_on=simulation_studies(sim, val_ids))
+    summary = evaluate(rep, simulation_studies(sim, [s["id"] for s in held_out]), out / "eval-raw", opts)
+    return against(summary, prior)["methods"]["unet"]
 
 
 def against(summary: dict, prior: dict) -> dict:
@@ -129,6 +148,9 @@ def main() -> int:
     ap.add_argument("--baselines-from", type=Path, metavar="METRICS_JSON",
                     help="the baselines' held-out scores from an evaluation of --data's run (its eval/metrics.json): "
                          "the points score only the network (and linear, as a check)")
+    ap.add_argument("--also-raw", action="store_true",
+                    help="with --set train.ema=D: also score each training's raw weights (raw_ratio), "
+                         "an A/B of the average on the same training")
     ap.add_argument("--json", type=Path, help="where the points go")
     ap.add_argument("--png", type=Path, required=True)
     ap.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",
@@ -153,7 +175,7 @@ def main() -> int:
     prior = json.loads(a.baselines_from.read_text()) if a.baselines_from else None
     points = []
     for n in (int(v) for v in a.samples.split(",")):
-        points.append(point(a.output / f"n{n}", plan, a.seed, data, n, prior))
+        points.append(point(a.output / f"n{n}", plan, a.seed, data, n, prior, a.also_raw))
         print(json.dumps(points[-1]), flush=True)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"preset": a.preset, "seed": a.seed, "set": a.set, "metric": METRIC,

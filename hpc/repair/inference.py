@@ -63,7 +63,7 @@ class Repairer:
         return self.cfg.in_channels() // 2
 
 
-def _strip_wrappers(state: dict) -> dict:
+def strip_wrappers(state: dict) -> dict:
     """State dicts saved from DDP / torch.compile wrappers carry 'module.' / '_orig_mod.' prefixes."""
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
@@ -109,7 +109,7 @@ def load_repairer(path: str | Path, device: torch.device) -> Repairer:
     if "scale" not in data and cfg.data.normalize in ("scale", "anscombe"):
         raise InputError(f"{path}: data.normalize={cfg.data.normalize} needs the training set's scale, and "
                          f"neither the checkpoint nor data.path ({cfg.data.path or 'unset'}) gives it")
-    weights = _strip_wrappers(inference_weights(ckpt))  # the moving average when the run kept one
+    weights = strip_wrappers(inference_weights(ckpt))  # the moving average when the run kept one
     _check_shapes(path, cfg, weights)  # before building: a stored config of model.base=200000 allocates TBs
     model = build_model(cfg.model, cfg.in_channels())
     try:
