@@ -146,9 +146,13 @@ def dataset_jobs(rep: Method, root: str | Path, output: str | Path, studies: lis
     """Every study (or those in ``studies``, or the checkpoint's ``split``) of a converted dataset,
     repaired from its stored ``input`` (paired) or ``target``, gaps from its stored ``mask`` or the
     ``dead_blocks``; each written as ``output/<study>_repaired.h5``. Its stored mult / randoms go
-    to the methods that model them."""
+    to the methods that model them. Denoising (``hpc predict --dose``): the same scan (a paired
+    dataset's ``input`` is its low-dose twin), no gaps, ``output/<study>_denoised.h5``."""
 
     ds, ckpt = Dataset.open(root), _checkpoint(rep)
+    denoise = isinstance(rep, DenoiseMethod)
+    if denoise and dead_blocks is not None:
+        raise InputError("--dead-blocks: --dose denoises the whole scan; dead blocks are for repairs")
     ids = [s.id for s in ds.studies]
     if studies is not None:
         chosen = studies
@@ -171,21 +175,22 @@ def dataset_jobs(rep: Method, root: str | Path, output: str | Path, studies: lis
         if dead_blocks is not None and key not in geometry:  # checked before anything is written
             geometry[key] = method_gaps(rep, layout, dead_blocks=dead_blocks, scanner=scanner)
 
-        opener = partial(_open_study, info, geometry.get(key))
+        opener = partial(_open_study, info, geometry.get(key), not denoise)
         aux = {r: partial(ShardArray, info, r) for r in AUX if r in info.truth} if models_factors(rep) else {}
-        jobs.append(Job(layout, opener, Path(output) / f"{info.id}_repaired.h5", "h5", aux))
+        name = f"{info.id}_{'denoised' if denoise else 'repaired'}.h5"
+        jobs.append(Job(layout, opener, Path(output) / name, "h5", aux))
     check_outputs(jobs, [], inside=ds.root)
     return jobs
 
 
-def _open_study(info, blocks: MaskFn | None):
+def _open_study(info, blocks: MaskFn | None, gaps: bool = True):
     """(read, mask, close) of a converted study: its stored ``input`` (paired) or ``target``; gaps
-    from ``blocks`` (dead blocks), else its stored ``mask``, else none."""
+    from ``blocks`` (dead blocks), else its stored ``mask`` (unless not ``gaps``), else none."""
 
     src = ShardArray(info, "input" if info.has_input else "target")
     if blocks is not None:
         mask, stored = blocks, None
-    elif info.has_mask:
+    elif info.has_mask and gaps:
         stored = ShardArray(info, "mask")
         mask = lambda a, b: stored.read(a, b).astype(np.float32)  # noqa: E731  (uint8 0/1 or float fractions)
     else:

@@ -27,6 +27,7 @@ examples:
   hpc predict --method axial3d scan.hs --dead-blocks 3,17 --scanner mmr -o scan_fixed.hs
   hpc predict --dose 0.25 --method reproject --method-param iters=2 low.hs --mult m.hs --randoms r.hs -o full.hs
   hpc predict --dose 0.25 --checkpoint denoiser.pt low.hs -o full.hs     # a corrupt.dose=0.25 network
+  hpc predict --dose 0.25 --method gauss --method-param sigma=1.5 data/low -o den/   # den/<study>_denoised.h5
   hpc predict --checkpoint best.pt scan.hs --dead-blocks 3,17 --scanner demo -o scan_fixed.hs
   hpc predict --checkpoint best.pt scan.s.hdr --mask gaps.s.hdr -o scan_fixed.h5 --format h5
   hpc predict --checkpoint best.pt scan.raw --shape 1,64,96,128 --dtype uint16 --mask m.raw -o fixed.raw
@@ -74,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="denoise instead of repair: INPUT is a low-dose scan holding a fraction F of a full scan's "
                         "counts; the output estimates the full-dose counts. --method unet (a checkpoint trained "
                         f"with corrupt.dose or corrupt.paired) or {', '.join(DENOISERS.names())} (no checkpoint; "
-                        "--mult / --randoms: the full-dose factors); no --mask (docs/EVALUATION.md, \"Denoising\")")
+                        "--mult / --randoms: the full-dose factors; a converted dataset's: its stored ones, its paired `input` "
+                        "as the low-dose scan); no --mask (docs/EVALUATION.md, \"Denoising\")")
     p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
                    help="a baseline's free parameter, e.g. iters=8 (repeatable; checked against the baseline)")
     p.add_argument("-o", "--output", required=True,
@@ -152,8 +154,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch must be >= 1, got {args.batch}")
     if not args.dose:
         check_method_name(args.method, bool(args.checkpoint))
-    elif len(args.inputs) == 1 and Path(args.inputs[0]).is_dir():
-        raise InputError(f"{args.inputs[0]}: --dose denoises files (a converted dataset's studies: not yet)")
     rank, world, device = rank_device(args.device)
     ckpt = load_repairer(args.checkpoint, device) if args.checkpoint else None
     rep = (resolve_denoise(args.method, args.method_param, ckpt, args.dose, args.scanner) if args.dose
