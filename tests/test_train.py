@@ -151,13 +151,14 @@ def test_torchrun_two_ranks(dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "hpc", *args(dataset, run, "train.samples=32", "data.split=[0.5,0.5,0.0]",
-                        "data.batch_size=2")]
+                        "data.batch_size=2", "train.ema=0.9")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     state = final_state(run)
     assert state["step"] == 32 and len(state["rng"]) == 2  # every rank's RNG state
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seeded distinctly
     assert [t["step"] for t in records(run, "train")] == [8, 16, 24, 32]  # 2 ranks x 2 samples per step
+    assert state["ema"]["updates"] == 32 // 4  # the weights' average: one update per (DDP) optimizer step
 
 
 # ---------------------------------------------------------------- schedules and optimizers
