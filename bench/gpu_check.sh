@@ -21,6 +21,9 @@
 #           batch 32; ratio = loader slices/s / the bf16 step's samples/s from the step stage
 #   train   hpc train configs/badblock.yaml on the GPU (DALI loader when it imports, else torch),
 #           stopped by SIGUSR2 sent to the trainer alone: it checkpoints and exits 75
+#   listmode (only when named: a second call, --stages listmode) bench/listmode.py: a 1 GB mMR
+#           list-mode file histogrammed with numpy and with torch on the GPU against `cat`, warm and
+#           cold (issue 25's target: >= 0.5x cat); listmode.json
 # --dali: the second, optional call after DALI's wheels were carried in parts (bench/dali_parts.py):
 #   DALI must import; the tests are DALI's; stages default to tests,data,loader,train.
 # --cpu: the same stages at small sizes on the CPU (bench/rehearse.py runs this under the node's
@@ -58,7 +61,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$STAGES" ] || { [ "$DALI" = 1 ] && STAGES=tests,data,loader,train || STAGES=tests,step,data,loader,train; }
 for s in ${STAGES//,/ }; do
-    case "$s" in tests|step|data|loader|train) ;; *) die "--stages: unknown stage '$s' (tests,step,data,loader,train)" ;; esac
+    case "$s" in tests|step|data|loader|train|listmode) ;;
+        *) die "--stages: unknown stage '$s' (tests,step,data,loader,train,listmode)" ;; esac
 done
 [ ${#WHEELS[@]} -gt 0 ] || { [ -d "$ROOT/.gpu-wheels" ] && WHEELS=("$ROOT/.gpu-wheels"); }
 for d in "${WHEELS[@]}"; do [ -d "$d" ] || die "--wheels $d: no such folder"; done
@@ -72,7 +76,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR" "$WORK" || die "cannot create $OUTDIR or $WORK"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 [[ ,$STAGES, == *,step,* ]] && rm -f "$WORK/step.json"  # the loader's divisor comes from this call's step
-rm -rf "$LOGS" "$RUN" "$OUTDIR"/gpu_check.json "$OUTDIR"/step.json "$OUTDIR"/loader.json "$OUTDIR"/logs.tar.gz
+rm -rf "$LOGS" "$RUN" "$OUTDIR"/gpu_check.json "$OUTDIR"/step.json "$OUTDIR"/loader.json "$OUTDIR"/listmode.json \
+    "$OUTDIR"/logs.tar.gz
 mkdir -p "$LOGS"
 cd "$ROOT" || die "cannot enter $ROOT"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -167,12 +172,12 @@ BACKENDS=torch; TRAIN_BACKEND=torch
 
 if [ "$CPU" = 1 ]; then  # the same stages and geometry, small counts and width: ~1-2 minutes on 2 cores
     DEV=cpu; BATCH=4; STUDIES=2; SLICES=109; BASE=4
-    T_TESTS=120; T_STEP=90; T_DATA=60; T_LOADER=90; T_TRAIN=15
+    T_TESTS=120; T_STEP=90; T_DATA=60; T_LOADER=90; T_TRAIN=15; T_LM=90; LM_ARGS=(--gb 0.05 --runs numpy:1,cpu:1)
     STEP_ARGS=(--modes fp32 --batch 2 --warmup 1 --steps 2 --base "$BASE"); STEP_MODE=fp32  # no compile on CPU
     LOADER_ARGS=(--workers 2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8)
 else
     DEV=cuda; BATCH=32; STUDIES=12; SLICES=109; BASE=64
-    T_TESTS=110; T_STEP=150; T_DATA=40; T_LOADER=60; T_TRAIN=70
+    T_TESTS=110; T_STEP=150; T_DATA=40; T_LOADER=60; T_TRAIN=70; T_LM=150; LM_ARGS=(--gb 1.0 --runs numpy:1,cuda:1)
     STEP_ARGS=(--modes fp32,bf16 --batch 32 --warmup 3 --steps 10); STEP_MODE=bf16
     LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320)
 fi
@@ -209,6 +214,8 @@ import loader; loader.synthetic(Path('$WORK/data'), $STUDIES, $SLICES, 168, 400,
         "data.backend=$TRAIN_BACKEND" "data.batch_size=$BATCH" "data.split=[0.75, 0.25, 0.0]" \
         "corrupt.scanner=$SCANNER" train.samples=100000000 train.val_every=0 checkpoint.every=0 \
         log.wandb=disabled log.progress=false log.images=false "${TRAIN_ARGS[@]}" ;;
+    listmode) stage listmode "$T_LM" -- "$PY" bench/listmode.py "${LM_ARGS[@]}" --repeats 1 --dir "$WORK" \
+        --out "$OUTDIR/listmode.json" ;;
     esac
 done
 trap - TERM INT

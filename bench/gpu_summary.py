@@ -96,6 +96,9 @@ def figures(stages: dict) -> dict:
         f[f"loader_{backend}_slices_per_s"] = best["slices_per_s"]
         f[f"loader_{backend}_workers"] = best["workers"]
         f[f"loader_{backend}_ratio"] = best.get("ratio")
+    for k, v in stages.get("listmode", {}).get("x_cat", {}).items():
+        if not k.endswith(" cat"):  # "warm cuda:1" -> listmode_warm_cuda_x_cat
+            f[f"listmode_{k.replace(' ', '_').split(':')[0]}_x_cat"] = v
     if stages.get("train", {}).get("samples_per_s") is not None:
         f["train_samples_per_s"] = stages["train"]["samples_per_s"]
     return {k: v for k, v in f.items() if v is not None}
@@ -117,6 +120,8 @@ def summary(args: argparse.Namespace) -> dict:
         stages["step"]["rows"] = found["rows"]
     if "loader" in stages and (found := _json(out / "loader.json")) is not None:
         stages["loader"]["rows"] = found
+    if "listmode" in stages and (found := _json(out / "listmode.json")) is not None:
+        stages["listmode"]["x_cat"] = {k: v["x_cat"] for k, v in (found.get("summary") or {}).items()}
     if "train" in stages:
         stages["train"] |= train_record(args.run)
         if stages["train"]["status"] == "ok" and stages["train"]["checkpoint"] is None:
@@ -146,6 +151,8 @@ def _detail(name: str, rec: dict) -> str:
         return "; ".join(f"{r['backend']} w{r['workers']} failed: {r['error'][:60]}" if "error" in r else
                          f"{r['backend']} w{r['workers']} {r['slices_per_s']:,.0f}/s"
                          + (f" (ratio {r['ratio']:.2f})" if r.get("ratio") else "") for r in rec["rows"])
+    if "x_cat" in rec:
+        return ", ".join(f"{k} {v:.3g}x cat" for k, v in rec["x_cat"].items() if not k.endswith(" cat"))
     if "samples" in rec:
         rate = f"{rec['samples_per_s']:,.1f} samples/s" if rec["samples_per_s"] else "no rate logged"
         return f"{rec['samples']} samples, {rate}, checkpoint {rec['checkpoint']}"

@@ -165,6 +165,24 @@ def test_a_budget_too_small_for_a_stage_skips_it(tmp_path):
     assert r.returncode == 1 and result["stages"]["step"]["status"] == "skipped", r.stdout + r.stderr
 
 
+def test_the_listmode_stage_returns_the_histogram_against_cat(tmp_path):
+    """The opt-in second call for issue 25 (``--stages listmode``), at its CPU size: a list-mode file
+    histogrammed and checked against the generator, each kernel's ratio to `cat` in the JSON."""
+    (tmp_path / "none").mkdir()  # no wheels: this Python has hpc's dependencies
+    r = subprocess.run(["bash", str(SCRIPT), "--cpu", "--stages", "listmode", "-o", str(tmp_path / "o"),
+                        "--wheels", str(tmp_path / "none"), "--site", str(tmp_path / "site")],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    stage = result["stages"]["listmode"]
+    assert stage["status"] == "ok" and set(stage["x_cat"]) >= {"warm numpy:1", "cold numpy:1", "warm cpu:1"}
+    assert all(v > 0 for v in stage["x_cat"].values())
+    assert result["figures"]["listmode_warm_numpy_x_cat"] == stage["x_cat"]["warm numpy:1"]
+    assert "x cat" in r.stdout  # the printed table names the ratios
+    assert not list((tmp_path / "hpc-gpu-check").glob("bench_listmode*"))  # the 50 MB file is removed
+
+
 def test_dali_parts_travel_in_warm_calls_and_reassemble(tmp_path, wheels, node):
     """The part mechanism on real wheels (this Python's hdf5plugin + numcodecs, 20 MiB parts):
     a part per call, a cold node forgets, --complete waits for every part, a damaged part is refused,

@@ -75,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="denoise instead of repair: INPUT is a low-dose scan holding a fraction F of a full scan's "
                         "counts; the output estimates the full-dose counts. --method unet (a checkpoint trained "
                         f"with corrupt.dose or corrupt.paired) or {', '.join(DENOISERS.names())} (no checkpoint; "
-                        "--mult / --randoms: the full-dose factors; a converted dataset's: its stored ones, its paired `input` "
-                        "as the low-dose scan); no --mask (docs/EVALUATION.md, \"Denoising\")")
+                        "--mult / --randoms: the full-dose factors; a converted dataset's: its stored ones, its "
+                        "paired `input` as the low-dose scan); no --mask (docs/EVALUATION.md, \"Denoising\")")
     p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
                    help="a baseline's free parameter, e.g. iters=8 (repeatable; checked against the baseline)")
     p.add_argument("-o", "--output", required=True,
