@@ -19,7 +19,8 @@
 #   data    a synthetic dataset: 12 studies x 109 slices of 168x400 (Siemens mCT segment 0), blosc
 #   loader  bench/loader.py torch (and DALI when it imports), workers 4 and 8, mCT dead blocks,
 #           batch 32; ratio = loader slices/s / the bf16 step's samples/s from the step stage
-#   train   hpc train configs/badblock.yaml on the GPU (DALI loader when it imports, else torch),
+#   train   hpc train configs/badblock.yaml on the GPU (DALI loader when it imports, else torch; with
+#           the weights' moving average, train.ema),
 #           stopped by SIGUSR2 sent to the trainer alone: it checkpoints and exits 75
 #   listmode (only when named: a second call, --stages listmode) bench/listmode.py: a 1 GB mMR
 #           list-mode file histogrammed with numpy and with torch on the GPU against `cat`, warm and
@@ -174,12 +175,12 @@ if [ "$CPU" = 1 ]; then  # the same stages and geometry, small counts and width:
     DEV=cpu; BATCH=4; STUDIES=2; SLICES=109; BASE=4
     T_TESTS=120; T_STEP=90; T_DATA=60; T_LOADER=90; T_TRAIN=15; T_LM=90; LM_ARGS=(--gb 0.05 --runs numpy:1,cpu:1)
     STEP_ARGS=(--modes fp32 --batch 2 --warmup 1 --steps 2 --base "$BASE"); STEP_MODE=fp32  # no compile on CPU
-    LOADER_ARGS=(--workers 2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8)
+    LOADER_ARGS=(--workers 2 --epochs 1 --base "$BASE"); TRAIN_ARGS=(data.workers=2 "model.base=$BASE" log.every=8 train.ema=0.999)
 else
     DEV=cuda; BATCH=32; STUDIES=12; SLICES=109; BASE=64
     T_TESTS=110; T_STEP=150; T_DATA=40; T_LOADER=60; T_TRAIN=70; T_LM=150; LM_ARGS=(--gb 1.0 --runs numpy:1,cuda:1)
     STEP_ARGS=(--modes fp32,bf16 --batch 32 --warmup 3 --steps 10); STEP_MODE=bf16
-    LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320)
+    LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320 train.ema=0.999)
 fi
 TEST_ARGS=(-m gpu tests/test_gpu.py tests/test_projector.py tests/test_projector3d.py tests/test_device.py)
 if [ "$DALI" = 1 ]; then  # the call after the parts: little time is left, DALI's rows first
