@@ -150,9 +150,7 @@ def dataset_jobs(rep: Method, root: str | Path, output: str | Path, studies: lis
     dataset's ``input`` is its low-dose twin), no gaps, ``output/<study>_denoised.h5``."""
 
     ds, ckpt = Dataset.open(root), _checkpoint(rep)
-    denoise = isinstance(rep, DenoiseMethod)
-    if denoise and dead_blocks is not None:
-        raise InputError("--dead-blocks: --dose denoises the whole scan; dead blocks are for repairs")
+    denoise = isinstance(rep, DenoiseMethod)  # --dead-blocks: refused by method_gaps below
     ids = [s.id for s in ds.studies]
     if studies is not None:
         chosen = studies

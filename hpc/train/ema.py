@@ -30,13 +30,11 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay {decay!r}: must be in (0, 1)")
         self.model, self.decay, self.updates = model, float(decay), 0
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]  # int buffers: copied as is
-        live = model.state_dict()
-        self.shadow = [live[k].detach().clone() for k in self.names]
-
-    def _live(self) -> list[torch.Tensor]:
-        live = self.model.state_dict()
-        return [live[k] for k in self.names]
+        state = model.state_dict()  # detached views of the parameters' and buffers' own storage
+        self.names = [k for k, v in state.items() if v.is_floating_point()]  # int buffers: copied as is
+        # looked up once: the optimizer updates these tensors in place, so no step rebuilds the dict
+        self.live = [state[k] for k in self.names]
+        self.shadow = [t.clone() for t in self.live]
 
     def rate(self) -> float:
         """The weight of the newest step: 1 - decay_n (a Python number: nothing waits for the device)."""
@@ -46,20 +44,19 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         """shadow += rate * (weights - shadow), every tensor in one fused call on the device."""
-        torch._foreach_lerp_(self.shadow, [t.detach() for t in self._live()], self.rate())
+        torch._foreach_lerp_(self.shadow, self.live, self.rate())
         self.updates += 1
 
     @contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
         """The average in the model's own tensors (so DDP / compiled wrappers see it), restored on exit."""
-        live = self._live()
-        saved = [t.clone() for t in live]
-        torch._foreach_copy_(live, self.shadow)
+        saved = [t.clone() for t in self.live]
+        torch._foreach_copy_(self.live, self.shadow)
         try:
             yield
         finally:
-            torch._foreach_copy_(live, saved)
+            torch._foreach_copy_(self.live, saved)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's state_dict with the averaged tensors in place of the floating-point ones."""
