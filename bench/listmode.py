@@ -9,8 +9,10 @@ scan), then, interleaved and repeated: ``cat FILE > /dev/null`` and hpc.io.lmhis
 into the mMR's span-11 layout (prompts + delayeds), each once with the file in the page cache
 ("warm") and once after evicting it (``posix_fadvise(DONTNEED)`` on this file only: "cold"). The
 page-cache state before each run is measured (resident bytes, util-linux ``fincore`` when present).
-Speed relative to cat = cat time / histogram time. ``--runs`` lists DEVICE:WORKERS pairs: ``numpy``
-(np.add.at, WORKERS processes), ``cpu`` / ``cuda`` (hpc.io.lmtorch: torch index_add_, one process).
+Speed relative to cat = cat time / histogram time. ``--runs`` lists DEVICE:WORKERS pairs: ``numba``
+(hpc.io.lmnumba, compiled, WORKERS threads; compiled once before the timed runs, that time reported
+as ``numba_compile_s``), ``numpy`` (np.add.at, WORKERS processes), ``cpu`` / ``cuda``
+(hpc.io.lmtorch: torch index_add_, one process).
 Also times the accumulation step alone on one in-memory chunk (np.add.at, np.bincount + add, torch
 index_add_ on each available device) to show where the time goes. Every histogram is checked
 against the generator's totals; the JSON is rewritten after every run.
@@ -95,6 +97,15 @@ def kernels(layout: P.Layout, devices: list[str], events: int = 1 << 22) -> dict
     return out
 
 
+def compile_numba(hdr: L.ListModeHeader, dst: P.Layout) -> float:
+    """Seconds of the compiled kernel's first call on a few words (compiling, or loading the cache)."""
+    from hpc.io.lmnumba import NumbaKernel
+
+    t0 = time.perf_counter()
+    NumbaKernel(hdr, L.bin_map(hdr.layout, dst), None, 1, 1 << 10).run(0, min(hdr.words, 1 << 10))
+    return time.perf_counter() - t0
+
+
 def one_run(hdr: L.ListModeHeader, dst: P.Layout, truth: dict, what: str, cache: str, rep: int) -> dict:
     path = hdr.data_path
     if cache == "cold":
@@ -131,7 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.5, help="size of the generated file (GB, 1e9 bytes)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp"), help="where to write it")
-    ap.add_argument("--runs", default="numpy:1,numpy:2,cpu:1", help="DEVICE:WORKERS,... (devices numpy, cpu, cuda)")
+    ap.add_argument("--runs", default="numba:1,numba:2,numpy:1",
+                    help="DEVICE:WORKERS,... (devices numba, numpy, cpu, cuda)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the generated file")
     ap.add_argument("--out", type=Path, help="JSON results (rewritten after every run)")
@@ -143,10 +155,11 @@ def main() -> None:
     t0 = time.perf_counter()
     header, truth = write_random_listmode(args.dir / "bench_listmode", src, events, np.random.default_rng(1))
     hdr = L.read_header(header)
-    torch_devices = sorted({r.split(":")[0] for r in runs} - {"numpy"})
+    torch_devices = sorted({r.split(":")[0] for r in runs} - {"numpy", "numba"})
+    compile_s = compile_numba(hdr, dst) if any(r.startswith("numba:") for r in runs) else None
     res = {"bytes": hdr.words * 4, "events": events, "generate_s": time.perf_counter() - t0, "cpus": os.cpu_count(),
            "machine": platform.node(), "load_before": os.getloadavg(),
-           "kernels_events_per_s": kernels(dst, torch_devices), "runs": []}
+           "kernels_events_per_s": kernels(dst, torch_devices), "numba_compile_s": compile_s, "runs": []}
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}), flush=True)
     try:
         for rep in range(args.repeats):

@@ -1,6 +1,7 @@
 """PETLINK 32-bit list mode: round trips through the writer (hpc.simulate.listmode) and back
 (hpc.io.listmode, hpc.io.lmhistogram), every segment, rebinning to spans and view mashing,
-prompts and delayeds, time frames, workers, TOF addresses, the torch kernel, one-line errors.
+prompts and delayeds, time frames, workers, TOF addresses, the compiled (numba, the default), numpy
+and torch kernels against each other, one-line errors.
 The real mMR file's checks are bench/listmode_real.py (the data is not in the repository)."""
 from __future__ import annotations
 
@@ -122,13 +123,14 @@ def test_frame_inside_the_scan(tmp_path, sc, rng):
     np.testing.assert_array_equal(mid.delayeds, parts[1][3])
 
 
-def test_workers_merge_exactly(tmp_path, sc, rng):
+@pytest.mark.parametrize("device", ["numba", "numpy"])  # threads, processes
+def test_workers_merge_exactly(tmp_path, sc, rng, device):
     src = P.cti_layout(sc, 1, 7)
     pr, de = sinos(src, rng, 1.0)
     hdr = L.read_header(write(tmp_path, src, [(0, 3000, pr, de)], rng), scanner=sc)
     dst = P.cti_layout(sc, 3, 7)
-    one = list(histogram(hdr, layout=dst, frames="0:1,1:3", fansums=True))
-    two = list(histogram(hdr, layout=dst, frames="0:1,1:3", fansums=True, workers=2, chunk_words=997))
+    one = list(histogram(hdr, layout=dst, frames="0:1,1:3", fansums=True, device=device))
+    two = list(histogram(hdr, layout=dst, frames="0:1,1:3", fansums=True, workers=2, chunk_words=997, device=device))
     for x, y in zip(one, two, strict=True):
         np.testing.assert_array_equal(x.prompts, y.prompts)
         np.testing.assert_array_equal(x.delayeds, y.delayeds)
@@ -254,23 +256,26 @@ def test_unknown_scanner_and_bad_frames(small_file, sc):
             histogram(hdr, frames=bad)
 
 
+@pytest.mark.parametrize("device,workers", [("cpu", 1), ("numba", 1), ("numba", 3)])
 @pytest.mark.parametrize("mash", [1, 2])
-def test_torch_kernel_equals_numpy(tmp_path, sc, rng, mash):
-    """The torch path (device cpu here; cuda on a GPU) gives the numpy kernel's histograms, fan sums
-    and statistics exactly, across chunk boundaries and frames."""
+def test_kernels_equal_numpy(tmp_path, sc, rng, mash, device, workers):
+    """The torch path (device cpu here; cuda on a GPU) and the compiled one (1 and 3 threads; with
+    view mashing the look-up-table branch) give the numpy kernel's histograms, fan sums and
+    statistics exactly, across chunk boundaries and frames."""
     src = P.cti_layout(sc, 1, 7)
     pr, de = sinos(src, rng, 0.5)
     hdr = L.read_header(write(tmp_path, src, [(0, 2000, pr, de)], rng), scanner=sc)
     dst = P.cti_layout(sc, 3, 6, view_mashing=mash)  # drops ring difference 7: the trash plane is used
     kw = dict(layout=dst, frames="0:0.7,0.7:2", fansums=True, chunk_words=1009)
-    for a, b in zip(histogram(hdr, **kw), histogram(hdr, device="cpu", **kw), strict=True):
+    for a, b in zip(histogram(hdr, device="numpy", **kw), histogram(hdr, device=device, workers=workers, **kw),
+                    strict=True):
         np.testing.assert_array_equal(a.prompts, b.prompts)
         np.testing.assert_array_equal(a.delayeds, b.delayeds)
         np.testing.assert_array_equal(a.fansums, b.fansums)
         assert a.stats == b.stats and a.stats["dropped_prompts"] > 0
 
 
-def test_torch_kernel_refuses_what_numpy_refuses(tmp_path, sc):
+def test_kernels_refuse_what_numpy_refuses(tmp_path, sc):
     src = P.cti_layout(sc, 1, 0)
     words = np.array([1 << 31 | 5, 1 << 30 | 3, 1 << 30 | (1 << 29), 1 << 31 | 6], "<u4")  # address 2**29
     data = tmp_path / "bad.l"
@@ -278,7 +283,7 @@ def test_torch_kernel_refuses_what_numpy_refuses(tmp_path, sc):
     header = tmp_path / "bad.l.hdr"
     header.write_text(S.format_header(S.header_items(src, data.name, words.size, 1)))
     hdr = L.read_header(header, scanner=sc)
-    for device in ("numpy", "cpu"):
+    for device in ("numpy", "cpu", "numba"):
         with pytest.raises(InputError, match="word 2 holds bin address 536870912, outside") as exc:
             list(histogram(hdr, layout=src, device=device))
         one_line(exc, "bad.l")
@@ -303,7 +308,7 @@ def test_sparse_events_address_the_scanners_full_layout(tmp_path, sc, rng):
         S.sparse_counts(pr, P.cti_layout(sc, 1, 2, view_mashing=2), full)
 
 
-@pytest.mark.parametrize("device", ["numpy", "cpu"])
+@pytest.mark.parametrize("device", ["numpy", "cpu", "numba"])
 def test_check_is_called_between_chunks(tmp_path, sc, rng, device):
     """hpc convert's Ctrl-C: ``check`` runs before every chunk and what it raises stops the histogram."""
     src = P.cti_layout(sc, 1, 3)
@@ -318,3 +323,38 @@ def test_check_is_called_between_chunks(tmp_path, sc, rng, device):
     with pytest.raises(KeyboardInterrupt):
         list(histogram(hdr, layout=src, chunk_words=64, device=device, check=check))
     assert len(calls) == 3 and hdr.words > 3 * 64
+
+
+@pytest.mark.parametrize("view_mashing", [1, 2])
+@pytest.mark.parametrize("scanner", ["small", "mmr"])  # a plane shorter than 2**16 addresses, and longer
+def test_compiled_kernel_at_every_plane_boundary(tmp_path, sc, rng, scanner, view_mashing):
+    """The compiled kernel finds an address's plane with a table and one compare: the first and last
+    address of every plane (and the layout's last address), prompts and delayeds, land where the
+    numpy kernel puts them; the next address after the layout is refused in one line."""
+    sc = sc if scanner == "small" else G.get_scanner("mmr")
+    src = P.cti_layout(sc, 1, 7 if scanner == "small" else 60)
+    stride = src.views * src.bins
+    n = src.planes * stride
+    firsts = np.arange(src.planes, dtype=np.int64) * stride
+    addr = np.concatenate([firsts, firsts + stride - 1, firsts + stride // 2])
+    prompt = rng.random(addr.size) < 0.7
+    words = (addr | np.where(prompt, 1 << 30, 0)).astype("<u4")
+    words = np.insert(words, [0, 5, words.size], [1 << 31 | 7, 1 << 31 | 8, 1 << 31 | 9])  # time marks
+    data = tmp_path / "edges.l"
+    data.write_bytes(words.tobytes())
+    header = tmp_path / "edges.l.hdr"
+    header.write_text(S.format_header(S.header_items(src, data.name, words.size, 1)))
+    hdr = L.read_header(header, scanner=sc)
+    dst = P.cti_layout(sc, 3 if scanner == "small" else 11, view_mashing=view_mashing)
+    a = only(histogram(hdr, layout=dst, device="numpy"))
+    b = only(histogram(hdr, layout=dst, device="numba", chunk_words=333))
+    np.testing.assert_array_equal(a.prompts, b.prompts)
+    np.testing.assert_array_equal(a.delayeds, b.delayeds)
+    assert a.stats == b.stats and a.stats["marks"] == 3
+    assert b.stats["prompts"] + b.stats["dropped_prompts"] == prompt.sum()
+    bad = np.append(words, np.uint32(n | 1 << 30)).astype("<u4")
+    data.write_bytes(bad.tobytes())
+    header.write_text(S.format_header(S.header_items(src, data.name, bad.size, 1)))
+    with pytest.raises(InputError, match=f"word {bad.size - 1} holds bin address {n}, outside") as exc:
+        list(histogram(L.read_header(header, scanner=sc), layout=dst, device="numba", workers=2))
+    one_line(exc, "edges.l")

@@ -31,7 +31,7 @@ from hpc.io import listmode as L
 from hpc.io.atomic import atomic_write_text
 from hpc.io.headers import check_siemens_layout, read_header
 from hpc.io.interfile import data_kind, parse_header
-from hpc.io.lmhistogram import DEVICES, default_target, frame_ranges, histogram
+from hpc.io.lmhistogram import DEFAULT_DEVICE, DEVICES, default_target, frame_ranges, histogram
 from hpc.io.normfile import read_norm
 from hpc.io.spec import SinogramSpec
 from hpc.physics import geometry as G
@@ -60,9 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="list mode: dead detector blocks (comma-separated ids, hpc.physics.geometry's numbering) "
                         "stored as the gap `mask` of every frame, from the geometry (measured fraction of each bin): "
                         "what `hpc evaluate --dataset` and training with stored masks use")
-    g.add_argument("--lm-workers", type=int, default=1, help="list mode: processes histogramming each frame")
-    g.add_argument("--lm-device", choices=DEVICES, default="numpy",
-                   help="list mode: histogramming kernel (numpy, or torch on cpu / cuda; docs/BENCHMARKS.md)")
+    g.add_argument("--lm-workers", type=int, default=1,
+                   help="list mode: threads (numba) or processes (numpy) histogramming each frame, one "
+                        "histogram's memory each (mMR span 11: 580 MB)")
+    g.add_argument("--lm-device", choices=DEVICES, default=DEFAULT_DEVICE,
+                   help=f"list mode: histogramming kernel (numba compiled, numpy, or torch on cpu / cuda; "
+                        f"default here {DEFAULT_DEVICE}; docs/BENCHMARKS.md)")
     g.add_argument("--histogram-dtype", choices=("uint16", "uint32"), default="uint16",
                    help="list mode: counts per bin as stored (uint16, as the vendor's sinograms: more is an error)")
 
@@ -85,7 +88,7 @@ class Source:
     norm: Path | None = None
     mu_map: Path | None = None
     workers: int = 1
-    device: str = "numpy"
+    device: str = DEFAULT_DEVICE
     stem: str = ""  # staged names of the files its frames share: <stem>_mult, <stem>_mask
     dead_blocks: tuple[int, ...] = ()
 
@@ -186,7 +189,7 @@ def _dead_blocks(hdr: L.ListModeHeader, layout: P.Layout, text: str | None) -> t
 
 
 LISTMODE_ONLY = {"span": None, "view_mashing": None, "max_segment": None, "frames": None, "dead_blocks": None,
-                 "lm_workers": 1, "lm_device": "numpy", "histogram_dtype": "uint16"}
+                 "lm_workers": 1, "lm_device": DEFAULT_DEVICE, "histogram_dtype": "uint16"}
 
 
 def with_factors(study: Study, k: int, args: argparse.Namespace, taken: set[str]) -> Study:

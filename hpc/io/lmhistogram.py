@@ -5,9 +5,11 @@ its ends are found by bisection on the marks (hpc.io.listmode.WordFile) and ever
 them belongs to the frame; no event needs a time of its own. Each range is cut into ``workers``
 equal parts, each histogrammed by :func:`hpc.io.listmode.histogram_words` into its own integer
 accumulator, and the accumulators are added: exact whatever the cut, memory bounded by the target
-layout (prompts + delayeds + one trash plane), never by the file.
+layout (prompts + delayeds + one trash plane) per worker, never by the file.
 
-Workers are processes, not threads: ``np.add.at`` (the O(events) accumulation; ``np.bincount``
+``device="numba"`` (the default where numba imports): hpc.io.lmnumba's compiled kernel, workers are
+threads (it releases the GIL); ~10x numpy's speed per core (docs/BENCHMARKS.md, "List mode").
+``device="numpy"``: workers are processes, not threads: ``np.add.at`` (the O(events) accumulation; ``np.bincount``
 would cost O(bins) per chunk) holds the GIL. Spawned (``python -m hpc`` and the ``hpc`` script are
 safe to spawn from). Each worker fills private memory and copies it once into a file in /dev/shm
 that the parent adds up: O(bins) per worker and frame, worth it only for long files on machines
@@ -42,7 +44,19 @@ from hpc.io.listmode import (
 )
 from hpc.physics import projdata as P
 
-DEVICES = ("numpy", "cpu", "cuda")  # numpy kernel (processes), torch on the CPU, torch on a GPU
+DEVICES = ("numba", "numpy", "cpu", "cuda")  # compiled (threads), numpy (processes), torch on the CPU / a GPU
+
+
+def _default_device() -> str:
+    """numba where it imports (a dependency; the GPU machine's bare venv may lack it), else numpy."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "numba"
+
+
+DEFAULT_DEVICE = _default_device()
 
 
 @dataclass
@@ -66,13 +80,14 @@ def default_target(src: P.Layout) -> P.Layout:
 
 def histogram(hdr: ListModeHeader, layout: P.Layout | None = None, frames: str | list | None = None,
               workers: int = 1, fansums: bool = False, chunk_words: int = CHUNK_WORDS,
-              device: str = "numpy", check: Callable[[], None] | None = None) -> Iterator[Histogram]:
+              device: str = DEFAULT_DEVICE, check: Callable[[], None] | None = None) -> Iterator[Histogram]:
     """Histogram ``hdr``'s list mode into ``layout`` (default: :func:`default_target`, e.g. mMR
     span 11), one :class:`Histogram` per frame (``"0:60,60:300"`` in seconds from the first time
     mark, or [(start_ms, stop_ms)]; None: the whole file), in frame order. ``workers`` > 1: that many
-    processes (numpy), each on its own byte range, accumulators added (exact). ``device``: one of
-    DEVICES. Every check that needs no histogramming is done before this returns. ``check`` is
-    called between chunks (one process) or frames (worker processes): hpc convert's Ctrl-C."""
+    threads (numba) or processes (numpy), each on its own byte range, accumulators added (exact).
+    ``device``: one of DEVICES. Every check that needs no histogramming is done before this returns.
+    ``check`` is called between chunks (one process, numba's threads) or frames (worker processes):
+    hpc convert's Ctrl-C."""
     dst = layout or default_target(hdr.layout)
     if device not in DEVICES:
         raise InputError(f"{hdr.path}: histogram device {device!r}: expected one of {', '.join(DEVICES)}")
@@ -99,7 +114,11 @@ def frame_ranges(hdr: ListModeHeader, frames: list[tuple[int, int]] | None) -> l
 
 def _frames(hdr: ListModeHeader, bmap: BinMap, tabs, spans: list[tuple], workers: int, chunk: int,
             device: str, check: Callable[[], None] | None) -> Iterator[Histogram]:
-    if device != "numpy":
+    if device == "numba":
+        from hpc.io.lmnumba import NumbaKernel  # late: compiles on first use
+
+        runner = NumbaKernel(hdr, bmap, tabs, workers, chunk, check)
+    elif device != "numpy":
         from hpc.io.lmtorch import TorchKernel  # late: imports torch, only for this path
 
         runner = TorchKernel(hdr, bmap, tabs, device, chunk, check)
