@@ -256,12 +256,14 @@ def test_unknown_scanner_and_bad_frames(small_file, sc):
             histogram(hdr, frames=bad)
 
 
-@pytest.mark.parametrize("device,workers", [("cpu", 1), ("numba", 1), ("numba", 3)])
+@pytest.mark.parametrize("device,workers,batch", [("cpu", 1, 0), ("numba", 1, 0), ("numba", 3, 0), ("numba", 2, 2500)])
 @pytest.mark.parametrize("mash", [1, 2])
-def test_kernels_equal_numpy(tmp_path, sc, rng, mash, device, workers):
+def test_kernels_equal_numpy(tmp_path, sc, rng, monkeypatch, mash, device, workers, batch):
     """The torch path (device cpu here; cuda on a GPU) and the compiled one (1 and 3 threads; with
-    view mashing the look-up-table branch) give the numpy kernel's histograms, fan sums and
-    statistics exactly, across chunk boundaries and frames."""
+    view mashing the look-up-table branch; batches of events added many times per frame) give the
+    numpy kernel's histograms, fan sums and statistics exactly, across chunk boundaries and frames."""
+    if batch:
+        monkeypatch.setattr("hpc.io.lmnumba.BATCH", batch)
     src = P.cti_layout(sc, 1, 7)
     pr, de = sinos(src, rng, 0.5)
     hdr = L.read_header(write(tmp_path, src, [(0, 2000, pr, de)], rng), scanner=sc)

@@ -246,6 +246,12 @@ class WordFile:
             done += got
         return out if np.little_endian else out.byteswap()
 
+    def prefetch(self, pos: int, words: int) -> None:
+        """Ask the kernel to start reading words [pos, pos + words) now (asynchronously), so that the
+        next read overlaps the work on this one (a cold file: ~2x)."""
+        if hasattr(os, "posix_fadvise") and words > 0:
+            os.posix_fadvise(self.fd, self.offset + 4 * pos, 4 * words, os.POSIX_FADV_WILLNEED)
+
     def next_mark(self, pos: int, window: int = 1 << 12) -> tuple[int, int | None]:
         """(position, value) of the first time mark at or after word ``pos``; (words, None) if none."""
         buf = np.empty(window, np.uint32)
@@ -300,6 +306,7 @@ def histogram_words(wf: WordFile, start: int, stop: int, bmap: BinMap, acc: np.n
         if check is not None:
             check()
         w = wf.read(pos, buf[:min(buf.size, stop - pos)])
+        wf.prefetch(pos + w.size, min(buf.size, stop - pos - w.size))
         is_tag = w >= TAG_BIT
         _marks(wf, w, is_tag, pos, st)
         ev = w[~is_tag]  # (E,) events of this chunk

@@ -30,53 +30,93 @@ import numpy as np
 
 from hpc.io.listmode import TAG_BIT, BinMap, ListModeHeader, WordFile, histogram_words, tag_marks
 
-BLOCK = 2048  # words decoded before their increments: 16 KB of indices, in L1
+BATCH = 1 << 25  # events sorted into regions before their increments: 2 x 128 MB per worker
+REGION = 1 << 20  # bytes of the histogram per region: about an L2 cache
 
 
-def _add_block(w, qlut, qshift, bound, shift, plane_lut, rem_lut, rem_identity, stride, addresses, size,
-               acc, keys, fan_rings, fan_crystals, n_det, fans):  # pragma: no cover (compiled)
-    """Add the words ``w`` (uint32) to ``acc`` ((2 * size + 2,): prompts, delayeds, tag sink, bad
-    sink) and, when ``fans`` is not empty, the delayeds' two crystals to ``fans``."""
+def _decode(w, qlut, qshift, bound, shift, plane_lut, rem_lut, rem_identity, stride, addresses, size, bad_sink,
+            keys, n, dl):  # pragma: no cover (compiled)
+    """Append the histogram index of each event of ``w`` (uint32 words) to ``keys[n:]`` and, when
+    ``dl`` is not empty, the delayeds' addresses to ``dl``. Returns (new n, delayeds written,
+    position in ``w`` of the first address outside the layout or -1)."""
     u = np.uint64
-    tag_sink, bad_sink = acc.size - 2, acc.size - 1
-    last = addresses - 1
-    do_fans = fans.size > 0
-    for s in range(0, w.size, keys.size):
-        e = min(s + keys.size, w.size)
-        for i in range(s, e):
-            x = np.int64(w[i])
-            a = x & 0x3FFFFFFF
-            ac = min(a, last)  # look-ups stay inside the tables; a >= addresses goes to bad_sink
-            q = np.int64(qlut[u(ac >> qshift)])
-            q += ac >= bound[u(q)]  # the block holds the start of the next plane
-            if rem_identity:
-                k = shift[u(q)] + ac
-            else:
-                k = plane_lut[u(q)] + rem_lut[u(ac - q * stride)]
-            delayed = x < 0x40000000
-            k += size * delayed
-            k = bad_sink if a > last else k
-            keys[i - s] = tag_sink if x >= 0x80000000 else k
-            if do_fans and delayed:  # delayed and not a tag (x < 2^30)
-                r = ac - q * stride
-                fans[u(fan_rings[u(q), 0] * n_det + fan_crystals[u(r), 0])] += 1
-                fans[u(fan_rings[u(q), 1] * n_det + fan_crystals[u(r), 1])] += 1
-        for j in range(e - s):  # the random increments, nothing else: many misses in flight
-            acc[u(keys[j])] += 1
+    last, bad, nd = addresses - 1, -1, 0
+    do_fans = dl.size > 0
+    for i in range(w.size):
+        x = np.int64(w[i])
+        if x >= 0x80000000:  # a tag: tag_marks reads them
+            continue
+        a = x & 0x3FFFFFFF
+        ac = min(a, last)  # look-ups stay inside the tables; a > last goes to bad_sink
+        q = np.int64(qlut[u(ac >> qshift)])
+        q += ac >= bound[u(q)]  # the block holds the start of the next plane
+        if rem_identity:
+            k = shift[u(q)] + ac
+        else:
+            k = plane_lut[u(q)] + rem_lut[u(ac - q * stride)]
+        delayed = x < 0x40000000
+        k += size * delayed
+        if a > last:
+            k = bad_sink
+            bad = i if bad < 0 else bad
+        # stores only: an increment here (region counts, fan sums) is a load the compiler cannot
+        # move past these stores, and the loop runs ~3x slower
+        keys[u(n)] = k
+        n += 1
+        if do_fans:
+            dl[u(nd)] = ac
+            nd += delayed
+    return n, nd, bad
 
 
-try:  # cached beside this file, or in the user's cache; neither writable (a read-only image): compiled per process
-    _add_block = numba.njit(nogil=True, cache=True)(_add_block)
-except RuntimeError:
-    _add_block = numba.njit(nogil=True)(_add_block)
+def _fans(dl, nd, qlut, qshift, bound, stride, fan_rings, fan_crystals, n_det, fans):  # pragma: no cover
+    """fans[ring * n_det + crystal] += 1 at both ends of each address in ``dl[:nd]``."""
+    u = np.uint64
+    for i in range(nd):
+        a = dl[i]
+        q = np.int64(qlut[u(a >> qshift)])
+        q += a >= bound[u(q)]
+        r = a - q * stride
+        fans[u(fan_rings[u(q), 0] * n_det + fan_crystals[u(r), 0])] += 1
+        fans[u(fan_rings[u(q), 1] * n_det + fan_crystals[u(r), 1])] += 1
+
+
+def _add(keys, n, counts, rshift, out, acc):  # pragma: no cover (compiled)
+    """acc[keys[:n]] += 1, region by region: ``keys`` grouped by region (``key >> rshift``) into
+    ``out`` (a counting sort pass; ``counts``: (regions + 1,) zeros), then the increments, each
+    region's within a cache."""
+    u = np.uint64
+    for i in range(n):
+        counts[u((keys[i] >> rshift) + 1)] += 1
+    for r in range(counts.size - 1):
+        counts[r + 1] += counts[r]  # counts[r]: where region r starts in out
+    for i in range(n):
+        k = keys[i]
+        r = u(k >> rshift)
+        out[u(counts[r])] = k
+        counts[r] += 1
+    for i in range(n):
+        acc[u(out[i])] += 1
+    counts[:] = 0
+
+
+def _compile(fn):
+    try:  # cached beside this file or in the user's cache; neither writable (a read-only image): per process
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:
+        return numba.njit(nogil=True)(fn)
+
+
+_decode, _fans, _add = _compile(_decode), _compile(_fans), _compile(_add)
 
 
 class NumbaKernel:
     """Histograms word ranges of one list-mode file with the compiled kernel, ``workers`` threads."""
 
     def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, workers: int, chunk: int,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, batch: int | None = None):
         self.hdr, self.bmap, self.tabs, self.chunk, self.check = hdr, bmap, tabs, chunk, check
+        self.batch = max(int(batch or BATCH), 1)
         self.workers = max(1, int(workers))
         self.dtype = np.uint32 if hdr.words < 2**32 else np.uint64  # a bin never exceeds the events
         self.n_fans = hdr.layout.scanner.rings * hdr.layout.scanner.detectors_per_ring if tabs else 0
@@ -87,16 +127,18 @@ class NumbaKernel:
         else:
             self.fan_tabs = (np.zeros((1, 2), np.int64), np.zeros((1, 2), np.int64), 0)
         self.stop = threading.Event()
+        self.scratch: dict[int, tuple[np.ndarray, ...]] = {}  # worker -> its buffers (_buffers)
 
     def run(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
         """(accumulator (2 * size,), fan sums (rings * N,) or None, per-part stats) of words [start, stop)."""
         cuts = np.linspace(start, stop, self.workers + 1).astype(np.int64).tolist()
         self.stop.clear()
         if self.workers == 1:
-            results = [self._part(start, stop)]
+            results = [self._part(0, start, stop)]
         else:
             with ThreadPoolExecutor(self.workers) as ex:
-                futures = [ex.submit(self._part, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+                futures = [ex.submit(self._part, j, a, b) for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:],
+                                                                                          strict=True))]
                 try:
                     results = [f.result() for f in futures]
                 except BaseException:
@@ -110,13 +152,31 @@ class NumbaKernel:
         n = 2 * self.bmap.size
         return acc[:n], fans, [p for _, _, p in results]
 
-    def _part(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        acc = np.zeros(2 * self.bmap.size + 2, self.dtype)  # + the tag sink and the bad-address sink
+    def _buffers(self, worker: int, batch: int, key_t: type) -> tuple[np.ndarray, ...]:
+        """(keys (B,), out (B,), words (C,), delayeds (C,) or (0,)): made once per worker and kept
+        for the next frames (fresh pages cost ~0.1-1 s per GB to fault in)."""
+        have = self.scratch.get(worker)
+        if have is None or have[0].size < batch:
+            words = min(self.chunk, batch)
+            have = (np.empty(batch, key_t), np.empty(batch, key_t), np.empty(words, np.uint32),
+                    np.empty(words if self.tabs is not None else 0, np.int64))
+            self.scratch[worker] = have
+        keys, out, buf, dl = have
+        return keys[:batch], out[:batch], buf[:min(self.chunk, batch)], dl
+
+    def _part(self, worker: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        n_acc = 2 * self.bmap.size + 1  # + the sink of addresses outside the layout
+        acc = np.zeros(n_acc, self.dtype)
         fans = np.zeros(self.n_fans, self.dtype)
-        keys = np.empty(BLOCK, np.int64)
-        buf = np.empty(min(self.chunk, max(stop - start, 1)), np.uint32)
+        key_t = np.uint32 if n_acc < 2**32 else np.int64
+        batch = max(min(self.batch, stop - start), 1)
+        keys, out, buf, dl = self._buffers(worker, batch, key_t)  # (B,) events' indices, then grouped
+        rshift = max(REGION // acc.itemsize, 1).bit_length() - 1
+        counts = np.zeros((n_acc >> rshift) + 2, np.int64)
+        qlut, qshift, bound = self.tables[:3]
         st = {"marks": 0, "other_tags": 0, "first_mark": -1, "first_mark_word": -1, "last_mark": -1}
         b, (rings, crystals, n_det) = self.bmap, self.fan_tabs
+        n = 0
         with WordFile(self.hdr) as wf:
             for pos in range(start, stop, buf.size):
                 if self.stop.is_set():
@@ -124,17 +184,25 @@ class NumbaKernel:
                 if self.check is not None:
                     self.check()
                 w = wf.read(pos, buf[:min(buf.size, stop - pos)])
+                wf.prefetch(pos + w.size, min(buf.size, stop - pos - w.size))
                 at = np.flatnonzero(w >= TAG_BIT)  # (K,) tags: a few per thousand words
                 tag_marks(wf, at, w[at], pos, st)
-                _add_block(w, *self.tables, b.rem_identity, b.stride, b.addresses, b.size, acc, keys,
-                           rings, crystals, n_det, fans)
-                if acc[-1]:  # an address outside the layout: the numpy kernel says where, in one line
+                if n + w.size > batch:
+                    _add(keys, n, counts, rshift, out, acc)
+                    n = 0
+                n, nd, bad = _decode(w, *self.tables, b.rem_identity, b.stride, b.addresses, b.size, n_acc - 1,
+                                     keys, n, dl)
+                if bad >= 0:  # an address outside the layout: the numpy kernel says where, in one line
                     histogram_words(wf, pos, pos + w.size, b, np.zeros(2 * b.size, self.dtype), chunk=w.size)
                     raise AssertionError("unreachable: the numpy kernel accepted words the compiled one refused")
+                if nd:
+                    _fans(dl, nd, qlut, qshift, bound, b.stride, rings, crystals, n_det, fans)
+        _add(keys, n, counts, rshift, out, acc)
         return acc, (fans if self.tabs is not None else None), st
 
     def close(self) -> None:
         self.stop.set()
+        self.scratch.clear()
 
 
 def _tables(b: BinMap) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
