@@ -256,14 +256,17 @@ def test_unknown_scanner_and_bad_frames(small_file, sc):
             histogram(hdr, frames=bad)
 
 
-@pytest.mark.parametrize("device,workers,batch", [("cpu", 1, 0), ("numba", 1, 0), ("numba", 3, 0), ("numba", 2, 2500)])
+@pytest.mark.parametrize("device,workers,batch", [("cpu", 1, 0), ("numba", 1, 0), ("numba", 3, 0), ("numba", 2, 2500),
+                                                  ("numba", 3, 4000)])
 @pytest.mark.parametrize("mash", [1, 2])
 def test_kernels_equal_numpy(tmp_path, sc, rng, monkeypatch, mash, device, workers, batch):
     """The torch path (device cpu here; cuda on a GPU) and the compiled one (1 and 3 threads; with
-    view mashing the look-up-table branch; batches of events added many times per frame) give the
-    numpy kernel's histograms, fan sums and statistics exactly, across chunk boundaries and frames."""
+    view mashing the look-up-table branch; small batches and regions: many rounds per frame, each
+    worker adding its own regions of everyone's events) give the numpy kernel's histograms, fan sums
+    and statistics exactly, across chunk boundaries and frames."""
     if batch:
         monkeypatch.setattr("hpc.io.lmnumba.BATCH", batch)
+        monkeypatch.setattr("hpc.io.lmnumba.REGION", 256)  # bytes: the small layout in ~40 regions
     src = P.cti_layout(sc, 1, 7)
     pr, de = sinos(src, rng, 0.5)
     hdr = L.read_header(write(tmp_path, src, [(0, 2000, pr, de)], rng), scanner=sc)
