@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import signal
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from hpc import __version__
 from hpc.convert import listmode as LM
-from hpc.convert.pool import run_pool
+from hpc.convert.pool import available_cores, run_pool
 from hpc.convert.study import TMP_NAME, Options, Study, convert_study, sweep_temporaries
 from hpc.distributed.launcher import mpi_world
 from hpc.errors import HpcError, InputError, OutputError
@@ -80,14 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes sharing the shards of all files, without mpirun (each with --workers threads)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     LM.add_arguments(p)  # list mode, --norm, --mu-map
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask: a Slurm task's share, not the node's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _open_source(path: str, args: argparse.Namespace) -> SinogramSpec:

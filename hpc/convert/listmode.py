@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc.convert import factors as F
+from hpc.convert.pool import available_cores
 from hpc.convert.study import Study, sha256_file
 from hpc.distributed.launcher import mpi_world
 from hpc.errors import InputError
@@ -41,6 +42,7 @@ from hpc.physics import randoms as R
 
 STAGING = Path("shards") / ".staging"  # inside the dataset: same file system, kept for --resume
 SHARED = "sources"  # in STAGING: the files every frame of a source shares (mult, mask)
+MAX_LM_THREADS = 8  # list mode's default threads (one shared histogram; measured here on 2 cores only)
 HEADER_KEYS = ("isotope name", "radiopharmaceutical", "study date (yyyy:mm:dd)", "patient orientation")
 
 
@@ -60,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="list mode: dead detector blocks (comma-separated ids, hpc.physics.geometry's numbering) "
                         "stored as the gap `mask` of every frame, from the geometry (measured fraction of each bin): "
                         "what `hpc evaluate --dataset` and training with stored masks use")
-    g.add_argument("--lm-workers", type=int, default=1,
-                   help="list mode: threads (numba) or processes (numpy) histogramming each frame, one "
-                        "histogram's memory each (mMR span 11: 580 MB)")
+    g.add_argument("--lm-workers", type=int,
+                   help=f"list mode: threads histogramming each frame (numba; default: the cores, at most "
+                        f"{MAX_LM_THREADS}), or processes (numpy: one more histogram each; default 1)")
     g.add_argument("--lm-device", choices=DEVICES, default=DEFAULT_DEVICE,
                    help=f"list mode: histogramming kernel (numba compiled, numpy, or torch on cpu / cuda; "
                         f"default here {DEFAULT_DEVICE}; docs/BENCHMARKS.md)")
@@ -123,7 +125,7 @@ def _check_calibration(args: argparse.Namespace, listmode: bool) -> None:
     if (listmode or args.norm or args.mu_map) and world and world.world > 1:
         raise InputError("list mode and --norm/--mu-map are staged by one process: run hpc convert without mpirun "
                          "(--lm-workers N histograms in parallel)")
-    if args.lm_workers < 1:
+    if args.lm_workers is not None and args.lm_workers < 1:
         raise InputError(f"--lm-workers must be >= 1, got {args.lm_workers}")
 
 
@@ -154,7 +156,8 @@ def listmode_studies(path: str, k: int, args: argparse.Namespace, taken: set[str
     except ValueError as exc:
         raise InputError(f"{hdr.path}: --frames: {exc}") from None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", re.sub(r"(\.l)?\.hdr$", "", hdr.path.name)) or "listmode"
-    source = Source(hdr.path, layout, _per_input(args, "norm", k), _per_input(args, "mu_map", k), args.lm_workers,
+    workers = args.lm_workers or (min(available_cores(), MAX_LM_THREADS) if args.lm_device == "numba" else 1)
+    source = Source(hdr.path, layout, _per_input(args, "norm", k), _per_input(args, "mu_map", k), workers,
                     args.lm_device, _source_stem(stem, taken), _dead_blocks(hdr, layout, args.dead_blocks))
     _check_factor_files(source)
     out, fields = Path(args.output) / STAGING, {key: hdr.fields[key] for key in HEADER_KEYS if key in hdr.fields}
@@ -189,7 +192,7 @@ def _dead_blocks(hdr: L.ListModeHeader, layout: P.Layout, text: str | None) -> t
 
 
 LISTMODE_ONLY = {"span": None, "view_mashing": None, "max_segment": None, "frames": None, "dead_blocks": None,
-                 "lm_workers": 1, "lm_device": DEFAULT_DEVICE, "histogram_dtype": "uint16"}
+                 "lm_workers": None, "lm_device": DEFAULT_DEVICE, "histogram_dtype": "uint16"}
 
 
 def with_factors(study: Study, k: int, args: argparse.Namespace, taken: set[str]) -> Study:

@@ -18,6 +18,14 @@ from hpc.progress import Progress
 _QUEUE = None  # per worker process: where progress counts go
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: a Slurm task's share, not the node's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def die_with_parent(parent: int) -> None:
     """In a worker process: be killed (SIGKILL) when the parent dies, even by kill -9 (Linux
     PR_SET_PDEATHSIG); a parent already gone before that took effect means exit now. Without it,
