@@ -29,7 +29,7 @@ import numpy as np
 
 from hpc.errors import InputError
 from hpc.io import listmode as L
-from hpc.io.lmhistogram import histogram
+from hpc.io.lmhistogram import DEFAULT_DEVICE, histogram
 from hpc.physics import geometry as G
 from hpc.physics import projdata as P
 
@@ -91,9 +91,11 @@ def listmode_checks(data: Path, stir_header: Path, tmp: Path) -> tuple:
     same = np.array_equal(frames[0].prompts + frames[1].prompts, h.prompts)
     check("frames 0:0.3,0.3:1 (2 workers) add up", same and sum(f.stats["prompts"] for f in frames) == 218881,
           f"{[f.stats['prompts'] for f in frames]} prompts")
-    (t,) = histogram(hdr, fansums=True, device="cpu")
-    check("torch kernel (cpu) = numpy", np.array_equal(t.prompts, h.prompts) and np.array_equal(t.fansums, h.fansums)
-          and t.stats == st, "histograms, fan sums and statistics")
+    for device, workers in (("numpy", 1), ("cpu", 1), ("numba", 3)):
+        (t,) = histogram(hdr, fansums=True, device=device, workers=workers)
+        same = all(np.array_equal(getattr(t, k), getattr(h, k)) for k in ("prompts", "delayeds", "fansums"))
+        check(f"{device} kernel ({workers} workers) = the default ({DEFAULT_DEVICE})", same and t.stats == st,
+              "histograms, fan sums and statistics")
     return hdr, h
 
 
