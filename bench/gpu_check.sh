@@ -23,8 +23,9 @@
 #           the weights' moving average, train.ema),
 #           stopped by SIGUSR2 sent to the trainer alone: it checkpoints and exits 75
 #   listmode (only when named: a second call, --stages listmode) bench/listmode.py: a 1 GB mMR
-#           list-mode file histogrammed with numpy and with torch on the GPU against `cat`, warm and
-#           cold (issue 25's target: >= 0.5x cat); listmode.json
+#           list-mode file histogrammed with numpy, with torch on the GPU and (where numba imports)
+#           the compiled kernel on every core, against `cat`, warm and cold (issue 25's target:
+#           >= 0.5x cat); listmode.json
 # --dali: the second, optional call after DALI's wheels were carried in parts (bench/dali_parts.py):
 #   DALI must import; the tests are DALI's; stages default to tests,data,loader,train.
 # --cpu: the same stages at small sizes on the CPU (bench/rehearse.py runs this under the node's
@@ -182,6 +183,8 @@ else
     STEP_ARGS=(--modes fp32,bf16 --batch 32 --warmup 3 --steps 10); STEP_MODE=bf16
     LOADER_ARGS=(--workers 4,8 --epochs 2); TRAIN_ARGS=(data.workers=8 log.every=320 train.ema=0.999)
 fi
+# the compiled list-mode kernel on every core, where numba imports (the node's bare venv lacks it)
+"$PY" -c "import numba" 2>/dev/null && LM_ARGS[3]="${LM_ARGS[3]},numba:$(nproc)"
 TEST_ARGS=(-m gpu tests/test_gpu.py tests/test_projector.py tests/test_projector3d.py tests/test_device.py)
 if [ "$DALI" = 1 ]; then  # the call after the parts: little time is left, DALI's rows first
     TEST_ARGS=(-m gpu -k dali tests/test_gpu.py); BACKENDS=dali,torch

@@ -179,6 +179,8 @@ def test_the_listmode_stage_returns_the_histogram_against_cat(tmp_path):
     assert stage["status"] == "ok" and set(stage["x_cat"]) >= {"warm numpy:1", "cold numpy:1", "warm cpu:1"}
     assert all(v > 0 for v in stage["x_cat"].values())
     assert result["figures"]["listmode_warm_numpy_x_cat"] == stage["x_cat"]["warm numpy:1"]
+    compiled = f"warm numba:{len(os.sched_getaffinity(0))}"  # numba imports here: the kernel on every core (nproc)
+    assert result["figures"]["listmode_warm_numba_x_cat"] == stage["x_cat"][compiled]
     assert "x cat" in r.stdout  # the printed table names the ratios
     assert not list((tmp_path / "hpc-gpu-check").glob("bench_listmode*"))  # the 50 MB file is removed
 
