@@ -150,8 +150,27 @@ def test_dockerfile_image_runs_hpc_as_the_non_root_user(docker_image):
     try:
         assert ctr.run("id", user="1000:1000").stdout.strip() == USER_ID
         assert ctr.run("hpc", "--version", user="1000:1000").stdout.strip() == f"hpc {__version__}"
+        # the compiled list-mode kernel where it can cache nowhere (read-only site-packages, no HOME):
+        # compiled in the process, and equal to numpy
+        out = ctr.run("env", "HOME=/nonexistent", "python3", "-c", LISTMODE_IN_IMAGE, user="1000:1000").stdout
+        assert out.split()[-1] == "equal", out
     finally:
         ctr.remove()
+
+
+LISTMODE_IN_IMAGE = """
+import tempfile, numpy as np
+from hpc.io import listmode as L
+from hpc.io.lmhistogram import DEFAULT_DEVICE, histogram
+from hpc.physics import geometry as G, projdata as P
+from hpc.simulate.listmode import write_random_listmode
+sc = G.get_scanner("mmr")
+d = tempfile.mkdtemp()
+hdr = L.read_header(write_random_listmode(d + "/scan", P.cti_layout(sc, 1, 60), 20000, np.random.default_rng(0))[0])
+(a,), (b,) = histogram(hdr, device="numba", workers=2), histogram(hdr, device="numpy")
+assert DEFAULT_DEVICE == "numba" and a.stats == b.stats and a.stats["prompts"] > 0, a.stats
+print("equal" if np.array_equal(a.prompts, b.prompts) and np.array_equal(a.delayeds, b.delayeds) else "differ")
+"""
 
 
 def test_dockerfile_image_trains_on_a_bind_mounted_dataset(docker_image, dataset, tmp_path):
