@@ -102,7 +102,9 @@ def compile_numba(hdr: L.ListModeHeader, dst: P.Layout) -> float:
     from hpc.io.lmnumba import NumbaKernel
 
     t0 = time.perf_counter()
-    NumbaKernel(hdr, L.bin_map(hdr.layout, dst), None, 1, 1 << 10).run(0, min(hdr.words, 1 << 10))
+    kernel = NumbaKernel(hdr, L.bin_map(hdr.layout, dst), None, 1, 1 << 10)
+    kernel.run(0, min(hdr.words, 1 << 10))
+    kernel.close()
     return time.perf_counter() - t0
 
 
