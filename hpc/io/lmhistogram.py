@@ -8,7 +8,7 @@ by the file.
 
 ``device="numba"`` (the default where numba imports): hpc.io.lmnumba's compiled kernel; workers
 are threads sharing one histogram, each adding its own regions of it (exact, no merge). On 2 cores
-3.7x as fast as numpy end to end (docs/BENCHMARKS.md, "List mode").
+3.1-3.7x as fast as numpy end to end (docs/BENCHMARKS.md, "List mode").
 ``device="numpy"``: :func:`hpc.io.listmode.histogram_words`; workers are processes, not threads
 (``np.add.at``, the O(events) accumulation, holds the GIL; ``np.bincount`` would cost O(bins) per
 chunk), spawned (``python -m hpc`` and the ``hpc`` script are safe to spawn from). Each fills its
