@@ -304,7 +304,7 @@ def histogram_words(wf: WordFile, start: int, stop: int, bmap: BinMap, acc: np.n
     time mark (-1: none) with the position of the first, for the caller's continuity check.
     ``check`` is called before every chunk (hpc convert's Ctrl-C)."""
     buf = np.empty(min(chunk, max(stop - start, 1)), np.uint32)
-    st = {"marks": 0, "other_tags": 0, "first_mark": -1, "first_mark_word": -1, "last_mark": -1}
+    st = new_stats()
     for pos in range(start, stop, buf.size):
         if check is not None:
             check()
@@ -326,6 +326,18 @@ def histogram_words(wf: WordFile, start: int, stop: int, bmap: BinMap, acc: np.n
         if fans is not None:
             _fan_sums(addr[delayed], bmap.stride, fan_tabs, fans)
     return st
+
+
+def new_stats() -> dict[str, int]:
+    """A word range's counts before its first word (what every kernel returns per range)."""
+    return {"marks": 0, "other_tags": 0, "first_mark": -1, "first_mark_word": -1, "last_mark": -1}
+
+
+def refuse_addresses(wf: WordFile, pos: int, n: int, bmap: BinMap) -> None:
+    """Words [pos, pos + n) hold an address outside the layout: another kernel found it, the numpy
+    kernel raises the one-line error that names the word (never returns)."""
+    histogram_words(wf, pos, pos + n, bmap, np.zeros(2 * bmap.size, np.uint32), chunk=n)
+    raise AssertionError("unreachable: the numpy kernel accepted words another kernel refused")
 
 
 def _keys(addr: np.ndarray, bmap: BinMap) -> np.ndarray:

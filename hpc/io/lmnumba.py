@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from hpc.io.listmode import PREFETCH, TAG_BIT, BinMap, ListModeHeader, WordFile, histogram_words, tag_marks
+from hpc.io.listmode import PREFETCH, TAG_BIT, BinMap, ListModeHeader, WordFile, new_stats, refuse_addresses, tag_marks
 
 BATCH = 1 << 25  # events per round, all workers together: 2 x 128 MB of indices
 REGION = 1 << 20  # bytes of the histogram per region: about an L2 cache
@@ -129,8 +129,7 @@ class _Range:
     delayed: np.ndarray  # (C,) the chunk's delayed addresses (fan sums), or (0,)
     counts: np.ndarray  # (regions,) where each region ends in ``out``
     fans: np.ndarray  # (rings * N,) or (0,)
-    st: dict = field(default_factory=lambda: {"marks": 0, "other_tags": 0, "first_mark": -1,
-                                              "first_mark_word": -1, "last_mark": -1})
+    st: dict = field(default_factory=new_stats)
     n: int = 0  # events in keys / out
 
     def cut(self, lo: int, hi: int) -> tuple[int, int]:
@@ -229,8 +228,7 @@ class NumbaKernel:
                 r.n, nd, bad = _decode(w, *self.tables, b.rem_identity, b.stride, b.addresses, b.size,
                                        self.n_acc - 1, r.keys, r.n, r.delayed)
                 if bad >= 0:  # an address outside the layout: the numpy kernel says where, in one line
-                    histogram_words(wf, r.pos, r.pos + w.size, b, np.zeros(2 * b.size, self.dtype), chunk=w.size)
-                    raise AssertionError("unreachable: the numpy kernel accepted words the compiled one refused")
+                    refuse_addresses(wf, r.pos, w.size, b)
                 if nd:
                     _fans(r.delayed, nd, qlut, qshift, bound, b.stride, rings, crystals, n_det, r.fans)
                 r.pos += w.size

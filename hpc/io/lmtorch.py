@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hpc.errors import InputError
-from hpc.io.listmode import ADDRESS_MASK, BinMap, ListModeHeader, WordFile, histogram_words, tag_marks
+from hpc.io.listmode import ADDRESS_MASK, BinMap, ListModeHeader, WordFile, new_stats, refuse_addresses, tag_marks
 
 INT32_MAX = 2**31 - 1
 
@@ -49,7 +49,7 @@ class TorchKernel:
         """(accumulator (2 * size,), fan sums (rings * N,) or None, [stats]) of words [start, stop)."""
         acc = torch.zeros(2 * self.bmap.size, dtype=self.dtype, device=self.dev)
         fans = torch.zeros(self.n_fans, dtype=self.dtype, device=self.dev) if self.tabs else None
-        st = {"marks": 0, "other_tags": 0, "first_mark": -1, "first_mark_word": -1, "last_mark": -1}
+        st = new_stats()
         buf = self.host.numpy().view(np.uint32)  # the pinned buffer, filled in place by pread
         with WordFile(self.hdr) as wf:
             for pos in range(start, stop, buf.size):
@@ -74,7 +74,7 @@ class TorchKernel:
         delayed = (ev >> 30) == 0  # bit 30 = 0
         addr = (ev & int(ADDRESS_MASK)).long()
         if addr.numel() and int(addr.max()) >= self.bmap.addresses:
-            self._address_error(wf, pos, w.numel())
+            refuse_addresses(wf, pos, w.numel(), self.bmap)
         key = self._keys(addr)
         key += delayed.long() * self.bmap.size
         acc.index_add_(0, key, torch.ones(1, dtype=acc.dtype, device=self.dev).expand(key.numel()))
@@ -97,12 +97,6 @@ class TorchKernel:
         ones = torch.ones(1, dtype=fans.dtype, device=self.dev).expand(addr.numel())
         for end in (0, 1):
             fans.index_add_(0, r[:, end] * self.n_det + c[:, end], ones)
-
-    def _address_error(self, wf: WordFile, pos: int, n: int) -> None:
-        """An address outside the layout: the numpy kernel on this chunk raises the one-line error."""
-        scratch = np.zeros(2 * self.bmap.size, np.uint32)
-        histogram_words(wf, pos, pos + n, self.bmap, scratch, chunk=n)
-        raise AssertionError("unreachable: the numpy kernel accepted a chunk the torch kernel refused")
 
     def close(self) -> None:
         self.host = torch.empty(0, dtype=torch.int32)
