@@ -146,10 +146,10 @@ class NumbaKernel:
     bytes, whatever the number of workers."""
 
     def __init__(self, hdr: ListModeHeader, bmap: BinMap, tabs, workers: int, chunk: int,
-                 check: Callable[[], None] | None = None, batch: int | None = None):
+                 check: Callable[[], None] | None = None):
         self.hdr, self.bmap, self.tabs, self.chunk, self.check = hdr, bmap, tabs, chunk, check
         self.workers = max(1, int(workers))
-        self.batch = max(int(batch or BATCH) // self.workers, 1)  # events per worker and round
+        self.batch = max(BATCH // self.workers, 1)  # events per worker and round
         self.dtype = np.uint32 if hdr.words < 2**32 else np.uint64  # a bin never exceeds the events
         self.n_acc = 2 * bmap.size + 1  # prompts, delayeds, the sink of addresses outside the layout
         self.key_t = np.uint32 if self.n_acc < 2**32 else np.int64
