@@ -133,3 +133,18 @@ def test_architecture_map_names_every_module():
     on_disk = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert sorted(on_disk - listed) == [], "modules missing from docs/ARCHITECTURE.md's map"
     assert sorted(n for n in listed - on_disk if n.endswith(".py")) == [], "the map names modules that are gone"
+
+
+def test_the_demos_default_output_is_ignored_by_git():
+    """`make demo` then `make test` in one clone: the demo's output (51 MB) must not count as part of
+    the working tree, which the GPU check's rehearsal carries to the device (64 MiB per call)."""
+    import argparse
+    import subprocess
+
+    from hpc import demo
+
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    out = p.parse_args([]).output
+    r = subprocess.run(["git", "check-ignore", "-q", f"{out}/run/checkpoints/best.pt"], cwd=ROOT)
+    assert r.returncode == 0, f"{out}/ is not in .gitignore"
